@@ -1,0 +1,544 @@
+"""Checkpoint readers: the only module that imports torch and safetensors.
+
+Every reader exposes the same small interface (:class:`CheckpointReader`): the tensors of the
+state_dict in order, and flat element ranges of one tensor converted to float32 into a
+caller's buffer. Readers never load a whole checkpoint into memory:
+
+- safetensors (single file, or sharded with ``model.safetensors.index.json``): the header is
+  parsed (and validated by the safetensors library), then ranges are read with ``preadv``
+  straight into the destination buffer;
+- PyTorch zip-format ``.pt``/``.pth``: ``torch.load(mmap=True, weights_only=True)``, so only
+  the touched pages are read and pickled code is refused.
+
+Every error is re-raised as :class:`~pipeline.errors.InputError` naming the file (and the
+epoch and key where known).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import READ_BLOCK_BYTES
+from pipeline.errors import InputError
+
+__all__ = [
+    "CheckpointReader",
+    "CheckpointSpec",
+    "TensorInfo",
+    "digest_file",
+    "open_checkpoint",
+    "to_float32",
+]
+
+#: safetensors dtype tags -> canonical dtype names (torch's, without the ``torch.`` prefix).
+_ST_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
+
+#: canonical dtype -> numpy dtype of the raw little-endian storage (bf16 as its uint16 bits).
+RAW_NUMPY = {
+    "float64": np.dtype("<f8"),
+    "float32": np.dtype("<f4"),
+    "float16": np.dtype("<f2"),
+    "bfloat16": np.dtype("<u2"),
+    "int64": np.dtype("<i8"),
+    "int32": np.dtype("<i4"),
+    "int16": np.dtype("<i2"),
+    "int8": np.dtype("i1"),
+    "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "bool": np.dtype("?"),
+    "float8_e4m3fn": np.dtype("u1"),
+    "float8_e5m2": np.dtype("u1"),
+}
+FLOATING = ("float64", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, shape and canonical dtype of one state_dict entry."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def floating(self) -> bool:
+        return self.dtype in FLOATING
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The file(s) of one epoch's checkpoint.
+
+    ``format`` is ``"torch"`` (one zip-format .pt/.pth), ``"safetensors"`` (one file) or
+    ``"hf-sharded"`` (``files[0]`` is ``model.safetensors.index.json``, the rest its shards).
+    """
+
+    format: str
+    files: tuple[str, ...]
+    epoch: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.files[0]
+
+
+class CheckpointReader(Protocol):
+    """What ingest and export need from a checkpoint."""
+
+    spec: CheckpointSpec
+
+    def tensors(self) -> list[TensorInfo]:
+        """State_dict entries in their order."""
+        ...
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements ``[start, stop)`` of the flattened tensor, as float32, into ``out``."""
+        ...
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The whole tensor in its raw storage dtype (see ``RAW_NUMPY``), shaped."""
+        ...
+
+
+# --------------------------------------------------------------------------- conversions
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Convert raw storage values of ``dtype`` to float32 into ``out`` (exact for fp16/bf16).
+
+    bfloat16 is the upper half of a float32: its bits shifted left by 16 are the exact value.
+    """
+    if dtype == "float32":
+        np.copyto(out, raw.view(np.float32) if raw.dtype != np.float32 else raw)
+    elif dtype == "bfloat16":
+        np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif dtype in ("float16", "float64"):
+        np.copyto(out, raw, casting="unsafe")
+    else:
+        raise TypeError(f"dtype {dtype} is not floating")
+
+
+_scratch = threading.local()
+
+
+def _scratch_buffer(nbytes: int) -> np.ndarray:
+    """A per-thread reusable byte buffer (first-touch allocation is slow: reuse it)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        _scratch.buf = buf
+    return buf[:nbytes]
+
+
+def _preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:
+    done = 0
+    n = len(view)
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise InputError(f"unexpected end of file at byte {offset + done} (truncated?)", path=path)
+        done += got
+
+
+# --------------------------------------------------------------------------- safetensors
+@dataclass(frozen=True)
+class _StEntry:
+    info: TensorInfo
+    file: str
+    begin: int  # absolute byte offset in file
+
+
+def _parse_safetensors_header(path: str, epoch: int | None) -> tuple[list[_StEntry], int]:
+    """Parse and validate a safetensors header; return entries in header order."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
+    if size == 0:
+        raise InputError("empty file", path=path, epoch=epoch)
+    if size < 8:
+        raise InputError("truncated safetensors file (no header)", path=path, epoch=epoch)
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        if hlen > 100 * 1024 * 1024 or 8 + hlen > size:
+            raise InputError(
+                f"corrupt or truncated safetensors header (header length {hlen}, file size {size})",
+                path=path,
+                epoch=epoch,
+            )
+        raw = f.read(hlen)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"corrupt safetensors header: {e}", path=path, epoch=epoch) from e
+    if not isinstance(header, dict):
+        raise InputError("corrupt safetensors header: not a JSON object", path=path, epoch=epoch)
+    data_start = 8 + hlen
+    data_len = size - data_start
+    entries: list[_StEntry] = []
+    spans: list[tuple[int, int, str]] = []
+    for name, desc in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(desc, dict) or not {"dtype", "shape", "data_offsets"} <= desc.keys():
+            raise InputError("malformed tensor description", path=path, epoch=epoch, key=name)
+        tag = desc["dtype"]
+        if tag not in _ST_DTYPES:
+            raise InputError(f"unsupported dtype {tag}", path=path, epoch=epoch, key=name)
+        dtype = _ST_DTYPES[tag]
+        shape = desc["shape"]
+        offs = desc["data_offsets"]
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(s, int) and s >= 0 for s in shape)
+            and isinstance(offs, list)
+            and len(offs) == 2
+            and all(isinstance(o, int) for o in offs)
+        ):
+            raise InputError("malformed shape or offsets", path=path, epoch=epoch, key=name)
+        info = TensorInfo(name, tuple(shape), dtype)
+        b, e = offs
+        if not (0 <= b <= e <= data_len) or e - b != info.size * RAW_NUMPY[dtype].itemsize:
+            raise InputError(
+                f"data offsets {offs} do not fit the tensor or the file (truncated?)",
+                path=path,
+                epoch=epoch,
+                key=name,
+            )
+        entries.append(_StEntry(info, path, data_start + b))
+        spans.append((b, e, name))
+    spans.sort()
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise InputError(f"tensors {n0!r} and {n1!r} overlap", path=path, epoch=epoch)
+    if spans and spans[-1][1] != data_len:
+        raise InputError(
+            f"file has {data_len - spans[-1][1]} bytes after the last tensor's data",
+            path=path,
+            epoch=epoch,
+        )
+    _validate_with_library(path, epoch)
+    return entries, size
+
+
+def _validate_with_library(path: str, epoch: int | None) -> None:
+    """Let the safetensors library check the header too (it reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as f:
+            f.keys()
+    except Exception as e:  # the library raises its own SafetensorError and others
+        raise InputError(f"safetensors refused the file: {e}", path=path, epoch=epoch) from e
+
+
+class SafetensorsReader:
+    """One safetensors file, or the shards of a Hugging Face sharded checkpoint."""
+
+    def __init__(self, spec: CheckpointSpec) -> None:
+        self.spec = spec
+        self._entries: dict[str, _StEntry] = {}
+        self._order: list[str] = []
+        self._fds: dict[str, int] = {}
+        if spec.format == "safetensors":
+            entries, _ = _parse_safetensors_header(spec.files[0], spec.epoch)
+            for ent in entries:
+                self._entries[ent.info.name] = ent
+                self._order.append(ent.info.name)
+        else:
+            self._open_sharded()
+
+    def _open_sharded(self) -> None:
+        index_path = self.spec.files[0]
+        epoch = self.spec.epoch
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"unreadable shard index: {e}", path=index_path, epoch=epoch) from e
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(wmap, dict) or not wmap:
+            raise InputError("shard index has no weight_map", path=index_path, epoch=epoch)
+        base = os.path.dirname(index_path)
+        shard_entries: dict[str, dict[str, _StEntry]] = {}
+        for shard in dict.fromkeys(wmap.values()):
+            if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
+                raise InputError(f"bad shard name {shard!r}", path=index_path, epoch=epoch)
+            p = os.path.join(base, shard)
+            if not os.path.exists(p):
+                raise InputError(f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch)
+            ents, _ = _parse_safetensors_header(p, epoch)
+            shard_entries[shard] = {e.info.name: e for e in ents}
+        for name, shard in wmap.items():
+            ent = shard_entries[shard].get(name)
+            if ent is None:
+                raise InputError(
+                    f"the index places this tensor in {shard}, which lacks it",
+                    path=index_path,
+                    epoch=epoch,
+                    key=name,
+                )
+            self._entries[name] = ent
+            self._order.append(name)
+        for shard, ents in shard_entries.items():
+            extra = set(ents) - set(wmap)
+            if extra:
+                raise InputError(
+                    f"shard {shard} holds tensors missing from the index: {sorted(extra)[:5]}",
+                    path=index_path,
+                    epoch=epoch,
+                )
+
+    def tensors(self) -> list[TensorInfo]:
+        return [self._entries[n].info for n in self._order]
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        ent = self._entries[name]
+        raw_dt = RAW_NUMPY[ent.info.dtype]
+        n = stop - start
+        offset = ent.begin + start * raw_dt.itemsize
+        fd = self._fd(ent.file)
+        if ent.info.dtype == "float32":
+            _preadinto(fd, memoryview(out[:n].view(np.uint8)), offset, ent.file)
+            return
+        buf = _scratch_buffer(n * raw_dt.itemsize)
+        _preadinto(fd, memoryview(buf), offset, ent.file)
+        to_float32(buf.view(raw_dt), ent.info.dtype, out[:n])
+
+    def read_raw(self, name: str) -> np.ndarray:
+        ent = self._entries[name]
+        raw_dt = RAW_NUMPY[ent.info.dtype]
+        arr = np.empty(ent.info.size, dtype=raw_dt)
+        _preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)
+        return arr.reshape(ent.info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# --------------------------------------------------------------------------- torch zip
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+class TorchReader:
+    """A zip-format PyTorch checkpoint, memory-mapped, loaded with ``weights_only=True``."""
+
+    def __init__(self, spec: CheckpointSpec) -> None:
+        self.spec = spec
+        path = spec.files[0]
+        epoch = spec.epoch
+        try:
+            size = os.path.getsize(path)
+        except OSError as e:
+            raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
+        if size == 0:
+            raise InputError("empty file", path=path, epoch=epoch)
+        if not zipfile.is_zipfile(path):
+            raise InputError(
+                "not a zip-format PyTorch checkpoint: truncated, corrupted, or saved in the "
+                "legacy format (re-save it with torch.save)",
+                path=path,
+                epoch=epoch,
+            )
+        import pickle
+
+        import torch
+
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            raise InputError(
+                "refused to unpickle: the checkpoint holds objects other than tensors and plain "
+                f"containers (it could execute code); torch said: {str(e).splitlines()[0]}",
+                path=path,
+                epoch=epoch,
+            ) from e
+        except Exception as e:
+            raise InputError(f"corrupt PyTorch checkpoint: {str(e).splitlines()[0]}", path=path, epoch=epoch) from e
+        self._sd = self._unwrap(obj, path, epoch, torch)
+        self._flat: dict[str, Any] = {}
+
+    @staticmethod
+    def _unwrap(obj: Any, path: str, epoch: int | None, torch: Any) -> dict[str, Any]:
+        if not isinstance(obj, Mapping):
+            raise InputError(f"holds a {type(obj).__name__}, not a state_dict", path=path, epoch=epoch)
+        if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            for k in _WRAPPER_KEYS:
+                inner = obj.get(k)
+                if isinstance(inner, Mapping):
+                    obj = inner
+                    break
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise InputError(f"non-string key {k!r}", path=path, epoch=epoch)
+            if not isinstance(v, torch.Tensor):
+                raise InputError(
+                    f"non-tensor entry of type {type(v).__name__} in the state_dict",
+                    path=path,
+                    epoch=epoch,
+                    key=k,
+                )
+            out[k] = v
+        if not out:
+            raise InputError("the state_dict is empty", path=path, epoch=epoch)
+        return out
+
+    def tensors(self) -> list[TensorInfo]:
+        return [
+            TensorInfo(k, tuple(int(s) for s in v.shape), str(v.dtype).removeprefix("torch."))
+            for k, v in self._sd.items()
+        ]
+
+    def _flat_tensor(self, name: str) -> Any:
+        t = self._flat.get(name)
+        if t is None:
+            t = self._sd[name].reshape(-1)
+            self._flat[name] = t
+        return t
+
+    def _raw_numpy(self, t: Any) -> np.ndarray:
+        import torch
+
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(np.uint16)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return t.view(torch.uint8).numpy()
+        return t.numpy()
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        t = self._flat_tensor(name)[start:stop]
+        dtype = str(t.dtype).removeprefix("torch.")
+        try:
+            to_float32(self._raw_numpy(t), dtype, out[: stop - start])
+        except RuntimeError as e:  # a truncated mmap surfaces here
+            raise InputError(f"cannot read tensor data: {e}", path=self.spec.label, epoch=self.spec.epoch, key=name) from e
+
+    def read_raw(self, name: str) -> np.ndarray:
+        return np.array(self._raw_numpy(self._sd[name].contiguous()), copy=True)
+
+    def close(self) -> None:
+        self._sd = {}
+        self._flat = {}
+
+
+# --------------------------------------------------------------------------- entry points
+def open_checkpoint(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
+    """Open the checkpoint of one epoch (reads headers only)."""
+    if spec.format == "torch":
+        return TorchReader(spec)
+    if spec.format in ("safetensors", "hf-sharded"):
+        return SafetensorsReader(spec)
+    raise InputError(f"unknown checkpoint format {spec.format!r}", path=spec.label, epoch=spec.epoch)
+
+
+@lru_cache(maxsize=8)
+def cached_reader(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
+    """Per-process cache of open readers, so a worker parses each header once."""
+    return open_checkpoint(spec)
+
+
+def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
+    """Size and sha256 of a file in one sequential read.
+
+    For zip files (PyTorch checkpoints) the CRC-32 of every stored member is checked during
+    the same read, so a flipped bit is caught without a second pass.
+    """
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
+    members = _zip_members(path) if path.endswith((".pt", ".pth", ".bin")) else []
+    crcs = [0] * len(members)
+    h = hashlib.sha256()
+    buf = _scratch_buffer(READ_BLOCK_BYTES)
+    mv = memoryview(buf)
+    pos = 0
+    with f:
+        while True:
+            got = f.readinto(mv)
+            if not got:
+                break
+            chunk = mv[:got]
+            h.update(chunk)
+            for i, (_name, b, e, _crc) in enumerate(members):
+                lo, hi = max(b, pos), min(e, pos + got)
+                if lo < hi:
+                    crcs[i] = zlib.crc32(chunk[lo - pos : hi - pos], crcs[i])
+            pos += got
+    if pos != size:
+        raise InputError(f"file changed while reading ({size} bytes expected, {pos} read)", path=path, epoch=epoch)
+    for (name, _b, _e, crc), got_crc in zip(members, crcs, strict=True):
+        if crc != got_crc:
+            raise InputError(f"zip member {name} fails its CRC check (corrupted file)", path=path, epoch=epoch)
+    return size, h.hexdigest()
+
+
+def _zip_members(path: str) -> list[tuple[str, int, int, int]]:
+    """(name, data begin, data end, crc) of the stored (uncompressed) members of a zip."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return []  # not a zip: the reader reports it with a clear message
+    out = []
+    with zf, open(path, "rb") as f:
+        for zi in zf.infolist():
+            if zi.compress_type != zipfile.ZIP_STORED:
+                continue
+            f.seek(zi.header_offset)
+            hdr = f.read(30)
+            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
+                raise InputError(f"corrupt zip local header for {zi.filename}", path=path)
+            nlen, xlen = struct.unpack("<HH", hdr[26:30])
+            begin = zi.header_offset + 30 + nlen + xlen
+            out.append((zi.filename, begin, begin + zi.compress_size, zi.CRC))
+    return out

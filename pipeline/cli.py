@@ -1,0 +1,151 @@
+"""The ``cmd-pipeline`` command line. Each subcommand is a thin wrapper of a function in
+:mod:`pipeline.ops`; errors become a one-line message and a non-zero exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from pipeline._version import __version__
+from pipeline.errors import PipelineError
+
+__all__ = ["main"]
+
+F = Callable[..., Any]
+
+
+def _runtime_options(f: F) -> F:
+    """Options shared by every command that computes."""
+    opts = [
+        click.option("--scheduler", metavar="ADDRESS", envvar="CMD_PIPELINE_SCHEDULER",
+                     help="Submit to an existing Dask scheduler (tcp://host:8786). Env: CMD_PIPELINE_SCHEDULER."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Worker processes of the embedded LocalCluster [default: one per core]."),
+        click.option("--memory-limit", default="auto", show_default=True,
+                     help="Memory limit per worker of the embedded LocalCluster (e.g. 4GB)."),
+        click.option("--threads", "mode", flag_value="threads", help="Run on a local thread pool (debugging)."),
+        click.option("--sync", "mode", flag_value="sync", help="Run in this process, one task at a time (debugging)."),
+        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _make_runtime(kw: dict[str, Any]) -> Any:
+    from pipeline.runtime import RuntimeOptions
+
+    return RuntimeOptions(
+        mode=kw.pop("mode") or "local",
+        scheduler=kw.pop("scheduler"),
+        workers=kw.pop("workers"),
+        memory_limit=kw.pop("memory_limit"),
+        progress=not kw.pop("no_progress"),
+    )
+
+
+def _handle_errors(f: F) -> F:
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="cmd-pipeline")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Correlation Mode Decomposition of neural-network training trajectories, out of core.
+
+    Checkpoints are ingested into a Zarr store (N parameters x T epochs); studies run on it.
+    """
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose + 1, 2),
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL (created if missing).")
+@click.option("--epochs", "epoch_spec", metavar="SPEC",
+              help="Epoch numbers of the inputs in order: START:END[:STEP] or a comma list "
+                   "[default: parsed from file names].")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose names match (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose names match (repeatable).")
+@click.option("--buffer", "buffer_patterns", multiple=True, metavar="GLOB",
+              help="Names to treat as buffers, besides the known ones (running_mean, ...).")
+@click.option("--float-buffers/--no-float-buffers", default=None,
+              help="Store floating-point buffers (BatchNorm running statistics) [default: store them].")
+@click.option("--nonfinite", type=click.Choice(["keep", "error"]), default=None,
+              help="NaN/Inf: keep them verbatim and count them, or refuse the checkpoint [default: keep].")
+@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
+              help="Rows per chunk [default: 8 MiB chunks].")
+@click.option("--time-chunk", type=click.IntRange(min=1), default=None,
+              help="Epochs per chunk [default: 1, so appends never rewrite a chunk].")
+@click.option("--codec", type=click.Choice(["none", "lz4"]), default=None, help="Chunk codec [default: none].")
+@click.option("--force", is_flag=True, help="Rebuild the trajectory when inputs or settings differ from the store's.")
+@_runtime_options
+@_handle_errors
+def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: Any) -> None:
+    """Transpose per-epoch checkpoints (INPUT: files, directories, globs) into the store.
+
+    Re-running the same command resumes an interrupted ingest; new epochs are appended.
+    """
+    from pipeline.ops.ingest import ingest as run_ingest
+    from pipeline.plan import parse_epoch_spec
+
+    runtime = _make_runtime(kw)
+    try:
+        epochs = parse_epoch_spec(epoch_spec) if epoch_spec else None
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--epochs") from None
+    result = run_ingest(inputs, store, epochs=epochs, runtime=runtime, **kw)
+    click.echo(result.summary())
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@_handle_errors
+def info(store: str, as_json: bool) -> None:
+    """Print N, T, epochs, tensors, chunking, analyses and size on disk."""
+    from pipeline.ops.info import format_info
+    from pipeline.ops.info import info as get_info
+
+    d = get_info(store)
+    click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--epoch", type=int, required=True, help="Epoch number to export.")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Output file: .safetensors (streamed) or .pt/.pth.")
+@click.option("--analysis", default=None, metavar="NAME", help="Export this CMD analysis's reconstruction instead.")
+@_handle_errors
+def export(store: str, epoch: int, out: str, analysis: str | None) -> None:
+    """Write one epoch as a state_dict with the original names, shapes and dtypes."""
+    from pipeline.ops.export import export as run_export
+
+    path = run_export(store, epoch, out, analysis=analysis)
+    click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

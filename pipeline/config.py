@@ -1,0 +1,56 @@
+"""Defaults, in one place.
+
+Every tunable number of the package is defined here and only here; functions take explicit
+arguments whose defaults come from this module.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_CODEC",
+    "DEFAULT_FLOAT_BUFFERS",
+    "DEFAULT_NONFINITE",
+    "DEFAULT_TIME_CHUNK",
+    "INLINE_TENSOR_MAX_ELEMENTS",
+    "KNOWN_BUFFER_SUFFIXES",
+    "READ_BLOCK_BYTES",
+]
+
+#: Target size of one trajectory chunk. 4-16 MB chunks read fastest from the page cache with
+#: zarr-python 3.1 (ECOSYSTEM.md: 3-3.5 GB/s against 1.1-1.5 GB/s for 50-200 MB chunks).
+DEFAULT_CHUNK_BYTES = 8 * 1024 * 1024
+
+#: Epochs per chunk along the time axis. 1 means every epoch is its own column of chunks, so
+#: appending epochs only ever creates new chunks.
+DEFAULT_TIME_CHUNK = 1
+
+#: Codec of the trajectory: "none" (raw little-endian float32, fastest) or "lz4"
+#: (Blosc lz4 with byte shuffle, ~1.2x smaller on float32 weights).
+DEFAULT_CODEC = "none"
+
+#: Whether floating-point buffers (BatchNorm running statistics, ...) go into the trajectory.
+DEFAULT_FLOAT_BUFFERS = True
+
+#: What ingest does with NaN/Inf: "keep" stores them verbatim and counts them,
+#: "error" refuses the checkpoint.
+DEFAULT_NONFINITE = "keep"
+
+#: Tensors left out of the trajectory (integer buffers) are kept inline in the epoch metadata
+#: when they have at most this many elements; larger ones are read back from the source files.
+INLINE_TENSOR_MAX_ELEMENTS = 65536
+
+#: Name suffixes of state_dict entries that are buffers, not trainable parameters.
+KNOWN_BUFFER_SUFFIXES = (
+    "running_mean",
+    "running_var",
+    "num_batches_tracked",
+    "position_ids",
+    "token_type_ids",
+    "inv_freq",
+    "attn.bias",
+    "attn.masked_bias",
+)
+
+#: Block size of sequential reads (hashing).
+READ_BLOCK_BYTES = 8 * 1024 * 1024

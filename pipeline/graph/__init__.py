@@ -1,0 +1,1 @@
+"""Dask graph builders: they create tasks, never compute them."""

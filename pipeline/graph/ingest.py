@@ -1,0 +1,162 @@
+"""Task functions and graph builders of ingestion.
+
+One task writes one whole output chunk (rows ``[r0, r1)`` x the epochs of one time block),
+reading from each of those epochs' checkpoints only the byte ranges of those rows. Tasks are
+idempotent: a task that runs twice (a worker died after it finished) writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from dask import delayed
+
+from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
+from pipeline.errors import InputError
+from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo, cached_reader, digest_file
+from pipeline.plan import Segment
+from pipeline.store.schema import InlineTensor, SourceFile
+from pipeline.store.trajectory import open_array, read_block, write_block
+
+__all__ = ["EpochInspection", "count_chunk", "inspect_epoch", "write_chunk"]
+
+Counts = tuple[tuple[tuple[str, int], ...], ...]  # per epoch of the block: ((tensor, n), ...)
+
+
+@dataclass(frozen=True)
+class EpochInspection:
+    """What one epoch's checkpoint holds: its tensors, file digests and inline tensors."""
+
+    spec: CheckpointSpec
+    tensors: tuple[TensorInfo, ...]
+    files: tuple[SourceFile, ...]
+    inline: tuple[InlineTensor, ...]
+
+
+def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:
+    """Hash every file of the checkpoint (one sequential read) and parse its header."""
+    files = []
+    for path in spec.files:
+        size, sha = digest_file(path, spec.epoch)
+        files.append(SourceFile(path, size, sha))
+    reader = cached_reader(spec)
+    tensors = tuple(reader.tensors())
+    inline = tuple(
+        InlineTensor.from_array(t.name, t.dtype, reader.read_raw(t.name))
+        for t in tensors
+        if not t.floating and t.size <= INLINE_TENSOR_MAX_ELEMENTS
+    )
+    return EpochInspection(spec, tensors, tuple(files), inline)
+
+
+_buffers = threading.local()
+
+
+def _block_buffer(rows: int, cols: int) -> np.ndarray:
+    """A per-thread reusable (rows, cols) float32 buffer (avoids first-touch page faults)."""
+    n = rows * cols
+    buf = getattr(_buffers, "block", None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype=np.float32)
+        _buffers.block = buf
+    return buf[:n].reshape(rows, cols)
+
+
+def _column_buffer(rows: int) -> np.ndarray:
+    buf = getattr(_buffers, "col", None)
+    if buf is None or buf.size < rows:
+        buf = np.empty(rows, dtype=np.float32)
+        _buffers.col = buf
+    return buf[:rows]
+
+
+def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tuple[str, int], ...]:
+    # float64 accumulation cannot overflow on float32 inputs, so a finite sum means no NaN/Inf.
+    if np.isfinite(np.add.reduce(col, dtype=np.float64)):
+        return ()
+    out = []
+    for seg in segments:
+        n = int(np.count_nonzero(~np.isfinite(col[seg.out : seg.out + seg.stop - seg.start])))
+        if n:
+            out.append((seg.name, n))
+    return tuple(out)
+
+
+def write_chunk(
+    url: str,
+    segments: Sequence[Segment],
+    specs: Sequence[CheckpointSpec],
+    r0: int,
+    r1: int,
+    col0: int,
+    nonfinite: str,
+) -> Counts:
+    """Assemble and write the chunk of rows ``[r0, r1)`` x columns ``[col0, col0+len(specs))``."""
+    rows, cols = r1 - r0, len(specs)
+    block = _block_buffer(rows, cols)
+    counts = []
+    for j, spec in enumerate(specs):
+        col = block[:, 0] if cols == 1 else _column_buffer(rows)
+        reader = cached_reader(spec)
+        for seg in segments:
+            piece = col[seg.out : seg.out + seg.stop - seg.start]
+            try:
+                reader.read_into(seg.name, seg.start, seg.stop, piece)
+            except InputError:
+                raise
+            except (OSError, ValueError, RuntimeError) as e:
+                raise InputError(f"cannot read tensor data: {e}", path=spec.label, epoch=spec.epoch, key=seg.name) from e
+        found = _count_nonfinite(col, segments)
+        if found and nonfinite == "error":
+            name, n = found[0]
+            raise InputError(
+                f"{n} NaN/Inf value(s) (policy nonfinite=error)", path=spec.label, epoch=spec.epoch, key=name
+            )
+        counts.append(found)
+        if cols > 1:
+            block[:, j] = col
+    write_block(open_array(url, writable=True), r0, col0, block)
+    return tuple(counts)
+
+
+def count_chunk(url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int) -> Counts:
+    """NaN/Inf counts of a chunk written by an earlier (interrupted) run."""
+    block = read_block(open_array(url), r0, r1, col0, col0 + cols)
+    return tuple(_count_nonfinite(np.ascontiguousarray(block[:, j]), segments) for j in range(cols))
+
+
+def build_inspect_tasks(specs: Sequence[CheckpointSpec]) -> list[object]:
+    return [delayed(inspect_epoch, pure=False)(s, dask_key_name=f"inspect-{i}") for i, s in enumerate(specs)]
+
+
+def build_chunk_tasks(
+    url: str,
+    row_blocks: Sequence[tuple[int, int, Sequence[Segment]]],
+    col_blocks: Sequence[tuple[int, Sequence[CheckpointSpec]]],
+    existing: set[tuple[int, int]],
+    chunk_rows: int,
+    time_chunk: int,
+    nonfinite: str,
+) -> tuple[list[object], list[tuple[int, int, bool]]]:
+    """One task per chunk; chunks that already exist are only re-counted, never rewritten.
+
+    Returns the tasks and, for each, ``(row block, time block, was_written)``.
+    """
+    tasks: list[object] = []
+    where: list[tuple[int, int, bool]] = []
+    # epochs in the outer loop: a worker keeps one checkpoint open across consecutive tasks
+    for col0, specs in col_blocks:
+        j = col0 // time_chunk
+        for r0, r1, segs in row_blocks:
+            i = r0 // chunk_rows
+            if (i, j) in existing:
+                t = delayed(count_chunk, pure=False)(url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}")
+                where.append((i, j, False))
+            else:
+                t = delayed(write_chunk, pure=False)(url, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}")
+                where.append((i, j, True))
+            tasks.append(t)
+    return tasks, where

@@ -1,0 +1,68 @@
+"""``info``: what a store holds."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.store.schema import SCHEMA_VERSION, _ranges
+from pipeline.store.trajectory import TrajectoryStore
+
+__all__ = ["format_info", "info"]
+
+
+def info(store: str | os.PathLike[str]) -> dict[str, Any]:
+    """Describe a store: N, T, epochs, tensors, chunking, analyses and size on disk."""
+    st = TrajectoryStore.open(store)
+    meta = st.require_meta()
+    arr = st.trajectory()
+    stored = meta.stored_tensors()
+    params = [t for t in meta.tensors if t.kind == "parameter"]
+    chunks = tuple(int(c) for c in arr.chunks)
+    return {
+        "store": st.url,
+        "schema_version": SCHEMA_VERSION,
+        "package_version": meta.package_version,
+        "n_rows": meta.n_rows,
+        "n_epochs": meta.n_epochs,
+        "epochs": meta.epoch_numbers,
+        "pending_epochs": [e.epoch for e in meta.pending] if meta.pending else [],
+        "tensors": len(meta.tensors),
+        "tensors_stored": len(stored),
+        "parameters": len(params),
+        "buffers": len(meta.tensors) - len(params),
+        "not_stored": [t.name for t in meta.tensors if not t.stored],
+        "chunk_shape": chunks,
+        "chunk_mb": chunks[0] * chunks[1] * 4 / 1e6,
+        "n_chunks": int(arr.nchunks),
+        "codec": meta.settings.codec,
+        "settings": meta.settings.to_dict(),
+        "nonfinite": sum(e.nonfinite for e in meta.epochs),
+        "analyses": st.analyses(),
+        "bytes_on_disk": st.size_on_disk(),
+    }
+
+
+def format_info(d: dict[str, Any]) -> str:
+    """Human-readable text of :func:`info`'s dictionary."""
+    s = d["settings"]
+    lines = [
+        f"store:        {d['store']}  (schema v{d['schema_version']}, written by cmd-pipeline {d['package_version']})",
+        f"N parameters: {d['n_rows']:,}",
+        f"T epochs:     {d['n_epochs']}  [{_ranges(d['epochs'])}]",
+    ]
+    if d["pending_epochs"]:
+        lines.append(f"PENDING:      interrupted ingest of epochs [{_ranges(d['pending_epochs'])}]: re-run it to resume")
+    lines += [
+        f"tensors:      {d['tensors']} ({d['parameters']} parameters, {d['buffers']} buffers), "
+        f"{d['tensors_stored']} stored in the trajectory",
+        f"not stored:   {', '.join(d['not_stored'][:8]) or '-'}" + (" ..." if len(d["not_stored"]) > 8 else ""),
+        f"chunking:     {d['chunk_shape'][0]:,} rows x {d['chunk_shape'][1]} epoch(s) "
+        f"= {d['chunk_mb']:.2f} MB per chunk, {d['n_chunks']} chunks, codec {d['codec']}",
+        f"settings:     include={s['include']} exclude={s['exclude']} float_buffers={s['float_buffers']} "
+        f"nonfinite={s['nonfinite']}",
+        f"NaN/Inf:      {d['nonfinite']} value(s)",
+        f"analyses:     {', '.join(d['analyses']) or '-'}",
+        f"size on disk: {d['bytes_on_disk'] / 1e6:,.1f} MB",
+    ]
+    return "\n".join(lines)

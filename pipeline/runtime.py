@@ -1,0 +1,146 @@
+"""Where computations run: an embedded LocalCluster, an existing scheduler, threads or sync.
+
+Library functions build graphs; the functions here run them, with a progress bar on the
+client. Nothing listens beyond loopback unless the user asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Runner", "RuntimeOptions", "runner"]
+
+_MODES = ("local", "threads", "sync")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run a graph.
+
+    Parameters
+    ----------
+    mode
+        ``"local"`` (embedded LocalCluster with worker processes, the default), ``"threads"``
+        or ``"sync"`` (debugging). Ignored when ``scheduler`` is given.
+    scheduler
+        Address of an existing Dask scheduler (``tcp://host:8786``); defaults to the
+        ``CMD_PIPELINE_SCHEDULER`` environment variable.
+    workers, threads_per_worker, memory_limit
+        Size of the embedded LocalCluster (default: one single-threaded worker per core).
+    progress
+        Show a progress bar on stderr.
+    """
+
+    mode: str = "local"
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | None = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+
+    @property
+    def address(self) -> str | None:
+        return self.scheduler or os.environ.get("CMD_PIPELINE_SCHEDULER") or None
+
+
+class Runner:
+    """Runs lists of delayed tasks with progress; holds the client, if any."""
+
+    def __init__(self, options: RuntimeOptions, client: Any = None) -> None:
+        self.options = options
+        self.client = client
+
+    @property
+    def dashboard_link(self) -> str | None:
+        return None if self.client is None else self.client.dashboard_link
+
+    def compute(self, tasks: Sequence[Any], desc: str) -> list[Any]:
+        """Compute delayed ``tasks``; results in the same order. The first error is raised."""
+        if not tasks:
+            return []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.options.progress, file=sys.stderr, leave=True)
+        try:
+            if self.client is not None:
+                return self._compute_distributed(tasks, bar)
+            return self._compute_local(tasks, bar)
+        finally:
+            bar.close()
+
+    def _compute_distributed(self, tasks: Sequence[Any], bar: Any) -> list[Any]:
+        from distributed import as_completed
+
+        futures = self.client.compute(list(tasks))
+        index = {f.key: i for i, f in enumerate(futures)}
+        results: list[Any] = [None] * len(futures)
+        try:
+            for fut in as_completed(futures):
+                if fut.status == "error":
+                    fut.result()  # raises the task's exception
+                results[index[fut.key]] = fut.result()
+                bar.update(1)
+        except BaseException:
+            self.client.cancel(futures)
+            raise
+        return results
+
+    def _compute_local(self, tasks: Sequence[Any], bar: Any) -> list[Any]:
+        import dask
+        from dask.callbacks import Callback
+
+        class _Bar(Callback):  # type: ignore[misc]
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+                if key in keys:
+                    bar.update(1)
+
+        keys = {t.key for t in tasks}
+        with _Bar():
+            return list(dask.compute(*tasks, scheduler="sync" if self.options.mode == "sync" else "threads"))
+
+
+@contextlib.contextmanager
+def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
+    """Start (or connect to) the runtime described by ``options``; close what it started."""
+    opts = options or RuntimeOptions()
+    address = opts.address
+    if address:
+        from distributed import Client
+
+        with Client(address) as client:
+            _say(f"connected to scheduler {address}; dashboard: {client.dashboard_link}", opts)
+            yield Runner(opts, client)
+        return
+    if opts.mode != "local":
+        yield Runner(opts)
+        return
+    from distributed import Client, LocalCluster
+
+    n = opts.workers or max(1, os.cpu_count() or 1)
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=opts.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            memory_limit=opts.memory_limit,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        _say(f"LocalCluster with {n} worker(s); dashboard: {client.dashboard_link}", opts)
+        yield Runner(opts, client)
+
+
+def _say(msg: str, opts: RuntimeOptions) -> None:
+    if opts.progress:
+        print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,365 @@
+"""The store's schema: frozen, validated values that round-trip through ``to_dict``/``from_dict``.
+
+The schema is written into the root group's attributes under :data:`ATTR_KEY`. Its layout is
+part of the public interface (see README, "Store layout"); any change to it bumps
+:data:`SCHEMA_VERSION`, and a store of another version fails to open with
+:class:`~pipeline.errors.SchemaVersionError`.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SchemaVersionError, StoreError
+
+__all__ = [
+    "ATTR_KEY",
+    "SCHEMA_NAME",
+    "SCHEMA_VERSION",
+    "EpochEntry",
+    "InlineTensor",
+    "IngestSettings",
+    "SourceFile",
+    "StoreMeta",
+    "TensorEntry",
+]
+
+ATTR_KEY = "cmd_pipeline"
+SCHEMA_NAME = "cmd-pipeline.store"
+SCHEMA_VERSION = 1
+
+#: dtypes a trajectory row can come from, stored as float32. fp32/fp16/bf16 are exact;
+#: float64 is rounded to nearest float32 (recorded, and restored on export as float64).
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+NONFINITE_POLICIES = ("keep", "error")
+CODECS = ("none", "lz4")
+KINDS = ("parameter", "buffer")
+
+
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise StoreError(f"invalid store metadata: {what}")
+
+
+def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
+    _require(isinstance(d, Mapping), f"{where} is not an object")
+    _require(key in d, f"{where} lacks {key!r}")
+    val = d[key]
+    _require(isinstance(val, typ), f"{where}.{key} has type {type(val).__name__}")
+    return val
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the checkpoints' state_dict.
+
+    ``offset`` is the first row of the tensor in the trajectory (rows follow the flattened,
+    C-ordered tensor); it is ``-1`` for tensors that are not stored in the trajectory
+    (integer buffers, excluded names, float buffers when they are switched off).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def stored(self) -> bool:
+        return self.offset >= 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "kind": self.kind,
+            "offset": self.offset,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TensorEntry:
+        w = "tensor entry"
+        shape = _get(d, "shape", list, w)
+        _require(all(isinstance(s, int) and s >= 0 for s in shape), "tensor shape")
+        kind = _get(d, "kind", str, w)
+        _require(kind in KINDS, f"tensor kind {kind!r}")
+        return cls(
+            name=_get(d, "name", str, w),
+            shape=tuple(shape),
+            dtype=_get(d, "dtype", str, w),
+            kind=kind,
+            offset=_get(d, "offset", int, w),
+        )
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A checkpoint file an epoch was read from."""
+
+    path: str
+    size: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SourceFile:
+        w = "source file"
+        return cls(
+            path=_get(d, "path", str, w),
+            size=_get(d, "size", int, w),
+            sha256=_get(d, "sha256", str, w),
+        )
+
+
+@dataclass(frozen=True)
+class InlineTensor:
+    """A small tensor kept out of the trajectory (an integer buffer), stored verbatim."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: str  # base64 of the little-endian bytes
+
+    @classmethod
+    def from_array(cls, name: str, dtype: str, array: np.ndarray) -> InlineTensor:
+        raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
+        return cls(name, dtype, tuple(int(s) for s in array.shape), base64.b64encode(raw.tobytes()).decode())
+
+    def to_bytes(self) -> bytes:
+        return base64.b64decode(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InlineTensor:
+        w = "inline tensor"
+        return cls(
+            name=_get(d, "name", str, w),
+            dtype=_get(d, "dtype", str, w),
+            shape=tuple(_get(d, "shape", list, w)),
+            data=_get(d, "data", str, w),
+        )
+
+
+@dataclass(frozen=True)
+class EpochEntry:
+    """One recorded epoch: the column ``index`` of the trajectory."""
+
+    epoch: int
+    files: tuple[SourceFile, ...]
+    nonfinite: int = 0
+    nonfinite_by_tensor: tuple[tuple[str, int], ...] = ()
+    inline: tuple[InlineTensor, ...] = ()
+
+    def same_source(self, other: EpochEntry) -> bool:
+        """True when both entries name the same epoch read from byte-identical files."""
+        return self.epoch == other.epoch and [f.sha256 for f in self.files] == [
+            f.sha256 for f in other.files
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "files": [f.to_dict() for f in self.files],
+            "nonfinite": self.nonfinite,
+            "nonfinite_by_tensor": {k: v for k, v in self.nonfinite_by_tensor},
+            "inline": [t.to_dict() for t in self.inline],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EpochEntry:
+        w = "epoch entry"
+        nbt = _get(d, "nonfinite_by_tensor", dict, w)
+        return cls(
+            epoch=_get(d, "epoch", int, w),
+            files=tuple(SourceFile.from_dict(f) for f in _get(d, "files", list, w)),
+            nonfinite=_get(d, "nonfinite", int, w),
+            nonfinite_by_tensor=tuple((str(k), int(v)) for k, v in nbt.items()),
+            inline=tuple(InlineTensor.from_dict(t) for t in _get(d, "inline", list, w)),
+        )
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """Settings that decide the trajectory's content and layout.
+
+    A re-run or an append must use the same settings (or ``--force``).
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    buffer_patterns: tuple[str, ...] = ()
+    float_buffers: bool = True
+    nonfinite: str = "keep"
+    chunk_rows: int = 1
+    time_chunk: int = 1
+    codec: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
+        if self.chunk_rows < 1 or self.time_chunk < 1:
+            raise ValueError("chunk_rows and time_chunk must be positive")
+
+    def content_fields(self) -> dict[str, Any]:
+        """The settings that change what is stored (not how it is chunked)."""
+        d = self.to_dict()
+        for k in ("chunk_rows", "time_chunk", "codec"):
+            d.pop(k)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "buffer_patterns": list(self.buffer_patterns),
+            "float_buffers": self.float_buffers,
+            "nonfinite": self.nonfinite,
+            "chunk_rows": self.chunk_rows,
+            "time_chunk": self.time_chunk,
+            "codec": self.codec,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> IngestSettings:
+        w = "settings"
+        try:
+            return cls(
+                include=tuple(_get(d, "include", list, w)),
+                exclude=tuple(_get(d, "exclude", list, w)),
+                buffer_patterns=tuple(_get(d, "buffer_patterns", list, w)),
+                float_buffers=_get(d, "float_buffers", bool, w),
+                nonfinite=_get(d, "nonfinite", str, w),
+                chunk_rows=_get(d, "chunk_rows", int, w),
+                time_chunk=_get(d, "time_chunk", int, w),
+                codec=_get(d, "codec", str, w),
+            )
+        except ValueError as e:
+            raise StoreError(f"invalid store metadata: {e}") from e
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything the store records about its trajectory.
+
+    ``epochs`` are the committed columns, in order. ``pending`` holds the columns of an ingest
+    that has started but not finished; they sit after the committed ones in the array.
+    """
+
+    settings: IngestSettings
+    tensors: tuple[TensorEntry, ...]
+    n_rows: int
+    epochs: tuple[EpochEntry, ...] = ()
+    pending: tuple[EpochEntry, ...] | None = None
+    package_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def n_epochs(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def epoch_numbers(self) -> list[int]:
+        return [e.epoch for e in self.epochs]
+
+    def column_of(self, epoch: int) -> int:
+        """Column index of a committed epoch number."""
+        for i, e in enumerate(self.epochs):
+            if e.epoch == epoch:
+                return i
+        raise StoreError(
+            f"epoch {epoch} is not in the store (stored epochs: {_ranges(self.epoch_numbers)})"
+        )
+
+    def stored_tensors(self) -> list[TensorEntry]:
+        return [t for t in self.tensors if t.stored]
+
+    def with_(self, **changes: Any) -> StoreMeta:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_NAME,
+            "version": SCHEMA_VERSION,
+            "package_version": self.package_version,
+            "settings": self.settings.to_dict(),
+            "n_rows": self.n_rows,
+            "tensors": [t.to_dict() for t in self.tensors],
+            "epochs": [e.to_dict() for e in self.epochs],
+            "pending": None if self.pending is None else [e.to_dict() for e in self.pending],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StoreMeta:
+        _require(isinstance(d, Mapping), "root attributes are not an object")
+        if d.get("schema") != SCHEMA_NAME:
+            raise SchemaVersionError(
+                f"not a cmd-pipeline store (schema {d.get('schema')!r}, expected {SCHEMA_NAME!r})"
+            )
+        version = d.get("version")
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"store schema version {version!r} is not supported by this cmd-pipeline "
+                f"(it reads version {SCHEMA_VERSION}); use the cmd-pipeline release that wrote it"
+            )
+        w = "store"
+        pending = d.get("pending")
+        _require(pending is None or isinstance(pending, list), "pending is neither null nor a list")
+        meta = cls(
+            settings=IngestSettings.from_dict(_get(d, "settings", dict, w)),
+            tensors=tuple(TensorEntry.from_dict(t) for t in _get(d, "tensors", list, w)),
+            n_rows=_get(d, "n_rows", int, w),
+            epochs=tuple(EpochEntry.from_dict(e) for e in _get(d, "epochs", list, w)),
+            pending=None if pending is None else tuple(EpochEntry.from_dict(e) for e in pending),
+            package_version=str(d.get("package_version", "")),
+        )
+        meta.validate()
+        return meta
+
+    def validate(self) -> None:
+        """Check the invariants between fields; raise :class:`StoreError` if one fails."""
+        offset = 0
+        names = set()
+        for t in self.tensors:
+            _require(t.name not in names, f"duplicate tensor {t.name!r}")
+            names.add(t.name)
+            if t.stored:
+                _require(t.offset == offset, f"tensor {t.name!r} offset {t.offset} != {offset}")
+                offset += t.size
+        _require(offset == self.n_rows, f"tensor sizes add up to {offset}, not n_rows={self.n_rows}")
+        numbers = self.epoch_numbers + [e.epoch for e in self.pending or ()]
+        _require(
+            all(a < b for a, b in zip(numbers, numbers[1:], strict=False)),
+            "epochs are not strictly increasing",
+        )
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """Compact text for a sorted list of ints: ``0-9, 12, 15-20``."""
+    if not values:
+        return "none"
+    out: list[str] = []
+    start = prev = values[0]
+    for v in list(values[1:]) + [None]:  # type: ignore[list-item]
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out)

@@ -1,0 +1,224 @@
+"""Zarr I/O for a trajectory store: the only module that imports zarr.
+
+Layout (Zarr v3 group at the store's URL)::
+
+    /                      root group; attributes["cmd_pipeline"] = StoreMeta.to_dict()
+    /trajectory            float32 (N, T), chunks (chunk_rows, time_chunk), fill NaN
+    /analyses/<name>/...   studies (written by later stages), never touched by ingest
+
+The root is only ever opened with ``mode="a"`` or ``"r"`` (never ``"w"``), so siblings of
+``trajectory`` survive every operation. Chunks are written whole, by one task each, with
+``write_empty_chunks=True``: a chunk key exists if and only if that chunk was completely
+written (zarr >= 3.1.3 renames a temporary file into place).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.core.sync import sync
+
+from pipeline.errors import StoreError
+from pipeline.store.schema import ATTR_KEY, IngestSettings, StoreMeta
+
+__all__ = ["TRAJECTORY", "ANALYSES", "TrajectoryStore", "open_array", "write_block", "read_block"]
+
+TRAJECTORY = "trajectory"
+ANALYSES = "analyses"
+
+
+def _codecs(codec: str) -> dict[str, Any]:
+    if codec == "none":
+        return {"compressors": None}
+    if codec == "lz4":
+        return {
+            "compressors": zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+        }
+    raise StoreError(f"unknown codec {codec!r}")
+
+
+def _normalise_url(url: str | os.PathLike[str]) -> str:
+    s = os.fspath(url)
+    if "://" in s:
+        return s
+    return os.path.abspath(s)
+
+
+@dataclass
+class TrajectoryStore:
+    """A handle on one store: its URL, its root group and its metadata.
+
+    Use :meth:`open` for an existing store and :meth:`open_or_create` in ingest.
+    """
+
+    url: str
+    root: Any  # zarr.Group
+    meta: StoreMeta | None
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, url: str | os.PathLike[str], *, writable: bool = False) -> TrajectoryStore:
+        """Open an existing store; fail clearly if it is missing or of another schema."""
+        u = _normalise_url(url)
+        try:
+            root = zarr.open_group(u, mode="r+" if writable else "r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as e:
+            raise StoreError(f"no cmd-pipeline store at {u}") from e
+        raw = root.attrs.get(ATTR_KEY)
+        if raw is None:
+            raise StoreError(f"{u} is a Zarr group but not a cmd-pipeline store (no {ATTR_KEY!r} attribute)")
+        return cls(u, root, StoreMeta.from_dict(raw))
+
+    @classmethod
+    def open_or_create(cls, url: str | os.PathLike[str]) -> TrajectoryStore:
+        """Open a store for writing, creating an empty group when nothing is there."""
+        u = _normalise_url(url)
+        root = zarr.open_group(u, mode="a")
+        raw = root.attrs.get(ATTR_KEY)
+        return cls(u, root, None if raw is None else StoreMeta.from_dict(raw))
+
+    # ------------------------------------------------------------------ metadata
+    def write_meta(self, meta: StoreMeta) -> None:
+        """Validate and write the metadata (client side only; workers never write attributes)."""
+        meta.validate()
+        self.root.attrs[ATTR_KEY] = meta.to_dict()
+        self.meta = meta
+
+    def require_meta(self) -> StoreMeta:
+        if self.meta is None:
+            raise StoreError(f"{self.url} holds no trajectory yet: run `cmd-pipeline ingest` first")
+        return self.meta
+
+    # ------------------------------------------------------------------ the array
+    def has_trajectory(self) -> bool:
+        return TRAJECTORY in self.root.array_keys()
+
+    def trajectory(self) -> Any:
+        """The raw zarr array (N, T_total) including any pending columns."""
+        try:
+            return self.root[TRAJECTORY]
+        except KeyError as e:
+            raise StoreError(f"{self.url} has no {TRAJECTORY!r} array") from e
+
+    def create_trajectory(self, n_rows: int, n_cols: int, settings: IngestSettings) -> Any:
+        """Create the trajectory array (fails if one exists: use :meth:`delete_trajectory`)."""
+        if self.has_trajectory():
+            raise StoreError(f"{self.url} already has a trajectory")
+        return self.root.create_array(
+            TRAJECTORY,
+            shape=(n_rows, n_cols),
+            chunks=(min(settings.chunk_rows, max(n_rows, 1)), settings.time_chunk),
+            dtype="float32",
+            fill_value=np.float32("nan"),
+            config={"write_empty_chunks": True},
+            **_codecs(settings.codec),
+        )
+
+    def delete_trajectory(self) -> None:
+        if self.has_trajectory():
+            sync(self.root.store.delete_dir(TRAJECTORY))
+            self.root = zarr.open_group(self.url, mode="a")
+
+    def resize_columns(self, n_cols: int) -> None:
+        arr = self.trajectory()
+        arr.resize((arr.shape[0], n_cols))
+
+    # ------------------------------------------------------------------ chunks
+    def _chunk_keys(self) -> list[str]:
+        async def _ls() -> list[str]:
+            return [k async for k in self.root.store.list_prefix(f"{TRAJECTORY}/c/")]
+
+        return sync(_ls())
+
+    def existing_chunks(self) -> set[tuple[int, int]]:
+        """Grid coordinates (row block, time block) of every completely written chunk."""
+        out = set()
+        for k in self._chunk_keys():
+            parts = k.split("/")
+            if len(parts) == 4 and parts[2].isdigit() and parts[3].isdigit():
+                out.add((int(parts[2]), int(parts[3])))
+        return out
+
+    def remove_partials(self) -> int:
+        """Delete temporary files left by a writer that was killed mid-write."""
+        n = 0
+        for k in self._chunk_keys():
+            if k.endswith(".partial"):
+                sync(self.root.store.delete(k))
+                n += 1
+        return n
+
+    def delete_chunk_columns(self, first_time_block: int) -> None:
+        """Delete every chunk whose time block is ``>= first_time_block``."""
+        for i, j in sorted(self.existing_chunks()):
+            if j >= first_time_block:
+                sync(self.root.store.delete(f"{TRAJECTORY}/c/{i}/{j}"))
+
+    # ------------------------------------------------------------------ the rest
+    def analyses(self) -> list[str]:
+        if ANALYSES not in self.root.group_keys():
+            return []
+        return sorted(self.root[ANALYSES].group_keys())
+
+    def size_on_disk(self) -> int:
+        """Bytes under the store's root, every array and study included."""
+        if "://" not in self.url or self.url.startswith("file://"):
+            path = self.url.removeprefix("file://")
+            total = 0
+            for dirpath, _dirs, files in os.walk(path):
+                for f in files:
+                    try:
+                        total += os.path.getsize(os.path.join(dirpath, f))
+                    except OSError:
+                        pass
+            return total
+        return int(sync(self.root.store.getsize_prefix("")))
+
+
+# ---------------------------------------------------------------------- task-side helpers
+def open_array(url: str, path: str = TRAJECTORY, *, writable: bool = False) -> Any:
+    """Open one array of a store inside a task (cheap: reads one small JSON document)."""
+    return zarr.open_array(url, path=path, mode="r+" if writable else "r")
+
+
+def write_block(array: Any, r0: int, t0: int, block: np.ndarray) -> None:
+    """Write a whole chunk ``block`` at row ``r0``, column ``t0``."""
+    array[r0 : r0 + block.shape[0], t0 : t0 + block.shape[1]] = block
+
+
+def read_block(array: Any, r0: int, r1: int, t0: int, t1: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Read rows ``[r0, r1)`` and columns ``[t0, t1)``; into ``out`` when given."""
+    if out is None:
+        return np.asarray(array[r0:r1, t0:t1])
+    array.get_basic_selection((slice(r0, r1), slice(t0, t1)), out=_NDBufferView(out))
+    return out
+
+
+class _NDBufferView:
+    """Adapter so zarr can read straight into a caller's numpy buffer."""
+
+    def __new__(cls, arr: np.ndarray) -> Any:  # pragma: no cover - thin adapter
+        from zarr.core.buffer.cpu import NDBuffer
+
+        return NDBuffer.from_numpy_array(arr)
+
+
+def iter_blocks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    """``(start, stop)`` of consecutive blocks of ``size`` covering ``range(n)``."""
+    for s in range(0, n, size):
+        yield s, min(s + size, n)
+
+
+def trajectory_dask(store: TrajectoryStore) -> Any:
+    """The committed trajectory as a lazy dask array (N, T), one dask chunk per zarr chunk."""
+    import dask.array as da
+
+    meta = store.require_meta()
+    arr = store.trajectory()
+    return da.from_zarr(arr)[:, : meta.n_epochs]

@@ -1,0 +1,1 @@
+"""Small, deterministic training workflows that record one checkpoint per epoch."""
