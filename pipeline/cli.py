@@ -23,14 +23,36 @@ F = Callable[..., Any]
 def _runtime_options(f: F) -> F:
     """Options shared by every command that computes."""
     opts = [
-        click.option("--scheduler", metavar="ADDRESS", envvar="CMD_PIPELINE_SCHEDULER",
-                     help="Submit to an existing Dask scheduler (tcp://host:8786). Env: CMD_PIPELINE_SCHEDULER."),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Worker processes of the embedded LocalCluster [default: one per core]."),
-        click.option("--memory-limit", default="auto", show_default=True,
-                     help="Memory limit per worker of the embedded LocalCluster (e.g. 4GB)."),
-        click.option("--threads", "mode", flag_value="threads", help="Run on a local thread pool (debugging)."),
-        click.option("--sync", "mode", flag_value="sync", help="Run in this process, one task at a time (debugging)."),
+        click.option(
+            "--scheduler",
+            metavar="ADDRESS",
+            envvar="CMD_PIPELINE_SCHEDULER",
+            help="Submit to an existing Dask scheduler (tcp://host:8786). Env: CMD_PIPELINE_SCHEDULER.",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Worker processes of the embedded LocalCluster [default: one per core].",
+        ),
+        click.option(
+            "--memory-limit",
+            default="auto",
+            show_default=True,
+            help="Memory limit per worker of the embedded LocalCluster (e.g. 4GB).",
+        ),
+        click.option(
+            "--threads",
+            "mode",
+            flag_value="threads",
+            help="Run on a local thread pool (debugging).",
+        ),
+        click.option(
+            "--sync",
+            "mode",
+            flag_value="sync",
+            help="Run in this process, one task at a time (debugging).",
+        ),
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
     ]
     for o in reversed(opts):
@@ -59,7 +81,9 @@ def _handle_errors(f: F) -> F:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished chunks are kept; re-run the same command to resume", err=True)
+            click.echo(
+                "interrupted: finished chunks are kept; re-run the same command to resume", err=True
+            )
             sys.exit(130)
 
     return wrapper
@@ -83,23 +107,60 @@ def main(verbose: int) -> None:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--store", "-s", required=True, help="Store path or fsspec URL (created if missing).")
-@click.option("--epochs", "epoch_spec", metavar="SPEC",
-              help="Epoch numbers of the inputs in order: START:END[:STEP] or a comma list "
-                   "[default: parsed from file names].")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only tensors whose names match (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave out tensors whose names match (repeatable).")
-@click.option("--buffer", "buffer_patterns", multiple=True, metavar="GLOB",
-              help="Names to treat as buffers, besides the known ones (running_mean, ...).")
-@click.option("--float-buffers/--no-float-buffers", default=None,
-              help="Store floating-point buffers (BatchNorm running statistics) [default: store them].")
-@click.option("--nonfinite", type=click.Choice(["keep", "error"]), default=None,
-              help="NaN/Inf: keep them verbatim and count them, or refuse the checkpoint [default: keep].")
-@click.option("--chunk-rows", type=click.IntRange(min=1), default=None,
-              help="Rows per chunk [default: 8 MiB chunks].")
-@click.option("--time-chunk", type=click.IntRange(min=1), default=None,
-              help="Epochs per chunk [default: 1, so appends never rewrite a chunk].")
-@click.option("--codec", type=click.Choice(["none", "lz4"]), default=None, help="Chunk codec [default: none].")
-@click.option("--force", is_flag=True, help="Rebuild the trajectory when inputs or settings differ from the store's.")
+@click.option(
+    "--epochs",
+    "epoch_spec",
+    metavar="SPEC",
+    help="Epoch numbers of the inputs in order: START:END[:STEP] or a comma list "
+    "[default: parsed from file names].",
+)
+@click.option(
+    "--include", multiple=True, metavar="GLOB", help="Only tensors whose names match (repeatable)."
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="GLOB",
+    help="Leave out tensors whose names match (repeatable).",
+)
+@click.option(
+    "--buffer",
+    "buffer_patterns",
+    multiple=True,
+    metavar="GLOB",
+    help="Names to treat as buffers, besides the known ones (running_mean, ...).",
+)
+@click.option(
+    "--float-buffers/--no-float-buffers",
+    default=None,
+    help="Store floating-point buffers (BatchNorm running statistics) [default: store them].",
+)
+@click.option(
+    "--nonfinite",
+    type=click.Choice(["keep", "error"]),
+    default=None,
+    help="NaN/Inf: keep them verbatim and count them, or refuse the checkpoint [default: keep].",
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per chunk [default: 8 MiB chunks].",
+)
+@click.option(
+    "--time-chunk",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Epochs per chunk [default: 1, so appends never rewrite a chunk].",
+)
+@click.option(
+    "--codec", type=click.Choice(["none", "lz4"]), default=None, help="Chunk codec [default: none]."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild the trajectory when inputs or settings differ from the store's.",
+)
 @_runtime_options
 @_handle_errors
 def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: Any) -> None:
@@ -135,9 +196,19 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
 @click.option("--epoch", type=int, required=True, help="Epoch number to export.")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False),
-              help="Output file: .safetensors (streamed) or .pt/.pth.")
-@click.option("--analysis", default=None, metavar="NAME", help="Export this CMD analysis's reconstruction instead.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: .safetensors (streamed) or .pt/.pth.",
+)
+@click.option(
+    "--analysis",
+    default=None,
+    metavar="NAME",
+    help="Export this CMD analysis's reconstruction instead.",
+)
 @_handle_errors
 def export(store: str, epoch: int, out: str, analysis: str | None) -> None:
     """Write one epoch as a state_dict with the original names, shapes and dtypes."""

@@ -91,4 +91,6 @@ def parse_epoch_spec(spec: str) -> list[int]:
             return list(range(parts[0], parts[1], step))
         return [int(p) for p in s.split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"cannot parse epochs {spec!r}: use START:END[:STEP] or a comma list") from None
+        raise ValueError(
+            f"cannot parse epochs {spec!r}: use START:END[:STEP] or a comma list"
+        ) from None

@@ -69,7 +69,14 @@ class Runner:
             return []
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.options.progress, file=sys.stderr, leave=True)
+        bar = tqdm(
+            total=len(tasks),
+            desc=desc,
+            unit="task",
+            disable=not self.options.progress,
+            file=sys.stderr,
+            leave=True,
+        )
         try:
             if self.client is not None:
                 return self._compute_distributed(tasks, bar)
@@ -98,14 +105,16 @@ class Runner:
         import dask
         from dask.callbacks import Callback
 
-        class _Bar(Callback):  # type: ignore[misc]
+        class _Bar(Callback):
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
                 if key in keys:
                     bar.update(1)
 
         keys = {t.key for t in tasks}
         with _Bar():
-            return list(dask.compute(*tasks, scheduler="sync" if self.options.mode == "sync" else "threads"))
+            return list(
+                dask.compute(*tasks, scheduler="sync" if self.options.mode == "sync" else "threads")
+            )
 
 
 @contextlib.contextmanager

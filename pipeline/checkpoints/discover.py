@@ -8,8 +8,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.errors import InputError
 from pipeline.checkpoints.readers import CheckpointSpec
+from pipeline.errors import InputError
 
 __all__ = ["discover", "parse_epochs_from_names"]
 
@@ -71,11 +71,17 @@ def _expand_one(item: str) -> list[tuple[str, CheckpointSpec]]:
             elif child.suffix.lower() in _SUFFIXES:
                 found.append((child.stem, _spec_of_file(child)))
         if not found:
-            raise InputError("directory holds no checkpoints (.pt, .pth, .safetensors, sharded)", path=item)
+            raise InputError(
+                "directory holds no checkpoints (.pt, .pth, .safetensors, sharded)", path=item
+            )
         return found
     if p.is_file():
         spec = _spec_of_file(p)
-        name = p.parent.name if spec.format == "hf-sharded" or p.name == "model.safetensors" else p.stem
+        name = (
+            p.parent.name
+            if spec.format == "hf-sharded" or p.name == "model.safetensors"
+            else p.stem
+        )
         return [(name, spec)]
     if any(c in item for c in "*?["):
         matches = sorted(glob.glob(item), key=_natural_key)
@@ -138,7 +144,9 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
     return epochs
 
 
-def discover(inputs: Sequence[str | os.PathLike[str]], epochs: Sequence[int] | None = None) -> list[CheckpointSpec]:
+def discover(
+    inputs: Sequence[str | os.PathLike[str]], epochs: Sequence[int] | None = None
+) -> list[CheckpointSpec]:
     """Resolve inputs to checkpoints, each with its epoch, sorted by epoch.
 
     Parameters
@@ -161,7 +169,9 @@ def discover(inputs: Sequence[str | os.PathLike[str]], epochs: Sequence[int] | N
     else:
         numbers = list(epochs)
         if len(numbers) != len(found):
-            raise InputError(f"--epochs names {len(numbers)} epochs but {len(found)} checkpoints were found")
+            raise InputError(
+                f"--epochs names {len(numbers)} epochs but {len(found)} checkpoints were found"
+            )
         if len(set(numbers)) != len(numbers):
             raise InputError("--epochs repeats an epoch number")
     specs = [

@@ -16,14 +16,16 @@ epoch and key where known).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol
@@ -63,7 +65,7 @@ _ST_DTYPES = {
 ST_TAGS = {v: k for k, v in _ST_DTYPES.items()}
 
 #: canonical dtype -> numpy dtype of the raw little-endian storage (bf16 as its uint16 bits).
-RAW_NUMPY = {
+RAW_NUMPY: dict[str, np.dtype[Any]] = {
     "float64": np.dtype("<f8"),
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
@@ -169,7 +171,9 @@ def _preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:
     while done < n:
         got = os.preadv(fd, [view[done:]], offset + done)
         if got <= 0:
-            raise InputError(f"unexpected end of file at byte {offset + done} (truncated?)", path=path)
+            raise InputError(
+                f"unexpected end of file at byte {offset + done} (truncated?)", path=path
+            )
         done += got
 
 
@@ -230,8 +234,8 @@ def _parse_safetensors_header(path: str, epoch: int | None) -> tuple[list[_StEnt
         ):
             raise InputError("malformed shape or offsets", path=path, epoch=epoch, key=name)
         info = TensorInfo(name, tuple(shape), dtype)
-        b, e = offs
-        if not (0 <= b <= e <= data_len) or e - b != info.size * RAW_NUMPY[dtype].itemsize:
+        b, end = offs
+        if not (0 <= b <= end <= data_len) or end - b != info.size * RAW_NUMPY[dtype].itemsize:
             raise InputError(
                 f"data offsets {offs} do not fit the tensor or the file (truncated?)",
                 path=path,
@@ -239,9 +243,9 @@ def _parse_safetensors_header(path: str, epoch: int | None) -> tuple[list[_StEnt
                 key=name,
             )
         entries.append(_StEntry(info, path, data_start + b))
-        spans.append((b, e, name))
+        spans.append((b, end, name))
     spans.sort()
-    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
+    for (_b0, e0, n0), (b1, _e1, n1) in itertools.pairwise(spans):
         if b1 < e0:
             raise InputError(f"tensors {n0!r} and {n1!r} overlap", path=path, epoch=epoch)
     if spans and spans[-1][1] != data_len:
@@ -299,7 +303,9 @@ class SafetensorsReader:
                 raise InputError(f"bad shard name {shard!r}", path=index_path, epoch=epoch)
             p = os.path.join(base, shard)
             if not os.path.exists(p):
-                raise InputError(f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch)
+                raise InputError(
+                    f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch
+                )
             ents, _ = _parse_safetensors_header(p, epoch)
             shard_entries[shard] = {e.info.name: e for e in ents}
         for name, shard in wmap.items():
@@ -313,11 +319,11 @@ class SafetensorsReader:
                 )
             self._entries[name] = ent
             self._order.append(name)
-        for shard, ents in shard_entries.items():
-            extra = set(ents) - set(wmap)
+        for shard, by_name in shard_entries.items():
+            extra = sorted(set(by_name) - set(wmap))
             if extra:
                 raise InputError(
-                    f"shard {shard} holds tensors missing from the index: {sorted(extra)[:5]}",
+                    f"shard {shard} holds tensors missing from the index: {extra[:5]}",
                     path=index_path,
                     epoch=epoch,
                 )
@@ -339,17 +345,18 @@ class SafetensorsReader:
         offset = ent.begin + start * raw_dt.itemsize
         fd = self._fd(ent.file)
         if ent.info.dtype == "float32":
-            _preadinto(fd, memoryview(out[:n].view(np.uint8)), offset, ent.file)
+            view = memoryview(out[:n].view(np.uint8))  # type: ignore[arg-type]
+            _preadinto(fd, view, offset, ent.file)
             return
         buf = _scratch_buffer(n * raw_dt.itemsize)
-        _preadinto(fd, memoryview(buf), offset, ent.file)
+        _preadinto(fd, memoryview(buf), offset, ent.file)  # type: ignore[arg-type]
         to_float32(buf.view(raw_dt), ent.info.dtype, out[:n])
 
     def read_raw(self, name: str) -> np.ndarray:
         ent = self._entries[name]
         raw_dt = RAW_NUMPY[ent.info.dtype]
         arr = np.empty(ent.info.size, dtype=raw_dt)
-        _preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)
+        _preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)  # type: ignore[arg-type]
         return arr.reshape(ent.info.shape)
 
     def close(self) -> None:
@@ -358,10 +365,8 @@ class SafetensorsReader:
         self._fds.clear()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
 
 # --------------------------------------------------------------------------- torch zip
@@ -402,14 +407,18 @@ class TorchReader:
                 epoch=epoch,
             ) from e
         except Exception as e:
-            raise InputError(f"corrupt PyTorch checkpoint: {str(e).splitlines()[0]}", path=path, epoch=epoch) from e
+            raise InputError(
+                f"corrupt PyTorch checkpoint: {str(e).splitlines()[0]}", path=path, epoch=epoch
+            ) from e
         self._sd = self._unwrap(obj, path, epoch, torch)
         self._flat: dict[str, Any] = {}
 
     @staticmethod
     def _unwrap(obj: Any, path: str, epoch: int | None, torch: Any) -> dict[str, Any]:
         if not isinstance(obj, Mapping):
-            raise InputError(f"holds a {type(obj).__name__}, not a state_dict", path=path, epoch=epoch)
+            raise InputError(
+                f"holds a {type(obj).__name__}, not a state_dict", path=path, epoch=epoch
+            )
         if not all(isinstance(v, torch.Tensor) for v in obj.values()):
             for k in _WRAPPER_KEYS:
                 inner = obj.get(k)
@@ -460,7 +469,12 @@ class TorchReader:
         try:
             to_float32(self._raw_numpy(t), dtype, out[: stop - start])
         except RuntimeError as e:  # a truncated mmap surfaces here
-            raise InputError(f"cannot read tensor data: {e}", path=self.spec.label, epoch=self.spec.epoch, key=name) from e
+            raise InputError(
+                f"cannot read tensor data: {e}",
+                path=self.spec.label,
+                epoch=self.spec.epoch,
+                key=name,
+            ) from e
 
     def read_raw(self, name: str) -> np.ndarray:
         return np.array(self._raw_numpy(self._sd[name].contiguous()), copy=True)
@@ -477,7 +491,9 @@ def open_checkpoint(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
         return TorchReader(spec)
     if spec.format in ("safetensors", "hf-sharded"):
         return SafetensorsReader(spec)
-    raise InputError(f"unknown checkpoint format {spec.format!r}", path=spec.label, epoch=spec.epoch)
+    raise InputError(
+        f"unknown checkpoint format {spec.format!r}", path=spec.label, epoch=spec.epoch
+    )
 
 
 @lru_cache(maxsize=8)
@@ -501,7 +517,7 @@ def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
     crcs = [0] * len(members)
     h = hashlib.sha256()
     buf = _scratch_buffer(READ_BLOCK_BYTES)
-    mv = memoryview(buf)
+    mv = memoryview(buf)  # type: ignore[arg-type]
     pos = 0
     with f:
         while True:
@@ -510,16 +526,22 @@ def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
                 break
             chunk = mv[:got]
             h.update(chunk)
-            for i, (_name, b, e, _crc) in enumerate(members):
-                lo, hi = max(b, pos), min(e, pos + got)
+            for i, (_name, begin, end, _crc) in enumerate(members):
+                lo, hi = max(begin, pos), min(end, pos + got)
                 if lo < hi:
                     crcs[i] = zlib.crc32(chunk[lo - pos : hi - pos], crcs[i])
             pos += got
     if pos != size:
-        raise InputError(f"file changed while reading ({size} bytes expected, {pos} read)", path=path, epoch=epoch)
+        raise InputError(
+            f"file changed while reading ({size} bytes expected, {pos} read)",
+            path=path,
+            epoch=epoch,
+        )
     for (name, _b, _e, crc), got_crc in zip(members, crcs, strict=True):
         if crc != got_crc:
-            raise InputError(f"zip member {name} fails its CRC check (corrupted file)", path=path, epoch=epoch)
+            raise InputError(
+                f"zip member {name} fails its CRC check (corrupted file)", path=path, epoch=epoch
+            )
     return size, h.hexdigest()
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 
+from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo
 from pipeline.config import KNOWN_BUFFER_SUFFIXES
 from pipeline.errors import InputError
-from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo
 from pipeline.store.schema import IngestSettings, TensorEntry
 
 __all__ = ["build_index", "check_same_tensors", "is_buffer"]
@@ -38,7 +38,9 @@ def _selected(info: TensorInfo, kind: str, settings: IngestSettings) -> bool:
     return not any(fnmatchcase(info.name, p) for p in settings.exclude)
 
 
-def build_index(tensors: Sequence[TensorInfo], settings: IngestSettings) -> tuple[tuple[TensorEntry, ...], int]:
+def build_index(
+    tensors: Sequence[TensorInfo], settings: IngestSettings
+) -> tuple[tuple[TensorEntry, ...], int]:
     """Parameter index in state_dict order and the number of trajectory rows N."""
     out: list[TensorEntry] = []
     offset = 0
@@ -63,11 +65,31 @@ def check_same_tensors(
     for e in expected:
         t = got.get(e.name)
         if t is None:
-            raise InputError("key missing (present in the first checkpoint)", path=spec.label, epoch=spec.epoch, key=e.name)
+            raise InputError(
+                "key missing (present in the first checkpoint)",
+                path=spec.label,
+                epoch=spec.epoch,
+                key=e.name,
+            )
         if t.shape != e.shape:
-            raise InputError(f"shape {t.shape} differs from {e.shape} of the first checkpoint", path=spec.label, epoch=spec.epoch, key=e.name)
+            raise InputError(
+                f"shape {t.shape} differs from {e.shape} of the first checkpoint",
+                path=spec.label,
+                epoch=spec.epoch,
+                key=e.name,
+            )
         if t.dtype != e.dtype:
-            raise InputError(f"dtype {t.dtype} differs from {e.dtype} of the first checkpoint", path=spec.label, epoch=spec.epoch, key=e.name)
+            raise InputError(
+                f"dtype {t.dtype} differs from {e.dtype} of the first checkpoint",
+                path=spec.label,
+                epoch=spec.epoch,
+                key=e.name,
+            )
     extra = [n for n in got if n not in want]
     if extra:
-        raise InputError("key not present in the first checkpoint", path=spec.label, epoch=spec.epoch, key=extra[0])
+        raise InputError(
+            "key not present in the first checkpoint",
+            path=spec.label,
+            epoch=spec.epoch,
+            key=extra[0],
+        )

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from dask import delayed
 
+from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo, cached_reader, digest_file
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
-from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo, cached_reader, digest_file
 from pipeline.plan import Segment
 from pipeline.store.schema import InlineTensor, SourceFile
 from pipeline.store.trajectory import open_array, read_block, write_block
@@ -108,12 +108,17 @@ def write_chunk(
             except InputError:
                 raise
             except (OSError, ValueError, RuntimeError) as e:
-                raise InputError(f"cannot read tensor data: {e}", path=spec.label, epoch=spec.epoch, key=seg.name) from e
+                raise InputError(
+                    f"cannot read tensor data: {e}", path=spec.label, epoch=spec.epoch, key=seg.name
+                ) from e
         found = _count_nonfinite(col, segments)
         if found and nonfinite == "error":
             name, n = found[0]
             raise InputError(
-                f"{n} NaN/Inf value(s) (policy nonfinite=error)", path=spec.label, epoch=spec.epoch, key=name
+                f"{n} NaN/Inf value(s) (policy nonfinite=error)",
+                path=spec.label,
+                epoch=spec.epoch,
+                key=name,
             )
         counts.append(found)
         if cols > 1:
@@ -122,14 +127,19 @@ def write_chunk(
     return tuple(counts)
 
 
-def count_chunk(url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int) -> Counts:
+def count_chunk(
+    url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int
+) -> Counts:
     """NaN/Inf counts of a chunk written by an earlier (interrupted) run."""
     block = read_block(open_array(url), r0, r1, col0, col0 + cols)
     return tuple(_count_nonfinite(np.ascontiguousarray(block[:, j]), segments) for j in range(cols))
 
 
 def build_inspect_tasks(specs: Sequence[CheckpointSpec]) -> list[object]:
-    return [delayed(inspect_epoch, pure=False)(s, dask_key_name=f"inspect-{i}") for i, s in enumerate(specs)]
+    return [
+        delayed(inspect_epoch, pure=False)(s, dask_key_name=f"inspect-{i}")
+        for i, s in enumerate(specs)
+    ]
 
 
 def build_chunk_tasks(
@@ -153,10 +163,14 @@ def build_chunk_tasks(
         for r0, r1, segs in row_blocks:
             i = r0 // chunk_rows
             if (i, j) in existing:
-                t = delayed(count_chunk, pure=False)(url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}")
+                t = delayed(count_chunk, pure=False)(
+                    url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}"
+                )
                 where.append((i, j, False))
             else:
-                t = delayed(write_chunk, pure=False)(url, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}")
+                t = delayed(write_chunk, pure=False)(
+                    url, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}"
+                )
                 where.append((i, j, True))
             tasks.append(t)
     return tasks, where

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError, StoreError
 from pipeline.checkpoints.readers import RAW_NUMPY, ST_TAGS, CheckpointSpec, open_checkpoint
+from pipeline.errors import InputError, StoreError
 from pipeline.plan import RowLayout, blocks
 from pipeline.store.schema import EpochEntry, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore, read_block
@@ -36,7 +36,9 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         return values.astype("<f4", copy=False)
     if dtype == "bfloat16":
         bits = values.astype(np.float32, copy=False).view(np.uint32)
-        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+        rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(
+            np.uint16
+        )
         nan = np.isnan(values)
         if nan.any():
             rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x40)
@@ -130,7 +132,10 @@ def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, o
     """Write a state_dict file from a column source and the epoch's side tensors."""
     suffix = out.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
-        raise InputError(f"unsupported output type {suffix or '(none)'}: use .safetensors, .pt or .pth", path=str(out))
+        raise InputError(
+            f"unsupported output type {suffix or '(none)'}: use .safetensors, .pt or .pth",
+            path=str(out),
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -145,7 +150,9 @@ def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, o
     return out
 
 
-def _segments_by_block(meta: StoreMeta, source: ColumnSource) -> Iterator[tuple[TensorEntry, int, np.ndarray]]:
+def _segments_by_block(
+    meta: StoreMeta, source: ColumnSource
+) -> Iterator[tuple[TensorEntry, int, np.ndarray]]:
     """``(tensor, element offset, float32 values)`` pieces in row order."""
     stored = meta.stored_tensors()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
@@ -155,7 +162,9 @@ def _segments_by_block(meta: StoreMeta, source: ColumnSource) -> Iterator[tuple[
             yield by_name[seg.name], seg.start, values[seg.out : seg.out + seg.stop - seg.start]
 
 
-def _write_safetensors(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:
+def _write_safetensors(
+    meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path
+) -> None:
     side = _Side(entry)
     stored = meta.stored_tensors()
     others = [t for t in meta.tensors if not t.stored]
@@ -169,7 +178,11 @@ def _write_safetensors(meta: StoreMeta, entry: EpochEntry, source: ColumnSource,
     for t in meta.tensors:  # header keys in the original state_dict order
         if t.dtype not in ST_TAGS:
             raise StoreError(f"cannot write dtype {t.dtype} of {t.name!r} to safetensors")
-        header[t.name] = {"dtype": ST_TAGS[t.dtype], "shape": list(t.shape), "data_offsets": list(spans[t.name])}
+        header[t.name] = {
+            "dtype": ST_TAGS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": list(spans[t.name]),
+        }
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
@@ -178,7 +191,9 @@ def _write_safetensors(meta: StoreMeta, entry: EpochEntry, source: ColumnSource,
         for t, _start, vals in _segments_by_block(meta, source):
             f.write(from_float32(vals, t.dtype).tobytes())
         for t in others:
-            f.write(np.ascontiguousarray(side.raw(t)).astype(RAW_NUMPY[t.dtype], copy=False).tobytes())
+            f.write(
+                np.ascontiguousarray(side.raw(t)).astype(RAW_NUMPY[t.dtype], copy=False).tobytes()
+            )
 
 
 def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:

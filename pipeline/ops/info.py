@@ -52,11 +52,14 @@ def format_info(d: dict[str, Any]) -> str:
         f"T epochs:     {d['n_epochs']}  [{_ranges(d['epochs'])}]",
     ]
     if d["pending_epochs"]:
-        lines.append(f"PENDING:      interrupted ingest of epochs [{_ranges(d['pending_epochs'])}]: re-run it to resume")
+        lines.append(
+            f"PENDING:      interrupted ingest of epochs [{_ranges(d['pending_epochs'])}]: re-run it to resume"
+        )
     lines += [
         f"tensors:      {d['tensors']} ({d['parameters']} parameters, {d['buffers']} buffers), "
         f"{d['tensors_stored']} stored in the trajectory",
-        f"not stored:   {', '.join(d['not_stored'][:8]) or '-'}" + (" ..." if len(d["not_stored"]) > 8 else ""),
+        f"not stored:   {', '.join(d['not_stored'][:8]) or '-'}"
+        + (" ..." if len(d["not_stored"]) > 8 else ""),
         f"chunking:     {d['chunk_shape'][0]:,} rows x {d['chunk_shape'][1]} epoch(s) "
         f"= {d['chunk_mb']:.2f} MB per chunk, {d['n_chunks']} chunks, codec {d['codec']}",
         f"settings:     include={s['include']} exclude={s['exclude']} float_buffers={s['float_buffers']} "

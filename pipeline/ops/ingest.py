@@ -6,10 +6,13 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from pipeline._version import __version__
+from pipeline.checkpoints.discover import discover
+from pipeline.checkpoints.readers import CheckpointSpec
+from pipeline.checkpoints.select import build_index, check_same_tensors
 from pipeline.config import (
     DEFAULT_CODEC,
     DEFAULT_FLOAT_BUFFERS,
@@ -18,8 +21,6 @@ from pipeline.config import (
 )
 from pipeline.errors import ConfigMismatchError, InputError
 from pipeline.graph.ingest import EpochInspection, build_chunk_tasks, build_inspect_tasks
-from pipeline.checkpoints.discover import discover
-from pipeline.checkpoints.select import build_index, check_same_tensors
 from pipeline.plan import RowLayout, blocks, default_chunk_rows
 from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store.schema import EpochEntry, IngestSettings, StoreMeta, TensorEntry
@@ -62,7 +63,7 @@ class IngestResult:
 
 
 def _resolve_settings(
-    requested: dict[str, object], stored: IngestSettings | None, force: bool
+    requested: Mapping[str, object], stored: IngestSettings | None, force: bool
 ) -> tuple[IngestSettings, bool]:
     """Merge requested settings with the store's; return (settings, must_rebuild)."""
     given = {k: v for k, v in requested.items() if v is not None}
@@ -137,7 +138,7 @@ def ingest(
     t_start = time.perf_counter()
     specs = discover(inputs, epochs)
     st = TrajectoryStore.open_or_create(store)
-    requested = {
+    requested: dict[str, object] = {
         "include": tuple(include) if include else None,
         "exclude": tuple(exclude) if exclude is not None and len(exclude) else None,
         "buffer_patterns": tuple(buffer_patterns) if buffer_patterns else None,
@@ -154,7 +155,12 @@ def ingest(
 
 
 def _ingest(
-    specs: list, st: TrajectoryStore, requested: dict[str, object], force: bool, run: Runner, t_start: float
+    specs: list[CheckpointSpec],
+    st: TrajectoryStore,
+    requested: Mapping[str, object],
+    force: bool,
+    run: Runner,
+    t_start: float,
 ) -> IngestResult:
     meta = st.meta
     settings, rebuild = _resolve_settings(requested, meta.settings if meta else None, force)
@@ -163,17 +169,19 @@ def _ingest(
     inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs), "inspect")
     first = inspections[0]
     index, n_rows = build_index(first.tensors, settings)
-    if meta is not None and not rebuild:
-        if [t.to_dict() for t in index] != [t.to_dict() for t in meta.tensors]:
+    same_index = meta is None or [t.to_dict() for t in index] == [t.to_dict() for t in meta.tensors]
+    if meta is not None and not rebuild and not same_index:
+        if not force:
             _explain_index_change(meta.tensors, first)
-            if not force:
-                raise ConfigMismatchError("the checkpoints' tensors differ from the store's; pass --force to rebuild")
-            rebuild = True
+            raise ConfigMismatchError(
+                "the checkpoints' tensors differ from the store's; pass --force to rebuild"
+            )
+        rebuild = True
     for ins in inspections:
         check_same_tensors(index, ins.spec, ins.tensors)
     if (meta is None or rebuild) and requested["chunk_rows"] is None:
         settings = replace(settings, chunk_rows=default_chunk_rows(n_rows, settings.time_chunk))
-    entries = [EpochEntry(i.spec.epoch, i.files, inline=i.inline) for i in inspections]
+    entries = [EpochEntry(_epoch_of(i.spec), i.files, inline=i.inline) for i in inspections]
 
     # 2. Reconcile with what the store already holds.
     committed: tuple[EpochEntry, ...] = () if (meta is None or rebuild) else meta.epochs
@@ -203,7 +211,9 @@ def _ingest(
     pending = None if (meta is None or rebuild) else meta.pending
     resumed = False
     if pending is not None:
-        same = len(pending) == len(new) and all(p.same_source(n) for p, n in zip(pending, new, strict=False))
+        same = len(pending) == len(new) and all(
+            p.same_source(n) for p, n in zip(pending, new, strict=False)
+        )
         if same:
             resumed = True
         elif not force:
@@ -218,7 +228,9 @@ def _ingest(
             "re-ingest everything into a new store"
         )
 
-    result = IngestResult(st.url, n_rows, len(committed) + len(new), [e.epoch for e in new], already, resumed)
+    result = IngestResult(
+        st.url, n_rows, len(committed) + len(new), [e.epoch for e in new], already, resumed
+    )
     if not new:
         result.n_epochs = len(committed)
         log.info("nothing to ingest: all %d epoch(s) already stored", len(already))
@@ -241,14 +253,22 @@ def _ingest(
     existing = st.existing_chunks() if resumed else set()
 
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in index if t.stored])
-    row_blocks = [(r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(n_rows, settings.chunk_rows)]
+    row_blocks = [
+        (r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(n_rows, settings.chunk_rows)
+    ]
     c0 = len(committed)
     specs_new = [next(i.spec for i in inspections if i.spec.epoch == e.epoch) for e in new]
     col_blocks = [
         (c0 + a, specs_new[a:b]) for a, b in _time_blocks(c0, len(new), settings.time_chunk)
     ]
     tasks, where = build_chunk_tasks(
-        st.url, row_blocks, col_blocks, existing, settings.chunk_rows, settings.time_chunk, settings.nonfinite
+        st.url,
+        row_blocks,
+        col_blocks,
+        existing,
+        settings.chunk_rows,
+        settings.time_chunk,
+        settings.nonfinite,
     )
     try:
         counts = run.compute(tasks, "write chunks")
@@ -280,6 +300,11 @@ def _ingest(
     result.bytes_in = sum(f.size for e in new for f in e.files)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _epoch_of(spec: CheckpointSpec) -> int:
+    assert spec.epoch is not None, "discover() assigns every epoch"
+    return spec.epoch
 
 
 def _time_blocks(c0: int, n_new: int, tc: int) -> list[tuple[int, int]]:
@@ -322,7 +347,12 @@ def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection)
     for t in stored:
         g = got.get(t.name)
         if g is None:
-            raise InputError("key missing (present in the store)", path=first.spec.label, epoch=first.spec.epoch, key=t.name)
+            raise InputError(
+                "key missing (present in the store)",
+                path=first.spec.label,
+                epoch=first.spec.epoch,
+                key=t.name,
+            )
         if g.shape != t.shape or g.dtype != t.dtype:
             raise InputError(
                 f"shape/dtype {g.shape}/{g.dtype} differ from the store's {t.shape}/{t.dtype}",
@@ -332,4 +362,9 @@ def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection)
             )
     extra = [n for n in got if n not in {t.name for t in stored}]
     if extra:
-        raise InputError("key not present in the store", path=first.spec.label, epoch=first.spec.epoch, key=extra[0])
+        raise InputError(
+            "key not present in the store",
+            path=first.spec.label,
+            epoch=first.spec.epoch,
+            key=extra[0],
+        )

@@ -9,6 +9,7 @@ part of the public interface (see README, "Store layout"); any change to it bump
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,8 +23,8 @@ __all__ = [
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "EpochEntry",
-    "InlineTensor",
     "IngestSettings",
+    "InlineTensor",
     "SourceFile",
     "StoreMeta",
     "TensorEntry",
@@ -135,13 +136,23 @@ class InlineTensor:
     @classmethod
     def from_array(cls, name: str, dtype: str, array: np.ndarray) -> InlineTensor:
         raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False)
-        return cls(name, dtype, tuple(int(s) for s in array.shape), base64.b64encode(raw.tobytes()).decode())
+        return cls(
+            name,
+            dtype,
+            tuple(int(s) for s in array.shape),
+            base64.b64encode(raw.tobytes()).decode(),
+        )
 
     def to_bytes(self) -> bytes:
         return base64.b64decode(self.data)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "data": self.data}
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "data": self.data,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InlineTensor:
@@ -210,7 +221,9 @@ class IngestSettings:
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+            raise ValueError(
+                f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}"
+            )
         if self.codec not in CODECS:
             raise ValueError(f"codec must be one of {CODECS}, got {self.codec!r}")
         if self.chunk_rows < 1 or self.time_chunk < 1:
@@ -341,10 +354,12 @@ class StoreMeta:
             if t.stored:
                 _require(t.offset == offset, f"tensor {t.name!r} offset {t.offset} != {offset}")
                 offset += t.size
-        _require(offset == self.n_rows, f"tensor sizes add up to {offset}, not n_rows={self.n_rows}")
+        _require(
+            offset == self.n_rows, f"tensor sizes add up to {offset}, not n_rows={self.n_rows}"
+        )
         numbers = self.epoch_numbers + [e.epoch for e in self.pending or ()]
         _require(
-            all(a < b for a, b in zip(numbers, numbers[1:], strict=False)),
+            all(a < b for a, b in itertools.pairwise(numbers)),
             "epochs are not strictly increasing",
         )
 
@@ -355,7 +370,8 @@ def _ranges(values: Sequence[int]) -> str:
         return "none"
     out: list[str] = []
     start = prev = values[0]
-    for v in list(values[1:]) + [None]:  # type: ignore[list-item]
+    nxt: list[int | None] = [*values[1:], None]
+    for v in nxt:
         if v is not None and v == prev + 1:
             prev = v
             continue

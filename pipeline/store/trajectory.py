@@ -14,6 +14,7 @@ written (zarr >= 3.1.3 renames a temporary file into place).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from zarr.core.sync import sync
 from pipeline.errors import StoreError
 from pipeline.store.schema import ATTR_KEY, IngestSettings, StoreMeta
 
-__all__ = ["TRAJECTORY", "ANALYSES", "TrajectoryStore", "open_array", "write_block", "read_block"]
+__all__ = ["ANALYSES", "TRAJECTORY", "TrajectoryStore", "open_array", "read_block", "write_block"]
 
 TRAJECTORY = "trajectory"
 ANALYSES = "analyses"
@@ -72,7 +73,11 @@ class TrajectoryStore:
             raise StoreError(f"no cmd-pipeline store at {u}") from e
         raw = root.attrs.get(ATTR_KEY)
         if raw is None:
-            raise StoreError(f"{u} is a Zarr group but not a cmd-pipeline store (no {ATTR_KEY!r} attribute)")
+            raise StoreError(
+                f"{u} is a Zarr group but not a cmd-pipeline store (no {ATTR_KEY!r} attribute)"
+            )
+        if not isinstance(raw, dict):
+            raise StoreError(f"{u}: the {ATTR_KEY!r} attribute is not an object")
         return cls(u, root, StoreMeta.from_dict(raw))
 
     @classmethod
@@ -81,6 +86,8 @@ class TrajectoryStore:
         u = _normalise_url(url)
         root = zarr.open_group(u, mode="a")
         raw = root.attrs.get(ATTR_KEY)
+        if raw is not None and not isinstance(raw, dict):
+            raise StoreError(f"{u}: the {ATTR_KEY!r} attribute is not an object")
         return cls(u, root, None if raw is None else StoreMeta.from_dict(raw))
 
     # ------------------------------------------------------------------ metadata
@@ -173,10 +180,8 @@ class TrajectoryStore:
             total = 0
             for dirpath, _dirs, files in os.walk(path):
                 for f in files:
-                    try:
+                    with contextlib.suppress(OSError):
                         total += os.path.getsize(os.path.join(dirpath, f))
-                    except OSError:
-                        pass
             return total
         return int(sync(self.root.store.getsize_prefix("")))
 
@@ -192,7 +197,9 @@ def write_block(array: Any, r0: int, t0: int, block: np.ndarray) -> None:
     array[r0 : r0 + block.shape[0], t0 : t0 + block.shape[1]] = block
 
 
-def read_block(array: Any, r0: int, r1: int, t0: int, t1: int, out: np.ndarray | None = None) -> np.ndarray:
+def read_block(
+    array: Any, r0: int, r1: int, t0: int, t1: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """Read rows ``[r0, r1)`` and columns ``[t0, t1)``; into ``out`` when given."""
     if out is None:
         return np.asarray(array[r0:r1, t0:t1])
