@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from dask import delayed
@@ -19,7 +19,7 @@ from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
 from pipeline.plan import Segment
 from pipeline.store.schema import InlineTensor, SourceFile
-from pipeline.store.trajectory import open_array, read_block, write_block
+from pipeline.store.trajectory import ChunkGrid, open_array, read_block
 
 __all__ = ["EpochInspection", "count_chunk", "inspect_epoch", "write_chunk"]
 
@@ -42,6 +42,9 @@ def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:
     for path in spec.files:
         size, sha = digest_file(path, spec.epoch)
         files.append(SourceFile(path, size, sha))
+    # the digests key the reader cache: a file changed since an earlier ingest in this
+    # process (a --force rebuild after editing a checkpoint) is opened afresh
+    spec = replace(spec, sha256=tuple(f.sha256 for f in files))
     reader = cached_reader(spec)
     tensors = tuple(reader.tensors())
     inline = tuple(
@@ -74,9 +77,11 @@ def _column_buffer(rows: int) -> np.ndarray:
 
 
 def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tuple[str, int], ...]:
-    # float64 accumulation cannot overflow on float32 inputs, so a finite sum means no NaN/Inf.
-    if np.isfinite(np.add.reduce(col, dtype=np.float64)):
-        return ()
+    # float64 accumulation cannot overflow on float32 inputs, so a finite sum means no NaN/Inf
+    # (Inf + -Inf is NaN: expected here, not worth numpy's "invalid value" warning).
+    with np.errstate(invalid="ignore"):
+        if np.isfinite(np.add.reduce(col, dtype=np.float64)):
+            return ()
     out = []
     for seg in segments:
         n = int(np.count_nonzero(~np.isfinite(col[seg.out : seg.out + seg.stop - seg.start])))
@@ -86,7 +91,7 @@ def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tupl
 
 
 def write_chunk(
-    url: str,
+    grid: ChunkGrid,
     segments: Sequence[Segment],
     specs: Sequence[CheckpointSpec],
     r0: int,
@@ -123,7 +128,7 @@ def write_chunk(
         counts.append(found)
         if cols > 1:
             block[:, j] = col
-    write_block(open_array(url, writable=True), r0, col0, block)
+    grid.write(r0, col0, block)
     return tuple(counts)
 
 
@@ -143,7 +148,7 @@ def build_inspect_tasks(specs: Sequence[CheckpointSpec]) -> list[object]:
 
 
 def build_chunk_tasks(
-    url: str,
+    grid: ChunkGrid,
     row_blocks: Sequence[tuple[int, int, Sequence[Segment]]],
     col_blocks: Sequence[tuple[int, Sequence[CheckpointSpec]]],
     existing: set[tuple[int, int]],
@@ -164,12 +169,12 @@ def build_chunk_tasks(
             i = r0 // chunk_rows
             if (i, j) in existing:
                 t = delayed(count_chunk, pure=False)(
-                    url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}"
+                    grid.url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}"
                 )
                 where.append((i, j, False))
             else:
                 t = delayed(write_chunk, pure=False)(
-                    url, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}"
+                    grid, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}"
                 )
                 where.append((i, j, True))
             tasks.append(t)

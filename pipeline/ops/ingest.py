@@ -253,21 +253,20 @@ def _ingest(
     existing = st.existing_chunks() if resumed else set()
 
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in index if t.stored])
-    row_blocks = [
-        (r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(n_rows, settings.chunk_rows)
-    ]
+    grid = st.chunk_grid()
+    row_blocks = [(r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(n_rows, grid.chunk_rows)]
     c0 = len(committed)
     specs_new = [next(i.spec for i in inspections if i.spec.epoch == e.epoch) for e in new]
     col_blocks = [
         (c0 + a, specs_new[a:b]) for a, b in _time_blocks(c0, len(new), settings.time_chunk)
     ]
     tasks, where = build_chunk_tasks(
-        st.url,
+        grid,
         row_blocks,
         col_blocks,
         existing,
-        settings.chunk_rows,
-        settings.time_chunk,
+        grid.chunk_rows,
+        grid.time_chunk,
         settings.nonfinite,
     )
     try:

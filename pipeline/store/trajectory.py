@@ -18,11 +18,13 @@ import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.buffer.cpu import Buffer
 from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
@@ -132,6 +134,13 @@ class TrajectoryStore:
             sync(self.root.store.delete_dir(TRAJECTORY))
             self.root = zarr.open_group(self.url, mode="a")
 
+    def chunk_grid(self) -> ChunkGrid:
+        """The trajectory's chunk geometry, for tasks that write whole chunks."""
+        arr = self.trajectory()
+        meta = self.require_meta()
+        rows, cols = (int(c) for c in arr.chunks)
+        return ChunkGrid(self.url, int(arr.shape[0]), rows, cols, meta.settings.codec)
+
     def resize_columns(self, n_cols: int) -> None:
         arr = self.trajectory()
         arr.resize((arr.shape[0], n_cols))
@@ -188,13 +197,57 @@ class TrajectoryStore:
 
 # ---------------------------------------------------------------------- task-side helpers
 def open_array(url: str, path: str = TRAJECTORY, *, writable: bool = False) -> Any:
-    """Open one array of a store inside a task (cheap: reads one small JSON document)."""
-    return zarr.open_array(url, path=path, mode="r+" if writable else "r")
+    """Open one array of a store inside a task (cheap: reads one small JSON document).
+
+    Writable arrays get ``write_empty_chunks=True``: zarr does not persist that setting, and
+    without it an all-NaN chunk would silently not be written, so a chunk's existence would no
+    longer mean that it is finished.
+    """
+    arr = zarr.open_array(url, path=path, mode="r+" if writable else "r")
+    return arr.with_config({"write_empty_chunks": True}) if writable else arr
 
 
 def write_block(array: Any, r0: int, t0: int, block: np.ndarray) -> None:
     """Write a whole chunk ``block`` at row ``r0``, column ``t0``."""
     array[r0 : r0 + block.shape[0], t0 : t0 + block.shape[1]] = block
+
+
+@lru_cache(maxsize=8)
+def _store_of(url: str) -> Any:
+    """The zarr store object behind a URL (stateless, so safe to keep per process)."""
+    return zarr.open_group(url, mode="r+").store
+
+
+@dataclass(frozen=True)
+class ChunkGrid:
+    """How the trajectory is chunked, known to tasks without opening the array's metadata.
+
+    For uncompressed stores (``codec == "none"``) a whole chunk is written straight to the
+    store as its little-endian bytes: exactly what zarr's ``bytes`` codec would write (edge
+    chunks padded to the full chunk shape with the NaN fill value), minus zarr's encoding
+    copy and indexing. Compressed stores go through zarr.
+    """
+
+    url: str
+    n_rows: int
+    chunk_rows: int
+    time_chunk: int
+    codec: str
+
+    def key(self, r0: int, col0: int) -> str:
+        return f"{TRAJECTORY}/c/{r0 // self.chunk_rows}/{col0 // self.time_chunk}"
+
+    def write(self, r0: int, col0: int, block: np.ndarray) -> None:
+        """Write ``block`` (rows, cols), which must be one whole chunk of the grid."""
+        if self.codec != "none":
+            write_block(open_array(self.url, writable=True), r0, col0, block)
+            return
+        full = block
+        if block.shape != (self.chunk_rows, self.time_chunk):
+            full = np.full((self.chunk_rows, self.time_chunk), np.nan, dtype=np.float32)
+            full[: block.shape[0], : block.shape[1]] = block
+        data = np.ascontiguousarray(full, dtype="<f4").reshape(-1).view(np.uint8)
+        sync(_store_of(self.url).set(self.key(r0, col0), Buffer.from_array_like(data)))
 
 
 def read_block(

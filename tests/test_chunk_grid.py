@@ -1,0 +1,60 @@
+"""The direct chunk writer must produce exactly the bytes zarr itself writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.store.trajectory import ChunkGrid, open_array
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunks"), [((10, 5), (4, 2)), ((7, 3), (7, 1)), ((1, 1), (1, 1)), ((9, 4), (2, 4))]
+)
+def test_raw_chunk_write_matches_zarr_bytes(
+    tmp_path: Path, shape: tuple[int, int], chunks: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[0, 0] = np.nan
+    stores = [tmp_path / "zarr.zarr", tmp_path / "raw.zarr"]
+    for p in stores:
+        g = zarr.open_group(p, mode="a")
+        g.create_array(
+            "trajectory",
+            shape=shape,
+            chunks=chunks,
+            dtype="float32",
+            fill_value=np.float32("nan"),
+            config={"write_empty_chunks": True},
+            compressors=None,
+        )
+    via_zarr = open_array(str(stores[0]), writable=True)
+    grid = ChunkGrid(str(stores[1]), shape[0], chunks[0], chunks[1], "none")
+    for r0 in range(0, shape[0], chunks[0]):
+        for c0 in range(0, shape[1], chunks[1]):
+            blk = np.ascontiguousarray(x[r0 : r0 + chunks[0], c0 : c0 + chunks[1]])
+            via_zarr[r0 : r0 + blk.shape[0], c0 : c0 + blk.shape[1]] = blk
+            grid.write(r0, c0, blk)
+    files = [sorted(q.relative_to(p) for q in p.rglob("*") if q.is_file()) for p in stores]
+    assert files[0] == files[1]
+    for rel in files[0]:
+        assert (stores[0] / rel).read_bytes() == (stores[1] / rel).read_bytes(), rel
+    back = zarr.open_array(stores[1], path="trajectory")[:]
+    assert np.array_equal(back.view(np.uint32), x.view(np.uint32))
+
+
+@pytest.mark.parametrize("codec", ["none", "lz4"])
+def test_all_nan_chunk_is_written(tmp_path: Path, codec: str) -> None:
+    """A chunk's existence marks it finished, so even an all-fill (NaN) chunk must be written."""
+    from pipeline.store.schema import IngestSettings
+    from pipeline.store.trajectory import TrajectoryStore
+
+    st = TrajectoryStore.open_or_create(tmp_path / "s.zarr")
+    st.create_trajectory(6, 2, IngestSettings(chunk_rows=3, codec=codec))
+    grid = ChunkGrid(st.url, 6, 3, 1, codec)
+    grid.write(0, 1, np.full((3, 1), np.nan, dtype=np.float32))
+    assert st.existing_chunks() == {(0, 1)}
