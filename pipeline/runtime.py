@@ -64,7 +64,12 @@ class Runner:
         return None if self.client is None else self.client.dashboard_link
 
     def compute(self, tasks: Sequence[Any], desc: str) -> list[Any]:
-        """Compute delayed ``tasks``; results in the same order. The first error is raised."""
+        """Compute delayed ``tasks``; results in the same order. The first error is raised.
+
+        When a task fails, the error is raised only once no other task of ``tasks`` is still
+        running, so a caller that rolls back (deletes what the tasks wrote) is not raced by a
+        task that writes after the rollback.
+        """
         if not tasks:
             return []
         from tqdm.auto import tqdm
@@ -98,6 +103,7 @@ class Runner:
                 bar.update(1)
         except BaseException:
             self.client.cancel(futures)
+            _wait_not_executing(self.client, set(index))
             raise
         return results
 
@@ -111,10 +117,39 @@ class Runner:
                     bar.update(1)
 
         keys = {t.key for t in tasks}
-        with _Bar():
-            return list(
-                dask.compute(*tasks, scheduler="sync" if self.options.mode == "sync" else "threads")
-            )
+        if self.options.mode == "sync":
+            with _Bar():
+                return list(dask.compute(*tasks, scheduler="sync"))
+        from concurrent.futures import ThreadPoolExecutor
+
+        from dask.system import CPU_COUNT  # what dask's own pool uses (cgroup-aware)
+
+        # our own pool: dask raises a task's error while other tasks still run in its pool;
+        # shutting ours down waits for them and drops the ones not started yet
+        pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
+        try:
+            with _Bar():
+                return list(dask.compute(*tasks, scheduler="threads", pool=pool))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _executing_keys(keys: set[Any], dask_worker: Any = None) -> list[Any]:
+    """(Runs on a worker.) Which of ``keys`` it is still executing, cancelled ones included."""
+    return [ts.key for ts in dask_worker.state.executing if ts.key in keys]
+
+
+def _wait_not_executing(client: Any, keys: set[Any], timeout: float = 300.0) -> None:
+    """Wait until no worker executes any of ``keys`` (cancelling does not stop a running task)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(Exception):  # best effort: never hide the task's own error
+        while time.monotonic() < deadline:
+            running = client.run(_executing_keys, keys)
+            if not any(running.values()):
+                return
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

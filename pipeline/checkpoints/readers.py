@@ -16,7 +16,6 @@ epoch and key where known).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -108,11 +107,14 @@ class CheckpointSpec:
 
     ``format`` is ``"torch"`` (one zip-format .pt/.pth), ``"safetensors"`` (one file) or
     ``"hf-sharded"`` (``files[0]`` is ``model.safetensors.index.json``, the rest its shards).
+    ``sha256`` holds the files' digests once they are hashed: it is part of the spec's
+    identity, so :func:`cached_reader` never serves a reader opened on older contents.
     """
 
     format: str
     files: tuple[str, ...]
     epoch: int | None = None
+    sha256: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -148,7 +150,10 @@ def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
     elif dtype == "bfloat16":
         np.left_shift(raw.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
     elif dtype in ("float16", "float64"):
-        np.copyto(out, raw, casting="unsafe")
+        # float64 beyond float32's range becomes ±Inf (counted as such) and a signalling
+        # NaN a NaN: expected, not worth numpy's warnings
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(out, raw, casting="unsafe")
     else:
         raise TypeError(f"dtype {dtype} is not floating")
 
@@ -365,8 +370,11 @@ class SafetensorsReader:
         self._fds.clear()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
+        # no module globals here (contextlib...): they may be gone at interpreter exit
+        try:  # noqa: SIM105
             self.close()
+        except Exception:
+            pass
 
 
 # --------------------------------------------------------------------------- torch zip
@@ -498,7 +506,11 @@ def open_checkpoint(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
 
 @lru_cache(maxsize=8)
 def cached_reader(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
-    """Per-process cache of open readers, so a worker parses each header once."""
+    """Per-process cache of open readers, so a worker parses each header once.
+
+    Pass a spec with ``sha256`` set: a file rewritten since a reader was cached then gets a
+    new reader instead of the stale header (and file descriptor or mmap) of the old one.
+    """
     return open_checkpoint(spec)
 
 

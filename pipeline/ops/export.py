@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.checkpoints.readers import RAW_NUMPY, ST_TAGS, CheckpointSpec, open_checkpoint
+from pipeline.checkpoints.readers import (
+    RAW_NUMPY,
+    ST_TAGS,
+    CheckpointSpec,
+    digest_file,
+    open_checkpoint,
+)
 from pipeline.errors import InputError, StoreError
 from pipeline.plan import RowLayout, blocks
 from pipeline.store.schema import EpochEntry, StoreMeta, TensorEntry
@@ -41,7 +47,10 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
         )
         nan = np.isnan(values)
         if nan.any():
-            rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | np.uint16(0x40)
+            # truncate NaNs; a payload that lives only in the low half would leave an Inf,
+            # so only then set the quiet bit (a bf16 NaN, signalling or not, stays bit-exact)
+            high = (bits[nan] >> 16).astype(np.uint16)
+            rounded[nan] = np.where(high & np.uint16(0x7F), high, high | np.uint16(0x40))
         return rounded
     if dtype in ("float16", "float64"):
         return values.astype(RAW_NUMPY[dtype])
@@ -51,7 +60,13 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
 def _spec_of(entry: EpochEntry) -> CheckpointSpec:
     paths = tuple(f.path for f in entry.files)
     for f in entry.files:
-        if not os.path.exists(f.path) or os.path.getsize(f.path) != f.size:
+        # same size is not same contents (a re-run of training overwrites its checkpoints):
+        # compare the digest recorded at ingest
+        if (
+            not os.path.exists(f.path)
+            or os.path.getsize(f.path) != f.size
+            or digest_file(f.path, entry.epoch)[1] != f.sha256
+        ):
             raise InputError(
                 "the original checkpoint is missing or changed; it is needed for the tensors that "
                 "are not stored in the trajectory",
@@ -120,7 +135,11 @@ def export(
     meta = st.require_meta()
     col = meta.column_of(epoch)
     if analysis is not None:
-        from pipeline.reconstruct import analysis_column  # added with the CMD engine
+        if analysis not in st.analyses():
+            raise StoreError(
+                f"no analysis {analysis!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
+            )
+        from pipeline.ops.reconstruct import analysis_column
 
         source = analysis_column(st, analysis, epoch)
     else:

@@ -325,18 +325,21 @@ def _rollback(
     committed: tuple[EpochEntry, ...],
     settings: IngestSettings,
 ) -> None:
-    """Undo the pending columns after bad input: the store is left as it was."""
-    if fresh_store or not committed:
-        st.delete_trajectory()
-        if fresh_store:
-            from pipeline.store.schema import ATTR_KEY
+    """Undo the pending columns after bad input: the store is left as it was.
 
-            st.root.attrs.__delitem__(ATTR_KEY)
-            st.meta = None
-            return
-    else:
-        st.delete_chunk_columns(-(-len(committed) // settings.time_chunk))
-        st.resize_columns(len(committed))
+    Without committed columns (a new store, or a ``--force`` rebuild, which deleted the old
+    trajectory before writing) no trajectory is left, and no metadata either: metadata that
+    still listed the old epochs would make a re-run believe they are stored.
+    """
+    if fresh_store or not committed:
+        from pipeline.store.schema import ATTR_KEY
+
+        st.delete_trajectory()
+        st.root.attrs.__delitem__(ATTR_KEY)
+        st.meta = None
+        return
+    st.delete_chunk_columns(-(-len(committed) // settings.time_chunk))
+    st.resize_columns(len(committed))
     assert meta is not None
     st.write_meta(meta.with_(pending=None) if committed == meta.epochs else meta)
 

@@ -86,7 +86,10 @@ class TrajectoryStore:
     def open_or_create(cls, url: str | os.PathLike[str]) -> TrajectoryStore:
         """Open a store for writing, creating an empty group when nothing is there."""
         u = _normalise_url(url)
-        root = zarr.open_group(u, mode="a")
+        try:
+            root = zarr.open_group(u, mode="a")
+        except OSError as e:  # a file in the way, no permission, ...
+            raise StoreError(f"cannot open or create a store at {u}: {e}") from e
         raw = root.attrs.get(ATTR_KEY)
         if raw is not None and not isinstance(raw, dict):
             raise StoreError(f"{u}: the {ATTR_KEY!r} attribute is not an object")
