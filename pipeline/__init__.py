@@ -4,7 +4,7 @@ Importing the package is cheap: it imports neither torch nor cupy.
 
 >>> import pipeline
 >>> sorted(pipeline.__all__)[:3]
-['IngestResult', 'RuntimeOptions', 'TrajectoryStore']
+['ConfigMismatchError', 'FitResult', 'IngestResult']
 """
 
 from pipeline._version import __version__
@@ -16,25 +16,31 @@ from pipeline.errors import (
     StoreError,
 )
 from pipeline.ops.export import export
+from pipeline.ops.fit import FitResult, fit
 from pipeline.ops.info import info
 from pipeline.ops.ingest import IngestResult, ingest
+from pipeline.ops.reconstruct import ReconstructResult, reconstruct
 from pipeline.runtime import RuntimeOptions
 from pipeline.store import TrajectoryStore, trajectory_dask
 
 __all__ = [
     "ConfigMismatchError",
+    "FitResult",
     "IngestResult",
     "InputError",
     "PipelineError",
+    "ReconstructResult",
     "RuntimeOptions",
     "SchemaVersionError",
     "StoreError",
     "TrajectoryStore",
     "__version__",
     "export",
+    "fit",
     "info",
     "ingest",
     "open_store",
+    "reconstruct",
     "trajectory_dask",
 ]
 

@@ -218,5 +218,99 @@ def export(store: str, epoch: int, out: str, analysis: str | None) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--name", "-n", required=True, help="Name of the study (analyses/NAME in the store).")
+@click.option(
+    "--modes",
+    "-m",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cut into at most M modes (exactly one of --modes/--threshold).",
+)
+@click.option(
+    "--threshold",
+    "-t",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Cut at in-cluster distance t (distance = 1 - |corr|).",
+)
+@click.option(
+    "--samples",
+    "-k",
+    type=click.IntRange(min=2),
+    default=1000,
+    show_default=True,
+    help="K, the number of sampled parameters.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+@click.option(
+    "--epochs",
+    "window",
+    metavar="START:END[:STEP]",
+    default=None,
+    help="Window over the stored epoch numbers (END exclusive) and sub-sampling step "
+    "[default: all epochs].",
+)
+@click.option(
+    "--block-rows",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows per task [default: 16 MiB float32 blocks].",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing study of this name with another configuration.",
+)
+@_runtime_options
+@_handle_errors
+def fit(
+    store: str,
+    name: str,
+    modes: int | None,
+    threshold: float | None,
+    samples: int,
+    seed: int,
+    window: str | None,
+    block_rows: int | None,
+    force: bool,
+    **kw: Any,
+) -> None:
+    """Post-hoc CMD: sample, cluster into modes, then fit every parameter in one pass.
+
+    Re-running the same study changes nothing; an interrupted one resumes.
+    """
+    from pipeline.ops.fit import fit as run_fit
+
+    if (modes is None) == (threshold is None):
+        raise click.UsageError("give exactly one of --modes or --threshold")
+    result = run_fit(
+        store,
+        name,
+        modes=modes,
+        threshold=threshold,
+        samples=samples,
+        seed=seed,
+        epochs=window,
+        force=force,
+        block_rows=block_rows,
+        runtime=_make_runtime(kw),
+    )
+    click.echo(result.summary_text())
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--name", "-n", required=True, help="The study to reconstruct.")
+@_runtime_options
+@_handle_errors
+def reconstruct(store: str, name: str, **kw: Any) -> None:
+    """Write analyses/NAME/reconstructed: a * r_mode(t) + b for every parameter (float32)."""
+    from pipeline.ops.reconstruct import reconstruct as run_reconstruct
+
+    click.echo(run_reconstruct(store, name, runtime=_make_runtime(kw)).summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

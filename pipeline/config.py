@@ -54,3 +54,10 @@ KNOWN_BUFFER_SUFFIXES = (
 
 #: Block size of sequential reads (hashing).
 READ_BLOCK_BYTES = 8 * 1024 * 1024
+
+#: K, the number of sampled parameters (the paper uses 1000; about 30 x M suffices).
+DEFAULT_SAMPLES = 1000
+
+#: Target size of one fit task's float32 block (rows x window epochs); the kernel's float64
+#: work arrays are a few times larger.
+FIT_BLOCK_BYTES = 16 * 1024 * 1024

@@ -94,3 +94,63 @@ def parse_epoch_spec(spec: str) -> list[int]:
         raise ValueError(
             f"cannot parse epochs {spec!r}: use START:END[:STEP] or a comma list"
         ) from None
+
+
+def fit_block_rows(chunk_rows: int, n_window: int, *, raw: bool, target_bytes: int) -> int:
+    """Rows per fit task: a divisor of ``chunk_rows`` whose (rows x window) float32 block is
+    at most ``target_bytes``, so tasks never straddle chunks and each byte is read once.
+
+    Compressed stores are read whole chunk by whole chunk, so there a block is one chunk.
+
+    >>> fit_block_rows(2**21, 50, raw=True, target_bytes=16 * 2**20)
+    65536
+    >>> fit_block_rows(1000, 10, raw=True, target_bytes=16 * 2**20)
+    1000
+    """
+    if not raw:
+        return chunk_rows
+    limit = max(1, target_bytes // (4 * max(n_window, 1)))
+    if chunk_rows <= limit:
+        return chunk_rows
+    best = 1
+    d = 1
+    while d * d <= chunk_rows:
+        if chunk_rows % d == 0:
+            for c in (d, chunk_rows // d):
+                if c <= limit:
+                    best = max(best, c)
+        d += 1
+    # a prime-ish chunk size would give tiny blocks: then take whole chunks
+    return best if best * 64 >= limit else chunk_rows
+
+
+def parse_window(spec: str | None, epochs: Sequence[int]) -> list[int]:
+    """Columns selected by ``START:END[:STEP]`` over the stored epoch numbers.
+
+    The window holds the stored epochs ``START <= e < END`` (either bound may be left out);
+    ``STEP`` keeps every STEP-th of them (paper 8.1's sub-sampling).
+
+    >>> parse_window("2:8:2", [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    [2, 4, 6]
+    >>> parse_window(None, [5, 6])
+    [0, 1]
+    """
+    if spec is None or spec.strip() in ("", ":"):
+        return list(range(len(epochs)))
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"cannot parse window {spec!r}: use START:END[:STEP]")
+    try:
+        start = int(parts[0]) if parts[0].strip() else None
+        end = int(parts[1]) if parts[1].strip() else None
+        step = int(parts[2]) if len(parts) == 3 and parts[2].strip() else 1
+    except ValueError:
+        raise ValueError(f"cannot parse window {spec!r}: use START:END[:STEP]") from None
+    if step < 1:
+        raise ValueError("the window's STEP must be >= 1")
+    cols = [
+        i
+        for i, e in enumerate(epochs)
+        if (start is None or e >= start) and (end is None or e < end)
+    ]
+    return cols[::step]

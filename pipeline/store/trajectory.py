@@ -240,6 +240,95 @@ class ChunkGrid:
     def key(self, r0: int, col0: int) -> str:
         return f"{TRAJECTORY}/c/{r0 // self.chunk_rows}/{col0 // self.time_chunk}"
 
+    @property
+    def local_root(self) -> str | None:
+        """Filesystem path of the trajectory's chunks when the store is local and raw."""
+        if self.codec != "none" or ("://" in self.url and not self.url.startswith("file://")):
+            return None
+        return os.path.join(self.url.removeprefix("file://"), TRAJECTORY, "c")
+
+    def read_rows(self, r0: int, r1: int, cols: np.ndarray, out: np.ndarray) -> int:
+        """Rows ``[r0, r1)`` at columns ``cols`` into ``out`` of shape (len(cols), r1 - r0).
+
+        The output is time-major so that each column lands contiguously. Local raw stores are
+        read with one ``preadv`` per (chunk, column) of exactly the requested rows; other
+        stores go through zarr. Returns the number of bytes read from storage.
+        """
+        root = self.local_root
+        if root is None:
+            arr = open_array(self.url)
+            out[:] = np.asarray(arr.get_orthogonal_selection((slice(r0, r1), cols))).T
+            return self._zarr_bytes(r0, r1, cols)
+        cr, tc = self.chunk_rows, self.time_chunk
+        nbytes = 0
+        scratch: np.ndarray | None = None
+        for c0 in range(r0 - r0 % cr, r1, cr):
+            lo, hi = max(r0, c0), min(r1, c0 + cr)
+            i = c0 // cr
+            by_block: dict[int, list[int]] = {}
+            for k, c in enumerate(cols.tolist()):
+                by_block.setdefault(c // tc, []).append(k)
+            for j, ks in by_block.items():
+                path = os.path.join(root, str(i), str(j))
+                if tc == 1:
+                    dest = out[ks[0], lo - r0 : hi - r0]
+                    _pread_exact(path, dest, (lo - c0) * 4)
+                    nbytes += dest.nbytes
+                    continue
+                if scratch is None or scratch.shape[0] < hi - lo:
+                    scratch = np.empty((hi - lo, tc), dtype=np.float32)
+                part = scratch[: hi - lo]
+                _pread_exact(path, part, (lo - c0) * tc * 4)
+                nbytes += part.nbytes
+                for k in ks:
+                    out[k, lo - r0 : hi - r0] = part[:, int(cols[k]) % tc]
+        return nbytes
+
+    def read_scattered(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int]:
+        """Profiles of a few rows: (len(rows), len(cols)) float32, and the bytes read.
+
+        Local raw stores read exactly 4 bytes per value (the rows of a sample, never the
+        whole trajectory); other stores read the chunks holding the rows through zarr.
+        """
+        out = np.empty((len(rows), len(cols)), dtype=np.float32)
+        root = self.local_root
+        if root is None:
+            arr = open_array(self.url)
+            out[:] = np.asarray(arr.get_orthogonal_selection((rows, cols)))
+            nchunks = len({int(r) // self.chunk_rows for r in rows}) * len(
+                {int(c) // self.time_chunk for c in cols}
+            )
+            return out, nchunks * self.chunk_rows * self.time_chunk * 4
+        tc = self.time_chunk
+        fds: dict[str, int] = {}
+        one = np.empty(1, dtype=np.float32)
+        try:
+            for k, c in enumerate(cols.tolist()):
+                j, jj = divmod(c, tc)
+                for q, r in enumerate(rows.tolist()):
+                    i, ii = divmod(r, self.chunk_rows)
+                    path = os.path.join(root, str(i), str(j))
+                    fd = fds.get(path)
+                    if fd is None:
+                        try:
+                            fd = fds[path] = os.open(path, os.O_RDONLY)
+                        except FileNotFoundError as e:
+                            raise StoreError(
+                                f"trajectory chunk {i}/{j} is missing (unfinished ingest?)"
+                            ) from e
+                    if os.preadv(fd, [memoryview(one.view(np.uint8))], (ii * tc + jj) * 4) != 4:  # type: ignore[arg-type]
+                        raise StoreError(f"trajectory chunk {i}/{j} is truncated")
+                    out[q, k] = one[0]
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return out, out.size * 4
+
+    def _zarr_bytes(self, r0: int, r1: int, cols: np.ndarray) -> int:
+        n_row_chunks = (r1 - 1) // self.chunk_rows - r0 // self.chunk_rows + 1
+        n_col_chunks = len({int(c) // self.time_chunk for c in cols})
+        return n_row_chunks * n_col_chunks * self.chunk_rows * self.time_chunk * 4
+
     def write(self, r0: int, col0: int, block: np.ndarray) -> None:
         """Write ``block`` (rows, cols), which must be one whole chunk of the grid."""
         if self.codec != "none":
@@ -261,6 +350,24 @@ def read_block(
         return np.asarray(array[r0:r1, t0:t1])
     array.get_basic_selection((slice(r0, r1), slice(t0, t1)), out=_NDBufferView(out))
     return out
+
+
+def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array ``dest`` from ``path`` at byte ``offset``."""
+    view = memoryview(dest.view(np.uint8).reshape(-1))  # type: ignore[arg-type]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError as e:
+        raise StoreError(f"trajectory chunk {path} is missing (unfinished ingest?)") from e
+    try:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise StoreError(f"trajectory chunk {path} is truncated")
+            done += got
+    finally:
+        os.close(fd)
 
 
 class _NDBufferView:

@@ -1,0 +1,73 @@
+"""Clustering the sampled profiles into modes (paper 3.2, 8.3): complete linkage on |corr|."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Clustering", "cluster_modes"]
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """Mode of each sample (0 = largest mode) and each mode's reference sample."""
+
+    labels: np.ndarray  # (K,) int64
+    references: np.ndarray  # (M,) positions into the samples
+    sizes: np.ndarray  # (M,)
+    order: np.ndarray  # dendrogram leaf order of the samples (for figures)
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.references.size)
+
+
+def cluster_modes(
+    corr: np.ndarray, *, modes: int | None = None, threshold: float | None = None
+) -> Clustering:
+    """Cluster samples by complete linkage on the distance ``1 - |corr|``.
+
+    Exactly one of ``modes`` (cut into at most that many clusters: the smallest cophenetic
+    threshold that gives no more than ``modes`` clusters) or ``threshold`` (clusters whose
+    in-cluster cophenetic distance is at most ``threshold``) must be given. Modes are labelled
+    by size, largest first (ties: the mode holding the lowest sample position first). A mode's
+    reference is the member with the largest sum of |corr| to the other members.
+    """
+    from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    if (modes is None) == (threshold is None):
+        raise ValueError("give exactly one of modes or threshold")
+    k = corr.shape[0]
+    absc = np.abs(np.asarray(corr, dtype=np.float64))
+    if k == 1:
+        raw = np.zeros(1, dtype=np.int64)
+        order = np.zeros(1, dtype=np.int64)
+    else:
+        dist = 1.0 - absc
+        np.fill_diagonal(dist, 0.0)
+        dist = np.clip((dist + dist.T) / 2, 0.0, 1.0)
+        z = linkage(squareform(dist, checks=False), method="complete")
+        if modes is not None:
+            if modes < 1:
+                raise ValueError("modes must be >= 1")
+            raw = fcluster(z, t=modes, criterion="maxclust")
+        else:
+            assert threshold is not None
+            if not 0 <= threshold <= 1:
+                raise ValueError("threshold is a distance 1 - |corr| in [0, 1]")
+            raw = fcluster(z, t=threshold, criterion="distance")
+        order = leaves_list(z).astype(np.int64)
+    ids, first, counts = np.unique(raw, return_index=True, return_counts=True)
+    rank = sorted(range(len(ids)), key=lambda i: (-counts[i], first[i]))
+    relabel = {int(ids[i]): m for m, i in enumerate(rank)}
+    labels = np.array([relabel[int(r)] for r in raw], dtype=np.int64)
+    refs = np.empty(len(ids), dtype=np.int64)
+    for m in range(len(ids)):
+        members = np.flatnonzero(labels == m)
+        sub = absc[np.ix_(members, members)]
+        score = sub.sum(axis=1) - np.diag(sub)
+        refs[m] = members[int(np.argmax(score))]
+    sizes = np.bincount(labels, minlength=len(ids))
+    return Clustering(labels, refs, sizes, order)

@@ -1,0 +1,173 @@
+"""Task functions and graph builder of the CMD pass over all N parameters.
+
+One task per row block: it reads the block's rows at the window's epochs (each trajectory
+byte once), runs :func:`pipeline.kernels.cmd.fit_block`, writes its whole chunk of every
+result array, and finally its row of ``block_stats``, which marks the block finished.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from dask import delayed
+
+from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, FLAG_SAMPLED, References, fit_block
+from pipeline.store.analysis import mode_dtype, open_result
+from pipeline.store.trajectory import ChunkGrid
+
+__all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "fit_task"]
+
+
+@dataclass(frozen=True)
+class StatsLayout:
+    """Where each sum sits in a row of ``block_stats``."""
+
+    n_modes: int
+    n_epochs: int
+    max_layers: int
+
+    PER = 6  # count, valid, sum |corr|, residual, energy, NaN/Inf rows
+
+    @property
+    def width(self) -> int:
+        return 2 + self.PER * (self.n_modes + self.max_layers) + 2 * self.n_epochs
+
+    @property
+    def modes(self) -> slice:
+        return slice(2, 2 + self.PER * self.n_modes)
+
+    @property
+    def residual_t(self) -> slice:
+        s = 2 + self.PER * self.n_modes
+        return slice(s, s + self.n_epochs)
+
+    @property
+    def energy_t(self) -> slice:
+        s = 2 + self.PER * self.n_modes + self.n_epochs
+        return slice(s, s + self.n_epochs)
+
+    @property
+    def layers(self) -> slice:
+        s = 2 + self.PER * self.n_modes + 2 * self.n_epochs
+        return slice(s, s + self.PER * self.max_layers)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One task's rows and what it must know about them."""
+
+    index: int
+    r0: int
+    r1: int
+    layers: tuple[tuple[int, int, int], ...]  # (layer id, first row, stop row), block-relative
+    ref_pos: tuple[int, ...]  # block-relative rows that are references
+    ref_ids: tuple[int, ...]
+    sample_pos: tuple[int, ...]  # block-relative sampled rows
+
+
+_buf = threading.local()
+
+
+def _time_major(n_cols: int, n_rows: int) -> np.ndarray:
+    need = n_cols * n_rows
+    b = getattr(_buf, "x", None)
+    if b is None or b.size < need:
+        b = np.empty(need, dtype=np.float32)
+        _buf.x = b
+    return b[:need].reshape(n_cols, n_rows)
+
+
+def _sums(
+    mask_groups: np.ndarray,
+    n: int,
+    valid: np.ndarray,
+    abscorr: np.ndarray,
+    residual: np.ndarray,
+    energy: np.ndarray,
+    nonfinite: np.ndarray,
+) -> np.ndarray:
+    """(n, 6) sums per group id in ``mask_groups`` (see :class:`StatsLayout`)."""
+    out = np.zeros((n, StatsLayout.PER))
+    out[:, 0] = np.bincount(mask_groups, minlength=n)
+    out[:, 1] = np.bincount(mask_groups, weights=valid.astype(np.float64), minlength=n)
+    out[:, 2] = np.bincount(mask_groups, weights=np.where(valid, abscorr, 0.0), minlength=n)
+    out[:, 3] = np.bincount(mask_groups, weights=residual, minlength=n)
+    out[:, 4] = np.bincount(mask_groups, weights=energy, minlength=n)
+    out[:, 5] = np.bincount(mask_groups, weights=nonfinite.astype(np.float64), minlength=n)
+    return out
+
+
+def fit_task(
+    grid: ChunkGrid,
+    name: str,
+    plan: BlockPlan,
+    cols: np.ndarray,
+    refs: References,
+    layout: StatsLayout,
+) -> np.ndarray:
+    """Fit one row block and write its results; returns its ``block_stats`` row."""
+    rows = plan.r1 - plan.r0
+    x = _time_major(len(cols), rows)
+    grid.read_rows(plan.r0, plan.r1, cols, x)
+    fit = fit_block(
+        x.T,
+        refs,
+        (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64)),
+    )
+    flags = fit.flags
+    if plan.sample_pos:
+        flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
+    valid = (flags & (FLAG_CONSTANT | FLAG_NONFINITE)) == 0
+    nonfinite = (flags & FLAG_NONFINITE) != 0
+    abscorr = np.abs(fit.corr)
+    stats = np.zeros(layout.width)
+    stats[layout.modes] = _sums(
+        fit.mode, layout.n_modes, valid, abscorr, fit.residual, fit.energy, nonfinite
+    ).ravel()
+    stats[layout.residual_t] = fit.residual_t
+    stats[layout.energy_t] = fit.energy_t
+    stats[0] = plan.layers[0][0]
+    stats[1] = len(plan.layers)
+    layer_of = np.empty(rows, dtype=np.int64)
+    for k, (_lid, lo, hi) in enumerate(plan.layers):
+        layer_of[lo:hi] = k
+    per_layer = _sums(
+        layer_of, len(plan.layers), valid, abscorr, fit.residual, fit.energy, nonfinite
+    )
+    stats[layout.layers][: per_layer.size] = per_layer.ravel()
+    s = slice(plan.r0, plan.r1)
+    url = grid.url
+    values = {
+        "mode": fit.mode.astype(mode_dtype(layout.n_modes)),
+        "a": fit.a,
+        "b": fit.b,
+        "corr": fit.corr.astype(np.float32),
+        "residual": fit.residual.astype(np.float32),
+        "flags": flags,
+    }
+    for array, v in values.items():
+        open_result(url, name, array)[s] = v
+    open_result(url, name, "block_stats")[plan.index : plan.index + 1, :] = stats[None, :]
+    return stats
+
+
+def build_fit_tasks(
+    grid: ChunkGrid,
+    name: str,
+    plans: Sequence[BlockPlan],
+    cols: np.ndarray,
+    refs: References,
+    layout: StatsLayout,
+) -> list[object]:
+    """One delayed :func:`fit_task` per block plan (the caller leaves out finished blocks)."""
+    refs_d = delayed(refs, traverse=False)
+    cols_d = delayed(cols, traverse=False)
+    return [
+        delayed(fit_task, pure=False)(
+            grid, name, p, cols_d, refs_d, layout, dask_key_name=f"fit-{name}-{p.index}"
+        )
+        for p in plans
+    ]

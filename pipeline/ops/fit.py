@@ -1,0 +1,381 @@
+"""``fit``: post-hoc CMD on a stored trajectory (Algorithms 1 and 2 of the paper).
+
+1. Sample K parameters (stratified by layer), reading only their rows at the window's epochs;
+   parameters constant (or NaN/Inf) over the window are replaced by new draws.
+2. Pearson correlation of the samples in float64, complete-linkage clustering on |corr|, a
+   reference per mode.
+3. One Dask pass over all N rows: mode, a, b, corr, residual and flags per parameter, written
+   into ``analyses/<name>/`` with the error sums that give the summaries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline._version import __version__
+from pipeline.cluster import cluster_modes
+from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
+from pipeline.errors import ConfigMismatchError, PipelineError, StoreError
+from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
+from pipeline.kernels.cmd import References, pearson
+from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
+from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.sampling import stratified_sample
+from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.schema import StoreMeta
+from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
+
+__all__ = ["FitResult", "fit", "summarise"]
+
+_MAX_DRAW_ROUNDS = 20
+
+
+@dataclass
+class FitResult:
+    """What a fit did, and the study's summary."""
+
+    store: str
+    name: str
+    n_modes: int
+    n_samples: int
+    epochs: list[int]
+    summary: dict[str, Any]
+    status: str  # "fitted", "resumed" or "unchanged"
+    bytes_sampled: int = 0
+    blocks_run: int = 0
+    blocks_kept: int = 0
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def summary_text(self) -> str:
+        s = self.summary
+        head = (
+            f"analysis {self.name!r} ({self.status}): {self.n_modes} mode(s) from {self.n_samples} samples, "
+            f"window of {len(self.epochs)} epoch(s); relative error {_fmt(s['relative_error'])}"
+        )
+        if self.status != "unchanged":
+            head += (
+                f"; {self.blocks_run} block(s) run, {self.blocks_kept} kept; sampling read "
+                f"{self.bytes_sampled / 1e6:.2f} MB; {self.seconds:.1f} s"
+            )
+        lines = [head, "  mode   count        mean|corr|  rel.error  reference"]
+        for m in s["modes"]:
+            lines.append(
+                f"  {m['mode']:>4}   {m['count']:>11,}  {_fmt(m['mean_abs_corr']):>9}  "
+                f"{_fmt(m['relative_error']):>9}  {m['reference']}"
+            )
+        f = s["flags"]
+        lines.append(f"  constant parameters: {f['constant']:,}; with NaN/Inf: {f['nonfinite']:,}")
+        return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return math.sqrt(num / den) if den > 0 else None
+
+
+def _fingerprint(meta: StoreMeta, cols: list[int]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(meta.settings.content_fields(), sort_keys=True).encode())
+    h.update(str(meta.n_rows).encode())
+    for c in cols:
+        e = meta.epochs[c]
+        h.update(f"{e.epoch}:{','.join(f.sha256 for f in e.files)};".encode())
+    return h.hexdigest()
+
+
+def _sample(
+    grid: ChunkGrid, layout: RowLayout, cols: np.ndarray, k: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """K usable samples (not constant, finite over the window): indices, profiles, bytes read."""
+    rng = np.random.default_rng(seed)
+    offsets, sizes = list(layout.offsets), list(layout.sizes)
+    good_idx: list[np.ndarray] = []
+    good_prof: list[np.ndarray] = []
+    rejected: list[int] = []
+    nbytes = 0
+    need = k
+    for _ in range(_MAX_DRAW_ROUNDS):
+        taken = (
+            np.concatenate([*good_idx, np.asarray(rejected, dtype=np.int64)])
+            if (good_idx or rejected)
+            else None
+        )
+        idx = stratified_sample(offsets, sizes, need, rng, exclude=taken)
+        if idx.size == 0:
+            break
+        prof, nb = grid.read_scattered(idx, cols)
+        nbytes += nb
+        p64 = prof.astype(np.float64)
+        ok = np.isfinite(p64).all(axis=1) & (p64.max(axis=1) > p64.min(axis=1))
+        good_idx.append(idx[ok])
+        good_prof.append(prof[ok])
+        rejected.extend(int(i) for i in idx[~ok])
+        need = k - sum(g.size for g in good_idx)
+        if need <= 0:
+            break
+    idx = np.concatenate(good_idx) if good_idx else np.empty(0, dtype=np.int64)
+    prof = np.concatenate(good_prof) if good_prof else np.empty((0, len(cols)), dtype=np.float32)
+    order = np.argsort(idx)
+    return idx[order], prof[order], nbytes
+
+
+def _plans(
+    n_rows: int, block_rows: int, layout: RowLayout, ref_index: np.ndarray, sample_index: np.ndarray
+) -> list[BlockPlan]:
+    names = {n: i for i, n in enumerate(layout.names)}
+    plans = []
+    for b, (r0, r1) in enumerate(blocks(n_rows, block_rows)):
+        layers = tuple(
+            (names[s.name], s.out, s.out + s.stop - s.start) for s in layout.segments(r0, r1)
+        )
+        in_ref = (ref_index >= r0) & (ref_index < r1)
+        in_smp = (sample_index >= r0) & (sample_index < r1)
+        plans.append(
+            BlockPlan(
+                b,
+                r0,
+                r1,
+                layers,
+                tuple(int(i - r0) for i in ref_index[in_ref]),
+                tuple(int(m) for m in np.flatnonzero(in_ref)),
+                tuple(int(i - r0) for i in sample_index[in_smp]),
+            )
+        )
+    return plans
+
+
+def summarise(
+    stats: np.ndarray,
+    layout: StatsLayout,
+    layer_names: list[str],
+    epochs: list[int],
+    ref_index: np.ndarray,
+) -> dict[str, Any]:
+    """Summaries per mode, per layer and per epoch from the blocks' error sums."""
+    n_modes = layout.n_modes
+    per = StatsLayout.PER
+    per_mode = stats[:, layout.modes].reshape(-1, n_modes, per).sum(axis=0)
+    per_layer = np.zeros((len(layer_names), per))
+    for row in stats:
+        l0, nl = int(row[0]), int(row[1])
+        per_layer[l0 : l0 + nl] += row[layout.layers][: per * nl].reshape(nl, per)
+    res_t = stats[:, layout.residual_t].sum(axis=0)
+    en_t = stats[:, layout.energy_t].sum(axis=0)
+
+    def entry(v: np.ndarray) -> dict[str, Any]:
+        return {
+            "count": int(v[0]),
+            "mean_abs_corr": float(v[2] / v[1]) if v[1] > 0 else None,
+            "relative_error": _ratio(v[3], v[4]),
+        }
+
+    total = per_mode.sum(axis=0)
+    return {
+        "relative_error": _ratio(total[3], total[4]),
+        "modes": [
+            {"mode": m, **entry(per_mode[m]), "reference": int(ref_index[m])}
+            for m in range(n_modes)
+        ],
+        "layers": [{"name": n, **entry(per_layer[i])} for i, n in enumerate(layer_names)],
+        "epochs": [
+            {"epoch": e, "relative_error": _ratio(res_t[k], en_t[k])} for k, e in enumerate(epochs)
+        ],
+        "flags": {"constant": int(total[0] - total[1] - total[5]), "nonfinite": int(total[5])},
+    }
+
+
+def fit(
+    store: str | os.PathLike[str],
+    name: str,
+    *,
+    modes: int | None = None,
+    threshold: float | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    epochs: str | None = None,
+    force: bool = False,
+    block_rows: int | None = None,
+    runtime: RuntimeOptions | None = None,
+    run: Runner | None = None,
+) -> FitResult:
+    """Fit CMD on the store's trajectory and write the study to ``analyses/<name>``.
+
+    Parameters
+    ----------
+    store
+        The trajectory store (path or fsspec URL).
+    name
+        The study's name; several studies live side by side in one store.
+    modes, threshold
+        Cut the dendrogram into at most ``modes`` clusters, or at in-cluster distance
+        ``threshold`` (distance = 1 - |corr|). Exactly one must be given.
+    samples
+        K, the number of sampled parameters (paper: 1000; about 30 x M suffices).
+    seed
+        Seed of the sampling.
+    epochs
+        Window ``START:END[:STEP]`` over the stored epoch numbers (default: all).
+    force
+        Replace an existing study of that name with another configuration.
+
+    Re-running a finished study with the same configuration changes nothing; an interrupted
+    one resumes, its finished blocks untouched.
+    """
+    if (modes is None) == (threshold is None):
+        raise PipelineError("give exactly one of --modes or --threshold")
+    if modes is not None and modes < 1:
+        raise PipelineError("--modes must be at least 1")
+    if samples < 2:
+        raise PipelineError("--samples must be at least 2")
+    t0 = time.perf_counter()
+    st = TrajectoryStore.open(store, writable=True)
+    meta = st.require_meta()
+    try:
+        cols_list = parse_window(epochs, meta.epoch_numbers)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    if len(cols_list) < 2:
+        raise PipelineError(
+            f"the window {epochs!r} holds {len(cols_list)} stored epoch(s); CMD needs at least 2"
+        )
+    grid = st.chunk_grid()
+    s_rows = block_rows or fit_block_rows(
+        grid.chunk_rows,
+        len(cols_list),
+        raw=grid.local_root is not None,
+        target_bytes=FIT_BLOCK_BYTES,
+    )
+    if grid.chunk_rows % s_rows and s_rows % grid.chunk_rows:
+        raise PipelineError(
+            f"block rows {s_rows} must divide the chunk rows {grid.chunk_rows} (or be a multiple)"
+        )
+    window_epochs = [meta.epochs[c].epoch for c in cols_list]
+    config = {
+        "modes": modes,
+        "threshold": threshold,
+        "samples": samples,
+        "seed": seed,
+        "window": epochs or ":",
+        "epochs": window_epochs,
+        "block_rows": s_rows,
+    }
+    fingerprint = _fingerprint(meta, cols_list)
+    ag = AnalysisGroup(st.url, name)
+    stored = meta.stored_tensors()
+    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
+    cols = np.asarray(cols_list, dtype=np.int64)
+    resume = False
+    if ag.exists():
+        attrs = ag.attrs()
+        same = attrs.get("config") == config and attrs.get("trajectory_fingerprint") == fingerprint
+        if same and attrs.get("status") == "complete":
+            return FitResult(
+                st.url,
+                name,
+                int(attrs["n_modes"]),
+                int(attrs["n_samples"]),
+                window_epochs,
+                attrs["summary"],
+                "unchanged",
+                config=config,
+            )
+        if same:
+            resume = True
+        elif not force:
+            old = attrs.get("config") or {}
+            brief = {k: old.get(k) for k in ("modes", "threshold", "samples", "seed", "window")}
+            why = (
+                "configuration"
+                if attrs.get("config") != config
+                else "trajectory (re-ingested since)"
+            )
+            raise ConfigMismatchError(
+                f"analysis {name!r} exists with another {why} (stored {brief}); "
+                "pass --force to replace it"
+            )
+        else:
+            ag.delete()
+    nbytes = 0
+    if resume:
+        refs_raw = np.asarray(ag.array("refs")[...])
+        ref_index = np.asarray(ag.array("ref_index")[...])
+        sample_index = np.asarray(ag.array("sample_index")[...])
+        n_modes = int(refs_raw.shape[0])
+    else:
+        sample_index, profiles, nbytes = _sample(grid, layout, cols, samples, seed)
+        if sample_index.size < 2:
+            raise PipelineError(
+                "fewer than 2 parameters vary over the window: nothing to decompose"
+            )
+        clustering = cluster_modes(pearson(profiles), modes=modes, threshold=threshold)
+        refs_raw = profiles[clustering.references].astype(np.float64)
+        ref_index = sample_index[clustering.references]
+        n_modes = clustering.n_modes
+    plans = _plans(meta.n_rows, s_rows, layout, ref_index, sample_index)
+    stats_layout = StatsLayout(n_modes, len(cols_list), max(len(p.layers) for p in plans))
+    if not resume:
+        ag.create(
+            n_rows=meta.n_rows,
+            n_modes=n_modes,
+            block_rows=s_rows,
+            n_blocks=len(plans),
+            stats_width=stats_layout.width,
+            small={
+                "refs": refs_raw,
+                "ref_index": ref_index.astype(np.int64),
+                "sample_index": sample_index.astype(np.int64),
+                "sample_mode": clustering.labels.astype(np.int64),
+                "sample_order": clustering.order.astype(np.int64),
+                "epochs": np.asarray(window_epochs, dtype=np.int64),
+            },
+        )
+        ag.set_attrs(
+            config=config,
+            trajectory_fingerprint=fingerprint,
+            package_version=__version__,
+            status="running",
+            n_modes=n_modes,
+            n_samples=int(sample_index.size),
+            sampling_bytes_read=nbytes,
+            float_buffers=meta.settings.float_buffers,
+        )
+    done = ag.finished_blocks() if resume else set()
+    todo = [p for p in plans if p.index not in done]
+    refs = References.from_profiles(refs_raw)
+    tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout)
+    if run is None:
+        with runner(runtime) as r:
+            r.compute(tasks, f"fit {name}")
+    else:
+        run.compute(tasks, f"fit {name}")
+    stats = np.asarray(ag.array("block_stats")[...])
+    if np.isnan(stats).any():
+        raise StoreError(f"analysis {name!r}: some blocks have no statistics after the pass")
+    summary = summarise(stats, stats_layout, list(layout.names), window_epochs, ref_index)
+    ag.set_attrs(status="complete", summary=summary)
+    return FitResult(
+        st.url,
+        name,
+        n_modes,
+        int(sample_index.size),
+        window_epochs,
+        summary,
+        "resumed" if resume else "fitted",
+        nbytes,
+        len(todo),
+        len(plans) - len(todo),
+        time.perf_counter() - t0,
+        config,
+    )

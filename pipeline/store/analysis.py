@@ -1,0 +1,171 @@
+"""The results of one CMD study: ``analyses/<name>/`` beside the trajectory.
+
+Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples)::
+
+    mode         (N,)  smallest unsigned int holding M     chunks (block_rows,)
+    a, b         (N,)  float64   w(t) ~ a * r_mode(t) + b, for the raw reference profile
+    corr         (N,)  float32   Pearson correlation with the mode's reference
+    residual     (N,)  float32   sum over the window of (w - a r - b)^2
+    flags        (N,)  uint8     1 constant, 2 NaN/Inf, 4 reference, 8 sampled
+    refs         (M, Tw) float64 reference profiles
+    ref_index    (M,)  int64     the references' rows
+    sample_index (K,)  int64     the sampled rows; sample_mode (K,) int64 their modes
+    epochs       (Tw,) int64     the window's epoch numbers
+    block_stats  (n_blocks, F) float64   per-block error sums; a block's row is written last,
+                                          so it marks the block finished (resume)
+
+Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration, the package
+version, the trajectory's fingerprint, the status (``running``/``complete``) and summaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from pipeline.errors import SchemaVersionError, StoreError
+from pipeline.store.trajectory import ANALYSES
+
+__all__ = ["ANALYSIS_ATTR", "ANALYSIS_SCHEMA", "ANALYSIS_VERSION", "AnalysisGroup", "mode_dtype"]
+
+ANALYSIS_ATTR = "cmd_pipeline_analysis"
+ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
+ANALYSIS_VERSION = 1
+PER_ROW = ("mode", "a", "b", "corr", "residual", "flags")
+
+
+def mode_dtype(n_modes: int) -> np.dtype[Any]:
+    """The smallest unsigned integer dtype holding mode ids ``0 .. n_modes - 1``."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if n_modes - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+class AnalysisGroup:
+    """Handle on ``analyses/<name>`` of a store (client side)."""
+
+    def __init__(self, url: str, name: str) -> None:
+        if not name or "/" in name or name.startswith("."):
+            raise StoreError(f"invalid analysis name {name!r}")
+        self.url = url
+        self.name = name
+        self.path = f"{ANALYSES}/{name}"
+
+    # ------------------------------------------------------------------ state
+    def _root(self) -> Any:
+        return zarr.open_group(self.url, mode="r+")
+
+    def exists(self) -> bool:
+        root = self._root()
+        return ANALYSES in root.group_keys() and self.name in root[ANALYSES].group_keys()
+
+    def group(self) -> Any:
+        try:
+            return self._root()[self.path]
+        except KeyError as e:
+            raise StoreError(f"no analysis {self.name!r} in {self.url}") from e
+
+    def attrs(self) -> dict[str, Any]:
+        raw = self.group().attrs.get(ANALYSIS_ATTR)
+        if not isinstance(raw, dict) or raw.get("schema") != ANALYSIS_SCHEMA:
+            raise StoreError(f"analyses/{self.name} is not a cmd-pipeline analysis")
+        if raw.get("version") != ANALYSIS_VERSION:
+            raise SchemaVersionError(
+                f"analysis {self.name!r} has schema version {raw.get('version')!r}; this "
+                f"cmd-pipeline reads version {ANALYSIS_VERSION}"
+            )
+        return raw
+
+    def set_attrs(self, **fields: Any) -> None:
+        g = self.group()
+        cur = dict(g.attrs.get(ANALYSIS_ATTR) or {})
+        cur.update(fields, schema=ANALYSIS_SCHEMA, version=ANALYSIS_VERSION)
+        g.attrs[ANALYSIS_ATTR] = cur
+
+    def delete(self) -> None:
+        """Remove this analysis only (its siblings and the trajectory stay)."""
+        if self.exists():
+            root = self._root()
+            sync(root.store.delete_dir(self.path))
+
+    # ------------------------------------------------------------------ creation
+    def create(
+        self,
+        *,
+        n_rows: int,
+        n_modes: int,
+        block_rows: int,
+        n_blocks: int,
+        stats_width: int,
+        small: dict[str, np.ndarray],
+    ) -> None:
+        """Create the group and its arrays; write the small ones (client side)."""
+        root = self._root()
+        g = root.require_group(ANALYSES).create_group(self.name)
+        chunk = (min(block_rows, max(n_rows, 1)),)
+        kinds = {
+            "mode": mode_dtype(n_modes),
+            "a": np.dtype("float64"),
+            "b": np.dtype("float64"),
+            "corr": np.dtype("float32"),
+            "residual": np.dtype("float32"),
+            "flags": np.dtype("uint8"),
+        }
+        for name, dt in kinds.items():
+            g.create_array(
+                name,
+                shape=(n_rows,),
+                chunks=chunk,
+                dtype=dt,
+                fill_value=0,
+                compressors=None,
+                config={"write_empty_chunks": True},
+            )
+        g.create_array(
+            "block_stats",
+            shape=(n_blocks, stats_width),
+            chunks=(1, stats_width),
+            dtype="float64",
+            fill_value=np.nan,
+            compressors=None,
+            config={"write_empty_chunks": True},
+        )
+        for name, arr in small.items():
+            a = g.create_array(
+                name,
+                shape=arr.shape,
+                chunks=arr.shape or (1,),
+                dtype=arr.dtype,
+                fill_value=0,
+                compressors=None,
+                config={"write_empty_chunks": True},
+            )
+            a[...] = arr
+
+    def finished_blocks(self) -> set[int]:
+        """Blocks whose ``block_stats`` row exists: all their results are written."""
+        root = self._root()
+        prefix = f"{self.path}/block_stats/c/"
+
+        async def _ls() -> list[str]:
+            return [k async for k in root.store.list_prefix(prefix)]
+
+        out = set()
+        for k in sync(_ls()):
+            parts = k[len(prefix) :].split("/")
+            if len(parts) == 2 and parts[0].isdigit() and parts[1] == "0":
+                out.add(int(parts[0]))
+        return out
+
+    def array(self, name: str) -> Any:
+        return self.group()[name]
+
+
+def open_result(url: str, name: str, array: str) -> Any:
+    """Open one result array inside a task, writable, writing even all-fill chunks."""
+    arr = zarr.open_array(url, path=f"{ANALYSES}/{name}/{array}", mode="r+")
+    return arr.with_config({"write_empty_chunks": True})
