@@ -15,7 +15,7 @@ import numpy as np
 from dask import delayed
 
 from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, FLAG_SAMPLED, References, fit_block
-from pipeline.store.analysis import mode_dtype, open_result
+from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 
 __all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "fit_task"]
@@ -66,6 +66,7 @@ class BlockPlan:
     ref_pos: tuple[int, ...]  # block-relative rows that are references
     ref_ids: tuple[int, ...]
     sample_pos: tuple[int, ...]  # block-relative sampled rows
+    chunk_rows: int | None = None  # the result arrays' chunk length (the last block may be shorter)
 
 
 _buf = threading.local()
@@ -138,7 +139,6 @@ def fit_task(
         layer_of, len(plan.layers), valid, abscorr, fit.residual, fit.energy, nonfinite
     )
     stats[layout.layers][: per_layer.size] = per_layer.ravel()
-    s = slice(plan.r0, plan.r1)
     url = grid.url
     values = {
         "mode": fit.mode.astype(mode_dtype(layout.n_modes)),
@@ -148,9 +148,11 @@ def fit_task(
         "residual": fit.residual.astype(np.float32),
         "flags": flags,
     }
+    block = plan.r1 - plan.r0 if plan.chunk_rows is None else plan.chunk_rows
     for array, v in values.items():
-        open_result(url, name, array)[s] = v
-    open_result(url, name, "block_stats")[plan.index : plan.index + 1, :] = stats[None, :]
+        write_result_chunk(url, name, array, (plan.index,), v, (block,))
+    # last: the block's statistics row marks the block finished
+    write_result_chunk(url, name, "block_stats", (plan.index, 0), stats[None, :], (1, layout.width))
     return stats
 
 

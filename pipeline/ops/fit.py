@@ -151,6 +151,7 @@ def _plans(
                 tuple(int(i - r0) for i in ref_index[in_ref]),
                 tuple(int(m) for m in np.flatnonzero(in_ref)),
                 tuple(int(i - r0) for i in sample_index[in_smp]),
+                min(block_rows, n_rows),
             )
         )
     return plans

@@ -165,6 +165,29 @@ class AnalysisGroup:
         return self.group()[name]
 
 
+def write_result_chunk(
+    url: str, name: str, array: str, chunk: tuple[int, ...], values: np.ndarray, chunk_shape: tuple[int, ...]
+) -> None:
+    """Write one whole chunk of an uncompressed result array straight to the store.
+
+    The bytes are exactly what zarr's ``bytes`` codec writes (little-endian, C order, an edge
+    chunk padded to the full chunk shape with the fill value 0), without zarr's per-call
+    metadata reads: a fit task writes six arrays per block.
+    """
+    from zarr.core.buffer.cpu import Buffer
+
+    from pipeline.store.trajectory import _store_of
+
+    data = np.asarray(values)
+    if data.shape != chunk_shape:
+        full = np.zeros(chunk_shape, dtype=data.dtype)
+        full[tuple(slice(0, n) for n in data.shape)] = data
+        data = full
+    raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+    key = f"{ANALYSES}/{name}/{array}/c/" + "/".join(str(c) for c in chunk)
+    sync(_store_of(url).set(key, Buffer.from_array_like(raw)))
+
+
 def open_result(url: str, name: str, array: str) -> Any:
     """Open one result array inside a task, writable, writing even all-fill chunks."""
     arr = zarr.open_array(url, path=f"{ANALYSES}/{name}/{array}", mode="r+")
