@@ -6,6 +6,7 @@ per epoch) for each requested N, then, in the same run and from the same (warm) 
 1. ``cp -r`` of the checkpoint directory followed by ``sync``, timed;
 2. ``cmd-pipeline ingest`` on the embedded LocalCluster (2 single-threaded worker processes on
    this machine), followed by ``sync``, timed;
+3. the same ingest on a local thread pool (``--threads``), timed;
 
 both ``--repeat`` times, interleaved, reporting medians (these machines are noisy).
 
@@ -84,7 +85,7 @@ def bench_size(n: int, epochs: int, work: Path, workers: int, repeat: int) -> di
     nbytes = sum(p.stat().st_size for p in ck.iterdir())
     copy = work / "copy"
     store = work / f"store_n{n}.zarr"
-    t_cps, t_ingests, peaks, peaks_one = [], [], [], []
+    t_cps, t_ingests, peaks, peaks_one, t_threads, peaks_threads = [], [], [], [], [], []
     t_start = 0.0
     for _ in range(repeat):  # interleaved, so both see the same machine state
         for p in (copy, store):
@@ -101,6 +102,12 @@ def bench_size(n: int, epochs: int, work: Path, workers: int, repeat: int) -> di
             t_ingests.append(timed(lambda: pipeline.ingest([ck], store, run=run)))
         peaks.append(rss.peak)
         peaks_one.append(rss.peak_single)
+        shutil.rmtree(store)
+        os.sync()
+        warm(ck)
+        with PeakRSS() as rss_t, runner(RuntimeOptions(mode="threads", progress=False)) as run:
+            t_threads.append(timed(lambda: pipeline.ingest([ck], store, run=run)))
+        peaks_threads.append(rss_t.peak)
     t_cp, t_ingest = statistics.median(t_cps), statistics.median(t_ingests)
     info = pipeline.info(store)
     shutil.rmtree(store)
@@ -114,6 +121,10 @@ def bench_size(n: int, epochs: int, work: Path, workers: int, repeat: int) -> di
         "ingest_GBps": nbytes / 1e9 / t_ingest,
         "cp_GBps": nbytes / 1e9 / t_cp,
         "ratio": t_ingest / t_cp,
+        "threads_s": statistics.median(t_threads),
+        "threads_ratio": statistics.median(t_threads) / t_cp,
+        "threads_peak_rss_GB": max(peaks_threads) / 1e9,
+        "threads_runs_s": t_threads,
         "cp_runs_s": t_cps,
         "ingest_runs_s": t_ingests,
         "peak_rss_GB": max(peaks) / 1e9,
@@ -144,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2))
     print(f"medians of {a.repeat} interleaved runs")
-    print("| N | T | input GB | cp -r s | ingest s | ingest GB/s | ingest / cp | peak RSS (all processes) | peak RSS (largest process) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| N | T | input GB | cp -r s | ingest s (LocalCluster) | GB/s | ingest / cp | peak RSS (all processes) | ingest s (--threads) | GB/s | threads / cp | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['N']:.3g} | {r['T']} | {r['input_GB']:.2f} | {r['cp_s']:.2f} | {r['ingest_s']:.2f} | "
-            f"{r['ingest_GBps']:.2f} | {r['ratio']:.2f} | {r['peak_rss_GB']:.2f} GB | {r['peak_rss_one_process_GB']:.2f} GB |"
+            f"{r['ingest_GBps']:.2f} | {r['ratio']:.2f} | {r['peak_rss_GB']:.2f} GB | {r['threads_s']:.2f} | "
+            f"{r['input_GB'] / r['threads_s']:.2f} | {r['threads_ratio']:.2f} | {r['threads_peak_rss_GB']:.2f} GB |"
         )
     print(f"(LocalCluster start-up, not included above: {rows[0]['cluster_start_s']:.1f} s; chunk {rows[0]['chunk_MB']:.1f} MB)")
     return 0
