@@ -315,3 +315,333 @@ def add_study(store: Path, name: str = "study1") -> np.ndarray:
 
 def study_files(store: Path) -> dict[str, bytes]:
     return {k: v for k, v in snapshot(store).items() if k.startswith("analyses")}
+
+
+# --------------------------------------------------------------------------- CMD: a dense reference
+#: result flags (the documented bits of analyses/NAME/flags)
+F_CONSTANT, F_NONFINITE, F_REFERENCE, F_SAMPLED = 1, 2, 4, 8
+#: the per-row result arrays of an analysis
+PER_ROW_ARRAYS = ("mode", "a", "b", "corr", "residual", "flags")
+
+
+@dataclass
+class DenseCMD:
+    """The paper's algorithm computed densely in float64 from the whole window ``W`` (N, Tw)."""
+
+    sample_index: np.ndarray  # (K,) rows sampled (given, not drawn)
+    sample_corr: np.ndarray  # (K, K) Pearson correlation of the samples
+    labels: np.ndarray  # (K,) mode of each sample, 0 = largest
+    ref_index: np.ndarray  # (M,) rows of the references
+    refs: np.ndarray  # (M, Tw) float64 reference profiles
+    corr_all: np.ndarray  # (N, M) correlation of every row with every reference
+    mode: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    corr: np.ndarray
+    residual: np.ndarray
+    flags: np.ndarray
+    recon: np.ndarray  # (N, Tw) float64: a * r_mode + b
+
+    @property
+    def n_modes(self) -> int:
+        return int(self.ref_index.size)
+
+
+def _pearson_dense(x: np.ndarray) -> np.ndarray:
+    xc = x - x.mean(axis=1, keepdims=True)
+    norm = np.sqrt((xc * xc).sum(axis=1))
+    c = (xc @ xc.T) / np.outer(norm, norm)
+    return (c + c.T) / 2
+
+
+def dense_cmd(
+    w: np.ndarray,
+    sample_index: np.ndarray,
+    *,
+    modes: int | None = None,
+    threshold: float | None = None,
+) -> DenseCMD:
+    """CMD of the window ``w`` (N, Tw) with the given samples, written straight from the paper.
+
+    Pearson correlation of the samples (centred float64), complete linkage on 1 - |corr|
+    (scipy, ``maxclust`` for ``modes``, ``distance`` for ``threshold``), modes relabelled by
+    size (ties: lowest sample position first), reference = member with the largest summed
+    |corr| to the other members; then for every row: correlation with every reference, mode =
+    argmax |corr| (ties: lowest id), least-squares a and b, residual |w - a r - b|^2 from the
+    raw values. Constant rows: a = 0, b = value; reference rows: a = 1, b = 0; rows with
+    NaN/Inf: a = 0, b = NaN, residual 0.
+    """
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    x = np.asarray(w, dtype=np.float64)
+    n = x.shape[0]
+    sample_index = np.asarray(sample_index, dtype=np.int64)
+    prof = x[sample_index]
+    c = _pearson_dense(prof)
+    d = 1.0 - np.abs(c)
+    np.fill_diagonal(d, 0.0)
+    d = np.clip((d + d.T) / 2, 0.0, 1.0)
+    z = linkage(squareform(d, checks=False), method="complete")
+    if modes is not None:
+        raw = fcluster(z, t=modes, criterion="maxclust")
+    else:
+        raw = fcluster(z, t=threshold, criterion="distance")
+    ids = list(dict.fromkeys(raw.tolist()))  # in order of first sample position
+    size = {i: int((raw == i).sum()) for i in ids}
+    ranked = sorted(ids, key=lambda i: (-size[i], ids.index(i)))
+    labels = np.array([ranked.index(r) for r in raw.tolist()], dtype=np.int64)
+    n_modes = len(ranked)
+    ref_pos = np.empty(n_modes, dtype=np.int64)
+    absc = np.abs(c)
+    for m in range(n_modes):
+        members = np.flatnonzero(labels == m)
+        score = [sum(absc[i, j] for j in members if j != i) for i in members]
+        ref_pos[m] = members[int(np.argmax(score))]
+    ref_index = sample_index[ref_pos]
+    refs = x[ref_index]
+
+    finite = np.isfinite(x).all(axis=1)
+    xf = np.where(finite[:, None], x, 0.0)
+    mean = xf.mean(axis=1)
+    xc = xf - mean[:, None]
+    ssx = (xc * xc).sum(axis=1)
+    rmean = refs.mean(axis=1)
+    rc = refs - rmean[:, None]
+    ssr = (rc * rc).sum(axis=1)
+    cov = xc @ rc.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr_all = np.where(ssx[:, None] > 0, cov / np.sqrt(np.outer(ssx, ssr)), 0.0)
+    mode = np.argmax(np.abs(corr_all), axis=1)
+    rows = np.arange(n)
+    a = cov[rows, mode] / ssr[mode]
+    b = mean - a * rmean[mode]
+    corr = corr_all[rows, mode]
+    constant = finite & (ssx == 0)
+    flags = np.zeros(n, dtype=np.uint8)
+    flags[constant] |= F_CONSTANT
+    flags[~finite] |= F_NONFINITE
+    flags[sample_index] |= F_SAMPLED
+    a[constant | ~finite] = 0.0
+    b[constant] = mean[constant]
+    b[~finite] = np.nan
+    corr[constant | ~finite] = 0.0
+    mode[ref_index] = np.arange(n_modes)
+    a[ref_index] = 1.0
+    b[ref_index] = 0.0
+    corr[ref_index] = 1.0
+    flags[ref_index] |= F_REFERENCE
+    recon = a[:, None] * refs[mode] + b[:, None]
+    with np.errstate(invalid="ignore"):
+        residual = np.where(finite, ((x - recon) ** 2).sum(axis=1), 0.0)
+    return DenseCMD(
+        sample_index, c, labels, ref_index, refs, corr_all, mode, a, b, corr, residual, flags,
+        recon,
+    )
+
+
+def read_analysis(store: Path | str, name: str) -> dict[str, Any]:
+    """Every array of ``analyses/<name>`` as numpy (``attrs`` holds the analysis attribute)."""
+    import zarr
+
+    g = zarr.open_group(str(store), mode="r")[f"analyses/{name}"]
+    out: dict[str, Any] = {k: np.asarray(g[k][...]) for k in g.array_keys()}
+    out["attrs"] = dict(g.attrs)["cmd_pipeline_analysis"]
+    return out
+
+
+def window_of(store: Path | str, name: str) -> np.ndarray:
+    """The stored trajectory (float32) at the analysis's window's columns."""
+    st = pipeline.open_store(str(store))
+    w = read_trajectory(store)
+    epochs = read_analysis(store, name)["epochs"]
+    return w[:, [st.meta.column_of(int(e)) for e in epochs]]  # type: ignore[union-attr]
+
+
+def assert_matches_dense(got: Mapping[str, Any], dense: DenseCMD, w: np.ndarray) -> None:
+    """The pipeline's results equal the dense float64 reference to float32 rounding.
+
+    Integers (modes, indices, flags) must be equal (a mode may differ only where the two best
+    |corr| tie to 1e-9); ``refs`` are the stored rows bit for bit; ``a`` and ``b`` (float64)
+    agree to 1e-9 of their natural scale, ``corr`` (float32) to two float32 ulps of 1,
+    ``residual`` (float32) to 1e-6 relative, plus 1e-12 of |w - mean w|^2: ALGORITHM.md's
+    closed form |w - mean w|^2 (1 - corr^2) is exact to rounding of |w - mean w|^2 only, which
+    matters for rows fitted to 1e-6 or better.
+    """
+    x = np.asarray(w, dtype=np.float64)
+    assert np.array_equal(got["sample_index"], dense.sample_index)
+    assert got["ref_index"].dtype == np.int64 and got["sample_index"].dtype == np.int64
+    assert np.array_equal(got["ref_index"], dense.ref_index), (got["ref_index"], dense.ref_index)
+    assert np.array_equal(got["sample_mode"], dense.labels)
+    assert got["refs"].dtype == np.float64
+    assert np.array_equal(got["refs"], dense.refs)
+    mode = got["mode"].astype(np.int64)
+    bad = np.flatnonzero(mode != dense.mode)
+    if bad.size:
+        top = np.sort(np.abs(dense.corr_all[bad]), axis=1)
+        assert np.all(top[:, -1] - top[:, -2] < 1e-9), f"{bad.size} modes differ, e.g. row {bad[0]}"
+    assert np.array_equal(got["flags"], dense.flags), np.flatnonzero(got["flags"] != dense.flags)
+    finite = (dense.flags & F_NONFINITE) == 0
+    xf = np.where(finite[:, None], x, 0.0)
+    mean = xf.mean(axis=1)
+    ssx = ((xf - mean[:, None]) ** 2).sum(axis=1)
+    rr = dense.refs[dense.mode]
+    rc = rr - rr.mean(axis=1, keepdims=True)
+    ssr = (rc * rc).sum(axis=1)
+    scale_a = np.sqrt(ssx / ssr)
+    scale_b = np.abs(mean) + scale_a * np.abs(rr.mean(axis=1))
+    ok = mode == dense.mode
+    assert np.all(np.abs(got["a"] - dense.a)[ok] <= 1e-9 * scale_a[ok] + 1e-12 * np.abs(dense.a[ok]))
+    assert np.array_equal(np.isnan(got["b"]), np.isnan(dense.b))
+    fb = ok & finite
+    assert np.all(np.abs(got["b"] - dense.b)[fb] <= 1e-9 * scale_b[fb])
+    assert got["corr"].dtype == np.float32 and got["residual"].dtype == np.float32
+    assert np.all(np.abs(got["corr"].astype(np.float64) - dense.corr)[ok] <= 2 * 2.0**-23)
+    res = got["residual"].astype(np.float64)
+    tol = 1e-6 * dense.residual + 1e-12 * ssx
+    assert np.all(np.abs(res - dense.residual)[ok] <= tol[ok])
+
+
+def dense_summary(
+    w: np.ndarray, dense: DenseCMD, layers: Sequence[tuple[str, int, int]]
+) -> dict[str, Any]:
+    """Relative Frobenius errors ||W - What|| / ||W|| over the finite rows: overall, per mode,
+    per layer (``(name, first row, stop row)``) and per epoch, and mean |corr| per mode."""
+    x = np.asarray(w, dtype=np.float64)
+    finite = (dense.flags & F_NONFINITE) == 0
+    valid = finite & ((dense.flags & F_CONSTANT) == 0)
+    err = np.where(finite[:, None], x - dense.recon, 0.0) ** 2
+    en = np.where(finite[:, None], x, 0.0) ** 2
+
+    def rel(rows: np.ndarray) -> float | None:
+        den = en[rows].sum()
+        return float(np.sqrt(err[rows].sum() / den)) if den > 0 else None
+
+    def mac(rows: np.ndarray) -> float | None:
+        v = rows & valid
+        return float(np.abs(dense.corr[v]).mean()) if v.any() else None
+
+    every = np.ones(x.shape[0], dtype=bool)
+    per_mode = []
+    for m in range(dense.n_modes):
+        rows = dense.mode == m
+        per_mode.append(
+            {"count": int(rows.sum()), "relative_error": rel(rows), "mean_abs_corr": mac(rows)}
+        )
+    per_layer = []
+    for name, lo, hi in layers:
+        rows = np.zeros(x.shape[0], dtype=bool)
+        rows[lo:hi] = True
+        per_layer.append(
+            {"name": name, "count": hi - lo, "relative_error": rel(rows), "mean_abs_corr": mac(rows)}
+        )
+    per_epoch = np.sqrt(err.sum(axis=0) / en.sum(axis=0))
+    return {
+        "relative_error": rel(every),
+        "modes": per_mode,
+        "layers": per_layer,
+        "epochs": per_epoch.tolist(),
+        "constant": int(((dense.flags & F_CONSTANT) != 0).sum()),
+        "nonfinite": int((~finite).sum()),
+    }
+
+
+def store_layers(store: Path | str) -> list[tuple[str, int, int]]:
+    """``(tensor name, first row, stop row)`` of every stored tensor, in row order."""
+    meta = pipeline.open_store(str(store)).meta
+    assert meta is not None
+    return [(t.name, t.offset, t.offset + t.size) for t in meta.stored_tensors()]
+
+
+# --------------------------------------------------------------------------- CMD: trajectories
+def mode_profiles(t_steps: int, kinds: Sequence[str] = ("exp", "sigmoid", "sin", "cos")) -> np.ndarray:
+    """(M, T) smooth, clearly distinct time profiles (pairwise |corr| < 0.85 for the default four)."""
+    t = np.linspace(0.0, 1.0, t_steps)
+    table = {
+        "exp": np.exp(-8 * t),
+        "sigmoid": 1 / (1 + np.exp(-(t - 0.6) * 25)),
+        "sin": np.sin(2 * np.pi * t),
+        "cos": np.cos(3 * np.pi * t),
+        "linear": t,
+    }
+    return np.stack([table[k] for k in kinds])
+
+
+@dataclass
+class Planted:
+    """A planted CMD model: per row its mode, a, b; ``clean`` = a * P[mode] + b (float64)."""
+
+    profiles: np.ndarray  # (M, T)
+    mode: np.ndarray  # (N,)
+    a: np.ndarray
+    b: np.ndarray
+    clean: np.ndarray  # (N, T)
+    noisy: np.ndarray  # (N, T) float64, before casting to the tensor's dtype
+
+
+def planted_rows(
+    n: int,
+    profiles: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    noise: float = 1e-4,
+    a_range: tuple[float, float] = (0.2, 2.0),
+    b_scale: float = 1.0,
+    modes: np.ndarray | None = None,
+) -> Planted:
+    """``n`` rows following ``a * P[mode](t) + b`` (a of both signs) plus Gaussian noise of
+    ``noise`` times |a| (per value)."""
+    m = rng.integers(profiles.shape[0], size=n) if modes is None else np.asarray(modes)
+    a = rng.uniform(*a_range, size=n) * rng.choice([-1.0, 1.0], size=n)
+    b = b_scale * rng.standard_normal(n)
+    clean = a[:, None] * profiles[m] + b[:, None]
+    noisy = clean + noise * np.abs(a)[:, None] * rng.standard_normal(clean.shape)
+    return Planted(profiles, m, a, b, clean, noisy)
+
+
+def rows_to_state_dicts(
+    tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype, np.ndarray]],
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> list[OrderedDict[str, torch.Tensor]]:
+    """State dicts per epoch from ``name -> (shape, dtype, rows (numel, T) float64)``;
+    ``extra`` tensors (e.g. an int64 buffer) are added unchanged to every epoch."""
+    t_steps = next(iter(tensors.values()))[2].shape[1]
+    out = []
+    for e in range(t_steps):
+        sd: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, (shape, dtype, rows) in tensors.items():
+            sd[name] = torch.from_numpy(np.ascontiguousarray(rows[:, e])).to(dtype).reshape(shape)
+        for name, t in (extra or {}).items():
+            sd[name] = t.clone()
+        out.append(sd)
+    return out
+
+
+def modal_state_dicts(
+    t_steps: int, *, seed: int = 0, noise: float = 0.05
+) -> list[OrderedDict[str, torch.Tensor]]:
+    """A small model (about 3,400 rows) whose weights follow 4 modes with visible noise, in
+    float32, bfloat16, float16 and float64, plus LayerNorm-like weights near 1.0 moving by
+    1e-4, a frozen (constant) tensor and an int64 buffer."""
+    rng = np.random.default_rng(seed)
+    p = mode_profiles(t_steps)
+
+    def rows(n: int, scale: float = 1.0) -> np.ndarray:
+        return planted_rows(n, p, rng, noise=noise, b_scale=scale).noisy
+
+    near_one = 1.0 + 1e-4 * planted_rows(64, p, rng, noise=0.02, b_scale=0.3).noisy
+    frozen = np.repeat(rng.standard_normal((16, 1)), t_steps, axis=1)
+    spec = {
+        "enc.weight": ((40, 50), torch.float32, rows(2000)),
+        "enc.bias": ((50,), torch.bfloat16, rows(50)),
+        "dec.weight": ((30, 40), torch.float16, rows(1200)),
+        "norm.weight": ((64,), torch.float32, near_one),
+        "frozen.weight": ((4, 4), torch.float32, frozen),
+        "head.bias": ((10,), torch.float64, rows(10, 0.1)),
+    }
+    return rows_to_state_dicts(spec, {"steps.num_batches_tracked": torch.tensor(7)})
+
+
+def write_safetensors_run(root: Path, sds: Sequence[Mapping[str, torch.Tensor]]) -> list[Path]:
+    """``sds`` as ``root/epoch_<e>.safetensors`` for e = 0, 1, ..."""
+    return write_run(root, sds, "safetensors")

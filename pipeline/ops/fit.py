@@ -23,7 +23,7 @@ import numpy as np
 from pipeline._version import __version__
 from pipeline.cluster import cluster_modes
 from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
-from pipeline.errors import ConfigMismatchError, PipelineError, StoreError
+from pipeline.errors import ConfigMismatchError, PipelineError, SchemaVersionError, StoreError
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
 from pipeline.kernels.cmd import References, pearson
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
@@ -75,6 +75,13 @@ class FitResult:
         f = s["flags"]
         lines.append(f"  constant parameters: {f['constant']:,}; with NaN/Inf: {f['nonfinite']:,}")
         return "\n".join(lines)
+
+
+def _brief(v: Any) -> str:
+    """A configuration value for a message: epoch lists as ranges."""
+    if isinstance(v, list) and len(v) > 4 and all(isinstance(e, int) for e in v):
+        return f"[{v[0]}, {v[1]}, ..., {v[-1]}] ({len(v)} epochs)"
+    return repr(v)
 
 
 def _fmt(v: float | None) -> str:
@@ -278,8 +285,26 @@ def fit(
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
     cols = np.asarray(cols_list, dtype=np.int64)
     resume = False
+    attrs: dict[str, Any] | None = None
     if ag.exists():
-        attrs = ag.attrs()
+        try:
+            attrs = ag.attrs()
+        except SchemaVersionError:
+            raise
+        except StoreError:
+            # not ours (no analysis attribute): only --force may replace it
+            if not force:
+                raise StoreError(
+                    f"analyses/{name} exists but is not a cmd-pipeline analysis; "
+                    "pass --force to replace it"
+                ) from None
+            ag.delete()
+            attrs = None
+        if attrs is not None and attrs.get("status") == "creating":
+            # an earlier fit was interrupted while creating the group: nothing was computed
+            ag.delete()
+            attrs = None
+    if attrs is not None:
         same = attrs.get("config") == config and attrs.get("trajectory_fingerprint") == fingerprint
         if same and attrs.get("status") == "complete":
             return FitResult(
@@ -296,15 +321,16 @@ def fit(
             resume = True
         elif not force:
             old = attrs.get("config") or {}
-            brief = {k: old.get(k) for k in ("modes", "threshold", "samples", "seed", "window")}
-            why = (
-                "configuration"
-                if attrs.get("config") != config
-                else "trajectory (re-ingested since)"
-            )
+            # name what differs: the same arguments select other epochs after an append
+            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
+            if diff:
+                desc = "configuration (" + ", ".join(
+                    f"{k}: stored {_brief(a)}, requested {_brief(b)}" for k, (a, b) in diff.items()
+                ) + ")"
+            else:
+                desc = "trajectory (re-ingested since)"
             raise ConfigMismatchError(
-                f"analysis {name!r} exists with another {why} (stored {brief}); "
-                "pass --force to replace it"
+                f"analysis {name!r} exists with another {desc}; pass --force to replace it"
             )
         else:
             ag.delete()
@@ -352,6 +378,8 @@ def fit(
             sampling_bytes_read=nbytes,
             float_buffers=meta.settings.float_buffers,
         )
+    if resume:
+        ag.remove_partials()  # temporary files of writes that an interruption cut off
     done = ag.finished_blocks() if resume else set()
     todo = [p for p in plans if p.index not in done]
     refs = References.from_profiles(refs_raw)

@@ -96,6 +96,7 @@ def reconstruct(
             config={"write_empty_chunks": True},
         )
     arr = g[RECONSTRUCTED]
+    ag.remove_partials()  # temporary files of writes that an interruption cut off
     prefix = f"{ag.path}/{RECONSTRUCTED}/c/"
     done = {k[len(prefix) :] for k in _keys(st, prefix)}
     todo = [

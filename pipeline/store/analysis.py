@@ -15,7 +15,8 @@ Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples):
                                           so it marks the block finished (resume)
 
 Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration, the package
-version, the trajectory's fingerprint, the status (``running``/``complete``) and summaries.
+version, the trajectory's fingerprint, the status (``creating`` while the group is being made,
+then ``running``, then ``complete``) and summaries.
 """
 
 from __future__ import annotations
@@ -105,7 +106,18 @@ class AnalysisGroup:
     ) -> None:
         """Create the group and its arrays; write the small ones (client side)."""
         root = self._root()
-        g = root.require_group(ANALYSES).create_group(self.name)
+        # marked ours from the start: a fit interrupted before it records its configuration
+        # leaves status "creating", which the next fit replaces
+        g = root.require_group(ANALYSES).create_group(
+            self.name,
+            attributes={
+                ANALYSIS_ATTR: {
+                    "schema": ANALYSIS_SCHEMA,
+                    "version": ANALYSIS_VERSION,
+                    "status": "creating",
+                }
+            },
+        )
         chunk = (min(block_rows, max(n_rows, 1)),)
         kinds = {
             "mode": mode_dtype(n_modes),
@@ -160,6 +172,24 @@ class AnalysisGroup:
             if len(parts) == 2 and parts[0].isdigit() and parts[1] == "0":
                 out.add(int(parts[0]))
         return out
+
+    def remove_partials(self) -> int:
+        """Delete temporary files (``*.partial``) that a writer killed mid-write left behind.
+
+        Zarr's local store writes a chunk to ``<key>.<uuid>.partial`` and renames it into
+        place; a killed task leaves the temporary file, which no later run would overwrite.
+        Call before resuming; returns how many were deleted.
+        """
+        root = self._root()
+        prefix = f"{self.path}/"
+
+        async def _ls() -> list[str]:
+            return [k async for k in root.store.list_prefix(prefix)]
+
+        stray = [k for k in sync(_ls()) if k.endswith(".partial")]
+        for k in stray:
+            sync(root.store.delete(k))
+        return len(stray)
 
     def array(self, name: str) -> Any:
         return self.group()[name]
