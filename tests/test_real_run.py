@@ -1,0 +1,63 @@
+"""A real recorded training run (the digits CNN with BatchNorm) through ingest, export and CMD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pipeline
+from workflows.digits import TrainConfig, build_model, evaluate, load_digits_split, train_and_record
+
+SYNC = pipeline.RuntimeOptions(mode="threads", progress=False)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainConfig, dict]:
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig(model="cnn", epochs=8, seed=3, batch_size=32, batchnorm=True, fmt="pt")
+    return out, cfg, train_and_record(out, cfg)
+
+
+def _accuracy(cfg: TrainConfig, state: dict) -> float:
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    _, _, x, y = load_digits_split(cfg.seed)
+    with torch.no_grad():
+        return evaluate(model, x, y)[1]
+
+
+def test_recorded_run_ingests_and_exports_exactly(recorded: tuple[Path, TrainConfig, dict], tmp_path: Path) -> None:
+    run_dir, cfg, run = recorded
+    store = tmp_path / "s.zarr"
+    res = pipeline.ingest([run_dir], store, runtime=SYNC)
+    model = build_model(cfg)
+    n_float = sum(v.numel() for v in model.state_dict().values() if v.is_floating_point())
+    assert res.n_rows == n_float and res.n_epochs == cfg.epochs + 1
+    info = pipeline.info(store)
+    int_buffers = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    assert len(int_buffers) == 1 and int_buffers[0].endswith("num_batches_tracked")
+    assert info["buffers"] == 3  # running_mean, running_var (stored) and num_batches_tracked
+    assert info["not_stored"] == int_buffers
+    for rec in (run["epochs"][0], run["epochs"][-1]):
+        out = pipeline.export(store, rec["epoch"], tmp_path / f"e{rec['epoch']}.safetensors")
+        original = torch.load(run_dir / Path(rec["checkpoint"]).name, weights_only=True)
+        exported = load_file(str(out))
+        assert exported.keys() == original.keys()
+        assert all(torch.equal(exported[k], original[k]) for k in original)
+        assert _accuracy(cfg, exported) == rec["test_accuracy"]
+
+
+def test_cmd_of_a_real_run_keeps_its_accuracy(recorded: tuple[Path, TrainConfig, dict], tmp_path: Path) -> None:
+    """With many modes the CMD weights classify as well as the trained ones (within 3 points)."""
+    run_dir, cfg, run = recorded
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([run_dir], store, runtime=SYNC)
+    fit = pipeline.fit(store, "m20", modes=20, samples=600, seed=0, runtime=SYNC)
+    assert fit.n_modes >= 10 and fit.summary["relative_error"] < 0.2
+    last = run["epochs"][-1]
+    out = pipeline.export(store, last["epoch"], tmp_path / "cmd.pt", analysis="m20")
+    acc = _accuracy(cfg, torch.load(out, weights_only=True))
+    assert acc >= last["test_accuracy"] - 0.03, (acc, last["test_accuracy"])
