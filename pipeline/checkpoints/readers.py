@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import struct
-import threading
 import zipfile
 import zlib
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pipeline.buffers import scratch
 from pipeline.config import READ_BLOCK_BYTES
 from pipeline.errors import InputError
 
@@ -158,16 +158,9 @@ def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
         raise TypeError(f"dtype {dtype} is not floating")
 
 
-_scratch = threading.local()
-
-
 def _scratch_buffer(nbytes: int) -> np.ndarray:
     """A per-thread reusable byte buffer (first-touch allocation is slow: reuse it)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
-        _scratch.buf = buf
-    return buf[:nbytes]
+    return scratch("reader-bytes", nbytes, np.uint8)
 
 
 def _preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:

@@ -7,13 +7,13 @@ result array, and finally its row of ``block_stats``, which marks the block fini
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from dask import delayed
 
+from pipeline.buffers import scratch
 from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, FLAG_SAMPLED, References, fit_block
 from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
@@ -69,16 +69,9 @@ class BlockPlan:
     chunk_rows: int | None = None  # the result arrays' chunk length (the last block may be shorter)
 
 
-_buf = threading.local()
-
-
 def _time_major(n_cols: int, n_rows: int) -> np.ndarray:
-    need = n_cols * n_rows
-    b = getattr(_buf, "x", None)
-    if b is None or b.size < need:
-        b = np.empty(need, dtype=np.float32)
-        _buf.x = b
-    return b[:need].reshape(n_cols, n_rows)
+    """The task's reused (window epochs, rows) float32 input buffer."""
+    return scratch("fit-block", n_cols * n_rows).reshape(n_cols, n_rows)
 
 
 def _sums(

@@ -7,13 +7,13 @@ idempotent: a task that runs twice (a worker died after it finished) writes the 
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 from dask import delayed
 
+from pipeline.buffers import scratch
 from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo, cached_reader, digest_file
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
@@ -55,25 +55,13 @@ def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:
     return EpochInspection(spec, tensors, tuple(files), inline)
 
 
-_buffers = threading.local()
-
-
 def _block_buffer(rows: int, cols: int) -> np.ndarray:
-    """A per-thread reusable (rows, cols) float32 buffer (avoids first-touch page faults)."""
-    n = rows * cols
-    buf = getattr(_buffers, "block", None)
-    if buf is None or buf.size < n:
-        buf = np.empty(n, dtype=np.float32)
-        _buffers.block = buf
-    return buf[:n].reshape(rows, cols)
+    """The task's reused (rows, cols) float32 chunk buffer."""
+    return scratch("ingest-block", rows * cols).reshape(rows, cols)
 
 
 def _column_buffer(rows: int) -> np.ndarray:
-    buf = getattr(_buffers, "col", None)
-    if buf is None or buf.size < rows:
-        buf = np.empty(rows, dtype=np.float32)
-        _buffers.col = buf
-    return buf[:rows]
+    return scratch("ingest-column", rows)
 
 
 def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tuple[str, int], ...]:
