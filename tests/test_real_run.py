@@ -61,3 +61,18 @@ def test_cmd_of_a_real_run_keeps_its_accuracy(recorded: tuple[Path, TrainConfig,
     out = pipeline.export(store, last["epoch"], tmp_path / "cmd.pt", analysis="m20")
     acc = _accuracy(cfg, torch.load(out, weights_only=True))
     assert acc >= last["test_accuracy"] - 0.03, (acc, last["test_accuracy"])
+
+
+def test_info_describes_each_study(recorded: tuple[Path, TrainConfig, dict], tmp_path: Path) -> None:
+    run_dir, _cfg, _run = recorded
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([run_dir], store, runtime=SYNC)
+    fit = pipeline.fit(store, "w", modes=3, samples=200, epochs="2:9:2", runtime=SYNC)
+    d = pipeline.info(store)
+    assert d["analyses"] == ["w"]
+    (brief,) = d["analysis_details"]
+    assert brief["status"] == "complete" and brief["modes"] == fit.n_modes and brief["window"] == "2:9:2"
+    assert brief["relative_error"] == pytest.approx(fit.summary["relative_error"])
+    from pipeline.ops.info import format_info
+
+    assert "w: complete" in format_info(d)

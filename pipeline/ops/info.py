@@ -39,7 +39,28 @@ def info(store: str | os.PathLike[str]) -> dict[str, Any]:
         "settings": meta.settings.to_dict(),
         "nonfinite": sum(e.nonfinite for e in meta.epochs),
         "analyses": st.analyses(),
+        "analysis_details": [_analysis_brief(st.url, n) for n in st.analyses()],
         "bytes_on_disk": st.size_on_disk(),
+    }
+
+
+def _analysis_brief(url: str, name: str) -> dict[str, Any]:
+    from pipeline.errors import PipelineError
+    from pipeline.store.analysis import AnalysisGroup
+
+    try:
+        attrs = AnalysisGroup(url, name).attrs()
+    except PipelineError as e:
+        return {"name": name, "status": f"unreadable ({e})"}
+    cfg = attrs.get("config") or {}
+    summary = attrs.get("summary") or {}
+    return {
+        "name": name,
+        "status": attrs.get("status"),
+        "modes": attrs.get("n_modes"),
+        "samples": attrs.get("n_samples"),
+        "window": cfg.get("window"),
+        "relative_error": summary.get("relative_error"),
     }
 
 
@@ -66,6 +87,12 @@ def format_info(d: dict[str, Any]) -> str:
         f"nonfinite={s['nonfinite']}",
         f"NaN/Inf:      {d['nonfinite']} value(s)",
         f"analyses:     {', '.join(d['analyses']) or '-'}",
+        *(
+            f"  {a['name']}: {a['status']}, {a.get('modes')} mode(s) from {a.get('samples')} samples, "
+            f"window {a.get('window')}, relative error "
+            + ("-" if a.get("relative_error") is None else f"{a['relative_error']:.4g}")
+            for a in d.get("analysis_details", [])
+        ),
         f"size on disk: {d['bytes_on_disk'] / 1e6:,.1f} MB",
     ]
     return "\n".join(lines)
