@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -342,14 +341,9 @@ class ChunkGrid:
         sync(_store_of(self.url).set(self.key(r0, col0), Buffer.from_array_like(data)))
 
 
-def read_block(
-    array: Any, r0: int, r1: int, t0: int, t1: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """Read rows ``[r0, r1)`` and columns ``[t0, t1)``; into ``out`` when given."""
-    if out is None:
-        return np.asarray(array[r0:r1, t0:t1])
-    array.get_basic_selection((slice(r0, r1), slice(t0, t1)), out=_NDBufferView(out))
-    return out
+def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:
+    """Rows ``[r0, r1)`` and columns ``[t0, t1)`` of a zarr array."""
+    return np.asarray(array[r0:r1, t0:t1])
 
 
 def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:
@@ -368,21 +362,6 @@ def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:
             done += got
     finally:
         os.close(fd)
-
-
-class _NDBufferView:
-    """Adapter so zarr can read straight into a caller's numpy buffer."""
-
-    def __new__(cls, arr: np.ndarray) -> Any:  # pragma: no cover - thin adapter
-        from zarr.core.buffer.cpu import NDBuffer
-
-        return NDBuffer.from_numpy_array(arr)
-
-
-def iter_blocks(n: int, size: int) -> Iterable[tuple[int, int]]:
-    """``(start, stop)`` of consecutive blocks of ``size`` covering ``range(n)``."""
-    for s in range(0, n, size):
-        yield s, min(s + size, n)
 
 
 def trajectory_dask(store: TrajectoryStore) -> Any:
