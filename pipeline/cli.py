@@ -312,5 +312,110 @@ def reconstruct(store: str, name: str, **kw: Any) -> None:
     click.echo(run_reconstruct(store, name, runtime=_make_runtime(kw)).summary())
 
 
+def _int_list(value: str | None, param: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"comma-separated integers, got {value!r}", param_hint=param) from None
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--name", "-n", required=True, help="The study to evaluate.")
+@click.option(
+    "--workflow",
+    "-w",
+    default=None,
+    help="digits, minilm or module:function (run folder -> state_dict -> (loss, accuracy)) "
+    "[default: the workflow recorded in run.json].",
+)
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="The training run's folder with run.json [default: beside the ingested checkpoints].",
+)
+@click.option(
+    "--sweep-modes",
+    default="1,2,5,10,20",
+    show_default=True,
+    metavar="M,M,...",
+    help="Numbers of modes of the sweep ('' for no sweep).",
+)
+@click.option(
+    "--sweep-seeds", default="0,1,2", show_default=True, metavar="S,S,...", help="Sampling seeds of the sweep."
+)
+@click.option(
+    "--sweep-samples",
+    default=None,
+    metavar="K,K,...",
+    help="Sample counts K of the sweep [default: the study's K].",
+)
+@click.option(
+    "--sweep-epochs",
+    default="last",
+    show_default=True,
+    help="Epochs at which each sweep fit is evaluated: last, all, or a comma list.",
+)
+@click.option("--keep-sweep", is_flag=True, help="Keep the sweep's studies (NAME~mM-kK-sS).")
+@_runtime_options
+@_handle_errors
+def evaluate(
+    store: str,
+    name: str,
+    workflow: str | None,
+    run_dir: str | None,
+    sweep_modes: str,
+    sweep_seeds: str,
+    sweep_samples: str | None,
+    sweep_epochs: str,
+    keep_sweep: bool,
+    **kw: Any,
+) -> None:
+    """Test loss and accuracy of the GD and the CMD weights at every epoch, and a sweep over M.
+
+    Each model is loaded with strict=True into the workflow's real model. Results go into
+    the study's attributes and analyses/NAME/report/ (evaluation.json, figures).
+    """
+    from pipeline.ops.evaluate import evaluate as run_evaluate
+
+    result = run_evaluate(
+        store,
+        name,
+        workflow=workflow,
+        run_dir=run_dir,
+        sweep_modes=_int_list(sweep_modes, "--sweep-modes"),
+        sweep_seeds=_int_list(sweep_seeds, "--sweep-seeds") or [],
+        sweep_samples=_int_list(sweep_samples, "--sweep-samples"),
+        sweep_epochs=sweep_epochs,
+        keep_sweep=keep_sweep,
+        runtime=_make_runtime(kw),
+    )
+    click.echo(result.table())
+    click.echo(f"results: {result.files['evaluation.json']}")
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option("--name", "-n", required=True, help="The study to report on.")
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    type=click.Path(),
+    help="Also copy the page here (a file, or a folder for NAME.html).",
+)
+@_handle_errors
+def report(store: str, name: str, out: str | None) -> None:
+    """Write the study's figures and a self-contained HTML report (analyses/NAME/report/)."""
+    from pipeline.ops.report import report as run_report
+
+    result = run_report(store, name, out=out)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

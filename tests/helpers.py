@@ -536,8 +536,11 @@ def dense_summary(
             {"name": name, "count": hi - lo, "relative_error": rel(rows), "mean_abs_corr": mac(rows)}
         )
     per_epoch = np.sqrt(err.sum(axis=0) / en.sum(axis=0))
+    n_finite = int(finite.sum())
     return {
         "relative_error": rel(every),
+        "mse": float(err.sum() / (n_finite * x.shape[1])) if n_finite else None,
+        "epoch_mse": (err.sum(axis=0) / n_finite).tolist() if n_finite else None,
         "modes": per_mode,
         "layers": per_layer,
         "epochs": per_epoch.tolist(),

@@ -100,6 +100,9 @@ def assert_summary_matches(
     """The stored summary equals the dense relative Frobenius errors (over the finite rows)."""
     rtol = 1e-7
     assert _close(summary["relative_error"], want["relative_error"], rtol)
+    assert _close(summary["mse"], want["mse"], 1e-6)
+    for g, w in zip(summary["epochs"], want["epoch_mse"] or [], strict=True):
+        assert _close(g["mse"], w, 1e-6), (g, w)
     assert len(summary["modes"]) == len(want["modes"])
     for m, (g, w) in enumerate(zip(summary["modes"], want["modes"], strict=True)):
         assert g["mode"] == m and g["count"] == w["count"]

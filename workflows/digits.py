@@ -38,6 +38,7 @@ __all__ = [
     "TrainConfig",
     "build_model",
     "evaluate",
+    "evaluator",
     "load_digits_split",
     "main",
     "random_shift",
@@ -324,6 +325,32 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
     return float(loss), float(accuracy)
 
 
+def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float, float]]:
+    """The test-set evaluation of a recorded run, for ``cmd-pipeline evaluate``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A folder written by :func:`train_and_record` (its ``run.json`` gives the config).
+
+    Returns
+    -------
+    callable
+        Maps a full state_dict (loaded with ``strict=True``) to ``(test loss, test
+        accuracy)``, exactly as recorded in ``run.json`` for the run's own checkpoints.
+    """
+    run = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    config = TrainConfig(**run["config"])
+    model = build_model(config)
+    _, _, x_test, y_test = load_digits_split(config.seed)
+
+    def score(state: dict[str, Tensor]) -> tuple[float, float]:
+        model.load_state_dict(state, strict=True)
+        return evaluate(model, x_test, y_test)
+
+    return score
+
+
 # ------------------------------------------------------------------------ training
 
 
@@ -462,6 +489,7 @@ def train_and_record(
             record(epoch, model, loss_sum / n_train)
 
     result: dict[str, Any] = {
+        "workflow": "digits",
         "config": asdict(config),
         "model_class": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),

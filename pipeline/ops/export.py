@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from pipeline.plan import RowLayout, blocks
 from pipeline.store.schema import EpochEntry, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore, read_block
 
-__all__ = ["ColumnSource", "export", "from_float32"]
+__all__ = ["ColumnSource", "export", "from_float32", "state_dict"]
 
 #: A source of one epoch's values: yields ``(row_start, float32 values)`` blocks in row order.
 ColumnSource = Callable[[], Iterator[tuple[int, np.ndarray]]]
@@ -134,17 +135,7 @@ def export(
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
     col = meta.column_of(epoch)
-    if analysis is not None:
-        if analysis not in st.analyses():
-            raise StoreError(
-                f"no analysis {analysis!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
-            )
-        from pipeline.ops.reconstruct import analysis_column
-
-        source = analysis_column(st, analysis, epoch)
-    else:
-        source = store_column(st, col)
-    return write_checkpoint(meta, meta.epochs[col], source, Path(out))
+    return write_checkpoint(meta, meta.epochs[col], _source(st, col, epoch, analysis), Path(out))
 
 
 def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, out: Path) -> Path:
@@ -218,6 +209,12 @@ def _write_safetensors(
 def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:
     import torch
 
+    torch.save(_torch_state(meta, entry, source), path)
+
+
+def _torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> dict[str, Any]:
+    import torch
+
     side = _Side(entry)
     arrays = {t.name: np.empty(t.size, dtype=RAW_NUMPY[t.dtype]) for t in meta.stored_tensors()}
     for t, start, vals in _segments_by_block(meta, source):
@@ -227,7 +224,33 @@ def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path:
         raw = arrays[t.name] if t.stored else np.ascontiguousarray(side.raw(t))
         raw = raw.reshape(t.shape)
         sd[t.name] = _to_torch(raw, t.dtype, torch)
-    torch.save(sd, path)
+    return sd
+
+
+def state_dict(
+    store: str | os.PathLike[str] | TrajectoryStore, epoch: int, *, analysis: str | None = None
+) -> dict[str, Any]:
+    """Epoch ``epoch`` of the store as an in-memory torch state_dict (one epoch, not the run).
+
+    Same tensors, names, shapes and dtypes as :func:`export` writes; with ``analysis``, the
+    study's CMD reconstruction of that epoch. Ready for ``load_state_dict(strict=True)``.
+    """
+    st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
+    meta = st.require_meta()
+    col = meta.column_of(epoch)
+    return _torch_state(meta, meta.epochs[col], _source(st, col, epoch, analysis))
+
+
+def _source(st: TrajectoryStore, col: int, epoch: int, analysis: str | None) -> ColumnSource:
+    if analysis is None:
+        return store_column(st, col)
+    if analysis not in st.analyses():
+        raise StoreError(
+            f"no analysis {analysis!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
+        )
+    from pipeline.ops.reconstruct import analysis_column
+
+    return analysis_column(st, analysis, epoch)
 
 
 def _to_torch(raw: np.ndarray, dtype: str, torch: object) -> object:

@@ -190,15 +190,23 @@ def summarise(
         }
 
     total = per_mode.sum(axis=0)
+    finite_rows = float(total[0] - total[5])
     return {
         "relative_error": _ratio(total[3], total[4]),
+        # mean squared weight error over the finite parameters and the window's epochs
+        "mse": float(total[3] / (finite_rows * len(epochs))) if finite_rows > 0 else None,
         "modes": [
             {"mode": m, **entry(per_mode[m]), "reference": int(ref_index[m])}
             for m in range(n_modes)
         ],
         "layers": [{"name": n, **entry(per_layer[i])} for i, n in enumerate(layer_names)],
         "epochs": [
-            {"epoch": e, "relative_error": _ratio(res_t[k], en_t[k])} for k, e in enumerate(epochs)
+            {
+                "epoch": e,
+                "relative_error": _ratio(res_t[k], en_t[k]),
+                "mse": float(res_t[k] / finite_rows) if finite_rows > 0 else None,
+            }
+            for k, e in enumerate(epochs)
         ],
         "flags": {"constant": int(total[0] - total[1] - total[5]), "nonfinite": int(total[5])},
     }

@@ -35,6 +35,8 @@ __all__ = ["ANALYSIS_ATTR", "ANALYSIS_SCHEMA", "ANALYSIS_VERSION", "AnalysisGrou
 ANALYSIS_ATTR = "cmd_pipeline_analysis"
 ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
 ANALYSIS_VERSION = 1
+#: the study's figures, evaluation results and HTML report: ``analyses/<name>/report/``
+REPORT = "report"
 PER_ROW = ("mode", "a", "b", "corr", "residual", "flags")
 
 
@@ -193,6 +195,37 @@ class AnalysisGroup:
 
     def array(self, name: str) -> Any:
         return self.group()[name]
+
+    # ------------------------------------------------------------------ report files
+    def write_file(self, relpath: str, data: bytes) -> str:
+        """Write a file (figure, JSON, HTML) under ``analyses/<name>/report/``; returns its
+        location (a local path for a local store, else a URL).
+
+        The files go through the store itself, so they land beside the study on any backend.
+        ``report/`` is made a Zarr group, so listing the study's members stays warning-free.
+        """
+        from zarr.core.buffer import default_buffer_prototype
+
+        g = self.group()
+        if REPORT not in g.group_keys():
+            g.create_group(REPORT, attributes={ANALYSIS_ATTR + "_files": "report files"})
+        key = f"{self.path}/{REPORT}/{relpath}"
+        buf = default_buffer_prototype().buffer.from_bytes(data)
+        sync(self._root().store.set(key, buf))
+        return self.location(relpath)
+
+    def read_file(self, relpath: str) -> bytes | None:
+        """A file written by :meth:`write_file`, or None."""
+        from zarr.core.buffer import default_buffer_prototype
+
+        key = f"{self.path}/{REPORT}/{relpath}"
+        buf = sync(self._root().store.get(key, prototype=default_buffer_prototype()))
+        return None if buf is None else buf.to_bytes()
+
+    def location(self, relpath: str) -> str:
+        """Where :meth:`write_file` puts ``relpath``."""
+        base = self.url.removeprefix("file://") if self.url.startswith("file://") else self.url
+        return f"{base.rstrip('/')}/{self.path}/{REPORT}/{relpath}"
 
 
 def write_result_chunk(

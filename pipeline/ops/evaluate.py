@@ -1,0 +1,454 @@
+"""``evaluate``: test loss and accuracy of the GD weights and of their CMD reconstruction.
+
+For every epoch of a study's window, the recorded (GD) weights and the CMD weights
+``a * r_mode(t) + b`` are loaded into the real model of the training workflow and evaluated
+on its test set. A sweep then fits the same window again for several numbers of modes M,
+sampling seeds and sample counts K, and records the weight MSE and the test accuracy of
+each (the paper's Figures 5-7). Results go into the study's attributes (``evaluation``) and
+into ``analyses/<name>/report/evaluation.json``, with the evaluation figures.
+
+A *workflow* turns a training run's folder (holding ``run.json``) into a function mapping a
+state_dict to ``(test loss, test accuracy)``: ``digits`` and ``minilm`` are built in, and any
+``module:function`` with that signature works (see :func:`resolve_workflow`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError, StoreError
+from pipeline.ops.export import state_dict
+from pipeline.ops.fit import fit
+from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.schema import StoreMeta
+from pipeline.store.trajectory import TrajectoryStore
+
+__all__ = [
+    "DEFAULT_SWEEP_MODES",
+    "WORKFLOWS",
+    "EvaluationResult",
+    "evaluate",
+    "find_run_dir",
+    "resolve_workflow",
+    "sweep_name",
+]
+
+#: state_dict -> (mean test loss, test accuracy)
+EvalFn = Callable[[dict[str, Any]], tuple[float, float]]
+
+#: Built-in workflows: name -> ``module:function`` taking the run folder, returning an EvalFn.
+WORKFLOWS = {
+    "digits": "workflows.digits:evaluator",
+    "minilm": "workflows.minilm:evaluator",
+}
+#: The numbers of modes of the paper's accuracy-against-M figures.
+DEFAULT_SWEEP_MODES = (1, 2, 5, 10, 20)
+SWEEP_SEP = "~"
+
+
+def sweep_name(name: str, modes: int, samples: int, seed: int) -> str:
+    """The name of a sweep study (deleted after the evaluation unless kept)."""
+    return f"{name}{SWEEP_SEP}m{modes}-k{samples}-s{seed}"
+
+
+def resolve_workflow(spec: str) -> Callable[[Path], EvalFn]:
+    """The evaluator factory of a workflow: a built-in name or ``module:function``."""
+    target = WORKFLOWS.get(spec, spec)
+    if ":" not in target:
+        raise PipelineError(
+            f"unknown workflow {spec!r}: use one of {', '.join(sorted(WORKFLOWS))} "
+            "or module:function"
+        )
+    mod_name, attr = target.split(":", 1)
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise PipelineError(f"workflow {spec!r}: cannot import {mod_name}: {e}") from e
+    fn = getattr(mod, attr, None)
+    if not callable(fn):
+        raise PipelineError(f"workflow {spec!r}: {mod_name} has no function {attr!r}")
+    return fn
+
+
+def find_run_dir(meta: StoreMeta) -> Path | None:
+    """The training run's folder: the first checkpoint folder (or its parent) with run.json."""
+    seen: set[Path] = set()
+    for entry in meta.epochs:
+        for f in entry.files:
+            for d in (Path(f.path).parent, Path(f.path).parent.parent):
+                if d in seen:
+                    continue
+                seen.add(d)
+                if (d / "run.json").is_file():
+                    return d
+    return None
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured (``evaluation`` is also stored with the study)."""
+
+    store: str
+    name: str
+    evaluation: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The GD vs CMD table: per epoch, then the sweep over M."""
+        ev = self.evaluation
+        lines = [
+            f"study {self.name!r}: {ev['study']['n_modes']} mode(s), K={ev['study']['samples']}, "
+            f"workflow {ev['workflow']}",
+            "  epoch   GD acc   CMD acc   GD loss   CMD loss   weight MSE",
+        ]
+        for r in ev["epochs"]:
+            lines.append(
+                f"  {r['epoch']:>5}   {r['gd_accuracy']:.4f}   {r['cmd_accuracy']:.4f}    "
+                f"{r['gd_loss']:.4f}    {r['cmd_loss']:.4f}    {_g(r['mse'])}"
+            )
+        f, b = ev["final"], ev["best"]
+        lines.append(
+            f"  final (epoch {f['epoch']}): GD {f['gd_accuracy']:.4f}, CMD {f['cmd_accuracy']:.4f}; "
+            f"best: GD {b['gd_accuracy']:.4f} (epoch {b['gd_epoch']}), "
+            f"CMD {b['cmd_accuracy']:.4f} (epoch {b['cmd_epoch']})"
+        )
+        sw = ev.get("sweep")
+        if sw and sw["by_modes"]:
+            lines.append(
+                f"  sweep at epoch(s) {_epochs_brief(sw['epochs'])}, over seeds {sw['seeds']} "
+                f"and K {sw['samples']}:"
+            )
+            lines.append("      M   modes   CMD acc (mean ± std)   weight MSE (mean ± std)   runs")
+            for r in sw["by_modes"]:
+                lines.append(
+                    f"  {r['modes_requested']:>5}   {r['n_modes_mean']:>5.1f}   "
+                    f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}       "
+                    f"{_g(r['mse_mean'])} ± {_g(r['mse_std'])}          {r['runs']}"
+                )
+        return "\n".join(lines)
+
+
+def _g(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _epochs_brief(e: list[int]) -> str:
+    return ", ".join(map(str, e)) if len(e) <= 4 else f"{e[0]}..{e[-1]} ({len(e)})"
+
+
+def _mean_std(v: Sequence[float | None]) -> tuple[float | None, float | None]:
+    x = [float(a) for a in v if a is not None and math.isfinite(a)]
+    if not x:
+        return None, None
+    return float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+
+
+def _recorded(run_dir: Path) -> dict[int, dict[str, Any]]:
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        return {int(r["epoch"]): r for r in run.get("epochs", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _workflow_of(run_dir: Path) -> str | None:
+    try:
+        w = json.loads((run_dir / "run.json").read_text()).get("workflow")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return w if isinstance(w, str) else None
+
+
+class _Progress:
+    def __init__(self, total: int, show: bool) -> None:
+        self.bar = None
+        if show and total > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="evaluate", unit="model", leave=False)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(
+    store: str | os.PathLike[str],
+    name: str,
+    *,
+    workflow: str | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
+    sweep_modes: Iterable[int] | None = DEFAULT_SWEEP_MODES,
+    sweep_seeds: Iterable[int] = (0, 1, 2),
+    sweep_samples: Iterable[int] | None = None,
+    sweep_epochs: str = "last",
+    keep_sweep: bool = False,
+    runtime: RuntimeOptions | None = None,
+    run: Runner | None = None,
+    evaluator: EvalFn | None = None,
+) -> EvaluationResult:
+    """Evaluate the GD and CMD weights of study ``name`` on the workflow's test set.
+
+    Parameters
+    ----------
+    store, name
+        The store and a complete study (``cmd-pipeline fit``).
+    workflow
+        ``digits``, ``minilm`` or ``module:function`` (a function of the run folder returning
+        ``state_dict -> (loss, accuracy)``); default: the ``workflow`` recorded in run.json.
+    run_dir
+        The training run's folder (with run.json); default: found beside the ingested
+        checkpoints.
+    sweep_modes
+        The numbers of modes M of the sweep (None or empty: no sweep).
+    sweep_seeds, sweep_samples
+        Sampling seeds and sample counts K of the sweep (K default: the study's K); every
+        (M, K, seed) is fitted on the study's window.
+    sweep_epochs
+        ``last`` (the window's last epoch), ``all``, or comma-separated epoch numbers at
+        which each sweep fit is evaluated.
+    keep_sweep
+        Keep the sweep studies (``<name>~m<M>-k<K>-s<seed>``) instead of deleting them.
+    evaluator
+        Use this function instead of resolving a workflow (API only).
+    """
+    t0 = time.perf_counter()
+    st = TrajectoryStore.open(store, writable=True)
+    meta = st.require_meta()
+    ag = AnalysisGroup(st.url, name)
+    if not ag.exists():
+        raise StoreError(
+            f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
+        )
+    attrs = ag.attrs()
+    if attrs.get("status") != "complete":
+        raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
+    config = attrs["config"]
+    summary = attrs["summary"]
+    window = [int(e) for e in np.asarray(ag.array("epochs")[...])]
+
+    rdir: Path | None = Path(run_dir) if run_dir is not None else find_run_dir(meta)
+    if evaluator is None:
+        if rdir is None:
+            raise PipelineError(
+                "no run.json beside the ingested checkpoints: give the training run's folder "
+                "with --run"
+            )
+        if not (rdir / "run.json").is_file():
+            raise PipelineError(f"{rdir} holds no run.json: is it a training run's folder?")
+        wf = workflow or _workflow_of(rdir)
+        if wf is None:
+            raise PipelineError(
+                f"{rdir / 'run.json'} names no workflow: pass --workflow "
+                f"({', '.join(sorted(WORKFLOWS))} or module:function)"
+            )
+        evaluator = resolve_workflow(wf)(rdir)
+    else:
+        wf = workflow or "custom"
+    recorded = _recorded(rdir) if rdir is not None else {}
+
+    modes_list = sorted({int(m) for m in (sweep_modes or ())})
+    if any(m < 1 for m in modes_list):
+        raise PipelineError("sweep modes must be at least 1")
+    seeds = sorted({int(s) for s in sweep_seeds})
+    samples = sorted({int(k) for k in (sweep_samples or [config["samples"]])})
+    if modes_list and (not seeds or not samples or min(samples) < 2):
+        raise PipelineError("the sweep needs at least one seed and sample counts of at least 2")
+    sweep_at = _sweep_epochs(sweep_epochs, window)
+    combos = [(m, k, s) for m in modes_list for k in samples for s in seeds]
+    opts = runtime or RuntimeOptions()
+    progress = _Progress(2 * len(window) + len(combos) * len(sweep_at), opts.progress)
+
+    def score(epoch: int, analysis: str | None) -> tuple[float, float]:
+        loss, acc = evaluator(state_dict(st, epoch, analysis=analysis))
+        progress.step()
+        return float(loss), float(acc)
+
+    try:
+        rows = []
+        for k, e in enumerate(window):
+            gd_loss, gd_acc = score(e, None)
+            cmd_loss, cmd_acc = score(e, name)
+            rec = recorded.get(e, {})
+            rows.append(
+                {
+                    "epoch": e,
+                    "gd_loss": gd_loss,
+                    "gd_accuracy": gd_acc,
+                    "cmd_loss": cmd_loss,
+                    "cmd_accuracy": cmd_acc,
+                    "recorded_accuracy": rec.get("test_accuracy"),
+                    "mse": summary["epochs"][k].get("mse"),
+                    "relative_error": summary["epochs"][k]["relative_error"],
+                }
+            )
+        sweep = None
+        if combos:
+            if run is None:
+                with runner(opts) as r:
+                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, r)
+            else:
+                runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, run)
+            sweep = {
+                "epochs": sweep_at,
+                "modes": modes_list,
+                "seeds": seeds,
+                "samples": samples,
+                "runs": runs,
+                "by_modes": _by_modes(runs, modes_list),
+            }
+    finally:
+        progress.close()
+
+    last = rows[-1]
+    gd_best = max(rows, key=lambda r: (r["gd_accuracy"], -r["epoch"]))
+    cmd_best = max(rows, key=lambda r: (r["cmd_accuracy"], -r["epoch"]))
+    mismatch = [
+        r["epoch"]
+        for r in rows
+        if r["recorded_accuracy"] is not None and r["recorded_accuracy"] != r["gd_accuracy"]
+    ]
+    evaluation: dict[str, Any] = {
+        "workflow": wf,
+        "run_dir": None if rdir is None else str(rdir),
+        "evaluated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "study": {
+            "n_modes": int(attrs["n_modes"]),
+            "samples": int(config["samples"]),
+            "seed": int(config["seed"]),
+            "modes_requested": config.get("modes"),
+            "threshold": config.get("threshold"),
+        },
+        "mse": summary.get("mse"),
+        "relative_error": summary["relative_error"],
+        "epochs": rows,
+        "final": {
+            "epoch": last["epoch"],
+            "gd_accuracy": last["gd_accuracy"],
+            "cmd_accuracy": last["cmd_accuracy"],
+            "gd_loss": last["gd_loss"],
+            "cmd_loss": last["cmd_loss"],
+        },
+        "best": {
+            "gd_accuracy": gd_best["gd_accuracy"],
+            "gd_epoch": gd_best["epoch"],
+            "cmd_accuracy": cmd_best["cmd_accuracy"],
+            "cmd_epoch": cmd_best["epoch"],
+        },
+        "recorded_mismatch_epochs": mismatch,
+        "sweep": sweep,
+    }
+    ag.set_attrs(evaluation=evaluation)
+    files = {"evaluation.json": ag.write_file("evaluation.json", _json_bytes(evaluation))}
+    from pipeline.report.figures import evaluation_figures
+
+    for fname, png in evaluation_figures(evaluation).items():
+        files[fname] = ag.write_file(f"figures/{fname}", png)
+    return EvaluationResult(st.url, name, evaluation, files)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _sweep_epochs(spec: str, window: list[int]) -> list[int]:
+    if spec == "last":
+        return [window[-1]]
+    if spec == "all":
+        return list(window)
+    try:
+        want = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise PipelineError(f"--sweep-epochs: 'last', 'all' or epoch numbers, got {spec!r}") from None
+    bad = [e for e in want if e not in window]
+    if bad or not want:
+        raise PipelineError(
+            f"--sweep-epochs {spec!r}: epoch(s) {bad} are not in the study's window "
+            f"({window[0]}..{window[-1]})"
+        )
+    return want
+
+
+def _sweep(
+    st: TrajectoryStore,
+    name: str,
+    config: dict[str, Any],
+    combos: list[tuple[int, int, int]],
+    at: list[int],
+    score: Callable[[int, str | None], tuple[float, float]],
+    keep: bool,
+    run: Runner,
+) -> list[dict[str, Any]]:
+    existing = set(st.analyses())
+    window = None if config.get("window") in (None, ":") else config["window"]
+    runs = []
+    for m, k, s in combos:
+        if config.get("modes") == m and config["samples"] == k and config["seed"] == s:
+            sub = name  # the study itself is one of the sweep's fits
+            attrs = AnalysisGroup(st.url, name).attrs()
+            summ, n_modes = attrs["summary"], int(attrs["n_modes"])
+        else:
+            sub = sweep_name(name, m, k, s)
+        created = sub != name and sub not in existing
+        try:
+            if sub != name:
+                res = fit(st.url, sub, modes=m, samples=k, seed=s, epochs=window, force=True, run=run)
+                summ, n_modes = res.summary, res.n_modes
+            results = []
+            for e in at:
+                loss, acc = score(e, sub)
+                results.append({"epoch": e, "cmd_loss": loss, "cmd_accuracy": acc})
+        finally:
+            if created and not keep:
+                AnalysisGroup(st.url, sub).delete()
+        runs.append(
+            {
+                "modes_requested": m,
+                "n_modes": n_modes,
+                "samples": k,
+                "seed": s,
+                "mse": summ.get("mse"),
+                "relative_error": summ["relative_error"],
+                "results": results,
+            }
+        )
+    return runs
+
+
+def _by_modes(runs: list[dict[str, Any]], modes: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for m in modes:
+        rs = [r for r in runs if r["modes_requested"] == m]
+        # the accuracy at the last sweep epoch of each run
+        acc_mean, acc_std = _mean_std([r["results"][-1]["cmd_accuracy"] for r in rs])
+        mse_mean, mse_std = _mean_std([r["mse"] for r in rs])
+        out.append(
+            {
+                "modes_requested": m,
+                "n_modes_mean": float(np.mean([r["n_modes"] for r in rs])),
+                "accuracy_mean": acc_mean,
+                "accuracy_std": acc_std,
+                "mse_mean": mse_mean,
+                "mse_std": mse_std,
+                "relative_error_mean": _mean_std([r["relative_error"] for r in rs])[0],
+                "runs": len(rs),
+            }
+        )
+    return out

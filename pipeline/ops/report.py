@@ -1,0 +1,283 @@
+"""``report``: the study's figures (PNG) and a self-contained HTML page.
+
+Everything is written under ``analyses/<name>/report/`` through the store (so it works on any
+backend): ``figures/*.png`` and ``report.html``; with ``out``, the page is also copied there.
+The page embeds its figures (base64), so it can be mailed or archived on its own.
+
+The data behind the figures is small: the K samples are read again at the window's epochs
+(K x Tw values), and the per-layer mode counts stream the ``mode`` and ``flags`` arrays (one
+and a half bytes per parameter) a block at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline._version import __version__
+from pipeline.errors import StoreError
+from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
+from pipeline.plan import RowLayout, blocks
+from pipeline.report.figures import StudyData, evaluation_figures, study_figures
+from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.trajectory import TrajectoryStore
+
+__all__ = ["ReportResult", "load_study_data", "report"]
+
+
+@dataclass
+class ReportResult:
+    store: str
+    name: str
+    html: str  # location of report.html in the store
+    copy: str | None  # the copy written to ``out``
+    figures: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        where = self.copy or self.html
+        return f"report of {self.name!r}: {where} ({len(self.figures)} figures)"
+
+
+def _layer_mode_counts(ag: AnalysisGroup, layout: RowLayout, n_modes: int) -> np.ndarray:
+    mode_arr, flag_arr = ag.array("mode"), ag.array("flags")
+    n = int(mode_arr.shape[0])
+    rows = int(mode_arr.chunks[0])
+    counts = np.zeros((len(layout.names), n_modes + 1), dtype=np.int64)
+    index = {nm: i for i, nm in enumerate(layout.names)}
+    for r0, r1 in blocks(n, rows):
+        mode = np.asarray(mode_arr[r0:r1]).astype(np.int64)
+        skip = (np.asarray(flag_arr[r0:r1]) & (FLAG_CONSTANT | FLAG_NONFINITE)) != 0
+        for s in layout.segments(r0, r1):
+            sl = slice(s.out, s.out + s.stop - s.start)
+            li = index[s.name]
+            sk = skip[sl]
+            counts[li, :n_modes] += np.bincount(mode[sl][~sk], minlength=n_modes)[:n_modes]
+            counts[li, n_modes] += int(sk.sum())
+    return counts
+
+
+def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
+    """The small arrays the study figures need, read from the store."""
+    st = TrajectoryStore.open(store)
+    meta = st.require_meta()
+    ag = AnalysisGroup(st.url, name)
+    if not ag.exists():
+        raise StoreError(
+            f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
+        )
+    attrs = ag.attrs()
+    if attrs.get("status") != "complete":
+        raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
+    epochs = np.asarray(ag.array("epochs")[...]).astype(np.int64)
+    cols = np.asarray([meta.column_of(int(e)) for e in epochs], dtype=np.int64)
+    sample_index = np.asarray(ag.array("sample_index")[...]).astype(np.int64)
+    profiles, _ = st.chunk_grid().read_scattered(sample_index, cols)
+    refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
+    stored = meta.stored_tensors()
+    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
+    return StudyData(
+        name=name,
+        epochs=epochs,
+        profiles=np.asarray(profiles, dtype=np.float64),
+        sample_mode=np.asarray(ag.array("sample_mode")[...]).astype(np.int64),
+        sample_order=np.asarray(ag.array("sample_order")[...]).astype(np.int64),
+        sample_a=np.asarray(ag.array("a").oindex[sample_index], dtype=np.float64),
+        sample_b=np.asarray(ag.array("b").oindex[sample_index], dtype=np.float64),
+        refs=refs,
+        mode_counts=np.asarray([m["count"] for m in attrs["summary"]["modes"]], dtype=np.int64),
+        layer_names=list(layout.names),
+        layer_mode_counts=_layer_mode_counts(ag, layout, refs.shape[0]),
+    )
+
+
+def report(
+    store: str | os.PathLike[str], name: str, *, out: str | os.PathLike[str] | None = None
+) -> ReportResult:
+    """Write the study's figures and ``report.html`` (see the module docstring)."""
+    st = TrajectoryStore.open(store, writable=True)
+    data = load_study_data(st.url, name)
+    ag = AnalysisGroup(st.url, name)
+    attrs = ag.attrs()
+    evaluation = attrs.get("evaluation")
+    figs = study_figures(data)
+    if evaluation:
+        figs.update(evaluation_figures(evaluation))
+    locations = {f: ag.write_file(f"figures/{f}", png) for f, png in figs.items()}
+    page = render_html(st.url, name, attrs, figs, data).encode()
+    loc = ag.write_file("report.html", page)
+    copy = None
+    if out is not None:
+        p = Path(out)
+        if p.is_dir() or str(out).endswith(("/", os.sep)):
+            p = p / f"{name}.html"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".partial")
+        tmp.write_bytes(page)
+        os.replace(tmp, p)
+        copy = str(p)
+    return ReportResult(st.url, name, loc, copy, locations)
+
+
+# ---------------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:.85em;color:#555}
+.meta{color:#555;font-size:.9em}.good{color:#17672c}.bad{color:#a11}
+"""
+
+
+def _f(v: Any, fmt: str = ".4g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, fmt)
+    return html.escape(str(v))
+
+
+def _table(head: list[str], rows: list[list[Any]], left: int = 1) -> str:
+    th = "".join(f'<th class="{"l" if i < left else ""}">{html.escape(h)}</th>' for i, h in enumerate(head))
+    body = []
+    for r in rows:
+        tds = "".join(
+            f'<td class="{"l" if i < left else ""}">{c if isinstance(c, str) else _f(c)}</td>'
+            for i, c in enumerate(r)
+        )
+        body.append(f"<tr>{tds}</tr>")
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(figs: dict[str, bytes], key: str, caption: str) -> str:
+    if key not in figs:
+        return ""
+    b64 = base64.b64encode(figs[key]).decode()
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def render_html(
+    url: str, name: str, attrs: dict[str, Any], figs: dict[str, bytes], data: StudyData
+) -> str:
+    """The self-contained report page."""
+    cfg = attrs.get("config", {})
+    summ = attrs["summary"]
+    ev = attrs.get("evaluation")
+    n_params = int(sum(m["count"] for m in summ["modes"]))
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>CMD report: {html.escape(name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>CMD study <code>{html.escape(name)}</code></h1>",
+        f"<p class='meta'>store <code>{html.escape(url)}</code> · cmd-pipeline {__version__} · "
+        f"generated {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}</p>",
+        "<h2>Summary</h2>",
+        _table(
+            ["quantity", "value"],
+            [
+                ["parameters (trajectory rows)", f"{n_params:,}"],
+                ["epochs in the window", f"{len(data.epochs)} ({data.epochs[0]}..{data.epochs[-1]})"],
+                ["modes M", str(attrs.get("n_modes"))],
+                ["requested", f"modes={cfg.get('modes')} threshold={cfg.get('threshold')}"],
+                ["samples K (seed)", f"{attrs.get('n_samples')} ({cfg.get('seed')})"],
+                ["relative error ‖W−Ŵ‖/‖W‖", _f(summ.get("relative_error"))],
+                ["weight MSE", _f(summ.get("mse"))],
+                ["constant parameters", f"{summ['flags']['constant']:,}"],
+                ["parameters with NaN/Inf", f"{summ['flags']['nonfinite']:,}"],
+            ],
+        ),
+    ]
+    if ev:
+        f, b = ev["final"], ev["best"]
+        d_acc = f["cmd_accuracy"] - f["gd_accuracy"]
+        cls = "good" if d_acc >= 0 else "bad"
+        parts += [
+            "<h2>GD against CMD on the test set</h2>",
+            f"<p>workflow <code>{html.escape(str(ev['workflow']))}</code>; final epoch "
+            f"{f['epoch']}: GD accuracy {f['gd_accuracy']:.4f}, CMD accuracy {f['cmd_accuracy']:.4f} "
+            f"(<span class='{cls}'>{d_acc:+.4f}</span>); best GD {b['gd_accuracy']:.4f} "
+            f"(epoch {b['gd_epoch']}), best CMD {b['cmd_accuracy']:.4f} (epoch {b['cmd_epoch']}).</p>",
+            _img(figs, "accuracy.png", "GD and CMD test accuracy and loss over the epochs"),
+        ]
+        sw = ev.get("sweep")
+        if sw and sw.get("by_modes"):
+            parts += [
+                "<h3>Accuracy and weight MSE against the number of modes</h3>",
+                _img(figs, "sweep.png", "mean ± std over sampling seeds and K"),
+                _table(
+                    ["M requested", "modes found", "CMD accuracy", "± std", "weight MSE", "± std", "runs"],
+                    [
+                        [
+                            str(r["modes_requested"]),
+                            r["n_modes_mean"],
+                            r["accuracy_mean"],
+                            r["accuracy_std"],
+                            r["mse_mean"],
+                            r["mse_std"],
+                            str(r["runs"]),
+                        ]
+                        for r in sw["by_modes"]
+                    ],
+                ),
+                f"<p class='meta'>accuracy at epoch {sw['epochs'][-1]}; seeds {sw['seeds']}, "
+                f"K {sw['samples']}</p>",
+            ]
+        parts += [
+            "<h3>Per epoch</h3>",
+            _table(
+                ["epoch", "GD acc", "CMD acc", "GD loss", "CMD loss", "weight MSE", "rel. error"],
+                [
+                    [
+                        str(r["epoch"]),
+                        r["gd_accuracy"],
+                        r["cmd_accuracy"],
+                        r["gd_loss"],
+                        r["cmd_loss"],
+                        r["mse"],
+                        r["relative_error"],
+                    ]
+                    for r in ev["epochs"]
+                ],
+            ),
+        ]
+    parts += [
+        "<h2>Modes</h2>",
+        _img(figs, "correlation.png", "Pearson correlation of the sampled weights in dendrogram "
+             "order; squares mark the modes"),
+        _table(
+            ["mode", "parameters", "mean |corr|", "rel. error", "reference row"],
+            [
+                [str(m["mode"]), f"{m['count']:,}", m["mean_abs_corr"], m["relative_error"], str(m["reference"])]
+                for m in summ["modes"]
+            ],
+        ),
+        _img(figs, "mode_bands.png", "per mode: median and 95% band of the normalised sampled "
+             "profiles (anti-correlated ones flipped), and the reference"),
+        _img(figs, "references.png", "the reference profiles"),
+        _img(figs, "samples.png", "sampled weights and their CMD reconstructions"),
+        "<h2>Layers</h2>",
+        _img(figs, "layers.png", "how each layer's parameters are spread over the modes"),
+        _table(
+            ["tensor", "parameters", "mean |corr|", "rel. error"],
+            [[html.escape(r["name"]), f"{r['count']:,}", r["mean_abs_corr"], r["relative_error"]]
+             for r in summ["layers"]],
+        ),
+        "<h2>Configuration</h2>",
+        f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>",
+        "</body></html>",
+    ]
+    return "\n".join(p for p in parts if p)
