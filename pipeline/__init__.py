@@ -15,32 +15,40 @@ from pipeline.errors import (
     SchemaVersionError,
     StoreError,
 )
-from pipeline.ops.export import export
+from pipeline.ops.evaluate import EvaluationResult, evaluate
+from pipeline.ops.export import export, state_dict
 from pipeline.ops.fit import FitResult, fit
 from pipeline.ops.info import info
 from pipeline.ops.ingest import IngestResult, ingest
 from pipeline.ops.reconstruct import ReconstructResult, reconstruct
+from pipeline.ops.report import ReportResult, load_study_data, report
 from pipeline.runtime import RuntimeOptions
 from pipeline.store import TrajectoryStore, trajectory_dask
 
 __all__ = [
     "ConfigMismatchError",
+    "EvaluationResult",
     "FitResult",
     "IngestResult",
     "InputError",
     "PipelineError",
     "ReconstructResult",
+    "ReportResult",
     "RuntimeOptions",
     "SchemaVersionError",
     "StoreError",
     "TrajectoryStore",
     "__version__",
+    "evaluate",
     "export",
     "fit",
     "info",
     "ingest",
+    "load_study_data",
     "open_store",
     "reconstruct",
+    "report",
+    "state_dict",
     "trajectory_dask",
 ]
 

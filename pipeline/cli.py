@@ -406,7 +406,7 @@ def evaluate(
     "-o",
     default=None,
     type=click.Path(),
-    help="Also copy the page here (a file, or a folder for NAME.html).",
+    help="Also copy the page here: a .html file, or a folder (gets NAME.html).",
 )
 @_handle_errors
 def report(store: str, name: str, out: str | None) -> None:

@@ -116,7 +116,7 @@ def report(
     copy = None
     if out is not None:
         p = Path(out)
-        if p.is_dir() or str(out).endswith(("/", os.sep)):
+        if p.is_dir() or p.suffix.lower() not in (".html", ".htm"):
             p = p / f"{name}.html"
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".partial")

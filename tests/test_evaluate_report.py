@@ -1,0 +1,270 @@
+"""``evaluate`` and ``report`` on a real recorded run and on planted data.
+
+- a tiny real digits CNN run: the GD weights read back from the store score exactly what
+  training recorded; with many modes the CMD weights score within a stated tolerance of GD;
+  the sweep over M, seeds and K is recorded, and its studies are removed afterwards;
+- planted modes: the weight MSE of the sweep does not increase with M;
+- the figures are real PNGs, the HTML report embeds them, and the CLI prints the table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from helpers import (
+    SYNC,
+    THREADS,
+    mode_profiles,
+    planted_rows,
+    rows_to_state_dicts,
+    write_safetensors_run,
+)
+
+import pipeline
+from pipeline.cli import main
+from pipeline.errors import PipelineError, StoreError
+from pipeline.ops.evaluate import find_run_dir, resolve_workflow, sweep_name
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: CMD with many modes (M=200 of K=600 samples) against GD: final test accuracy within this
+ACC_TOL_LARGE_M = 0.02
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, Any]]:
+    from workflows.digits import TrainConfig, train_and_record
+
+    root = tmp_path_factory.mktemp("digits")
+    run_dir = root / "run"
+    run = train_and_record(run_dir, TrainConfig(model="cnn", epochs=8, seed=1, batch_size=32))
+    store = root / "store.zarr"
+    pipeline.ingest([str(run_dir)], str(store), runtime=SYNC)
+    return store, run_dir, run
+
+
+def test_large_m_matches_gd_and_gd_matches_recording(digits_store) -> None:
+    store, run_dir, run = digits_store
+    pipeline.fit(str(store), "big", modes=200, samples=600, runtime=THREADS)
+    ev = pipeline.evaluate(str(store), "big", sweep_modes=None, runtime=THREADS)
+    e = ev.evaluation
+    assert e["workflow"] == "digits" and e["run_dir"] == str(run_dir)
+    assert [r["epoch"] for r in e["epochs"]] == [r["epoch"] for r in run["epochs"]]
+    # the store keeps float32 weights bit for bit: GD scores exactly what training recorded
+    for got, rec in zip(e["epochs"], run["epochs"], strict=True):
+        assert got["gd_accuracy"] == rec["test_accuracy"]
+        assert got["gd_loss"] == pytest.approx(rec["test_loss"], rel=1e-6)
+    assert e["recorded_mismatch_epochs"] == []
+    assert e["study"]["n_modes"] > 100
+    final = e["final"]
+    assert final["gd_accuracy"] > 0.9
+    assert abs(final["cmd_accuracy"] - final["gd_accuracy"]) <= ACC_TOL_LARGE_M
+    # and the weight error of that many modes is small
+    assert e["relative_error"] < 0.1
+    assert e["sweep"] is None
+
+
+def test_sweep_records_m_seeds_k_and_cleans_up(digits_store) -> None:
+    store, _run_dir, _run = digits_store
+    pipeline.fit(str(store), "s5", modes=5, samples=300, seed=0, runtime=THREADS)
+    before = pipeline.open_store(str(store)).analyses()
+    ev = pipeline.evaluate(
+        str(store),
+        "s5",
+        sweep_modes=[1, 5, 10],
+        sweep_seeds=[0, 1],
+        sweep_samples=[150, 300],
+        runtime=THREADS,
+    )
+    sw = ev.evaluation["sweep"]
+    assert sw["modes"] == [1, 5, 10] and sw["seeds"] == [0, 1] and sw["samples"] == [150, 300]
+    assert len(sw["runs"]) == 12
+    assert {(r["modes_requested"], r["samples"], r["seed"]) for r in sw["runs"]} == {
+        (m, k, s) for m in (1, 5, 10) for k in (150, 300) for s in (0, 1)
+    }
+    by = {r["modes_requested"]: r for r in sw["by_modes"]}
+    assert by[1]["n_modes_mean"] == 1.0 and by[1]["runs"] == 4
+    for r in sw["runs"]:
+        assert r["results"][0]["epoch"] == 8 and 0 <= r["results"][0]["cmd_accuracy"] <= 1
+    # the study itself is the (5, 300, 0) fit of the sweep
+    same = next(r for r in sw["runs"] if (r["modes_requested"], r["samples"], r["seed"]) == (5, 300, 0))
+    assert same["results"][0]["cmd_accuracy"] == ev.evaluation["final"]["cmd_accuracy"]
+    # more modes, less weight error (mean over the sweep's seeds and K)
+    assert by[1]["mse_mean"] > by[5]["mse_mean"] > by[10]["mse_mean"]
+    # the sweep's own studies are gone, the study and its siblings stay
+    assert pipeline.open_store(str(store)).analyses() == before
+    # results are stored with the study and as JSON beside it
+    attrs = zarr.open_group(str(store), mode="r")["analyses/s5"].attrs["cmd_pipeline_analysis"]
+    assert attrs["evaluation"]["sweep"]["by_modes"] == sw["by_modes"]
+    on_disk = json.loads(Path(ev.files["evaluation.json"]).read_text())
+    assert on_disk["final"] == ev.evaluation["final"]
+    for f in ("accuracy.png", "sweep.png"):
+        assert Path(ev.files[f]).read_bytes().startswith(PNG_MAGIC)
+    table = ev.table()
+    assert "GD acc" in table and "CMD acc (mean ± std)" in table
+
+
+def test_keep_sweep_and_sweep_epochs(digits_store) -> None:
+    store, _, _ = digits_store
+    pipeline.fit(str(store), "k", modes=3, samples=200, seed=4, runtime=THREADS)
+    ev = pipeline.evaluate(
+        str(store), "k", sweep_modes=[2], sweep_seeds=[0], sweep_epochs="0,4,8", keep_sweep=True,
+        runtime=THREADS,
+    )
+    assert [r["epoch"] for r in ev.evaluation["sweep"]["runs"][0]["results"]] == [0, 4, 8]
+    kept = sweep_name("k", 2, 200, 0)
+    assert kept in pipeline.open_store(str(store)).analyses()
+    with pytest.raises(PipelineError, match="not in the study's window"):
+        pipeline.evaluate(str(store), "k", sweep_modes=[2], sweep_seeds=[0], sweep_epochs="99")
+
+
+def test_report_figures_and_html(digits_store, tmp_path: Path) -> None:
+    store, _, _ = digits_store
+    pipeline.fit(str(store), "rep", modes=4, samples=300, runtime=THREADS)
+    pipeline.evaluate(str(store), "rep", sweep_modes=[1, 4], sweep_seeds=[0, 1], runtime=THREADS)
+    res = pipeline.report(str(store), "rep", out=tmp_path / "out")
+    want = {
+        "correlation.png",
+        "mode_bands.png",
+        "references.png",
+        "samples.png",
+        "layers.png",
+        "accuracy.png",
+        "sweep.png",
+    }
+    assert set(res.figures) == want
+    for path in res.figures.values():
+        data = Path(path).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        w, h = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        assert w > 300 and h > 200
+    page = Path(res.html).read_text()
+    assert Path(res.copy or "").read_text() == page
+    assert Path(res.copy or "").name == "rep.html"
+    assert page.count('src="data:image/png;base64,') == len(want)
+    assert "GD against CMD" in page and "<table>" in page and "conv1.weight" in page
+    # the report group keeps the study's listing clean (no unknown-object warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = zarr.open_group(str(store), mode="r")["analyses/rep"]
+        assert {"mode", "a", "b", "refs"} <= set(g.array_keys())
+        assert "report" in set(g.group_keys())
+    # deleting the study removes its report too
+    from pipeline.store.analysis import AnalysisGroup
+
+    AnalysisGroup(str(store), "rep").delete()
+    assert not (Path(store) / "analyses" / "rep").exists()
+
+
+def test_report_without_evaluation(digits_store) -> None:
+    store, _, _ = digits_store
+    pipeline.fit(str(store), "plain", modes=2, samples=100, runtime=THREADS)
+    res = pipeline.report(str(store), "plain")
+    assert "accuracy.png" not in res.figures and "correlation.png" in res.figures
+    assert res.copy is None and Path(res.html).stat().st_size > 10_000
+
+
+def test_study_data_layer_counts(digits_store) -> None:
+    store, _, _ = digits_store
+    pipeline.fit(str(store), "lc", modes=3, samples=200, runtime=THREADS)
+    d = pipeline.load_study_data(str(store), "lc")
+    g = zarr.open_group(str(store), mode="r")["analyses/lc"]
+    mode, flags = np.asarray(g["mode"][...]), np.asarray(g["flags"][...])
+    meta = pipeline.open_store(str(store)).meta
+    assert meta is not None
+    for i, t in enumerate(meta.stored_tensors()):
+        m, f = mode[t.offset : t.offset + t.size], flags[t.offset : t.offset + t.size]
+        skip = (f & 3) != 0
+        want = [int(((m == k) & ~skip).sum()) for k in range(3)] + [int(skip.sum())]
+        assert d.layer_mode_counts[i].tolist() == want
+    assert d.profiles.shape == (200, 9) and d.refs.shape == (3, 9)
+    # a reference is its own reconstruction: a = 1, b = 0
+    ref_rows = [int(np.flatnonzero(d.sample_mode == k)[0]) for k in range(3)]
+    assert all(np.isfinite(d.sample_a[j]) for j in ref_rows)
+
+
+def test_cli_evaluate_and_report(digits_store, tmp_path: Path) -> None:
+    store, run_dir, _ = digits_store
+    pipeline.fit(str(store), "cli", modes=3, samples=200, runtime=THREADS)
+    r = CliRunner().invoke(
+        main,
+        ["evaluate", "-s", str(store), "-n", "cli", "--workflow", "digits", "--run", str(run_dir),
+         "--sweep-modes", "1,3", "--sweep-seeds", "0", "--threads", "--no-progress"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "GD acc" in r.output and "evaluation.json" in r.output
+    r = CliRunner().invoke(main, ["report", "-s", str(store), "-n", "cli", "-o", str(tmp_path / "r.html")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "r.html").stat().st_size > 10_000
+    # clear errors for bad input
+    r = CliRunner().invoke(main, ["evaluate", "-s", str(store), "-n", "nope", "--threads"])
+    assert r.exit_code != 0 and "no analysis 'nope'" in r.output
+    r = CliRunner().invoke(
+        main, ["evaluate", "-s", str(store), "-n", "cli", "--workflow", "nosuch", "--sweep-modes", ""]
+    )
+    assert r.exit_code != 0 and "unknown workflow 'nosuch'" in r.output
+    r = CliRunner().invoke(main, ["evaluate", "-s", str(store), "-n", "cli", "--sweep-modes", "a,b"])
+    assert r.exit_code != 0 and "comma-separated integers" in r.output
+
+
+def test_workflow_resolution(digits_store, tmp_path: Path) -> None:
+    store, run_dir, _ = digits_store
+    meta = pipeline.open_store(str(store)).meta
+    assert meta is not None and find_run_dir(meta) == run_dir
+    assert resolve_workflow("workflows.digits:evaluator") is resolve_workflow("digits")
+    with pytest.raises(PipelineError, match="cannot import"):
+        resolve_workflow("no_such_module_x:f")
+    with pytest.raises(PipelineError, match="has no function"):
+        resolve_workflow("workflows.digits:nope")
+    with pytest.raises(PipelineError, match=r"holds no run\.json"):
+        pipeline.evaluate(str(store), "big", run_dir=tmp_path, sweep_modes=None)
+
+
+def test_incomplete_or_missing_study(tmp_path: Path, digits_store) -> None:
+    store, _, _ = digits_store
+    with pytest.raises(StoreError, match="no analysis"):
+        pipeline.evaluate(str(store), "missing")
+    with pytest.raises(StoreError, match="no analysis"):
+        pipeline.report(str(store), "missing")
+
+
+# ------------------------------------------------------------------------------ planted data
+def test_planted_mse_does_not_increase_with_m(tmp_path: Path) -> None:
+    """Four planted modes plus noise: the sweep's weight MSE falls as M grows and never
+    rises; past the planted count it only splits noise."""
+    t = 20
+    rng = np.random.default_rng(3)
+    p = planted_rows(3000, mode_profiles(t), rng, noise=3e-2)
+    sds = rows_to_state_dicts({"w": ((3000,), torch.float32, p.noisy)})
+    ck = write_safetensors_run(tmp_path / "ck", sds)[0].parent
+    store = tmp_path / "p.zarr"
+    pipeline.ingest([str(ck)], str(store), runtime=SYNC)
+    pipeline.fit(str(store), "p", modes=4, samples=400, runtime=SYNC)
+    clean = torch.from_numpy(p.clean.astype(np.float32))
+
+    def score(sd: dict[str, torch.Tensor]) -> tuple[float, float]:
+        # "loss": distance to the clean planted weights; "accuracy": share within 10% of |a|
+        w = sd["w"]
+        k = int(np.argmin([float((w - clean[:, j]).abs().sum()) for j in range(t)]))
+        err = (w - clean[:, k]).abs().numpy()
+        return float((err**2).mean()), float((err < 0.1 * np.abs(p.a)).mean())
+
+    ev = pipeline.evaluate(
+        str(store), "p", evaluator=score, sweep_modes=[1, 2, 3, 4, 6, 8], sweep_seeds=[0, 1, 2],
+        runtime=SYNC,
+    )
+    by = ev.evaluation["sweep"]["by_modes"]
+    mse = [r["mse_mean"] for r in by]
+    assert all(b <= a for a, b in itertools.pairwise(mse)), mse
+    assert mse[3] < 0.05 * mse[0]  # four planted modes explain the trajectories
+    assert mse[3] < 2.0 * 3e-2**2  # ... down to the noise
+    acc = [r["accuracy_mean"] for r in by]
+    assert acc[3] > acc[0]
