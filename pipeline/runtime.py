@@ -58,6 +58,16 @@ class Runner:
     def __init__(self, options: RuntimeOptions, client: Any = None) -> None:
         self.options = options
         self.client = client
+        self._quiet = 0
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No per-compute progress bars inside (a caller shows its own, overall bar)."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
 
     @property
     def dashboard_link(self) -> str | None:
@@ -78,7 +88,7 @@ class Runner:
             total=len(tasks),
             desc=desc,
             unit="task",
-            disable=not self.options.progress,
+            disable=not self.options.progress or self._quiet > 0,
             file=sys.stderr,
             leave=True,
         )

@@ -19,6 +19,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,11 @@ class _Progress:
         if show and total > 0:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="evaluate", unit="model", leave=False)
+            self.bar = tqdm(total=total, desc="evaluate", unit="model", leave=False, file=sys.stderr)
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description_str(text)
 
     def step(self) -> None:
         if self.bar is not None:
@@ -301,10 +306,11 @@ def evaluate(
         sweep = None
         if combos:
             if run is None:
-                with runner(opts) as r:
-                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, r)
+                with runner(opts) as r, r.quiet():
+                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, r, progress)
             else:
-                runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, run)
+                with run.quiet():
+                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, run, progress)
             sweep = {
                 "epochs": sweep_at,
                 "modes": modes_list,
@@ -395,6 +401,7 @@ def _sweep(
     score: Callable[[int, str | None], tuple[float, float]],
     keep: bool,
     run: Runner,
+    progress: _Progress,
 ) -> list[dict[str, Any]]:
     existing = set(st.analyses())
     window = None if config.get("window") in (None, ":") else config["window"]
@@ -408,6 +415,7 @@ def _sweep(
             sub = sweep_name(name, m, k, s)
         created = sub != name and sub not in existing
         try:
+            progress.describe(f"sweep {sub}")
             if sub != name:
                 res = fit(st.url, sub, modes=m, samples=k, seed=s, epochs=window, force=True, run=run)
                 summ, n_modes = res.summary, res.n_modes
