@@ -165,9 +165,13 @@ def test_report_figures_and_html(digits_store, tmp_path: Path) -> None:
 
 
 def test_report_without_evaluation(digits_store) -> None:
+    import matplotlib
+
     store, _, _ = digits_store
     pipeline.fit(str(store), "plain", modes=2, samples=100, runtime=THREADS)
+    matplotlib.use("svg")  # a caller's backend (e.g. a notebook's inline one) is left alone
     res = pipeline.report(str(store), "plain")
+    assert matplotlib.get_backend() == "svg"
     assert "accuracy.png" not in res.figures and "correlation.png" in res.figures
     assert res.copy is None and Path(res.html).stat().st_size > 10_000
 
@@ -186,6 +190,8 @@ def test_study_data_layer_counts(digits_store) -> None:
         want = [int(((m == k) & ~skip).sum()) for k in range(3)] + [int(skip.sum())]
         assert d.layer_mode_counts[i].tolist() == want
     assert d.profiles.shape == (200, 9) and d.refs.shape == (3, 9)
+    sample_index = np.asarray(g["sample_index"][...])
+    assert d.sample_fit_mode.tolist() == mode[sample_index].tolist()
     # a reference is its own reconstruction: a = 1, b = 0
     ref_rows = [int(np.flatnonzero(d.sample_mode == k)[0]) for k in range(3)]
     assert all(np.isfinite(d.sample_a[j]) for j in ref_rows)
@@ -224,8 +230,12 @@ def test_workflow_resolution(digits_store, tmp_path: Path) -> None:
         resolve_workflow("no_such_module_x:f")
     with pytest.raises(PipelineError, match="has no function"):
         resolve_workflow("workflows.digits:nope")
+    pipeline.fit(str(store), "res", modes=2, samples=100, runtime=THREADS)
     with pytest.raises(PipelineError, match=r"holds no run\.json"):
-        pipeline.evaluate(str(store), "big", run_dir=tmp_path, sweep_modes=None)
+        pipeline.evaluate(str(store), "res", run_dir=tmp_path, sweep_modes=None)
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(PipelineError, match="names no workflow"):
+        pipeline.evaluate(str(store), "res", run_dir=tmp_path, sweep_modes=None)
 
 
 def test_incomplete_or_missing_study(tmp_path: Path, digits_store) -> None:

@@ -89,6 +89,7 @@ def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
         profiles=np.asarray(profiles, dtype=np.float64),
         sample_mode=np.asarray(ag.array("sample_mode")[...]).astype(np.int64),
         sample_order=np.asarray(ag.array("sample_order")[...]).astype(np.int64),
+        sample_fit_mode=np.asarray(ag.array("mode").oindex[sample_index]).astype(np.int64),
         sample_a=np.asarray(ag.array("a").oindex[sample_index], dtype=np.float64),
         sample_b=np.asarray(ag.array("b").oindex[sample_index], dtype=np.float64),
         refs=refs,

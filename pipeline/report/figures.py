@@ -36,7 +36,8 @@ class StudyData:
     name: str
     epochs: np.ndarray  # (Tw,)
     profiles: np.ndarray  # (K, Tw) float64, sampled weights over the window
-    sample_mode: np.ndarray  # (K,)
+    sample_mode: np.ndarray  # (K,) cluster label of each sample (the clustering's view)
+    sample_fit_mode: np.ndarray  # (K,) the mode each sample was fitted to in the pass (a, b)
     sample_order: np.ndarray  # (K,) dendrogram leaf order
     sample_a: np.ndarray  # (K,)
     sample_b: np.ndarray  # (K,)
@@ -46,19 +47,17 @@ class StudyData:
     layer_mode_counts: np.ndarray  # (L, M + 1): per layer, parameters per mode; last = constant/NaN
 
 
-def _plt() -> Any:
-    import matplotlib
+def _figure(**kw: Any) -> Any:
+    """A figure that belongs to no pyplot backend: drawing here never changes the caller's
+    backend (a notebook's inline plots keep working) and nothing is shown on screen."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kw)
 
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
     return buf.getvalue()
 
 
@@ -77,13 +76,15 @@ def _zscore(x: np.ndarray) -> np.ndarray:
 
 def correlation_figure(d: StudyData) -> bytes:
     """The samples' Pearson correlation matrix in dendrogram order, modes outlined."""
-    plt = _plt()
+    from matplotlib.patches import Rectangle
+
     z = _zscore(d.profiles)
     corr = (z @ z.T) / max(z.shape[1], 1)
     order = d.sample_order
     c = corr[np.ix_(order, order)]
     labels = d.sample_mode[order]
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = _figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
     im = ax.imshow(c, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=ax, shrink=0.8, label="Pearson correlation")
     # modes are contiguous runs in the dendrogram order (complete-linkage cut)
@@ -91,7 +92,7 @@ def correlation_figure(d: StudyData) -> bytes:
     stops = [*starts[1:], len(labels)]
     for a, b in zip(starts, stops, strict=True):
         m = int(labels[a])
-        rect = plt.Rectangle(
+        rect = Rectangle(
             (a - 0.5, a - 0.5), b - a, b - a, fill=False, lw=1.4, ec="k" if m < MAX_MODES_SHOWN else "0.5"
         )
         ax.add_patch(rect)
@@ -113,11 +114,11 @@ def _aligned(d: StudyData, m: int) -> np.ndarray:
 
 def mode_bands_figure(d: StudyData) -> bytes:
     """Per mode: median and 95% band of its samples' normalised profiles, and the reference."""
-    plt = _plt()
     n = min(d.refs.shape[0], MAX_MODES_SHOWN)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharex=True)
+    fig = _figure(figsize=(3.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True)
     t = d.epochs
     for m in range(rows * cols):
         ax = axes[m // cols][m % cols]
@@ -142,8 +143,8 @@ def mode_bands_figure(d: StudyData) -> bytes:
 
 def references_figure(d: StudyData) -> bytes:
     """The reference profiles r_m(t), raw and normalised."""
-    plt = _plt()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
+    (a1, a2) = fig.subplots(1, 2)
     for m in range(d.refs.shape[0]):
         kw = {"color": _colour(m), "lw": 1.2}
         label = f"mode {m}" if m < MAX_MODES_SHOWN else None
@@ -159,8 +160,8 @@ def references_figure(d: StudyData) -> bytes:
 
 
 def samples_figure(d: StudyData, per_mode: int = 2, max_modes: int = 4) -> bytes:
-    """Sampled weights (dots) and their CMD reconstructions a r_m(t) + b (lines)."""
-    plt = _plt()
+    """Sampled weights (dots) and their CMD reconstructions a r_m(t) + b (lines), picked by
+    cluster label, drawn with the mode of the fit."""
     picks: list[int] = []
     for m in range(min(d.refs.shape[0], max_modes)):
         members = np.flatnonzero(d.sample_mode == m)
@@ -169,18 +170,21 @@ def samples_figure(d: StudyData, per_mode: int = 2, max_modes: int = 4) -> bytes
             picks.extend(int(members[i]) for i in sel)
     cols = min(len(picks), 4) or 1
     rows = max(-(-len(picks) // cols), 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    fig = _figure(figsize=(3.2 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(rows * cols):
         ax = axes[i // cols][i % cols]
         if i >= len(picks):
             ax.axis("off")
             continue
         j = picks[i]
-        m = int(d.sample_mode[j])
+        # a and b belong to the mode the pass fitted the parameter to (its best reference),
+        # which for a sample can differ from its cluster label
+        m = int(d.sample_fit_mode[j])
         rec = d.sample_a[j] * d.refs[m] + d.sample_b[j]
         ax.plot(d.epochs, d.profiles[j], "o", ms=2.5, color="0.3", label="recorded (GD)")
         ax.plot(d.epochs, rec, color=_colour(m), lw=1.4, label="CMD")
-        ax.set_title(f"sample {j} (mode {m})", fontsize=8)
+        ax.set_title(f"sample {j} (cluster {int(d.sample_mode[j])}, fitted to mode {m})", fontsize=8)
         ax.tick_params(labelsize=7)
         if i == 0:
             ax.legend(fontsize=6)
@@ -206,13 +210,13 @@ def _group_layers(names: list[str], counts: np.ndarray, limit: int = 40) -> tupl
 
 def layers_figure(d: StudyData) -> bytes:
     """How each layer's parameters are spread over the modes (fractions, stacked)."""
-    plt = _plt()
     names, counts = _group_layers(list(d.layer_names), d.layer_mode_counts)
     n_modes = counts.shape[1] - 1
     shown = min(n_modes, MAX_MODES_SHOWN)
     other = counts[:, shown:n_modes].sum(axis=1)
     totals = np.maximum(counts.sum(axis=1), 1)
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(names) + 1.4))
+    fig = _figure(figsize=(8, 0.28 * len(names) + 1.4))
+    ax = fig.subplots()
     left = np.zeros(len(names))
     y = np.arange(len(names))
     series = [(f"mode {m}", counts[:, m], _colour(m)) for m in range(shown)]
@@ -234,10 +238,10 @@ def layers_figure(d: StudyData) -> bytes:
 
 def accuracy_figure(evaluation: dict[str, Any]) -> bytes:
     """GD and CMD test accuracy (and loss) over the epochs."""
-    plt = _plt()
     rows = evaluation["epochs"]
     e = [r["epoch"] for r in rows]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
+    (a1, a2) = fig.subplots(1, 2)
     m = evaluation["study"]["n_modes"]
     a1.plot(e, [r["gd_accuracy"] for r in rows], "-o", ms=2.5, label="GD")
     a1.plot(e, [r["cmd_accuracy"] for r in rows], "-s", ms=2.5, label=f"CMD (M={m})")
@@ -256,11 +260,11 @@ def accuracy_figure(evaluation: dict[str, Any]) -> bytes:
 
 def sweep_figure(evaluation: dict[str, Any]) -> bytes:
     """Test accuracy and weight MSE against the number of modes M (mean ± std over seeds, K)."""
-    plt = _plt()
     sw = evaluation["sweep"]
     by = sw["by_modes"]
     m = [r["n_modes_mean"] for r in by]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = _figure(figsize=(10, 3.6))
+    (a1, a2) = fig.subplots(1, 2)
     a1.errorbar(
         m,
         [r["accuracy_mean"] for r in by],
