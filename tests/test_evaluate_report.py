@@ -110,6 +110,12 @@ def test_sweep_records_m_seeds_k_and_cleans_up(digits_store) -> None:
         assert Path(ev.files[f]).read_bytes().startswith(PNG_MAGIC)
     table = ev.table()
     assert "GD acc" in table and "CMD acc (mean ± std)" in table
+    from pipeline.ops.info import format_info
+
+    brief = next(a for a in pipeline.info(str(store))["analysis_details"] if a["name"] == "s5")
+    assert brief["evaluated"]["cmd_accuracy"] == ev.evaluation["final"]["cmd_accuracy"]
+    assert "s5: complete" in format_info(pipeline.info(str(store)))
+    assert "evaluated (digits): epoch 8 GD" in format_info(pipeline.info(str(store)))
 
 
 def test_keep_sweep_and_sweep_epochs(digits_store) -> None:

@@ -154,6 +154,8 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"{rows[0]['epochs']} recorded epochs, seeds {[r['seed'] for r in rows]}, "
         f"K = {rows[0]['samples']})",
         "",
+        "Mean ± std over the training seeds; weight MSE over all parameters and recorded epochs.",
+        "",
         "| | final test accuracy | best test accuracy | weight MSE | modes |",
         "|---|---|---|---|---|",
         f"| GD | {pm('gd_final')} | {pm('gd_best')} | 0 | - |",
@@ -161,7 +163,13 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"{s['n_modes'][0]:.1f} |",
     ]
     if "sweep" in s:
+        ev = cfg.get("evaluate", {})
+        k_list = ev.get("sweep_samples") or [rows[0]["samples"]]
         lines += [
+            "",
+            f"Sweep over M: per training seed, the mean over sampling seeds "
+            f"{ev.get('sweep_seeds', [0, 1, 2])} and K {k_list}; then mean ± std over the "
+            "training seeds.",
             "",
             "| M | CMD final accuracy | weight MSE |",
             "|---|---|---|",

@@ -61,6 +61,19 @@ def _analysis_brief(url: str, name: str) -> dict[str, Any]:
         "samples": attrs.get("n_samples"),
         "window": cfg.get("window"),
         "relative_error": summary.get("relative_error"),
+        "evaluated": _evaluated(attrs.get("evaluation")),
+    }
+
+
+def _evaluated(ev: Any) -> dict[str, Any] | None:
+    if not isinstance(ev, dict) or "final" not in ev:
+        return None
+    f = ev["final"]
+    return {
+        "workflow": ev.get("workflow"),
+        "epoch": f.get("epoch"),
+        "gd_accuracy": f.get("gd_accuracy"),
+        "cmd_accuracy": f.get("cmd_accuracy"),
     }
 
 
@@ -91,6 +104,12 @@ def format_info(d: dict[str, Any]) -> str:
             f"  {a['name']}: {a['status']}, {a.get('modes')} mode(s) from {a.get('samples')} samples, "
             f"window {a.get('window')}, relative error "
             + ("-" if a.get("relative_error") is None else f"{a['relative_error']:.4g}")
+            + (
+                f"; evaluated ({a['evaluated']['workflow']}): epoch {a['evaluated']['epoch']} "
+                f"GD {a['evaluated']['gd_accuracy']:.4f}, CMD {a['evaluated']['cmd_accuracy']:.4f}"
+                if a.get("evaluated")
+                else ""
+            )
             for a in d.get("analysis_details", [])
         ),
         f"size on disk: {d['bytes_on_disk'] / 1e6:,.1f} MB",
