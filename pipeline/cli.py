@@ -27,7 +27,8 @@ def _runtime_options(f: F) -> F:
             "--scheduler",
             metavar="ADDRESS",
             envvar="CMD_PIPELINE_SCHEDULER",
-            help="Submit to an existing Dask scheduler (tcp://host:8786). Env: CMD_PIPELINE_SCHEDULER.",
+            help="Submit to an existing Dask scheduler (tcp://host:8786 or tls://...). "
+            "Env: CMD_PIPELINE_SCHEDULER; dask config: cmd-pipeline.scheduler.",
         ),
         click.option(
             "--workers",
@@ -53,6 +54,26 @@ def _runtime_options(f: F) -> F:
             flag_value="sync",
             help="Run in this process, one task at a time (debugging).",
         ),
+        click.option(
+            "--gpu",
+            is_flag=True,
+            help="Run the kernels on CuPy: a dask-cuda LocalCUDACluster, or the GPU workers of "
+            "--scheduler (needs the gpu extra).",
+        ),
+        click.option(
+            "--performance-report",
+            metavar="FILE",
+            default=None,
+            help="Save Dask's HTML performance report of the command to FILE.",
+        ),
+        click.option(
+            "--tls-ca-file",
+            metavar="PEM",
+            default=None,
+            help="CA certificate for a tls:// scheduler [default: dask config].",
+        ),
+        click.option("--tls-cert", metavar="PEM", default=None, help="Client certificate (TLS)."),
+        click.option("--tls-key", metavar="PEM", default=None, help="Client private key (TLS)."),
         click.option("--no-progress", is_flag=True, help="Hide progress bars."),
     ]
     for o in reversed(opts):
@@ -69,6 +90,11 @@ def _make_runtime(kw: dict[str, Any]) -> Any:
         workers=kw.pop("workers"),
         memory_limit=kw.pop("memory_limit"),
         progress=not kw.pop("no_progress"),
+        gpu=kw.pop("gpu"),
+        performance_report=kw.pop("performance_report"),
+        tls_ca_file=kw.pop("tls_ca_file"),
+        tls_cert=kw.pop("tls_cert"),
+        tls_key=kw.pop("tls_key"),
     )
 
 

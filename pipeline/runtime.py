@@ -13,7 +13,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Runner", "RuntimeOptions", "runner"]
+from pipeline.errors import PipelineError
+
+__all__ = ["Runner", "RuntimeOptions", "TaskFailedError", "runner"]
 
 _MODES = ("local", "threads", "sync")
 
@@ -26,14 +28,24 @@ class RuntimeOptions:
     ----------
     mode
         ``"local"`` (embedded LocalCluster with worker processes, the default), ``"threads"``
-        or ``"sync"`` (debugging). Ignored when ``scheduler`` is given.
+        or ``"sync"`` (debugging). Ignored when a scheduler address is given.
     scheduler
-        Address of an existing Dask scheduler (``tcp://host:8786``); defaults to the
-        ``CMD_PIPELINE_SCHEDULER`` environment variable.
+        Address of an existing Dask scheduler (``tcp://host:8786``, ``tls://...``). Default:
+        the ``CMD_PIPELINE_SCHEDULER`` environment variable, then the dask config key
+        ``cmd-pipeline.scheduler`` (YAML in ``~/.config/dask/``, or env
+        ``DASK_CMD_PIPELINE__SCHEDULER``).
     workers, threads_per_worker, memory_limit
         Size of the embedded LocalCluster (default: one single-threaded worker per core).
     progress
         Show a progress bar on stderr.
+    gpu
+        Run the kernels on CuPy arrays: start a dask-cuda ``LocalCUDACluster`` (one worker per
+        GPU), or use the (GPU) workers of ``scheduler``; with ``threads``/``sync``, in-process.
+    performance_report
+        Save Dask's HTML performance report of the whole command to this file.
+    tls_ca_file, tls_cert, tls_key
+        Client TLS files for a ``tls://`` scheduler (dask's ``Security``); default: dask's
+        config ``distributed.comm.tls.*``.
     """
 
     mode: str = "local"
@@ -42,6 +54,11 @@ class RuntimeOptions:
     threads_per_worker: int = 1
     memory_limit: str | None = "auto"
     progress: bool = True
+    gpu: bool = False
+    performance_report: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -49,7 +66,28 @@ class RuntimeOptions:
 
     @property
     def address(self) -> str | None:
-        return self.scheduler or os.environ.get("CMD_PIPELINE_SCHEDULER") or None
+        if self.scheduler:
+            return self.scheduler
+        env = os.environ.get("CMD_PIPELINE_SCHEDULER")
+        if env:
+            return env
+        import dask
+
+        value = dask.config.get("cmd-pipeline.scheduler", None)
+        return str(value) if value else None
+
+    def security(self) -> Any:
+        """dask ``Security`` from the TLS options, or None (dask's config applies)."""
+        if not (self.tls_ca_file or self.tls_cert or self.tls_key):
+            return None
+        from distributed.security import Security
+
+        return Security(
+            tls_ca_file=self.tls_ca_file,
+            tls_client_cert=self.tls_cert,
+            tls_client_key=self.tls_key,
+            require_encryption=True,
+        )
 
 
 class Runner:
@@ -73,12 +111,15 @@ class Runner:
     def dashboard_link(self) -> str | None:
         return None if self.client is None else self.client.dashboard_link
 
-    def compute(self, tasks: Sequence[Any], desc: str) -> list[Any]:
+    def compute(
+        self, tasks: Sequence[Any], desc: str, labels: Sequence[str] | None = None
+    ) -> list[Any]:
         """Compute delayed ``tasks``; results in the same order. The first error is raised.
 
         When a task fails, the error is raised only once no other task of ``tasks`` is still
         running, so a caller that rolls back (deletes what the tasks wrote) is not raced by a
-        task that writes after the rollback.
+        task that writes after the rollback. ``labels`` (one per task, e.g. "rows 0-2097152,
+        epoch 3") name the failing task's chunk in the error.
         """
         if not tasks:
             return []
@@ -94,12 +135,14 @@ class Runner:
         )
         try:
             if self.client is not None:
-                return self._compute_distributed(tasks, bar)
+                return self._compute_distributed(tasks, bar, desc, labels)
             return self._compute_local(tasks, bar)
         finally:
             bar.close()
 
-    def _compute_distributed(self, tasks: Sequence[Any], bar: Any) -> list[Any]:
+    def _compute_distributed(
+        self, tasks: Sequence[Any], bar: Any, desc: str, labels: Sequence[str] | None
+    ) -> list[Any]:
         from distributed import as_completed
 
         futures = self.client.compute(list(tasks))
@@ -108,7 +151,10 @@ class Runner:
         try:
             for fut in as_completed(futures):
                 if fut.status == "error":
-                    fut.result()  # raises the task's exception
+                    i = index[fut.key]
+                    exc = fut.exception()
+                    label = labels[i] if labels is not None else None
+                    raise task_error(exc, desc, fut.key, label) from exc
                 results[index[fut.key]] = fut.result()
                 bar.update(1)
         except BaseException:
@@ -142,6 +188,33 @@ class Runner:
                 return list(dask.compute(*tasks, scheduler="threads", pool=pool))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TaskFailedError(PipelineError):
+    """A task failed on the cluster; the message names it and its chunk."""
+
+
+def task_error(exc: BaseException, desc: str, key: Any, label: str | None) -> BaseException:
+    """The error to raise for a failed task: our own errors as they are; a task that killed
+    its workers too often (``KilledWorker``) as a :class:`TaskFailedError` naming the task and
+    its chunk; anything else with a note naming them."""
+    from distributed.scheduler import KilledWorker
+
+    where = f"task {key}" + (f" ({label})" if label else "")
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, KilledWorker):
+        import dask
+
+        allowed = dask.config.get("distributed.scheduler.allowed-failures", 3)
+        return TaskFailedError(
+            f"{desc}: {where} failed: the worker running it died each time it was tried (dask "
+            f"gives up after distributed.scheduler.allowed-failures = {allowed} retries, as set "
+            "on the scheduler). The worker logs say why (often memory). Finished chunks are kept; "
+            "fix the cause and re-run the same command to resume."
+        )
+    exc.add_note(f"in {desc}: {where}")
+    return exc
 
 
 def _executing_keys(keys: set[Any], dask_worker: Any = None) -> list[Any]:
@@ -204,35 +277,95 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
     """Start (or connect to) the runtime described by ``options``; close what it started."""
     opts = options or RuntimeOptions()
     address = opts.address
+    if opts.performance_report and not address and opts.mode != "local":
+        raise PipelineError(
+            "--performance-report needs the distributed scheduler (the default LocalCluster or "
+            "--scheduler), not --threads or --sync"
+        )
     if address:
         from distributed import Client
 
-        with Client(address) as client:
+        security = opts.security()
+        kw = {} if security is None else {"security": security}
+        try:
+            client = Client(address, **kw)
+        except OSError as e:
+            raise PipelineError(f"cannot connect to the scheduler at {address}: {e}") from e
+        with client:
             _register_malloc_tuning(client)
             _say(f"connected to scheduler {address}; dashboard: {client.dashboard_link}", opts)
-            yield Runner(opts, client)
+            with _report(opts):
+                yield Runner(opts, client)
         return
     if opts.mode != "local":
         tune_malloc()
+        if opts.gpu:
+            _require_cupy()
         yield Runner(opts)
         return
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    n = opts.workers or max(1, os.cpu_count() or 1)
-    with (
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=opts.threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            memory_limit=opts.memory_limit,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with _local_cluster(opts) as cluster, Client(cluster) as client:
         _register_malloc_tuning(client)
-        _say(f"LocalCluster with {n} worker(s); dashboard: {client.dashboard_link}", opts)
-        yield Runner(opts, client)
+        kind = "LocalCUDACluster" if opts.gpu else "LocalCluster"
+        n = len(cluster.workers)
+        _say(f"{kind} with {n} worker(s); dashboard: {client.dashboard_link}", opts)
+        with _report(opts):
+            yield Runner(opts, client)
+
+
+def _require_cupy() -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError as e:
+        raise PipelineError(
+            f"--gpu needs CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _local_cluster(opts: RuntimeOptions) -> Iterator[Any]:
+    """The embedded cluster: loopback only, dashboard on a free loopback port."""
+    if opts.gpu:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as e:
+            raise PipelineError(
+                f"--gpu needs dask-cuda and CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
+            ) from None
+        _require_cupy()
+        with LocalCUDACluster(
+            ip="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            threads_per_worker=opts.threads_per_worker,
+            memory_limit=opts.memory_limit,
+        ) as cluster:
+            yield cluster
+        return
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=opts.workers or max(1, os.cpu_count() or 1),
+        threads_per_worker=opts.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address="127.0.0.1:0",
+        memory_limit=opts.memory_limit,
+    ) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _report(opts: RuntimeOptions) -> Iterator[None]:
+    if not opts.performance_report:
+        yield
+        return
+    from distributed import performance_report
+
+    path = os.path.abspath(opts.performance_report)
+    with performance_report(filename=path):
+        yield
+    _say(f"performance report: {path}", opts)
 
 
 def _say(msg: str, opts: RuntimeOptions) -> None:

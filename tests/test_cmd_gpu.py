@@ -71,3 +71,21 @@ def test_pearson_cupy_equals_numpy() -> None:
     got = cp.asnumpy(pearson(cp.asarray(x)))
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=1e-13)
     assert np.array_equal(np.diag(got), np.ones(300))
+
+
+def test_fit_gpu_path_matches_cpu(tmp_path, run5) -> None:
+    """``fit --gpu`` (in-process) on a real device against the CPU fit of the same store."""
+    from helpers import SYNC, read_analysis
+
+    import pipeline
+
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([str(run5.root)], str(store), runtime=SYNC)
+    pipeline.fit(str(store), "cpu", modes=3, samples=50, runtime=SYNC)
+    gpu = pipeline.RuntimeOptions(mode="sync", progress=False, gpu=True)
+    pipeline.fit(str(store), "gpu", modes=3, samples=50, runtime=gpu)
+    a, b = read_analysis(store, "cpu"), read_analysis(store, "gpu")
+    for key in ("mode", "flags", "refs"):
+        assert np.array_equal(a[key], b[key]), key
+    for key in ("a", "b", "block_stats"):
+        np.testing.assert_allclose(b[key], a[key], rtol=RTOL, atol=1e-12, equal_nan=True)

@@ -8,13 +8,21 @@ result array, and finally its row of ``block_stats``, which marks the block fini
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from dask import delayed
 
 from pipeline.buffers import scratch
-from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, FLAG_SAMPLED, References, fit_block
+from pipeline.compat import to_numpy
+from pipeline.kernels.cmd import (
+    FLAG_CONSTANT,
+    FLAG_NONFINITE,
+    FLAG_SAMPLED,
+    BlockFit,
+    References,
+    fit_block,
+)
 from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 
@@ -101,16 +109,18 @@ def fit_task(
     cols: np.ndarray,
     refs: References,
     layout: StatsLayout,
+    gpu: bool = False,
 ) -> np.ndarray:
-    """Fit one row block and write its results; returns its ``block_stats`` row."""
+    """Fit one row block and write its results; returns its ``block_stats`` row.
+
+    With ``gpu``, the block is copied to the device and the kernel runs on CuPy; the results
+    come back to the host for the (small) sums and the writes.
+    """
     rows = plan.r1 - plan.r0
     x = _time_major(len(cols), rows)
     grid.read_rows(plan.r0, plan.r1, cols, x)
-    fit = fit_block(
-        x.T,
-        refs,
-        (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64)),
-    )
+    ref_rows = (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64))
+    fit = _fit_on_gpu(x, refs, ref_rows) if gpu else fit_block(x.T, refs, ref_rows)
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
@@ -149,6 +159,14 @@ def fit_task(
     return stats
 
 
+def _fit_on_gpu(x: np.ndarray, refs: References, ref_rows: tuple[np.ndarray, np.ndarray]) -> BlockFit:
+    import cupy
+
+    xd = cupy.asarray(x)  # (Tw, rows) time-major, as read
+    got = fit_block(xd.T, refs.to(cupy), (cupy.asarray(ref_rows[0]), cupy.asarray(ref_rows[1])))
+    return BlockFit(**{f.name: to_numpy(getattr(got, f.name)) for f in fields(BlockFit)})
+
+
 def build_fit_tasks(
     grid: ChunkGrid,
     name: str,
@@ -156,13 +174,15 @@ def build_fit_tasks(
     cols: np.ndarray,
     refs: References,
     layout: StatsLayout,
+    *,
+    gpu: bool = False,
 ) -> list[object]:
     """One delayed :func:`fit_task` per block plan (the caller leaves out finished blocks)."""
     refs_d = delayed(refs, traverse=False)
     cols_d = delayed(cols, traverse=False)
     return [
         delayed(fit_task, pure=False)(
-            grid, name, p, cols_d, refs_d, layout, dask_key_name=f"fit-{name}-{p.index}"
+            grid, name, p, cols_d, refs_d, layout, gpu, dask_key_name=f"fit-{name}-{p.index}"
         )
         for p in plans
     ]

@@ -391,12 +391,19 @@ def fit(
     done = ag.finished_blocks() if resume else set()
     todo = [p for p in plans if p.index not in done]
     refs = References.from_profiles(refs_raw)
-    tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout)
-    if run is None:
-        with runner(runtime) as r:
-            r.compute(tasks, f"fit {name}")
-    else:
-        run.compute(tasks, f"fit {name}")
+    gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
+    tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
+    labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
+    try:
+        if run is None:
+            with runner(runtime) as r:
+                r.compute(tasks, f"fit {name}", labels)
+        else:
+            run.compute(tasks, f"fit {name}", labels)
+    finally:
+        # a worker killed mid-write leaves a temporary file behind; the block ran again
+        # elsewhere, or a re-run resumes it: the file is garbage either way
+        ag.remove_partials()
     stats = np.asarray(ag.array("block_stats")[...])
     if np.isnan(stats).any():
         raise StoreError(f"analysis {name!r}: some blocks have no statistics after the pass")

@@ -269,11 +269,26 @@ def _ingest(
         grid.time_chunk,
         settings.nonfinite,
     )
+    # the same order as the tasks: epochs outer, rows inner
+    labels = [
+        f"trajectory chunk ({r0 // grid.chunk_rows}, {col0 // grid.time_chunk}): rows {r0}-{r1}, "
+        + (
+            f"epoch {specs[0].epoch}"
+            if len(specs) == 1
+            else f"epochs {specs[0].epoch}-{specs[-1].epoch}"
+        )
+        for col0, specs in col_blocks
+        for r0, r1, _segs in row_blocks
+    ]
     try:
-        counts = run.compute(tasks, "write chunks")
+        counts = run.compute(tasks, "write chunks", labels)
     except InputError:
         _rollback(st, meta, fresh_store, committed, settings)
         raise
+    finally:
+        # a worker killed mid-write leaves its temporary file; its task ran again elsewhere
+        # (or the job failed and a re-run resumes): either way the file is garbage now
+        st.remove_partials()
     # 4. Commit.
     per_epoch: dict[int, dict[str, int]] = defaultdict(dict)
     for (_i, j, _w), block_counts in zip(where, counts, strict=True):

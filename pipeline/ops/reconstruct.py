@@ -109,11 +109,15 @@ def reconstruct(
         )
         for r0, r1 in todo
     ]
-    if run is None:
-        with runner(runtime) as r:
-            r.compute(tasks, f"reconstruct {name}")
-    else:
-        run.compute(tasks, f"reconstruct {name}")
+    labels = [f"reconstructed rows {r0}-{r1}" for r0, r1 in todo]
+    try:
+        if run is None:
+            with runner(runtime) as r:
+                r.compute(tasks, f"reconstruct {name}", labels)
+        else:
+            run.compute(tasks, f"reconstruct {name}", labels)
+    finally:
+        ag.remove_partials()  # left by a worker killed mid-write
     del arr
     n_blocks = -(-shape[0] // block_rows)
     return ReconstructResult(st.url, name, shape, len(todo), n_blocks - len(todo))
