@@ -289,8 +289,14 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
         kw = {} if security is None else {"security": security}
         try:
             client = Client(address, **kw)
-        except OSError as e:
-            raise PipelineError(f"cannot connect to the scheduler at {address}: {e}") from e
+        except (OSError, TypeError, ValueError) as e:
+            hint = ""
+            if address.startswith("tls://"):
+                hint = (
+                    " (a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key, or "
+                    "dask's distributed.comm.tls.* config)"
+                )
+            raise PipelineError(f"cannot connect to the scheduler at {address}: {e}{hint}") from e
         with client:
             _register_malloc_tuning(client)
             _say(f"connected to scheduler {address}; dashboard: {client.dashboard_link}", opts)
