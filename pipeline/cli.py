@@ -128,6 +128,10 @@ def main(verbose: int) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
+    if verbose == 0:
+        # the client's "Couldn't gather ... rescheduling" while a lost worker's tasks are
+        # retried is expected here: failures that matter reach the user as one error line
+        logging.getLogger("distributed.client").setLevel(logging.ERROR)
 
 
 @main.command()

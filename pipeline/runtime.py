@@ -204,14 +204,16 @@ def task_error(exc: BaseException, desc: str, key: Any, label: str | None) -> Ba
     if isinstance(exc, PipelineError):
         return exc
     if isinstance(exc, KilledWorker):
-        import dask
-
-        allowed = dask.config.get("distributed.scheduler.allowed-failures", 3)
+        allowed = getattr(exc, "allowed_failures", None)
+        last = getattr(getattr(exc, "last_worker", None), "address", None)
         return TaskFailedError(
-            f"{desc}: {where} failed: the worker running it died each time it was tried (dask "
-            f"gives up after distributed.scheduler.allowed-failures = {allowed} retries, as set "
-            "on the scheduler). The worker logs say why (often memory). Finished chunks are kept; "
-            "fix the cause and re-run the same command to resume."
+            f"{desc}: {where} failed: the worker running it died each time it was tried "
+            f"({'' if allowed is None else f'{allowed + 1} tries; '}the scheduler's "
+            "distributed.scheduler.allowed-failures"
+            f"{'' if allowed is None else f' = {allowed}'}"
+            f"{'' if last is None else f'; last on {last}'}). The worker logs say why (often "
+            "memory). Finished chunks are kept; fix the cause and re-run the same command to "
+            "resume."
         )
     exc.add_note(f"in {desc}: {where}")
     return exc
