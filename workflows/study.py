@@ -156,11 +156,11 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
         "",
         "Mean ± std over the training seeds; weight MSE over all parameters and recorded epochs.",
         "",
-        "| | final test accuracy | best test accuracy | weight MSE | modes |",
-        "|---|---|---|---|---|",
-        f"| GD | {pm('gd_final')} | {pm('gd_best')} | 0 | - |",
+        "| | final test accuracy | best test accuracy | weight MSE | ‖W−Ŵ‖/‖W‖ | modes |",
+        "|---|---|---|---|---|---|",
+        f"| GD | {pm('gd_final')} | {pm('gd_best')} | 0 | 0 | - |",
         f"| CMD | {pm('cmd_final')} | {pm('cmd_best')} | {pm('mse', '.3g')} | "
-        f"{s['n_modes'][0]:.1f} |",
+        f"{pm('relative_error', '.3g')} | {s['n_modes'][0]:.1f} |",
     ]
     if "sweep" in s:
         ev = cfg.get("evaluate", {})
@@ -222,8 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds [from the config]")
     ap.add_argument("--workers", type=int, default=None, help="LocalCluster workers [one per core]")
     ap.add_argument("--threads", action="store_true", help="run on local threads, no LocalCluster")
+    ap.add_argument(
+        "--render", action="store_true", help="only print the table again from OUT/summary.json"
+    )
     a = ap.parse_args(argv)
     out = a.out or Path("runs") / a.config.stem
+    if a.render:
+        saved = json.loads((out / "summary.json").read_text())
+        table = format_table(saved["config"]["name"], saved["config"], saved["rows"])
+        (out / "table.md").write_text(table + "\n")
+        print(table)
+        return 0
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
     rt = RuntimeOptions(mode="threads" if a.threads else "local", workers=a.workers)
     t0 = time.perf_counter()
