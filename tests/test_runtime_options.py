@@ -115,3 +115,21 @@ def test_tls_scheduler(tmp_path: Path, run5) -> None:
             pass
     a, b = read_analysis(store, "plain"), read_analysis(store, "tls")
     assert (a["a"] == b["a"]).all() and (a["mode"] == b["mode"]).all()
+
+
+@pytest.mark.slow
+def test_embedded_cluster_listens_on_loopback_only(capsys: pytest.CaptureFixture[str]) -> None:
+    import psutil
+
+    with runner(RuntimeOptions(workers=2)) as rt:
+        info = rt.client.scheduler_info()
+        addresses = [info["address"], *info["workers"]]
+        assert all(a.startswith("tcp://127.0.0.1:") for a in addresses), addresses
+        assert rt.dashboard_link.startswith("http://127.0.0.1:")
+        pids = {psutil.Process().pid, *rt.client.run(lambda: __import__("os").getpid()).values()}
+        for pid in pids:
+            for c in psutil.Process(pid).net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    assert c.laddr.ip in ("127.0.0.1", "::1"), (pid, c.laddr)
+    err = capsys.readouterr().err
+    assert "LocalCluster with 2 worker(s); dashboard: http://127.0.0.1:" in err

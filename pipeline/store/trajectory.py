@@ -46,7 +46,16 @@ def _codecs(codec: str) -> dict[str, Any]:
 
 
 def _normalise_url(url: str | os.PathLike[str]) -> str:
+    """An absolute local path for paths and ``file://`` URLs (zarr's LocalStore: atomic chunk
+    writes, raw reads), the URL itself for any other fsspec protocol."""
     s = os.fspath(url)
+    if s.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(s)
+        if parsed.netloc not in ("", "localhost"):
+            raise StoreError(f"{s}: a file:// URL names a local path (file:///abs/path)")
+        return os.path.abspath(unquote(parsed.path))
     if "://" in s:
         return s
     return os.path.abspath(s)

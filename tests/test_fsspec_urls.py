@@ -1,0 +1,57 @@
+"""Stores named by fsspec URLs: ``file://`` (what workers on other machines use with a shared
+filesystem) on a LocalCluster, and ``memory://`` (a non-local filesystem: every read and write
+goes through fsspec, as with an object store) in-process. Same bytes as a plain path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from helpers import SYNC, read_analysis, read_trajectory
+
+import pipeline
+
+
+@pytest.mark.slow
+def test_file_url_store_on_a_local_cluster(tmp_path: Path, run5) -> None:
+    plain = tmp_path / "plain.zarr"
+    pipeline.ingest([str(run5.root)], str(plain), runtime=SYNC)
+    pipeline.fit(str(plain), "m", modes=3, samples=50, runtime=SYNC)
+    url = (tmp_path / "url.zarr").as_uri()
+    assert url.startswith("file:///")
+    cluster = pipeline.RuntimeOptions(workers=2, progress=False)
+    res = pipeline.ingest([str(run5.root)], url, runtime=cluster)
+    assert res.chunks_written > 0
+    pipeline.fit(url, "m", modes=3, samples=50, runtime=cluster)
+    assert np.array_equal(read_trajectory(plain), read_trajectory(tmp_path / "url.zarr"))
+    a, b = read_analysis(plain, "m"), read_analysis(tmp_path / "url.zarr", "m")
+    for k in ("mode", "a", "b", "flags", "block_stats"):
+        assert np.array_equal(a[k], b[k], equal_nan=True), k
+    sd = pipeline.state_dict(url, 4, analysis="m")
+    assert set(sd) == set(run5.sds[0])
+
+
+def test_memory_url_store(tmp_path: Path, run5) -> None:
+    """An in-memory fsspec filesystem stands in for an object store (no local paths at all)."""
+    plain = tmp_path / "plain.zarr"
+    pipeline.ingest([str(run5.root)], str(plain), runtime=SYNC)
+    pipeline.fit(str(plain), "m", modes=3, samples=50, runtime=SYNC)
+    url = "memory://cmd-pipeline-test/store.zarr"
+    try:
+        pipeline.ingest([str(run5.root)], url, runtime=SYNC)
+        pipeline.fit(url, "m", modes=3, samples=50, runtime=SYNC)
+        st = pipeline.open_store(url)
+        got = np.asarray(pipeline.trajectory_dask(st).compute(scheduler="sync"))
+        assert np.array_equal(got, read_trajectory(plain))
+        info = pipeline.info(url)
+        assert info["analyses"] == ["m"]
+        ev_plain = pipeline.state_dict(str(plain), 3, analysis="m")
+        ev_url = pipeline.state_dict(url, 3, analysis="m")
+        for k, v in ev_plain.items():
+            assert (v == ev_url[k]).all(), k
+        rep = pipeline.report(url, "m")
+        assert rep.html.startswith("memory://") and fsspec.filesystem("memory").exists(rep.html)
+    finally:
+        fsspec.filesystem("memory").rm("/cmd-pipeline-test", recursive=True)
