@@ -239,12 +239,13 @@ def info(store: str, as_json: bool) -> None:
     metavar="NAME",
     help="Export this CMD analysis's reconstruction instead.",
 )
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_handle_errors
-def export(store: str, epoch: int, out: str, analysis: str | None) -> None:
+def export(store: str, epoch: int, out: str, analysis: str | None, no_progress: bool) -> None:
     """Write one epoch as a state_dict with the original names, shapes and dtypes."""
     from pipeline.ops.export import export as run_export
 
-    path = run_export(store, epoch, out, analysis=analysis)
+    path = run_export(store, epoch, out, analysis=analysis, progress=not no_progress)
     click.echo(f"wrote {path}")
 
 

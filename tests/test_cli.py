@@ -133,6 +133,7 @@ def test_ingest_info_export_round_trip(run5: Run, tmp_path: Path) -> None:
         res = _cli("export", "--store", store, "--epoch", "3", "--out", out_path)
         assert res.exit_code == 0, res.output
         assert res.stdout.strip() == f"wrote {out_path}"
+        assert "export epoch 3" in res.stderr  # the progress bar, on stderr
         got = load_export(out_path)
         assert_state_dict_equal(got, run5.sds[3], ordered=suffix == ".pt")
 

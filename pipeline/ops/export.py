@@ -117,6 +117,7 @@ def export(
     out: str | os.PathLike[str],
     *,
     analysis: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write epoch ``epoch`` of the store as a checkpoint; the format follows ``out``'s suffix.
 
@@ -131,11 +132,32 @@ def export(
     analysis
         Name of a CMD analysis: export its reconstruction of the epoch instead of the
         recorded weights.
+    progress
+        Show a progress bar over the rows on stderr.
     """
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
     col = meta.column_of(epoch)
-    return write_checkpoint(meta, meta.epochs[col], _source(st, col, epoch, analysis), Path(out))
+    source = _source(st, col, epoch, analysis)
+    if progress:
+        source = _with_progress(source, meta.n_rows, f"export epoch {epoch}")
+    return write_checkpoint(meta, meta.epochs[col], source, Path(out))
+
+
+def _with_progress(source: ColumnSource, n_rows: int, desc: str) -> ColumnSource:
+    """The same blocks, with a progress bar over the rows on stderr."""
+
+    def gen() -> Iterator[tuple[int, np.ndarray]]:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        with tqdm(total=n_rows, desc=desc, unit="param", unit_scale=True, file=sys.stderr) as bar:
+            for r0, values in source():
+                yield r0, values
+                bar.update(len(values))
+
+    return gen
 
 
 def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, out: Path) -> Path:
