@@ -40,6 +40,7 @@ from pipeline.cluster import cluster_modes
 from pipeline.kernels.cmd import FLAG_NONFINITE, References, fit_block, pearson
 from pipeline.kernels.online import RunningFit
 from pipeline.sampling import stratified_sample
+from pipeline.store.analysis import mode_dtype
 
 __all__ = ["EmbeddedCMD", "OnlineCMD"]
 
@@ -177,7 +178,8 @@ class OnlineCMD:
         m = np.arange(ref_index.size)
         bf = fit_block(hist, refs, (ref_index, m))
         self.flags = bf.flags
-        self.fit = RunningFit.from_history(hist, hist[ref_index], bf.mode)
+        # mode ids in the smallest unsigned dtype (one byte per parameter up to 256 modes)
+        self.fit = RunningFit.from_history(hist, hist[ref_index], bf.mode.astype(mode_dtype(ref_index.size)))
         self.ref_index = ref_index
         self.sample_index = sample_index
         self._r_now = hist[ref_index, -1].astype(np.float64)

@@ -30,7 +30,7 @@ class RunningFit:
     m2_r: Any  # (M,) float64: sum over the window of (r - mean_r)^2
     mean_w: Any  # (N,) float64
     c_rw: Any  # (N,) float64: sum over the window of (r_mode - mean_r)(w - mean_w)
-    mode: Any  # (N,) int64
+    mode: Any  # (N,) unsigned or signed integer mode ids
 
     @classmethod
     def from_history(cls, w: Any, r: Any, mode: Any) -> RunningFit:
@@ -42,7 +42,9 @@ class RunningFit:
         mean_r = r64.mean(axis=1)
         rc = r64 - mean_r[:, None]
         m2_r = (rc * rc).sum(axis=1)
-        mode = xp.asarray(mode, dtype=xp.int64)
+        mode = xp.asarray(mode)
+        if mode.dtype.kind not in "ui":
+            raise TypeError(f"mode must be an integer array, got {mode.dtype}")
         big_n = int(w.shape[0])
         mean_w = xp.empty(big_n, dtype=xp.float64)
         c_rw = xp.empty(big_n, dtype=xp.float64)
