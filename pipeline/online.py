@@ -30,7 +30,7 @@ statistics, are not decomposed: ``current_state_dict`` takes them from the model
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,8 +39,12 @@ from torch import nn
 from pipeline.cluster import cluster_modes
 from pipeline.kernels.cmd import FLAG_NONFINITE, References, fit_block, pearson
 from pipeline.kernels.online import RunningFit
+from pipeline.runtime import Runner, RuntimeOptions
 from pipeline.sampling import stratified_sample
 from pipeline.store.analysis import mode_dtype
+
+if TYPE_CHECKING:
+    from pipeline.online_store import StoreRunningFit
 
 __all__ = ["EmbeddedCMD", "OnlineCMD"]
 
@@ -77,6 +81,9 @@ class OnlineCMD:
         threshold: float | None = None,
         samples: int = 1000,
         seed: int = 0,
+        store: str | None = None,
+        runtime: RuntimeOptions | None = None,
+        run: Runner | None = None,
     ) -> None:
         if warmup < 2:
             raise ValueError("warmup must be at least 2 epochs")
@@ -106,12 +113,32 @@ class OnlineCMD:
         self.sample_index: np.ndarray | None = None
         self.flags: np.ndarray | None = None
         self._r_now: np.ndarray | None = None
+        self._ready = False
+        self.store: StoreRunningFit | None = None
+        if store is not None:
+            from pipeline.online_store import StoreRunningFit
+
+            self.store = StoreRunningFit(
+                store, self.names, self.shapes, self.offsets, self.sizes, warmup, runtime, run
+            )
+            self._history = None
+
+    def __enter__(self) -> OnlineCMD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the runtime a store-backed instance started (nothing otherwise)."""
+        if self.store is not None:
+            self.store.close()
 
     # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
         """True once the warm-up is over and the modes are fixed."""
-        return self.fit is not None
+        return self._ready
 
     @property
     def n_modes(self) -> int:
@@ -123,10 +150,12 @@ class OnlineCMD:
             return torch.cat(parts).numpy()
 
     def memory_bytes(self) -> int:
-        """Bytes held now: the warm-up history, or the running sums after it."""
+        """Bytes held in this process now: the warm-up history, or the running sums after it
+        (with a store: only the per-mode statistics)."""
         if self._history is not None:
             return sum(h.nbytes for h in self._history)
-        assert self.fit is not None
+        if self.fit is None:
+            return 0 if self.ref_index is None else 3 * 8 * int(self.ref_index.size)
         return int(self.fit.mean_w.nbytes + self.fit.c_rw.nbytes + self.fit.mode.nbytes)
 
     # ------------------------------------------------------------------ updates
@@ -135,16 +164,33 @@ class OnlineCMD:
         w = self._flat(model if model is not None else self.model)
         if w.size != self.n_params:
             raise ValueError(f"the model has {w.size} parameters, OnlineCMD was made for {self.n_params}")
-        self.epoch += 1
-        if self._history is not None:
+        if not self._ready:
+            if self.store is not None:
+                self.store.record(w, self.epoch)
+                if self.epoch + 1 == self.warmup:
+                    self.ref_index, self._r_now = self.store.finish_warmup(
+                        self.modes, self.threshold, self.samples, self.seed
+                    )
+                    self._ready = True
+                self.epoch += 1
+                return
+            assert self._history is not None
             self._history.append(w.copy())
+            self.epoch += 1
             if len(self._history) == self.warmup:
                 self._fit_warmup()
+                self._ready = True
             return
-        assert self.fit is not None and self.ref_index is not None
+        assert self.ref_index is not None
         r = w[self.ref_index].astype(np.float64)
-        self.fit.update(w, r)
+        if self.store is not None:
+            # a failed update leaves the previous epoch's sums intact: call update() again
+            self.store.update(w, r)
+        else:
+            assert self.fit is not None
+            self.fit.update(w, r)
         self._r_now = r
+        self.epoch += 1
 
     def _sample(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
@@ -189,19 +235,36 @@ class OnlineCMD:
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """``(a, b)`` per parameter (float64), exact least squares over the window so far.
         References are their own fit: a = 1, b = 0."""
-        if self.fit is None:
+        if not self._ready:
             raise RuntimeError(f"OnlineCMD is warming up ({self.epoch} of {self.warmup} epochs)")
-        a, b = self.fit.coefficients()
+        if self.store is not None:
+            a, b = np.empty(self.n_params), np.empty(self.n_params)
+            for r0, _mode, ab, bb in self.store.coefficient_blocks():
+                a[r0 : r0 + ab.size], b[r0 : r0 + ab.size] = ab, bb
+        else:
+            assert self.fit is not None
+            a, b = self.fit.coefficients()
         assert self.ref_index is not None
         a[self.ref_index] = 1.0
         b[self.ref_index] = 0.0
         return a, b
 
     def cmd_vector(self) -> np.ndarray:
-        """The CMD weights ``a * r(t) + b`` at the last update, flat float64 (N,)."""
+        """The CMD weights ``a * r(t) + b`` at the last update, flat float32 (N,), computed in
+        float64 (with a store: block by block, so only the output is model-sized)."""
+        if not self._ready:
+            raise RuntimeError(f"OnlineCMD is warming up ({self.epoch} of {self.warmup} epochs)")
+        assert self._r_now is not None and self.ref_index is not None
+        r = self._r_now
+        if self.store is not None:
+            out = np.empty(self.n_params, dtype=np.float32)
+            for r0, mode, a, b in self.store.coefficient_blocks():
+                out[r0 : r0 + a.size] = a * r[mode] + b
+            out[self.ref_index] = r.astype(np.float32)  # a reference is its own fit
+            return out
         a, b = self.coefficients()
-        assert self.fit is not None and self._r_now is not None
-        return a * self._r_now[self.fit.mode] + b
+        assert self.fit is not None
+        return (a * r[self.fit.mode] + b).astype(np.float32)
 
     def current_state_dict(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """A new state_dict with the CMD weights in place of the parameters (buffers copied from
@@ -209,13 +272,13 @@ class OnlineCMD:
         tensors are never modified."""
         src = model if model is not None else self.model
         sd = {k: v.detach().clone() for k, v in src.state_dict().items()}
-        if self.fit is None:
+        if not self._ready:
             return sd
         flat = self.cmd_vector()
         for name, shape, dtype, off, size in zip(
             self.names, self.shapes, self.dtypes, self.offsets, self.sizes, strict=True
         ):
-            t = torch.from_numpy(flat[off : off + size].astype(np.float32)).reshape(shape)
+            t = torch.from_numpy(flat[off : off + size].copy()).reshape(shape)
             sd[name] = t.to(dtype=dtype, device=sd[name].device)
         return sd
 
@@ -347,7 +410,7 @@ class EmbeddedCMD(OnlineCMD):
         if self.embedded.any():
             assert self.fit is not None and self._r_now is not None
             e = self.embedded
-            v[e] = self.a_frozen[e] * self._r_now[self.fit.mode[e]] + self.b_frozen[e]
+            v[e] = (self.a_frozen[e] * self._r_now[self.fit.mode[e]] + self.b_frozen[e]).astype(np.float32)
         return v
 
     def remove(self) -> None:

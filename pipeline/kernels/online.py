@@ -16,7 +16,14 @@ from typing import Any
 
 from pipeline.compat import namespace
 
-__all__ = ["RunningFit"]
+__all__ = [
+    "RunningFit",
+    "coefficients_rows",
+    "init_rows",
+    "reference_stats",
+    "step_references",
+    "update_rows",
+]
 
 _STEP = 1 << 20  # elements per inner step: temporaries stay bounded whatever N is
 
@@ -37,53 +44,76 @@ class RunningFit:
         """Initialise from a recorded window: ``w`` (N, T) trajectories, ``r`` (M, T) the
         references over the same epochs, ``mode`` (N,). Two-pass centred, float64."""
         xp = namespace(w)
-        n = int(w.shape[1])
-        r64 = xp.asarray(r, dtype=xp.float64)
-        mean_r = r64.mean(axis=1)
-        rc = r64 - mean_r[:, None]
-        m2_r = (rc * rc).sum(axis=1)
         mode = xp.asarray(mode)
         if mode.dtype.kind not in "ui":
             raise TypeError(f"mode must be an integer array, got {mode.dtype}")
+        mean_r, m2_r, rc = reference_stats(r)
         big_n = int(w.shape[0])
         mean_w = xp.empty(big_n, dtype=xp.float64)
         c_rw = xp.empty(big_n, dtype=xp.float64)
         for s0 in range(0, big_n, _STEP):
             s1 = min(big_n, s0 + _STEP)
-            x = xp.asarray(w[s0:s1], dtype=xp.float64)
-            mu = x.mean(axis=1)
-            mean_w[s0:s1] = mu
-            c_rw[s0:s1] = ((x - mu[:, None]) * rc[mode[s0:s1]]).sum(axis=1)
-        return cls(n, mean_r, m2_r, mean_w, c_rw, mode)
+            mean_w[s0:s1], c_rw[s0:s1] = init_rows(w[s0:s1], rc, mode[s0:s1])
+        return cls(int(w.shape[1]), mean_r, m2_r, mean_w, c_rw, mode)
 
     def update(self, w: Any, r: Any) -> None:
         """Add one epoch: ``w`` (N,) the parameters, ``r`` (M,) the references, in place."""
-        xp = namespace(self.mean_w)
+        dr, new_mean_r, new_m2_r = step_references(self.mean_r, self.m2_r, self.n, r)
         n1 = self.n + 1
-        r64 = xp.asarray(r, dtype=xp.float64)
-        dr = r64 - self.mean_r  # deviation from the old mean
-        new_mean_r = self.mean_r + dr / n1
         big_n = int(self.mean_w.shape[0])
         for s0 in range(0, big_n, _STEP):
             s1 = min(big_n, s0 + _STEP)
-            x = xp.asarray(w[s0:s1], dtype=xp.float64)
-            mw = self.mean_w[s0:s1]
-            mw += (x - mw) / n1
-            # Welford's co-moment: (r - old mean_r) * (w - new mean_w)
-            self.c_rw[s0:s1] += dr[self.mode[s0:s1]] * (x - mw)
-        self.m2_r += dr * (r64 - new_mean_r)
-        self.mean_r = new_mean_r
-        self.n = n1
+            update_rows(self.mean_w[s0:s1], self.c_rw[s0:s1], self.mode[s0:s1], w[s0:s1], dr, n1)
+        self.mean_r, self.m2_r, self.n = new_mean_r, new_m2_r, n1
 
     def coefficients(self, start: int = 0, stop: int | None = None) -> tuple[Any, Any]:
         """``(a, b)`` of rows ``[start, stop)``: the least-squares fit over the window.
 
         A reference whose profile is constant so far gives a = 0 (b = the mean) to its mode.
         """
-        xp = namespace(self.mean_w)
         sl = slice(start, stop)
-        m = self.mode[sl]
-        q = self.m2_r[m]
-        a = xp.where(q > 0, self.c_rw[sl] / xp.where(q > 0, q, 1.0), 0.0)
-        b = self.mean_w[sl] - a * self.mean_r[m]
-        return a, b
+        return coefficients_rows(self.mean_w[sl], self.c_rw[sl], self.mode[sl], self.mean_r, self.m2_r)
+
+
+# ---------------------------------------------------------------------- row-block kernels
+def reference_stats(r: Any) -> tuple[Any, Any, Any]:
+    """Mean, second central moment and centred profiles of the references ``r`` (M, T)."""
+    xp = namespace(r)
+    r64 = xp.asarray(r, dtype=xp.float64)
+    mean_r = r64.mean(axis=1)
+    rc = r64 - mean_r[:, None]
+    return mean_r, (rc * rc).sum(axis=1), rc
+
+
+def init_rows(w: Any, rc: Any, mode: Any) -> tuple[Any, Any]:
+    """Mean and co-moment with the centred reference of each row of ``w`` (rows, T)."""
+    xp = namespace(w)
+    x = xp.asarray(w, dtype=xp.float64)
+    mu = x.mean(axis=1)
+    return mu, ((x - mu[:, None]) * rc[mode]).sum(axis=1)
+
+
+def step_references(mean_r: Any, m2_r: Any, n: int, r: Any) -> tuple[Any, Any, Any]:
+    """One epoch of the per-mode statistics: ``(r - old mean, new mean, new M2)``."""
+    xp = namespace(mean_r)
+    r64 = xp.asarray(r, dtype=xp.float64)
+    dr = r64 - mean_r
+    new_mean = mean_r + dr / (n + 1)
+    return dr, new_mean, m2_r + dr * (r64 - new_mean)
+
+
+def update_rows(mean_w: Any, c_rw: Any, mode: Any, w: Any, dr: Any, n1: int) -> None:
+    """Welford's update of a block of rows, in place: ``n1`` is the new epoch count."""
+    xp = namespace(mean_w)
+    x = xp.asarray(w, dtype=xp.float64)
+    mean_w += (x - mean_w) / n1
+    # co-moment: (r - old mean_r) * (w - new mean_w)
+    c_rw += dr[mode] * (x - mean_w)
+
+
+def coefficients_rows(mean_w: Any, c_rw: Any, mode: Any, mean_r: Any, m2_r: Any) -> tuple[Any, Any]:
+    """``(a, b)`` of a block of rows from its running statistics."""
+    xp = namespace(mean_w)
+    q = m2_r[mode]
+    a = xp.where(q > 0, c_rw / xp.where(q > 0, q, 1.0), 0.0)
+    return a, mean_w - a * mean_r[mode]
