@@ -64,7 +64,7 @@ def _epoch(model, opt, x, y, cfg, shuffle, augment, after_step=None) -> float:
         opt.step()
         if after_step is not None:
             after_step()
-        total += float(loss) * len(idx)
+        total += loss.item() * len(idx)
     return total / len(x)
 
 
