@@ -46,7 +46,7 @@ from pipeline.store.analysis import mode_dtype
 if TYPE_CHECKING:
     from pipeline.online_store import StoreRunningFit
 
-__all__ = ["EmbeddedCMD", "OnlineCMD"]
+__all__ = ["EmbeddedCMD", "OnlineCMD", "lightning_callback"]
 
 _MAX_DRAW_ROUNDS = 20
 
@@ -419,3 +419,21 @@ class EmbeddedCMD(OnlineCMD):
         for m in self._masks:
             m.zero_()
         self.embedded[:] = False
+
+
+def lightning_callback(cmd: OnlineCMD) -> Any:
+    """A Lightning ``Callback`` that calls ``cmd.update(pl_module)`` at the end of every
+    training epoch (``lightning`` or ``pytorch_lightning`` must be installed)."""
+    try:
+        from lightning.pytorch import Callback
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback
+        except ImportError as e:
+            raise ImportError("lightning_callback needs lightning (pip install lightning)") from e
+
+    class OnlineCMDCallback(Callback):
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            cmd.update(pl_module)
+
+    return OnlineCMDCallback()

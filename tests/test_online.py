@@ -229,3 +229,22 @@ def test_store_backed_equals_in_memory(data, tmp_path, monkeypatch) -> None:
     # the warm-up is an ordinary store: info works, and the post-hoc study is there
     info = pipeline.info(url)
     assert info["n_epochs"] == 4 and "online-warmup" in info["analyses"]
+
+
+def test_lightning_callback() -> None:
+    from pipeline.online import lightning_callback
+
+    model = MLP(hidden=4)
+    cmd = OnlineCMD(model, warmup=2, modes=1, samples=10)
+    try:
+        import lightning  # noqa: F401
+    except ImportError:
+        try:
+            import pytorch_lightning  # noqa: F401
+        except ImportError:
+            with pytest.raises(ImportError, match="needs lightning"):
+                lightning_callback(cmd)
+            pytest.skip("lightning is not installed")
+    cb = lightning_callback(cmd)
+    cb.on_train_epoch_end(None, model)
+    assert cmd.epoch == 1
