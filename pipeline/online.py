@@ -329,8 +329,18 @@ class EmbeddedCMD(OnlineCMD):
         self._masks = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self._params]
         self._ref_pos: list[tuple[int, int]] = []  # (param index, element) of each reference
         for p, mask in zip(self._params, self._masks, strict=True):
-            p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0.0))
+            if p.requires_grad:  # a frozen parameter gets no gradient to mask
+                p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0.0))
         self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
+
+    def memory_bytes(self) -> int:
+        """As :meth:`OnlineCMD.memory_bytes`, plus the embedding state (frozen a and b, the
+        last check's a and b, the masks)."""
+        extra = self.a_frozen.nbytes + self.b_frozen.nbytes + self.embedded.nbytes
+        extra += sum(m.numel() for m in self._masks)
+        if self._prev is not None:
+            extra += self._prev[0].nbytes + self._prev[1].nbytes
+        return super().memory_bytes() + extra
 
     @property
     def fraction_embedded(self) -> float:
@@ -397,8 +407,9 @@ class EmbeddedCMD(OnlineCMD):
                 continue
             sel = np.flatnonzero(emb)
             vals = self.a_frozen[off + sel] * r[self.fit.mode[off + sel]] + self.b_frozen[off + sel]
-            flat = p.data.view(-1)
-            flat[torch.from_numpy(sel).to(p.device)] = torch.from_numpy(vals).to(p.device, p.dtype)
+            # boolean-mask assignment follows the logical (C) order of the elements, like sel,
+            # so it also works for non-contiguous parameters (e.g. channels_last weights)
+            p.data[self._masks[i]] = torch.from_numpy(vals).to(p.device, p.dtype)
             state = self.optimizer.state.get(p, {})
             for v in state.values():
                 if torch.is_tensor(v) and v.shape == p.shape:

@@ -248,3 +248,25 @@ def test_lightning_callback() -> None:
     cb = lightning_callback(cmd)
     cb.on_train_epoch_end(None, model)
     assert cmd.epoch == 1
+
+
+def test_embedded_with_frozen_and_channels_last_parameters(data) -> None:
+    """A frozen parameter (requires_grad=False) and non-contiguous (channels_last) weights."""
+    xtr, ytr, _, _ = data
+    torch.manual_seed(4)
+    model = SimpleCNN().to(memory_format=torch.channels_last)
+    model.fc2.bias.requires_grad_(False)
+    assert not model.conv2.weight.is_contiguous()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(4)
+    cmd = EmbeddedCMD(model, opt, warmup=3, modes=3, samples=200, embed_every=1, embed_fraction=0.5)
+    for _ in range(6):
+        _train_epoch(model, opt, xtr, ytr, gen)
+        cmd.update()
+    assert cmd.fraction_embedded > 0.8
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    e = cmd.embedded
+    assert cmd.fit is not None and cmd.ref_index is not None
+    want = (cmd.a_frozen[e] * w[cmd.ref_index].astype(np.float64)[cmd.fit.mode[e]] + cmd.b_frozen[e]).astype(np.float32)
+    assert np.array_equal(w[e], want)
+    assert cmd.memory_bytes() > 2 * 8 * cmd.n_params + 4 * 8 * cmd.n_params
