@@ -29,10 +29,10 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench_fit import synthetic_store
 from dask import delayed
 
 import pipeline
+from pipeline.bench.common import synthetic_store
 from pipeline.runtime import RuntimeOptions, runner
 
 CONFIGS = {

@@ -1,0 +1,1 @@
+"""The benchmark suite (`cmd-pipeline bench`): hardware limits, throughput, growth, baselines."""
