@@ -448,5 +448,63 @@ def report(store: str, name: str, out: str | None) -> None:
     click.echo(result.summary())
 
 
+@main.command()
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--quick", is_flag=True, help="Small sizes: a few minutes.")
+@click.option(
+    "--sizes", default=None, metavar="N,N,...", help="N of the growth sweep [quick: 1e5..3e6; full: 1e5..1e8]."
+)
+@click.option("--epochs", type=click.IntRange(min=2), default=50, show_default=True, help="T of the stores.")
+@click.option(
+    "--main-n", type=float, default=None, help="N of the throughput store and the baselines [quick 2e6, full 1e7]."
+)
+@click.option(
+    "--beyond-ram",
+    type=float,
+    default=None,
+    metavar="N",
+    help="Also ingest and fit N x T (e.g. 1.5e8: 30 GB at T=50), larger than memory.",
+)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the stores go [OUT/work].")
+@click.option("--keep", is_flag=True, help="Keep the stores.")
+@_runtime_options
+@_handle_errors
+def bench(
+    out: str,
+    quick: bool,
+    sizes: str | None,
+    epochs: int,
+    main_n: float | None,
+    beyond_ram: float | None,
+    workdir: str | None,
+    keep: bool,
+    **kw: Any,
+) -> None:
+    """Benchmark suite: OUT/results.md, OUT/results.json and plots (ratios within one run)."""
+    from pathlib import Path
+
+    from pipeline.bench.suite import BenchOptions, run_bench
+
+    size_list = None
+    if sizes:
+        try:
+            size_list = [int(float(v)) for v in sizes.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"comma-separated numbers, got {sizes!r}", param_hint="--sizes") from None
+    opts = BenchOptions(
+        out=Path(out),
+        quick=quick,
+        sizes=size_list,
+        epochs=epochs,
+        main_n=int(main_n) if main_n else None,
+        beyond_ram=int(beyond_ram) if beyond_ram else None,
+        workdir=Path(workdir) if workdir else None,
+        keep=keep,
+        runtime=_make_runtime(kw),
+    )
+    run_bench(opts)
+    click.echo((Path(out) / "results.md").read_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
