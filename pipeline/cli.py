@@ -465,6 +465,12 @@ def report(store: str, name: str, out: str | None) -> None:
     metavar="N",
     help="Also ingest and fit N x T (e.g. 1.5e8: 30 GB at T=50), larger than memory.",
 )
+@click.option(
+    "--sections",
+    default="throughput,numerics,growth,beyond-ram,baselines",
+    show_default=True,
+    help="Which sections to run (the hardware limits always run).",
+)
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the stores go [OUT/work].")
 @click.option("--keep", is_flag=True, help="Keep the stores.")
 @_runtime_options
@@ -476,6 +482,7 @@ def bench(
     epochs: int,
     main_n: float | None,
     beyond_ram: float | None,
+    sections: str,
     workdir: str | None,
     keep: bool,
     **kw: Any,
@@ -501,7 +508,11 @@ def bench(
         workdir=Path(workdir) if workdir else None,
         keep=keep,
         runtime=_make_runtime(kw),
+        sections=tuple(x.strip() for x in sections.split(",") if x.strip()),
     )
+    known = {"throughput", "numerics", "growth", "beyond-ram", "baselines"}
+    if unknown := set(opts.sections) - known:
+        raise click.BadParameter(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}", param_hint="--sections")
     run_bench(opts)
     click.echo((Path(out) / "results.md").read_text())
 

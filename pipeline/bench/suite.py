@@ -69,6 +69,7 @@ class BenchOptions:
     workdir: Path | None = None
     keep: bool = False
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    sections: tuple[str, ...] = ("throughput", "numerics", "growth", "beyond-ram", "baselines")
 
     def resolved(self) -> BenchOptions:
         q = self.quick
@@ -88,6 +89,7 @@ class BenchOptions:
             workdir=self.workdir or (self.out / "work"),
             keep=self.keep,
             runtime=self.runtime,
+            sections=self.sections,
         )
 
 
@@ -325,26 +327,26 @@ def write_report(res: dict[str, Any], out: Path) -> None:
     lines = [f"# cmd-pipeline bench ({'quick' if res['options']['quick'] else 'full'})", "",
              f"{res['machine']}; cmd-pipeline {res['version']}; {res['date']}; runtime {res['runtime']}", "",
              "## Hardware limits (same run)", "",
-             f"- memory copy: {_gbs(res['limits']['memcpy'])}",
-             f"- sequential read of the store's files: {_gbs(res['throughput']['ops']['fit']['limit_read'])}; "
-             f"of the checkpoint files: {_gbs(res['throughput']['ops']['ingest']['limit_read'])}", ""]
-    tp = res["throughput"]
-    lines += [f"## Throughput (N = {tp['n']:,}, T = {tp['epochs']}, {tp['n'] * tp['epochs'] * 4 / 1e9:.1f} GB)", "",
+             f"- memory copy: {_gbs(res['limits']['memcpy'])}"]
+    tp = res.get("throughput")
+    if tp:
+        lines += [f"- sequential read of the store's files: {_gbs(tp['ops']['fit']['limit_read'])}; "
+                  f"of the checkpoint files: {_gbs(tp['ops']['ingest']['limit_read'])}", ""]
+        lines += [f"## Throughput (N = {tp['n']:,}, T = {tp['epochs']}, {tp['n'] * tp['epochs'] * 4 / 1e9:.1f} GB)", "",
               "| operation | time | throughput | / sequential read | / memory copy | peak RSS |", "|---|---|---|---|---|---|"]
-    for k, r in tp["ops"].items():
-        lines.append(f"| {k} | {r['seconds']:.2f} s | {_gbs(r['throughput'])} | {r['of_read']:.2f} | "
-                     f"{r['of_memcpy']:.3f} | {r['peak_rss'] / 1e9:.2f} GB |")
-    g = res["growth"]
-    lines += ["", "## Growth of the fit time", "",
+        for k, r in tp["ops"].items():
+            lines.append(f"| {k} | {r['seconds']:.2f} s | {_gbs(r['throughput'])} | {r['of_read']:.2f} | "
+                         f"{r['of_memcpy']:.3f} | {r['peak_rss'] / 1e9:.2f} GB |")
+    g = res.get("growth")
+    if g:
+        lines += ["", "## Growth of the fit time", "",
               f"time ~ N^{g['exponent_n']:.2f} (T = {g['n'][0]['epochs']}); "
               f"~ T^{g['exponent_t']:.2f} (N = {g['t'][0]['n']:,}); ~ M^{g['exponent_m']:.2f} (N = {g['m'][0]['n']:,})", "",
               "| N | T | M | time | peak RSS |", "|---|---|---|---|---|"]
-    for p in g["n"]:
-        lines.append(f"| {p['n']:,} | {p['epochs']} | 10 | {p['seconds']:.2f} s | {p['peak_rss'] / 1e9:.2f} GB |")
-    for p in g["t"]:
-        lines.append(f"| {p['n']:,} | {p['epochs']} | 10 | {p['seconds']:.2f} s | {p['peak_rss'] / 1e9:.2f} GB |")
-    for p in g["m"]:
-        lines.append(f"| {p['n']:,} | {p['epochs']} | {p['modes']} | {p['seconds']:.2f} s | {p['peak_rss'] / 1e9:.2f} GB |")
+        for p in g["n"] + g["t"]:
+            lines.append(f"| {p['n']:,} | {p['epochs']} | 10 | {p['seconds']:.2f} s | {p['peak_rss'] / 1e9:.2f} GB |")
+        for p in g["m"]:
+            lines.append(f"| {p['n']:,} | {p['epochs']} | {p['modes']} | {p['seconds']:.2f} s | {p['peak_rss'] / 1e9:.2f} GB |")
     if res.get("beyond_ram"):
         b = res["beyond_ram"]
         lines += ["", f"## Beyond RAM: N = {b['n']:,}, T = {b['epochs']} ({b['bytes'] / 1e9:.1f} GB; RAM {b['ram_bytes'] / 1e9:.1f} GB)", "",
@@ -365,33 +367,35 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         lines += ["", f"In-memory research algorithm on the synthetic store: {im['seconds']:.2f} s, peak RSS "
                   f"{im['peak_rss_GB']:.2f} GB ({im['bytes_per_parameter']:.0f} B per parameter): it would run out of "
                   f"this machine's memory at about N = {im['out_of_memory_n_extrapolated']:.3g} (extrapolated)."]
-    nm = res["numerics"]
-    lines += ["", f"## Numerics at scale ({nm['checked']:,} of {nm['rows']:,} sampled rows)", "",
-              f"- a: max relative difference {nm['a_max_rel']:.2e}",
-              f"- b: max difference relative to the weight's scale {nm['b_max_rel_to_weight_scale']:.2e}",
-              f"- corr: max absolute difference {nm['corr_max_abs']:.2e}"]
+    nm = res.get("numerics")
+    if nm:
+        lines += ["", f"## Numerics at scale ({nm['checked']:,} of {nm['rows']:,} sampled rows)", "",
+                  f"- a: max relative difference {nm['a_max_rel']:.2e}",
+                  f"- b: max difference relative to the weight's scale {nm['b_max_rel_to_weight_scale']:.2e}",
+                  f"- corr: max absolute difference {nm['corr_max_abs']:.2e}"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
 def plots(res: dict[str, Any], out: Path) -> list[str]:
     from matplotlib.figure import Figure
 
-    files = []
-    g = res["growth"]
-    fig = Figure(figsize=(12, 3.6))
-    axes = fig.subplots(1, 3)
-    for ax, key, x, label in ((axes[0], "n", "n", "N parameters"), (axes[1], "t", "epochs", "T epochs"),
-                              (axes[2], "m", "modes", "M modes")):
-        xs = [p[x] for p in g[key]]
-        ys = [p["seconds"] for p in g[key]]
-        ax.loglog(xs, ys, "o-", label=f"fit, exponent {g[f'exponent_{key}']:.2f}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("seconds")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "growth.png", dpi=110)
-    files.append("growth.png")
+    files: list[str] = []
+    g = res.get("growth")
+    if g:
+        fig = Figure(figsize=(12, 3.6))
+        axes = fig.subplots(1, 3)
+        for ax, key, x, label in ((axes[0], "n", "n", "N parameters"), (axes[1], "t", "epochs", "T epochs"),
+                                  (axes[2], "m", "modes", "M modes")):
+            xs = [p[x] for p in g[key]]
+            ys = [p["seconds"] for p in g[key]]
+            ax.loglog(xs, ys, "o-", label=f"fit, exponent {g[f'exponent_{key}']:.2f}")
+            ax.set_xlabel(label)
+            ax.set_ylabel("seconds")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "growth.png", dpi=110)
+        files.append("growth.png")
     bl = res.get("baselines")
     if bl:
         fig = Figure(figsize=(11, 4))
@@ -434,18 +438,23 @@ def run_bench(options: BenchOptions) -> dict[str, Any]:
         with runner(o.runtime) as rt, rt.quiet():
             _say("hardware limits")
             res["limits"] = {"memcpy": memcpy_bandwidth()}
-            _say("throughput: ingest, fit, reconstruct")
-            res["throughput"] = throughput(o, rt, res["limits"])
-            main_store = res["throughput"]["store"]
-            _say("numerics at scale")
-            res["numerics"] = numerics(main_store, "m10")
-            _say("growth")
-            res["growth"] = growth(o, rt)
-            if o.beyond_ram:
+            main_store = None
+            if "throughput" in o.sections or "numerics" in o.sections or "baselines" in o.sections:
+                _say("throughput: ingest, fit, reconstruct")
+                res["throughput"] = throughput(o, rt, res["limits"])
+                main_store = res["throughput"]["store"]
+            if "numerics" in o.sections and main_store:
+                _say("numerics at scale")
+                res["numerics"] = numerics(main_store, "m10")
+            if "growth" in o.sections:
+                _say("growth")
+                res["growth"] = growth(o, rt)
+            if o.beyond_ram and "beyond-ram" in o.sections:
                 _say("beyond RAM")
                 res["beyond_ram"] = beyond_ram(o, rt)
-            _say("baselines")
-            res["baselines"] = baselines(o, rt, main_store)
+            if "baselines" in o.sections and main_store:
+                _say("baselines")
+                res["baselines"] = baselines(o, rt, main_store)
     finally:
         if not o.keep:
             shutil.rmtree(o.workdir, ignore_errors=True)
