@@ -184,10 +184,24 @@ class Runner:
         # shutting ours down waits for them and drops the ones not started yet
         pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
         try:
-            with _Bar():
+            # one BLAS thread per task thread: the pool already uses every core, and nested
+            # BLAS threads oversubscribe them (as dask's worker processes avoid by default)
+            with _Bar(), _single_threaded_blas():
                 return list(dask.compute(*tasks, scheduler="threads", pool=pool))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """Limit BLAS/OpenMP pools to one thread inside (a no-op without threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
 
 
 class TaskFailedError(PipelineError):
