@@ -517,5 +517,64 @@ def bench(
     click.echo((Path(out) / "results.md").read_text())
 
 
+@main.command()
+@click.option("--store", "-s", required=True, help="Store of the first run.")
+@click.option("--name", "-n", required=True, help="Its study.")
+@click.option(
+    "--with",
+    "others",
+    multiple=True,
+    required=True,
+    metavar="STORE:NAME",
+    help="Another run's store and study (repeatable; NAME after the last colon).",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["refs", "pcs"]),
+    default="refs",
+    show_default=True,
+    help="Coordinates: the study's reference profiles, or the trajectory's top principal components.",
+)
+@click.option("--pcs", "d", type=click.IntRange(min=1), default=None, help="Principal components [M].")
+@click.option("--delays", type=click.IntRange(min=1), default=2, show_default=True, help="Time delays (Hankel).")
+@click.option("--shuffles", type=click.IntRange(min=1), default=100, show_default=True, help="Time-shuffle controls per pair.")
+@click.option("--group", "groups", multiple=True, help="A group label per run, in order (permutation test).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_runtime_options
+@_handle_errors
+def compare(
+    store: str,
+    name: str,
+    others: tuple[str, ...],
+    source: str,
+    d: int | None,
+    delays: int,
+    shuffles: int,
+    groups: tuple[str, ...],
+    seed: int,
+    **kw: Any,
+) -> None:
+    """Are training runs dynamically equivalent? Koopman spectra and their distances."""
+    from pipeline.ops.compare import compare as run_compare
+
+    runs = [(store, name)]
+    for o in others:
+        if ":" not in o:
+            raise click.BadParameter(f"expected STORE:NAME, got {o!r}", param_hint="--with")
+        st, nm = o.rsplit(":", 1)
+        runs.append((st, nm))
+    result = run_compare(
+        runs,
+        source=source,
+        d=d,
+        delays=delays,
+        shuffles=shuffles,
+        seed=seed,
+        groups=list(groups) or None,
+        runtime=_make_runtime(kw),
+    )
+    click.echo(result.table())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
