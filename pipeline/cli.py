@@ -540,6 +540,12 @@ def bench(
 @click.option("--shuffles", type=click.IntRange(min=1), default=100, show_default=True, help="Time-shuffle controls per pair.")
 @click.option("--group", "groups", multiple=True, help="A group label per run, in order (permutation test).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--save/--no-save",
+    default=True,
+    show_default=True,
+    help="Keep the result with the first study (report/compare.json, figures) for `report`.",
+)
 @_runtime_options
 @_handle_errors
 def compare(
@@ -552,6 +558,7 @@ def compare(
     shuffles: int,
     groups: tuple[str, ...],
     seed: int,
+    save: bool,
     **kw: Any,
 ) -> None:
     """Are training runs dynamically equivalent? Koopman spectra and their distances."""
@@ -574,6 +581,60 @@ def compare(
         runtime=_make_runtime(kw),
     )
     click.echo(result.table())
+    if save:
+        from pipeline.ops.compare import save_with_study
+
+        files = save_with_study(result)
+        click.echo(f"saved with the first study: {files['compare.json']}")
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@click.option(
+    "--name",
+    "-n",
+    default=None,
+    help="A study: use its window and keep the result with it (report/stability.json) for `report`.",
+)
+@click.option("--epochs", "window", default=None, metavar="START:END[:STEP]", help="Window [the study's, or all].")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option(
+    "--max-exact",
+    type=click.IntRange(min=1),
+    default=4_000_000,
+    show_default=True,
+    help="Layers with more elements get a randomised SVD.",
+)
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of the randomised SVD [64].")
+@_runtime_options
+@_handle_errors
+def stability(
+    store: str, name: str | None, window: str | None, threshold: float, max_exact: int, rank: int | None, **kw: Any
+) -> None:
+    """When does each layer's orthogonal basis (Q = U V^T of its SVD) stop moving?"""
+    import json
+
+    from pipeline.ops.stability import basis_stability, stability_figure
+    from pipeline.store.analysis import AnalysisGroup
+    from pipeline.store.trajectory import TrajectoryStore
+
+    ag = None
+    if name is not None:
+        st = TrajectoryStore.open(store)
+        ag = AnalysisGroup(st.url, name)
+        if not ag.exists():
+            raise PipelineError(f"no analysis {name!r} in {st.url}")
+        if window is None:
+            w = (ag.attrs().get("config") or {}).get("window")
+            window = None if w in (None, ":") else w
+    result = basis_stability(
+        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, runtime=_make_runtime(kw)
+    )
+    click.echo(result.summary())
+    if ag is not None:
+        loc = ag.write_file("stability.json", json.dumps(result.to_dict(), indent=1).encode())
+        ag.write_file("figures/stability.png", stability_figure(result))
+        click.echo(f"saved with study {name!r}: {loc}")
 
 
 if __name__ == "__main__":  # pragma: no cover

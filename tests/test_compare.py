@@ -30,7 +30,7 @@ def _profiles(kind: str) -> np.ndarray:
 def _run(root: Path, kind: str, seed: int, rows: np.ndarray | None = None) -> str:
     rng = np.random.default_rng(seed)
     w = planted_rows(3000, _profiles(kind), rng, noise=1e-3).noisy if rows is None else rows
-    sds = rows_to_state_dicts({"w": ((w.shape[0],), torch.float32, w)})
+    sds = rows_to_state_dicts({"w": ((60, 50), torch.float32, w)})
     ck = write_safetensors_run(root / f"ck-{kind}-{seed}", sds)[0].parent
     store = str(root / f"{kind}-{seed}.zarr")
     pipeline.ingest([str(ck)], store, runtime=SYNC)
@@ -94,3 +94,22 @@ def test_errors_and_cli(stores) -> None:
     assert "1-Wasserstein" in r.output and "p_close" in r.output
     r = CliRunner().invoke(main, ["compare", "--store", stores["a"], "--name", "s", "--with", "nocolon"])
     assert r.exit_code != 0 and "STORE:NAME" in r.output
+
+
+def test_saved_with_the_study_and_reported(stores, tmp_path: Path) -> None:
+    """compare and stability results kept with a study appear in its report."""
+    r = CliRunner().invoke(
+        main,
+        ["compare", "--store", stores["decay1"], "--name", "s", "--with", f"{stores['osc1']}:s",
+         "--shuffles", "5", "--sync", "--no-progress"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "saved with the first study" in r.output
+    r = CliRunner().invoke(main, ["stability", "--store", stores["decay1"], "--name", "s", "--sync", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "saved with study 's'" in r.output
+    rep = pipeline.report(stores["decay1"], "s", out=tmp_path / "r.html")
+    page = Path(rep.copy or "").read_text()
+    assert "Dynamical equivalence of runs" in page and "SVD stability" in page
+    assert {"koopman_eigenvalues.png", "distances.png", "stability.png"} <= set(rep.figures)
+    assert page.count("data:image/png;base64,") == len(rep.figures)

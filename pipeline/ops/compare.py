@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -175,6 +175,25 @@ def compare(
     if groups is not None and len(set(groups)) > 1:
         p_apart = _permutation_p(dist, groups, permutations, rng)
     return CompareResult(meta_runs, source, delays, dist.tolist(), pairs, groups, p_apart)
+
+
+def save_with_study(result: CompareResult) -> dict[str, str]:
+    """Write the comparison beside the first run's study (``report/compare.json`` and its
+    figures), where ``cmd-pipeline report`` picks it up. Returns the file locations."""
+    import json
+
+    from pipeline.report.figures import distance_figure, eigenvalues_figure
+
+    first = result.runs[0]
+    ag = AnalysisGroup(TrajectoryStore.open(first["store"]).url, first["name"])
+    labels = [f"{i}: {r['name']}@{os.path.basename(str(r['store']).rstrip('/'))}" for i, r in enumerate(result.runs)]
+    files = {"compare.json": ag.write_file("compare.json", json.dumps(asdict(result), indent=1).encode())}
+    files["koopman_eigenvalues.png"] = ag.write_file(
+        "figures/koopman_eigenvalues.png",
+        eigenvalues_figure(result.runs, f"Koopman eigenvalues ({result.source}, {result.delays} delays)"),
+    )
+    files["distances.png"] = ag.write_file("figures/distances.png", distance_figure(result.distances, labels))
+    return files
 
 
 def _between_mean(dist: np.ndarray, labels: np.ndarray) -> float:

@@ -111,8 +111,13 @@ def report(
     figs = study_figures(data)
     if evaluation:
         figs.update(evaluation_figures(evaluation))
+    extra = _saved_analyses(ag)
+    for f in ("koopman_eigenvalues.png", "distances.png", "stability.png"):
+        png = ag.read_file(f"figures/{f}")
+        if png is not None and f.split(".")[0] in extra["figures"]:
+            figs[f] = png
     locations = {f: ag.write_file(f"figures/{f}", png) for f, png in figs.items()}
-    page = render_html(st.url, name, attrs, figs, data).encode()
+    page = render_html(st.url, name, attrs, figs, data, extra).encode()
     loc = ag.write_file("report.html", page)
     copy = None
     if out is not None:
@@ -172,8 +177,57 @@ def _img(figs: dict[str, bytes], key: str, caption: str) -> str:
     )
 
 
+def _extra_sections(extra: dict[str, Any], figs: dict[str, bytes]) -> list[str]:
+    parts: list[str] = []
+    cmp_ = extra.get("compare")
+    if cmp_:
+        runs = cmp_["runs"]
+        parts += [
+            "<h2>Dynamical equivalence of runs (Koopman spectra)</h2>",
+            f"<p>Coordinates: {html.escape(cmp_['source'])}, {cmp_['delays']} time delay(s); "
+            "1-Wasserstein distances between the eigenvalue sets; control: shuffled time order"
+            + (f"; permutation p (groups apart) = {cmp_['p_apart']:.4f}" if cmp_.get("p_apart") is not None else "")
+            + ".</p>",
+            _img(figs, "koopman_eigenvalues.png", "Koopman eigenvalues of every run in the complex plane"),
+            _img(figs, "distances.png", "distance matrix between runs"),
+            _table(
+                ["pair", "distance", "control median", "normalised", "p_close"],
+                [[f"{p['i']}: {html.escape(runs[p['i']]['name'])} vs {p['j']}: {html.escape(runs[p['j']]['name'])}",
+                  p["distance"], p["control_median"], p["normalised"], p["p_close"]] for p in cmp_["pairs"]],
+            ),
+        ]
+    stab = extra.get("stability")
+    if stab:
+        parts += [
+            "<h2>When each layer's basis stops moving (SVD stability)</h2>",
+            _img(figs, "stability.png", f"stability of Q = U V^T between consecutive epochs (threshold {stab['threshold']})"),
+            _table(
+                ["layer", "matrix", "method", "first above", "stays above"],
+                [[html.escape(lay["name"]), "x".join(map(str, lay["matrix_shape"])), lay["method"],
+                  str(lay.get("first_above")), str(lay.get("stays_above"))] for lay in stab["layers"]],
+            ),
+        ]
+    return parts
+
+
+def _saved_analyses(ag: AnalysisGroup) -> dict[str, Any]:
+    """The comparison and basis-stability results kept with the study, if any."""
+    out: dict[str, Any] = {"figures": set()}
+    for key, fig in (("compare", ("koopman_eigenvalues", "distances")), ("stability", ("stability",))):
+        raw = ag.read_file(f"{key}.json")
+        if raw is not None:
+            out[key] = json.loads(raw)
+            out["figures"].update(fig)
+    return out
+
+
 def render_html(
-    url: str, name: str, attrs: dict[str, Any], figs: dict[str, bytes], data: StudyData
+    url: str,
+    name: str,
+    attrs: dict[str, Any],
+    figs: dict[str, bytes],
+    data: StudyData,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """The self-contained report page."""
     cfg = attrs.get("config", {})
@@ -277,6 +331,7 @@ def render_html(
             [[html.escape(r["name"]), f"{r['count']:,}", r["mean_abs_corr"], r["relative_error"]]
              for r in summ["layers"]],
         ),
+        *_extra_sections(extra or {}, figs),
         "<h2>Configuration</h2>",
         f"<pre>{html.escape(json.dumps(cfg, indent=2))}</pre>",
         "</body></html>",

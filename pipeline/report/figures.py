@@ -16,6 +16,8 @@ __all__ = [
     "StudyData",
     "accuracy_figure",
     "correlation_figure",
+    "distance_figure",
+    "eigenvalues_figure",
     "evaluation_figures",
     "layers_figure",
     "mode_bands_figure",
@@ -318,3 +320,43 @@ def evaluation_figures(evaluation: dict[str, Any]) -> dict[str, bytes]:
     if sw and sw.get("by_modes"):
         out["sweep.png"] = sweep_figure(evaluation)
     return out
+
+
+def eigenvalues_figure(runs: list[dict[str, Any]], title: str = "Koopman eigenvalues") -> bytes:
+    """Eigenvalues of each run in the complex plane, with the unit circle."""
+    fig = _figure(figsize=(5.6, 5.2))
+    ax = fig.subplots()
+    th = np.linspace(0, 2 * np.pi, 400)
+    ax.plot(np.cos(th), np.sin(th), color="0.7", lw=0.8)
+    markers = "os^vD<>ph*"
+    for i, r in enumerate(runs):
+        ev = np.asarray(r["eigenvalues"], dtype=float).reshape(-1, 2)
+        label = f"{i}: {r['name']}"
+        ax.scatter(ev[:, 0], ev[:, 1], s=28, marker=markers[i % len(markers)], color=_colour(i),
+                   label=label, alpha=0.8)
+    ax.axhline(0, color="0.85", lw=0.6)
+    ax.axvline(0, color="0.85", lw=0.6)
+    ax.set_aspect("equal")
+    ax.set_xlabel("Re λ")
+    ax.set_ylabel("Im λ")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def distance_figure(distances: list[list[float]], labels: list[str]) -> bytes:
+    """The matrix of 1-Wasserstein distances between runs."""
+    d = np.asarray(distances, dtype=float)
+    fig = _figure(figsize=(1.2 + 0.55 * len(labels), 1.0 + 0.5 * len(labels)))
+    ax = fig.subplots()
+    im = ax.imshow(d, cmap="viridis")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="1-Wasserstein distance")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    for i in range(d.shape[0]):
+        for j in range(d.shape[1]):
+            ax.text(j, i, f"{d[i, j]:.2g}", ha="center", va="center", fontsize=6,
+                    color="w" if d[i, j] < d.max() / 2 else "k")
+    ax.set_title("distances between runs", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
