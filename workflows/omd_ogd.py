@@ -16,6 +16,12 @@ run, OGD on ``x`` itself (no reparametrisation, projected to ``x >= 0``), follow
 
 Each run is recorded as safetensors checkpoints (one per epoch = one pass over the rows), so
 the whole pipeline (ingest, fit, compare) runs on it.
+
+What it shows here (``tests/test_omd_ogd.py``): OMD's x stays within 3e-4 of OGD's u^2, and
+the Koopman spectra from the top principal components put the conjugate pair at about a sixth
+of the distance of either to projected OGD on x. That distance is small, but not zero: DMD on a
+few linear observables approximates the Koopman spectrum differently for ``u`` and ``u^2``.
+From the CMD references (single parameters), the conjugate pair is not clearly closer.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def _grad(a_row: np.ndarray, y_i: float, x: np.ndarray) -> np.ndarray:
     return a_row * (a_row @ x - y_i)
 
 
-def trajectories(epochs: int = 60, eta: float = 0.01, seed: int = 0, n: int = 64, m: int = 256) -> dict[str, np.ndarray]:
+def trajectories(epochs: int = 120, eta: float = 0.003, seed: int = 0, n: int = 64, m: int = 256) -> dict[str, np.ndarray]:
     """Parameters after every epoch: (epochs + 1, n) for "ogd_u", "omd_x" and "ogd_x"."""
     a, y, x0 = problem(n, m, seed)
     rng = np.random.default_rng(seed + 1)
@@ -84,11 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workflows.omd_ogd", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/omd_ogd"))
-    ap.add_argument("--epochs", type=int, default=60)
+    ap.add_argument("--epochs", type=int, default=120)
+    ap.add_argument("--eta", type=float, default=0.003)
     ap.add_argument("--modes", type=int, default=4)
     ap.add_argument("--delays", type=int, default=2)
     a = ap.parse_args(argv)
-    dirs = record_runs(a.out, epochs=a.epochs)
+    dirs = record_runs(a.out, epochs=a.epochs, eta=a.eta)
     sync = pipeline.RuntimeOptions(mode="sync", progress=False)
     stores = []
     for name, d in dirs.items():
