@@ -606,10 +606,26 @@ def compare(
     help="Layers with more elements get a randomised SVD.",
 )
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of the randomised SVD [64].")
+@click.option(
+    "--mode-windows",
+    default=None,
+    metavar="WIDTH:STEP",
+    help="Also fit sliding windows (WIDTH epochs every STEP) and report how often each layer's "
+    "parameters change mode between consecutive windows (needs --name; studies NAME~wK).",
+)
+@click.option("--modes", "-m", type=click.IntRange(min=1), default=10, show_default=True, help="M of the window fits.")
 @_runtime_options
 @_handle_errors
 def stability(
-    store: str, name: str | None, window: str | None, threshold: float, max_exact: int, rank: int | None, **kw: Any
+    store: str,
+    name: str | None,
+    window: str | None,
+    threshold: float,
+    max_exact: int,
+    rank: int | None,
+    mode_windows: str | None,
+    modes: int,
+    **kw: Any,
 ) -> None:
     """When does each layer's orthogonal basis (Q = U V^T of its SVD) stop moving?"""
     import json
@@ -627,12 +643,30 @@ def stability(
         if window is None:
             w = (ag.attrs().get("config") or {}).get("window")
             window = None if w in (None, ":") else w
+    runtime = _make_runtime(kw)
     result = basis_stability(
-        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, runtime=_make_runtime(kw)
+        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, runtime=runtime
     )
     click.echo(result.summary())
+    saved = result.to_dict()
+    if mode_windows is not None:
+        from pipeline.ops.mode_changes import mode_changes, sliding_windows
+
+        if name is None:
+            raise click.UsageError("--mode-windows needs --name")
+        try:
+            width, step = (int(v) for v in mode_windows.split(":"))
+        except ValueError:
+            raise click.BadParameter("WIDTH:STEP, e.g. 20:10", param_hint="--mode-windows") from None
+        wins = sliding_windows(result.epochs, width, step)
+        mc = mode_changes(store, name, wins, modes=modes, runtime=runtime)
+        saved["mode_changes"] = mc.to_dict()
+        click.echo("fraction of each layer's parameters that change mode between consecutive windows:")
+        for k in range(len(wins) - 1):
+            per = ", ".join(f"{lay} {c:.3f}" for lay, c in zip(mc.layers, mc.changed[k], strict=True))
+            click.echo(f"  {wins[k]} -> {wins[k + 1]}: overall {mc.overall[k]:.3f}; {per}")
     if ag is not None:
-        loc = ag.write_file("stability.json", json.dumps(result.to_dict(), indent=1).encode())
+        loc = ag.write_file("stability.json", json.dumps(saved, indent=1).encode())
         ag.write_file("figures/stability.png", stability_figure(result))
         click.echo(f"saved with study {name!r}: {loc}")
 

@@ -105,11 +105,13 @@ def test_saved_with_the_study_and_reported(stores, tmp_path: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "saved with the first study" in r.output
-    r = CliRunner().invoke(main, ["stability", "--store", stores["decay1"], "--name", "s", "--sync", "--no-progress"])
+    r = CliRunner().invoke(main, ["stability", "--store", stores["decay1"], "--name", "s", "--mode-windows", "10:10",
+                                  "--modes", "3", "--sync", "--no-progress"])
     assert r.exit_code == 0, r.output
-    assert "saved with study 's'" in r.output
+    assert "saved with study 's'" in r.output and "0:10 -> 10:20: overall" in r.output
     rep = pipeline.report(stores["decay1"], "s", out=tmp_path / "r.html")
     page = Path(rep.copy or "").read_text()
     assert "Dynamical equivalence of runs" in page and "SVD stability" in page
+    assert "change mode between sliding windows" in page
     assert {"koopman_eigenvalues.png", "distances.png", "stability.png"} <= set(rep.figures)
     assert page.count("data:image/png;base64,") == len(rep.figures)

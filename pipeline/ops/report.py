@@ -207,6 +207,18 @@ def _extra_sections(extra: dict[str, Any], figs: dict[str, bytes]) -> list[str]:
                   str(lay.get("first_above")), str(lay.get("stays_above"))] for lay in stab["layers"]],
             ),
         ]
+        mc = stab.get("mode_changes")
+        if mc:
+            wins = mc["windows"]
+            parts += [
+                "<h3>How often parameters change mode between sliding windows</h3>",
+                _table(
+                    ["layer", *[f"{wins[k]} → {wins[k + 1]}" for k in range(len(wins) - 1)]],
+                    [[html.escape(lay), *[mc["changed"][k][i] for k in range(len(wins) - 1)]]
+                     for i, lay in enumerate(mc["layers"])]
+                    + [["(all)", *mc["overall"]]],
+                ),
+            ]
     return parts
 
 
