@@ -128,10 +128,19 @@ def main(verbose: int) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
-    if verbose == 0:
-        # the client's "Couldn't gather ... rescheduling" while a lost worker's tasks are
-        # retried is expected here: failures that matter reach the user as one error line
-        logging.getLogger("distributed.client").setLevel(logging.ERROR)
+    if verbose < 2:
+        # dask's own INFO chatter (workers starting, plugins, closing) only with -vv; set
+        # before distributed is imported, which configures its loggers from this
+        import dask
+
+        levels = {"distributed": "warning"}
+        if verbose == 0:
+            # the client's "Couldn't gather ... rescheduling" while a lost worker's tasks are
+            # retried is expected here: failures that matter reach the user as one error line
+            levels["distributed.client"] = "error"
+        dask.config.set({"logging": levels})
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level.upper())
 
 
 @main.command()
