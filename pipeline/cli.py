@@ -616,6 +616,13 @@ def compare(
 )
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of the randomised SVD [64].")
 @click.option(
+    "--stride",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Compare epochs this many window positions apart.",
+)
+@click.option(
     "--mode-windows",
     default=None,
     metavar="WIDTH:STEP",
@@ -632,6 +639,7 @@ def stability(
     threshold: float,
     max_exact: int,
     rank: int | None,
+    stride: int,
     mode_windows: str | None,
     modes: int,
     **kw: Any,
@@ -654,7 +662,8 @@ def stability(
             window = None if w in (None, ":") else w
     runtime = _make_runtime(kw)
     result = basis_stability(
-        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, runtime=runtime
+        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, stride=stride,
+        runtime=runtime,
     )
     click.echo(result.summary())
     saved = result.to_dict()

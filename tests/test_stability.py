@@ -165,7 +165,7 @@ def test_window_threads_and_json(planted: Path, result: Any) -> None:
     text = json.dumps(asdict(result), allow_nan=False)
     assert json.loads(text)["layers"][0]["stability"][0] is None
     assert "stays above 7" in result.summary()
-    with pytest.raises(PipelineError, match="at least two epochs"):
+    with pytest.raises(PipelineError, match="at least 2 epochs"):
         basis_stability(planted, epochs="3:4", runtime=SYNC)
 
 
@@ -187,3 +187,15 @@ def test_randomized_svd_and_helpers() -> None:
 def test_figure_is_png(result: Any) -> None:
     png = stability_figure(result)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_stride(planted: Path) -> None:
+    """Epochs k apart: the basis last moves at E, so the first comparison that sees it frozen
+    on both sides is at E + k; the first k positions have no value."""
+    res = basis_stability(planted, threshold=THRESHOLD, stride=3, runtime=SYNC)
+    lay = res.layer("fc.weight")
+    assert lay.stability[:3] == [None, None, None] and lay.stability[3] is not None
+    assert lay.stays_above == E + 3
+    assert all(v is not None for v in lay.top_singular_values)
+    with pytest.raises(PipelineError, match="stride 20"):
+        basis_stability(planted, stride=20, runtime=SYNC)

@@ -235,21 +235,27 @@ def basis_stability(
     max_exact: int = 4_000_000,
     rank: int | None = None,
     seed: int = 0,
+    stride: int = 1,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> StabilityResult:
-    """Per weight matrix, the stability of its orthogonal basis ``U V^T`` between consecutive
-    epochs of the window ``epochs`` (``START:END[:STEP]`` over stored epoch numbers); see the
-    module's docstring for the definitions, the graph and the memory per task."""
+    """Per weight matrix, the stability of its orthogonal basis ``U V^T`` between epochs
+    ``stride`` apart in the window ``epochs`` (``START:END[:STEP]`` over stored epoch numbers;
+    stride 1: consecutive epochs). stability at window position j compares positions
+    ``j - stride`` and ``j``; the first ``stride`` positions have none. See the module's
+    docstring for the definitions, the graph and the memory per task."""
     if rank is not None and rank < 1:
         raise ValueError("rank must be >= 1")
+    if stride < 1:
+        raise ValueError("stride must be >= 1")
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
     numbers = meta.epoch_numbers
     cols = parse_window(epochs, numbers)
-    if len(cols) < 2:
+    if len(cols) < stride + 1:
         raise PipelineError(
-            f"basis stability needs at least two epochs in the window, got {len(cols)}"
+            f"basis stability with stride {stride} needs at least {stride + 1} epochs in the "
+            f"window, got {len(cols)}"
         )
     window = [numbers[c] for c in cols]
     grid = st.chunk_grid()
@@ -280,13 +286,13 @@ def basis_stability(
             t.name, list(t.shape), [m, n], method, r, window, [None], [None], [None]
         )
         plan.append((lay, len(tasks)))
-        for j in range(1, len(cols)):
+        for j in range(stride, len(cols)):
             tasks.append(
                 delayed(_pair_task, pure=True)(
-                    svds[j - 1], svds[j], dask_key_name=f"stability-pair-{i}-{cols[j]}"
+                    svds[j - stride], svds[j], dask_key_name=f"stability-pair-{i}-{cols[j]}"
                 )
             )
-            labels.append(f"{t.name} epochs {window[j - 1]}-{window[j]}")
+            labels.append(f"{t.name} epochs {window[j - stride]}-{window[j]}")
         result.layers.append(lay)
 
     if run is None:
@@ -296,10 +302,14 @@ def basis_stability(
         out = run.compute(tasks, "basis stability", labels)
 
     for lay, first in plan:
-        pairs = out[first : first + len(window) - 1]
-        lay.top_singular_values = [pairs[0]["top_prev"]] + [p["top"] for p in pairs]
-        lay.stability = [None] + [p["stability"] for p in pairs]
-        lay.sv_drift = [None] + [p["sv_drift"] for p in pairs]
+        pairs = out[first : first + len(window) - stride]
+        tops: list[Any] = [None] * len(window)
+        for j, p in enumerate(pairs, start=stride):
+            tops[j] = p["top"]
+            tops[j - stride] = p["top_prev"]
+        lay.top_singular_values = tops
+        lay.stability = [None] * stride + [p["stability"] for p in pairs]
+        lay.sv_drift = [None] * stride + [p["sv_drift"] for p in pairs]
         lay.first_above, lay.stays_above = summarise_layer(window, lay.stability, threshold)
     return result
 
