@@ -382,7 +382,8 @@ class HoldWrites(WorkerPlugin):
         if self._seen <= self.after or not hold.exists():
             return
         marker = Path(self.control, f"midwrite-{os.getpid()}")
-        staged = marker.with_suffix(".tmp")
+        # staged under a name that the tests' "midwrite-*" glob cannot match, then renamed
+        staged = Path(self.control, f".staging-midwrite-{os.getpid()}")
         staged.write_text(tmp_name)
         staged.replace(marker)
         deadline = time.monotonic() + self.max_hold
