@@ -23,6 +23,7 @@ __all__ = [
     "memcpy_bandwidth",
     "power_law",
     "raw_read_bandwidth",
+    "raw_write_bandwidth",
     "synthetic_store",
 ]
 
@@ -169,6 +170,29 @@ def raw_read_bandwidth(root: str, repeats: int = 3) -> tuple[float, int]:
                     total += n
         times.append(time.perf_counter() - t)
     return float(total / np.median(times)), total
+
+
+def raw_write_bandwidth(root: str, nbytes: int, repeats: int = 3) -> float:
+    """Bytes per second of writing ``nbytes`` into fresh 8 MiB files under ``root`` (write to a
+    temporary name, then rename, as zarr's local store does), median of ``repeats``. Fresh
+    files are what ingest and reconstruct write: their pages are allocated on first touch,
+    which is much slower on these machines than overwriting cached pages."""
+    os.makedirs(root, exist_ok=True)
+    chunk = 8 * 2**20
+    buf = np.ones(chunk // 4, dtype=np.float32).tobytes()
+    count = max(1, nbytes // chunk)
+    times = []
+    for rep in range(repeats):
+        t = time.perf_counter()
+        for i in range(count):
+            tmp = os.path.join(root, f"w{rep}-{i}.partial")
+            with open(tmp, "wb") as f:
+                f.write(buf)
+            os.replace(tmp, os.path.join(root, f"w{rep}-{i}"))
+        times.append(time.perf_counter() - t)
+        for i in range(count):
+            os.unlink(os.path.join(root, f"w{rep}-{i}"))
+    return float(count * chunk / np.median(times))
 
 
 def power_law(x: list[float], y: list[float]) -> tuple[float, float]:

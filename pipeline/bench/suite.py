@@ -43,6 +43,7 @@ from pipeline.bench.common import (
     memcpy_bandwidth,
     power_law,
     raw_read_bandwidth,
+    raw_write_bandwidth,
     synthetic_store,
 )
 from pipeline.runtime import Runner, RuntimeOptions, runner
@@ -150,9 +151,12 @@ def throughput(o: BenchOptions, rt: Runner, limits: dict[str, float]) -> dict[st
         "fit": {"seconds": t_fit, "bytes": nbytes, "limit_read": st_bw, "peak_rss": rss_fit},
         "reconstruct": {"seconds": t_rec, "bytes": nbytes, "limit_read": st_bw, "peak_rss": rss_rec},
     }
+    # fresh-file writes: what ingest and reconstruct do (page allocation on first touch)
+    limits["write"] = raw_write_bandwidth(str(o.workdir / "write-probe"), min(nbytes, 2 * 2**30))
     for r in rows.values():
         r["throughput"] = r["bytes"] / r["seconds"]
         r["of_read"] = r["throughput"] / r["limit_read"]
+        r["of_write"] = r["throughput"] / limits["write"]
         r["of_memcpy"] = r["throughput"] / limits["memcpy"]
     shutil.rmtree(ck, ignore_errors=True)
     return {"n": n, "epochs": t, "store": store, "store_bytes": st_bytes, "ops": rows,
@@ -331,11 +335,16 @@ def write_report(res: dict[str, Any], out: Path) -> None:
     tp = res.get("throughput")
     if tp:
         lines += [f"- sequential read of the store's files: {_gbs(tp['ops']['fit']['limit_read'])}; "
-                  f"of the checkpoint files: {_gbs(tp['ops']['ingest']['limit_read'])}", ""]
+                  f"of the checkpoint files: {_gbs(tp['ops']['ingest']['limit_read'])}"]
+        if "write" in res["limits"]:
+            lines.append(f"- sequential write of fresh files (write + rename, 8 MiB each): {_gbs(res['limits']['write'])}")
+        lines.append("")
         lines += [f"## Throughput (N = {tp['n']:,}, T = {tp['epochs']}, {tp['n'] * tp['epochs'] * 4 / 1e9:.1f} GB)", "",
-              "| operation | time | throughput | / sequential read | / memory copy | peak RSS |", "|---|---|---|---|---|---|"]
+              "| operation | time | throughput | / sequential read | / fresh-file write | / memory copy | peak RSS |",
+              "|---|---|---|---|---|---|---|"]
         for k, r in tp["ops"].items():
-            lines.append(f"| {k} | {r['seconds']:.2f} s | {_gbs(r['throughput'])} | {r['of_read']:.2f} | "
+            w = f"{r['of_write']:.2f}" if "of_write" in r else "-"
+            lines.append(f"| {k} | {r['seconds']:.2f} s | {_gbs(r['throughput'])} | {r['of_read']:.2f} | {w} | "
                          f"{r['of_memcpy']:.3f} | {r['peak_rss'] / 1e9:.2f} GB |")
     g = res.get("growth")
     if g:
