@@ -18,10 +18,9 @@ Record a 20-epoch CNN run, one ``.pt`` file per epoch plus ``run.json``::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,8 +28,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from workflows.recording import (
+    CHECKPOINT_SUFFIX,
+    checkpoint_path,
+    deterministic_torch,
+    prepare_out_dir,
+    save_checkpoint,
+)
 
 __all__ = [
     "MLP",
@@ -50,7 +56,6 @@ N_CLASSES = 10
 #: Offset added to ``config.seed`` for the augmentation generator, so that switching
 #: augmentation on or off does not change the shuffling order.
 _AUGMENT_SEED_OFFSET = 1_000_003
-_CHECKPOINT_SUFFIX = {"pt": ".pt", "safetensors": ".safetensors"}
 
 
 # --------------------------------------------------------------------------- data
@@ -251,7 +256,7 @@ class TrainConfig:
         """Validate the field values."""
         if self.model not in ("cnn", "mlp"):
             raise ValueError(f"model must be 'cnn' or 'mlp', got {self.model!r}")
-        if self.fmt not in _CHECKPOINT_SUFFIX:
+        if self.fmt not in CHECKPOINT_SUFFIX:
             raise ValueError(f"fmt must be 'pt' or 'safetensors', got {self.fmt!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
@@ -354,37 +359,6 @@ def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float,
 # ------------------------------------------------------------------------ training
 
 
-@contextlib.contextmanager
-def _deterministic_torch() -> Iterator[None]:
-    """Enable ``torch.use_deterministic_algorithms`` and restore the previous setting."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-
-
-def _checkpoint_path(out_dir: Path, epoch: int, fmt: str) -> Path:
-    return out_dir / f"epoch_{epoch:04d}{_CHECKPOINT_SUFFIX[fmt]}"
-
-
-def _save_checkpoint(model: nn.Module, path: Path, fmt: str) -> None:
-    state = model.state_dict()
-    if fmt == "pt":
-        torch.save(state, path)
-    else:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-
-
-def _existing_checkpoints(out_dir: Path) -> list[Path]:
-    found: list[Path] = []
-    for suffix in _CHECKPOINT_SUFFIX.values():
-        found.extend(out_dir.glob(f"epoch_*{suffix}"))
-    return sorted(found)
-
-
 def train_and_record(
     out_dir: str | Path,
     config: TrainConfig,
@@ -428,17 +402,7 @@ def train_and_record(
     (the previous setting is restored on exit). The number of intra-op threads is not
     changed; byte-identity is guaranteed for the same torch build and thread count.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stale = _existing_checkpoints(out)
-    if stale:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds {len(stale)} checkpoint file(s) such as "
-                f"{stale[0].name}; pass overwrite=True to replace them"
-            )
-        for path in stale:
-            path.unlink()
+    out = prepare_out_dir(out_dir, overwrite)
 
     X_train, y_train, X_test, y_test = load_digits_split(config.seed)
     n_train = int(X_train.shape[0])
@@ -447,8 +411,8 @@ def train_and_record(
     checkpoints: list[str] = []
 
     def record(epoch: int, model: nn.Module, train_loss: float) -> None:
-        path = _checkpoint_path(out, epoch, config.fmt)
-        _save_checkpoint(model, path, config.fmt)
+        path = checkpoint_path(out, epoch, config.fmt)
+        save_checkpoint(model, path, config.fmt)
         test_loss, test_acc = evaluate(model, X_test, y_test)
         rec: dict[str, Any] = {
             "epoch": epoch,
@@ -462,7 +426,7 @@ def train_and_record(
         if on_epoch is not None:
             on_epoch(rec)
 
-    with torch.random.fork_rng(devices=[]), _deterministic_torch():
+    with torch.random.fork_rng(devices=[]), deterministic_torch():
         torch.manual_seed(config.seed)
         model = build_model(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)

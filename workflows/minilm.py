@@ -64,7 +64,6 @@ Record a 4-epoch fine-tuning run, one ``.safetensors`` file per epoch plus ``run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib
 import inspect
@@ -72,7 +71,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -80,8 +79,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from workflows.recording import (
+    CHECKPOINT_SUFFIX,
+    checkpoint_path,
+    deterministic_torch,
+    prepare_out_dir,
+    save_checkpoint,
+)
 
 __all__ = [
     "TOPICS",
@@ -191,7 +198,6 @@ EVAL_BATCH_SIZE = 64
 #: Attention kernel of the encoder, pinned so that runs do not depend on a library
 #: default.
 ATTN_IMPLEMENTATION = "sdpa"
-_CHECKPOINT_SUFFIX = {"pt": ".pt", "safetensors": ".safetensors"}
 #: C modules whose objects count as defined in the listed module (besides ``_name``).
 _MODULE_ALIASES = {"os": ("posix", "nt")}
 _BUILTIN_TYPES: dict[str, type] = {"str": str, "bytes": bytes}
@@ -531,7 +537,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Validate the field values."""
-        if self.fmt not in _CHECKPOINT_SUFFIX:
+        if self.fmt not in CHECKPOINT_SUFFIX:
             raise ValueError(f"fmt must be 'pt' or 'safetensors', got {self.fmt!r}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
@@ -670,44 +676,13 @@ def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float,
 
     def score(state_dict: dict[str, Tensor]) -> tuple[float, float]:
         model.load_state_dict(state_dict, strict=True)
-        with _deterministic_torch():
+        with deterministic_torch():
             return evaluate(model, test)
 
     return score
 
 
 # ------------------------------------------------------------------------ training
-
-
-@contextlib.contextmanager
-def _deterministic_torch() -> Iterator[None]:
-    """Enable ``torch.use_deterministic_algorithms`` and restore the previous setting."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous, warn_only=previous_warn_only)
-
-
-def _checkpoint_path(out_dir: Path, epoch: int, fmt: str) -> Path:
-    return out_dir / f"epoch_{epoch:04d}{_CHECKPOINT_SUFFIX[fmt]}"
-
-
-def _save_checkpoint(model: nn.Module, path: Path, fmt: str) -> None:
-    state = model.state_dict()
-    if fmt == "pt":
-        torch.save(state, path)
-    else:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
-
-
-def _existing_checkpoints(out_dir: Path) -> list[Path]:
-    found: list[Path] = []
-    for suffix in _CHECKPOINT_SUFFIX.values():
-        found.extend(out_dir.glob(f"epoch_*{suffix}"))
-    return sorted(found)
 
 
 def _param_groups(model: MiniLMClassifier, config: TrainConfig) -> list[dict[str, Any]]:
@@ -774,17 +749,7 @@ def train_and_record(
     exit). The number of intra-op threads is not changed; byte-identity is guaranteed
     for the same torch build and thread count.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stale = _existing_checkpoints(out)
-    if stale:
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds {len(stale)} checkpoint file(s) such as "
-                f"{stale[0].name}; pass overwrite=True to replace them"
-            )
-        for path in stale:
-            path.unlink()
+    out = prepare_out_dir(out_dir, overwrite)
 
     train, test = _prepare_data(config)
     n_train = len(train)
@@ -793,8 +758,8 @@ def train_and_record(
     checkpoints: list[str] = []
 
     def record(epoch: int, model: nn.Module, train_loss: float) -> None:
-        path = _checkpoint_path(out, epoch, config.fmt)
-        _save_checkpoint(model, path, config.fmt)
+        path = checkpoint_path(out, epoch, config.fmt)
+        save_checkpoint(model, path, config.fmt)
         test_loss, test_acc = evaluate(model, test)
         rec: dict[str, Any] = {
             "epoch": epoch,
@@ -808,7 +773,7 @@ def train_and_record(
         if on_epoch is not None:
             on_epoch(rec)
 
-    with torch.random.fork_rng(devices=[]), _deterministic_torch():
+    with torch.random.fork_rng(devices=[]), deterministic_torch():
         torch.manual_seed(config.seed)
         model = build_model(config, pretrained=True)
         if config.freeze_embeddings:
