@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
-__all__ = ["Runner", "RuntimeOptions", "TaskFailedError", "runner"]
+__all__ = ["Runner", "RuntimeOptions", "TaskFailedError", "runner", "using"]
 
 _MODES = ("local", "threads", "sync")
 
@@ -334,6 +334,17 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
         _say(f"{kind} with {n} worker(s); dashboard: {client.dashboard_link}", opts)
         with _report(opts):
             yield Runner(opts, client)
+
+
+@contextlib.contextmanager
+def using(run: Runner | None, runtime: RuntimeOptions | None = None) -> Iterator[Runner]:
+    """The runner ``run`` if given (left open), else one started for ``runtime`` and closed on
+    exit: the one way every operation takes its runtime."""
+    if run is not None:
+        yield run
+        return
+    with runner(runtime) as r:
+        yield r
 
 
 def _require_cupy() -> None:

@@ -57,7 +57,7 @@ from pipeline.buffers import scratch
 from pipeline.config import FIT_BLOCK_BYTES
 from pipeline.errors import PipelineError
 from pipeline.plan import blocks, fit_block_rows, parse_window
-from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = [
@@ -256,10 +256,8 @@ def _compute(
     run: Runner | None,
     runtime: RuntimeOptions | None,
 ) -> list[Any]:
-    if run is None:
-        with runner(runtime) as r:
-            return r.compute(tasks, desc, labels)
-    return run.compute(tasks, desc, labels)
+    with using(run, runtime) as r:
+        return r.compute(tasks, desc, labels)
 
 
 def _ratio(num: float, den: float) -> float | None:

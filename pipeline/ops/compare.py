@@ -23,7 +23,6 @@ distance at least as large as observed if the labels were exchangeable.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 from collections.abc import Sequence
@@ -32,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError
 from pipeline.kernels.koopman import koopman_eigenvalues, pc_coordinates, wasserstein
-from pipeline.runtime import Runner, RuntimeOptions, runner
-from pipeline.store.analysis import AnalysisGroup
+from pipeline.runtime import Runner, RuntimeOptions, using
+from pipeline.store.analysis import AnalysisGroup, complete_study
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["CompareResult", "RunSpectrum", "compare", "run_coordinates"]
@@ -97,9 +96,7 @@ def run_coordinates(
         raise PipelineError(f"source must be one of {SOURCES}, got {source!r}")
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
-    ag = AnalysisGroup(st.url, name)
-    if not ag.exists():
-        raise StoreError(f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})")
+    ag, _ = complete_study(st, name)
     epochs = [int(e) for e in np.asarray(ag.array("epochs")[...])]
     refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
     if source == "refs":
@@ -107,11 +104,7 @@ def run_coordinates(
     from pipeline.bench.baselines import gram
 
     cols = [meta.column_of(e) for e in epochs]
-    if run is None:
-        with runner(runtime) as r:
-            g = gram(st.url, cols=cols, run=r)
-    else:
-        g = gram(st.url, cols=cols, run=run)
+    g = gram(st.url, cols=cols, run=run, runtime=runtime)
     return pc_coordinates(np.asarray(g.matrix), d or refs.shape[0]), epochs
 
 
@@ -141,7 +134,7 @@ def compare(
         raise PipelineError(f"{len(groups)} group label(s) for {len(runs)} runs")
     coords: list[np.ndarray] = []
     meta_runs = []
-    with runner(runtime) if run is None else contextlib.nullcontext(run) as rt:
+    with using(run, runtime) as rt:
         for store, name in runs:
             y, epochs = run_coordinates(store, name, source, d, run=rt)
             coords.append(y)

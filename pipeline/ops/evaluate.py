@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError
 from pipeline.ops.export import state_dict
 from pipeline.ops.fit import fit
-from pipeline.runtime import Runner, RuntimeOptions, runner
-from pipeline.store.analysis import AnalysisGroup
+from pipeline.runtime import Runner, RuntimeOptions, using
+from pipeline.store.analysis import AnalysisGroup, complete_study
 from pipeline.store.schema import StoreMeta
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -236,14 +236,7 @@ def evaluate(
     t0 = time.perf_counter()
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
-    ag = AnalysisGroup(st.url, name)
-    if not ag.exists():
-        raise StoreError(
-            f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
-        )
-    attrs = ag.attrs()
-    if attrs.get("status") != "complete":
-        raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
+    ag, attrs = complete_study(st, name)
     config = attrs["config"]
     summary = attrs["summary"]
     window = [int(e) for e in np.asarray(ag.array("epochs")[...])]
@@ -305,12 +298,8 @@ def evaluate(
             )
         sweep = None
         if combos:
-            if run is None:
-                with runner(opts) as r, r.quiet():
-                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, r, progress)
-            else:
-                with run.quiet():
-                    runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, run, progress)
+            with using(run, opts) as r, r.quiet():
+                runs = _sweep(st, name, config, combos, sweep_at, score, keep_sweep, r, progress)
             sweep = {
                 "epochs": sweep_at,
                 "modes": modes_list,

@@ -266,11 +266,7 @@ def state_dict(
 def _source(st: TrajectoryStore, col: int, epoch: int, analysis: str | None) -> ColumnSource:
     if analysis is None:
         return store_column(st, col)
-    if analysis not in st.analyses():
-        raise StoreError(
-            f"no analysis {analysis!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
-        )
-    from pipeline.ops.reconstruct import analysis_column
+    from pipeline.ops.reconstruct import analysis_column  # checks the study exists and is complete
 
     return analysis_column(st, analysis, epoch)
 

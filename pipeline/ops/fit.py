@@ -27,7 +27,7 @@ from pipeline.errors import ConfigMismatchError, PipelineError, SchemaVersionErr
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
 from pipeline.kernels.cmd import References, pearson
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
-from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.sampling import stratified_sample
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.schema import StoreMeta
@@ -395,11 +395,8 @@ def fit(
     tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
     labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
     try:
-        if run is None:
-            with runner(runtime) as r:
-                r.compute(tasks, f"fit {name}", labels)
-        else:
-            run.compute(tasks, f"fit {name}", labels)
+        with using(run, runtime) as r:
+            r.compute(tasks, f"fit {name}", labels)
     finally:
         # a worker killed mid-write leaves a temporary file behind; the block ran again
         # elsewhere, or a re-run resumes it: the file is garbage either way

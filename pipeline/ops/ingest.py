@@ -22,7 +22,7 @@ from pipeline.config import (
 from pipeline.errors import ConfigMismatchError, InputError
 from pipeline.graph.ingest import EpochInspection, build_chunk_tasks, build_inspect_tasks
 from pipeline.plan import RowLayout, blocks, default_chunk_rows
-from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.schema import EpochEntry, IngestSettings, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -148,10 +148,8 @@ def ingest(
         "time_chunk": time_chunk,
         "codec": codec,
     }
-    if run is None:
-        with runner(runtime) as r:
-            return _ingest(specs, st, requested, force, r, t_start)
-    return _ingest(specs, st, requested, force, run, t_start)
+    with using(run, runtime) as r:
+        return _ingest(specs, st, requested, force, r, t_start)
 
 
 def _ingest(

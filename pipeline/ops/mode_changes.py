@@ -14,7 +14,6 @@ One pass over the ``mode`` arrays per transition (one byte per parameter), block
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +23,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.ops.fit import fit
 from pipeline.plan import RowLayout, blocks
-from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -94,7 +93,7 @@ def mode_changes(
     meta = st.require_meta()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in meta.stored_tensors()])
     studies = [f"{name}~w{k}" for k in range(len(windows))]
-    with runner(runtime) if run is None else contextlib.nullcontext(run) as rt:
+    with using(run, runtime) as rt:
         n_modes = [
             fit(st.url, s, modes=modes, samples=samples, seed=seed, epochs=w, force=True, run=rt).n_modes
             for s, w in zip(studies, windows, strict=True)

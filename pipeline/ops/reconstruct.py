@@ -15,10 +15,10 @@ import numpy as np
 import zarr
 from dask import delayed
 
-from pipeline.errors import PipelineError, StoreError
+from pipeline.errors import PipelineError
 from pipeline.plan import blocks
-from pipeline.runtime import Runner, RuntimeOptions, runner
-from pipeline.store.analysis import AnalysisGroup, open_result
+from pipeline.runtime import Runner, RuntimeOptions, using
+from pipeline.store.analysis import complete_study, open_result
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReconstructResult", "analysis_column", "reconstruct", "reconstruct_block"]
@@ -58,15 +58,6 @@ def _block_task(url: str, name: str, r0: int, r1: int, refs: np.ndarray) -> None
     open_result(url, name, RECONSTRUCTED)[r0:r1, :] = rec
 
 
-def _require_complete(ag: AnalysisGroup) -> dict[str, object]:
-    attrs = ag.attrs()
-    if attrs.get("status") != "complete":
-        raise StoreError(
-            f"analysis {ag.name!r} is not complete: re-run `cmd-pipeline fit` to finish it"
-        )
-    return attrs
-
-
 def reconstruct(
     store: str | os.PathLike[str],
     name: str,
@@ -77,10 +68,7 @@ def reconstruct(
     """Write ``analyses/<name>/reconstructed`` (N, Tw) float32; resumable, idempotent."""
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
-    ag = AnalysisGroup(st.url, name)
-    if not ag.exists():
-        raise StoreError(f"no analysis {name!r} in {st.url}")
-    _require_complete(ag)
+    ag, _ = complete_study(st, name)
     refs = np.asarray(ag.array("refs")[...])
     block_rows = int(ag.array("mode").chunks[0])
     shape = (meta.n_rows, refs.shape[1])
@@ -111,11 +99,8 @@ def reconstruct(
     ]
     labels = [f"reconstructed rows {r0}-{r1}" for r0, r1 in todo]
     try:
-        if run is None:
-            with runner(runtime) as r:
-                r.compute(tasks, f"reconstruct {name}", labels)
-        else:
-            run.compute(tasks, f"reconstruct {name}", labels)
+        with using(run, runtime) as r:
+            r.compute(tasks, f"reconstruct {name}", labels)
     finally:
         ag.remove_partials()  # left by a worker killed mid-write
     del arr
@@ -136,8 +121,7 @@ def analysis_column(
     st: TrajectoryStore, name: str, epoch: int
 ) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
     """A column source (see :mod:`pipeline.ops.export`) of the CMD weights at ``epoch``."""
-    ag = AnalysisGroup(st.url, name)
-    _require_complete(ag)
+    ag, _ = complete_study(st, name)
     epochs = [int(e) for e in np.asarray(ag.array("epochs")[...])]
     if epoch not in epochs:
         raise PipelineError(

@@ -23,11 +23,10 @@ from typing import Any
 import numpy as np
 
 from pipeline._version import __version__
-from pipeline.errors import StoreError
 from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.plan import RowLayout, blocks
 from pipeline.report.figures import StudyData, evaluation_figures, study_figures
-from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.analysis import AnalysisGroup, complete_study
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReportResult", "load_study_data", "report"]
@@ -68,14 +67,7 @@ def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
     """The small arrays the study figures need, read from the store."""
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
-    ag = AnalysisGroup(st.url, name)
-    if not ag.exists():
-        raise StoreError(
-            f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
-        )
-    attrs = ag.attrs()
-    if attrs.get("status") != "complete":
-        raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
+    ag, attrs = complete_study(st, name)
     epochs = np.asarray(ag.array("epochs")[...]).astype(np.int64)
     cols = np.asarray([meta.column_of(int(e)) for e in epochs], dtype=np.int64)
     sample_index = np.asarray(ag.array("sample_index")[...]).astype(np.int64)

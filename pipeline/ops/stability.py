@@ -51,7 +51,7 @@ from dask import delayed
 
 from pipeline.errors import PipelineError
 from pipeline.plan import parse_window
-from pipeline.runtime import Runner, RuntimeOptions, runner
+from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = [
@@ -295,11 +295,8 @@ def basis_stability(
             labels.append(f"{t.name} epochs {window[j - stride]}-{window[j]}")
         result.layers.append(lay)
 
-    if run is None:
-        with runner(runtime) as r_:
-            out = r_.compute(tasks, "basis stability", labels)
-    else:
-        out = run.compute(tasks, "basis stability", labels)
+    with using(run, runtime) as r_:
+        out = r_.compute(tasks, "basis stability", labels)
 
     for lay, first in plan:
         pairs = out[first : first + len(window) - stride]

@@ -30,7 +30,14 @@ from zarr.core.sync import sync
 from pipeline.errors import SchemaVersionError, StoreError
 from pipeline.store.trajectory import ANALYSES
 
-__all__ = ["ANALYSIS_ATTR", "ANALYSIS_SCHEMA", "ANALYSIS_VERSION", "AnalysisGroup", "mode_dtype"]
+__all__ = [
+    "ANALYSIS_ATTR",
+    "ANALYSIS_SCHEMA",
+    "ANALYSIS_VERSION",
+    "AnalysisGroup",
+    "complete_study",
+    "mode_dtype",
+]
 
 ANALYSIS_ATTR = "cmd_pipeline_analysis"
 ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
@@ -226,6 +233,20 @@ class AnalysisGroup:
         """Where :meth:`write_file` puts ``relpath``."""
         base = self.url.removeprefix("file://") if self.url.startswith("file://") else self.url
         return f"{base.rstrip('/')}/{self.path}/{REPORT}/{relpath}"
+
+
+def complete_study(st: Any, name: str) -> tuple[AnalysisGroup, dict[str, Any]]:
+    """The study ``name`` of the open store ``st`` and its attributes; a clear error when it is
+    missing (naming the studies there) or not complete."""
+    ag = AnalysisGroup(st.url, name)
+    if not ag.exists():
+        raise StoreError(
+            f"no analysis {name!r} in {st.url} (analyses: {', '.join(st.analyses()) or 'none'})"
+        )
+    attrs = ag.attrs()
+    if attrs.get("status") != "complete":
+        raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
+    return ag, attrs
 
 
 def write_result_chunk(
