@@ -40,7 +40,7 @@ from pipeline.cluster import cluster_modes
 from pipeline.kernels.cmd import FLAG_NONFINITE, References, fit_block, pearson
 from pipeline.kernels.online import RunningFit
 from pipeline.runtime import Runner, RuntimeOptions
-from pipeline.sampling import stratified_sample
+from pipeline.sampling import sample_varying
 from pipeline.store.analysis import mode_dtype
 
 if TYPE_CHECKING:
@@ -193,26 +193,13 @@ class OnlineCMD:
         self.epoch += 1
 
     def _sample(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(self.seed)
-        good: list[np.ndarray] = []
-        rejected: list[int] = []
-        need = self.samples
-        for _ in range(_MAX_DRAW_ROUNDS):
-            taken = np.concatenate([*good, np.asarray(rejected, dtype=np.int64)]) if (good or rejected) else None
-            idx = stratified_sample(self.offsets, self.sizes, need, rng, exclude=taken)
-            if idx.size == 0:
-                break
-            prof = hist[idx].astype(np.float64)
-            ok = np.isfinite(prof).all(axis=1) & (prof.max(axis=1) > prof.min(axis=1))
-            good.append(idx[ok])
-            rejected.extend(int(i) for i in idx[~ok])
-            need = self.samples - sum(g.size for g in good)
-            if need <= 0:
-                break
-        idx = np.sort(np.concatenate(good)) if good else np.empty(0, dtype=np.int64)
+        idx, prof, _ = sample_varying(
+            self.offsets, self.sizes, self.samples, self.seed, lambda rows: (hist[rows], 0),
+            rounds=_MAX_DRAW_ROUNDS,
+        )
         if idx.size < 2:
             raise ValueError("fewer than 2 parameters vary over the warm-up: nothing to decompose")
-        return idx, hist[idx]
+        return idx, prof
 
     def _fit_warmup(self) -> None:
         assert self._history is not None

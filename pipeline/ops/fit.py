@@ -28,7 +28,7 @@ from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
 from pipeline.kernels.cmd import References, pearson
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.sampling import stratified_sample
+from pipeline.sampling import sample_varying
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.schema import StoreMeta
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
@@ -106,36 +106,10 @@ def _sample(
     grid: ChunkGrid, layout: RowLayout, cols: np.ndarray, k: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """K usable samples (not constant, finite over the window): indices, profiles, bytes read."""
-    rng = np.random.default_rng(seed)
-    offsets, sizes = list(layout.offsets), list(layout.sizes)
-    good_idx: list[np.ndarray] = []
-    good_prof: list[np.ndarray] = []
-    rejected: list[int] = []
-    nbytes = 0
-    need = k
-    for _ in range(_MAX_DRAW_ROUNDS):
-        taken = (
-            np.concatenate([*good_idx, np.asarray(rejected, dtype=np.int64)])
-            if (good_idx or rejected)
-            else None
-        )
-        idx = stratified_sample(offsets, sizes, need, rng, exclude=taken)
-        if idx.size == 0:
-            break
-        prof, nb = grid.read_scattered(idx, cols)
-        nbytes += nb
-        p64 = prof.astype(np.float64)
-        ok = np.isfinite(p64).all(axis=1) & (p64.max(axis=1) > p64.min(axis=1))
-        good_idx.append(idx[ok])
-        good_prof.append(prof[ok])
-        rejected.extend(int(i) for i in idx[~ok])
-        need = k - sum(g.size for g in good_idx)
-        if need <= 0:
-            break
-    idx = np.concatenate(good_idx) if good_idx else np.empty(0, dtype=np.int64)
-    prof = np.concatenate(good_prof) if good_prof else np.empty((0, len(cols)), dtype=np.float32)
-    order = np.argsort(idx)
-    return idx[order], prof[order], nbytes
+    return sample_varying(
+        layout.offsets, layout.sizes, k, seed, lambda rows: grid.read_scattered(rows, cols),
+        rounds=_MAX_DRAW_ROUNDS,
+    )
 
 
 def _plans(
