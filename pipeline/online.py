@@ -315,6 +315,7 @@ class EmbeddedCMD(OnlineCMD):
         self._params = [p for _, p in _named_float_params(model)]
         self._masks = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self._params]
         self._ref_pos: list[tuple[int, int]] = []  # (param index, element) of each reference
+        self._follow: list[tuple[int, np.ndarray, np.ndarray]] = []
         for p, mask in zip(self._params, self._masks, strict=True):
             if p.requires_grad:  # a frozen parameter gets no gradient to mask
                 p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0.0))
@@ -368,9 +369,15 @@ class EmbeddedCMD(OnlineCMD):
         self.embedded[chosen] = True
         self.a_frozen[chosen] = a[chosen]
         self.b_frozen[chosen] = b[chosen]
+        # what apply() needs after every optimiser step, found once per embedding: per parameter
+        # tensor, its embedded elements (flat indices, in C order like the mask) and their modes
+        self._follow = []
         for i, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True)):
-            m = torch.from_numpy(self.embedded[off : off + size].reshape(self.shapes[i]))
-            self._masks[i].copy_(m.to(self._masks[i].device))
+            emb = self.embedded[off : off + size]
+            self._masks[i].copy_(torch.from_numpy(emb.reshape(self.shapes[i])).to(self._masks[i].device))
+            if emb.any():
+                sel = off + np.flatnonzero(emb)
+                self._follow.append((i, sel, self.fit.mode[sel].astype(np.int64)))
         self.apply()
 
     def _ref_values(self) -> torch.Tensor:
@@ -383,17 +390,13 @@ class EmbeddedCMD(OnlineCMD):
     def apply(self) -> None:
         """Set the embedded parameters to ``a * r(t) + b`` from the live references, and zero
         their optimiser state (called after every optimiser step)."""
-        if not self.embedded.any():
+        if not self._follow:
             return
-        assert self.fit is not None
         r = self._ref_values().numpy()
-        for i, p in enumerate(self._params):
-            off, size = self.offsets[i], self.sizes[i]
-            emb = self.embedded[off : off + size]
-            if not emb.any():
-                continue
-            sel = np.flatnonzero(emb)
-            vals = self.a_frozen[off + sel] * r[self.fit.mode[off + sel]] + self.b_frozen[off + sel]
+        for i, sel, mode in self._follow:
+            p = self._params[i]
+            # a_frozen/b_frozen are read here, not cached: a caller may round them (federated)
+            vals = self.a_frozen[sel] * r[mode] + self.b_frozen[sel]
             # boolean-mask assignment follows the logical (C) order of the elements, like sel,
             # so it also works for non-contiguous parameters (e.g. channels_last weights)
             p.data[self._masks[i]] = torch.from_numpy(vals).to(p.device, p.dtype)
@@ -417,6 +420,7 @@ class EmbeddedCMD(OnlineCMD):
         for m in self._masks:
             m.zero_()
         self.embedded[:] = False
+        self._follow = []
 
 
 def lightning_callback(cmd: OnlineCMD) -> Any:
