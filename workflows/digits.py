@@ -21,7 +21,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from workflows.recording import (
     deterministic_torch,
     prepare_out_dir,
     save_checkpoint,
+    write_run_json,
 )
 
 __all__ = [
@@ -452,20 +453,7 @@ def train_and_record(
                 loss_sum += loss.item() * int(idx.numel())
             record(epoch, model, loss_sum / n_train)
 
-    result: dict[str, Any] = {
-        "workflow": "digits",
-        "config": asdict(config),
-        "model_class": type(model).__name__,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "n_train": n_train,
-        "n_test": int(X_test.shape[0]),
-        "torch_version": torch.__version__,
-        "num_threads": torch.get_num_threads(),
-        "checkpoints": checkpoints,
-        "epochs": records,
-    }
-    (out / "run.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
+    return write_run_json(out, "digits", config, model, n_train, int(X_test.shape[0]), checkpoints, records)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -72,7 +72,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +88,7 @@ from workflows.recording import (
     deterministic_torch,
     prepare_out_dir,
     save_checkpoint,
+    write_run_json,
 )
 
 __all__ = [
@@ -799,20 +800,7 @@ def train_and_record(
                 loss_sum += loss.item() * int(idx.numel())
             record(epoch, model, loss_sum / n_train)
 
-    result: dict[str, Any] = {
-        "workflow": "minilm",
-        "config": asdict(config),
-        "model_class": type(model).__name__,
-        "n_params": sum(p.numel() for p in model.parameters()),
-        "n_train": n_train,
-        "n_test": len(test),
-        "torch_version": torch.__version__,
-        "num_threads": torch.get_num_threads(),
-        "checkpoints": checkpoints,
-        "epochs": records,
-    }
-    (out / "run.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return result
+    return write_run_json(out, "minilm", config, model, n_train, len(test), checkpoints, records)
 
 
 # ----------------------------------------------------------------------------- CLI

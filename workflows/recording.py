@@ -4,8 +4,11 @@ preparing an output folder without mixing two runs."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -17,6 +20,7 @@ __all__ = [
     "deterministic_torch",
     "prepare_out_dir",
     "save_checkpoint",
+    "write_run_json",
 ]
 
 #: checkpoint format -> file suffix
@@ -63,3 +67,30 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
         for path in stale:
             path.unlink()
     return out
+
+
+def write_run_json(
+    out: Path,
+    workflow: str,
+    config: Any,
+    model: nn.Module,
+    n_train: int,
+    n_test: int,
+    checkpoints: list[str],
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Write and return ``run.json``: what ``cmd-pipeline evaluate`` and the studies read."""
+    result: dict[str, Any] = {
+        "workflow": workflow,
+        "config": asdict(config),
+        "model_class": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_train": n_train,
+        "n_test": n_test,
+        "torch_version": torch.__version__,
+        "num_threads": torch.get_num_threads(),
+        "checkpoints": checkpoints,
+        "epochs": records,
+    }
+    (out / "run.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
