@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Clustering", "cluster_modes"]
+__all__ = ["DISTANCE_DECIMALS", "SCORE_RTOL", "Clustering", "cluster_modes"]
+
+#: distances 1 - |corr| are rounded to this many decimals before the linkage, so that values
+#: equal in exact arithmetic (exact multiples, duplicated rows) are equal whatever CPU or BLAS
+#: kernel rounded them (their differences are a few ulps, far below 1e-12)
+DISTANCE_DECIMALS = 12
+#: members whose summed |corr| is within this relative tolerance of the best tie for the
+#: reference; the lowest sample position (the lowest row index: samples are sorted) wins
+SCORE_RTOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,11 @@ def cluster_modes(
     in-cluster cophenetic distance is at most ``threshold``) must be given. Modes are labelled
     by size, largest first (ties: the mode holding the lowest sample position first). A mode's
     reference is the member with the largest sum of |corr| to the other members.
+
+    Ties are decided by rules, never by rounding (the result is the same on every CPU and BLAS
+    build): distances are rounded to :data:`DISTANCE_DECIMALS` decimals before the linkage,
+    and members whose score is within a relative :data:`SCORE_RTOL` of the best tie for the
+    reference, the lowest position winning.
     """
     from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
     from scipy.spatial.distance import squareform
@@ -47,7 +60,7 @@ def cluster_modes(
     else:
         dist = 1.0 - absc
         np.fill_diagonal(dist, 0.0)
-        dist = np.clip((dist + dist.T) / 2, 0.0, 1.0)
+        dist = np.clip((dist + dist.T) / 2, 0.0, 1.0).round(DISTANCE_DECIMALS)
         z = linkage(squareform(dist, checks=False), method="complete")
         if modes is not None:
             if modes < 1:
@@ -68,6 +81,8 @@ def cluster_modes(
         members = np.flatnonzero(labels == m)
         sub = absc[np.ix_(members, members)]
         score = sub.sum(axis=1) - np.diag(sub)
-        refs[m] = members[int(np.argmax(score))]
+        best = score.max()
+        # members are in ascending position: the first of the tied is the lowest
+        refs[m] = members[int(np.flatnonzero(score >= best - SCORE_RTOL * abs(best))[0])]
     sizes = np.bincount(labels, minlength=len(ids))
     return Clustering(labels, refs, sizes, order)

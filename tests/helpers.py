@@ -348,10 +348,69 @@ class DenseCMD:
 
 
 def _pearson_dense(x: np.ndarray) -> np.ndarray:
-    xc = x - x.mean(axis=1, keepdims=True)
-    norm = np.sqrt((xc * xc).sum(axis=1))
-    c = (xc @ xc.T) / np.outer(norm, norm)
-    return (c + c.T) / 2
+    """Pearson correlation of every pair of rows, straight from the definition (float64)."""
+    k = x.shape[0]
+    c = np.empty((k, k))
+    xc = [row - row.mean() for row in x]
+    norm = [np.sqrt(np.dot(v, v)) for v in xc]
+    for i in range(k):
+        for j in range(i, k):
+            c[i, j] = c[j, i] = np.dot(xc[i], xc[j]) / (norm[i] * norm[j])
+    return c
+
+
+def _complete_linkage(d: np.ndarray) -> list[tuple[float, list[list[int]]]]:
+    """Agglomerative clustering by complete linkage, by brute force from its definition.
+
+    Starting from singletons, repeatedly merge the two clusters whose *largest* pairwise
+    distance is smallest. Returns, after every merge, ``(merge height, partition)``; partitions
+    list clusters as sorted sample positions. The distance between two clusters is kept as
+    the maximum over their members' pairs (max of maxes when clusters merge, which is the
+    same number as the maximum over all pairs of the union).
+    """
+    clusters: list[list[int]] = [[i] for i in range(d.shape[0])]
+    between = d.astype(np.float64).copy()
+    np.fill_diagonal(between, np.inf)
+    states: list[tuple[float, list[list[int]]]] = []
+    while len(clusters) > 1:
+        flat = int(np.argmin(between))
+        i, j = divmod(flat, between.shape[0])
+        i, j = min(i, j), max(i, j)
+        height = float(between[i, j])
+        merged = np.maximum(between[i], between[j])
+        between[i, :] = merged
+        between[:, i] = merged
+        between[i, i] = np.inf
+        between = np.delete(np.delete(between, j, axis=0), j, axis=1)
+        clusters[i] = sorted(clusters[i] + clusters[j])
+        del clusters[j]
+        states.append((height, [list(c) for c in clusters]))
+    return states
+
+
+def _flat_clusters(
+    k: int, d: np.ndarray, modes: int | None, threshold: float | None
+) -> list[list[int]]:
+    """The paper's cut of the complete-linkage tree: clusters whose in-cluster (cophenetic)
+    distance is at most a threshold, either given, or the smallest one that leaves at most
+    ``modes`` clusters."""
+    states = [(0.0, [[i] for i in range(k)]), *_complete_linkage(d)]
+
+    def at(r: float) -> list[list[int]]:
+        part = states[0][1]
+        for height, p in states[1:]:
+            if height <= r:
+                part = p
+        return part
+
+    if threshold is not None:
+        return at(threshold)
+    assert modes is not None
+    for r in sorted({h for h, _p in states}):
+        part = at(r)
+        if len(part) <= modes:
+            return part
+    raise AssertionError("unreachable: one cluster at the root")
 
 
 def dense_cmd(
@@ -361,43 +420,42 @@ def dense_cmd(
     modes: int | None = None,
     threshold: float | None = None,
 ) -> DenseCMD:
-    """CMD of the window ``w`` (N, Tw) with the given samples, written straight from the paper.
+    """CMD of the window ``w`` (N, Tw) with the given samples, written from the paper's text
+    (no scipy, no code shared with the pipeline; brute force, so for small K only).
 
-    Pearson correlation of the samples (centred float64), complete linkage on 1 - |corr|
-    (scipy, ``maxclust`` for ``modes``, ``distance`` for ``threshold``), modes relabelled by
-    size (ties: lowest sample position first), reference = member with the largest summed
-    |corr| to the other members; then for every row: correlation with every reference, mode =
-    argmax |corr| (ties: lowest id), least-squares a and b, residual |w - a r - b|^2 from the
-    raw values. Constant rows: a = 0, b = value; reference rows: a = 1, b = 0; rows with
-    NaN/Inf: a = 0, b = NaN, residual 0.
+    Pearson correlation of the samples (centred float64); complete linkage on the distance
+    1 - |corr| (rounded to 12 decimals, the documented tie rule), cut at ``threshold`` or at
+    the smallest height that leaves at most ``modes`` clusters; modes numbered by size
+    (ties: lowest sample position first); the reference of a mode is the member with the
+    largest summed |corr| to the other members (scores within a relative 1e-12 of the best
+    tie; the lowest row index wins). Then for every row: correlation with every reference,
+    mode = argmax |corr| (ties: lowest id), least-squares a and b, residual |w - a r - b|^2
+    from the raw values. Constant rows: a = 0, b = value; reference rows: a = 1, b = 0; rows
+    with NaN/Inf: a = 0, b = NaN, residual 0.
     """
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
-
     x = np.asarray(w, dtype=np.float64)
     n = x.shape[0]
     sample_index = np.asarray(sample_index, dtype=np.int64)
+    assert np.all(np.diff(sample_index) > 0), "samples are sorted by row index"
     prof = x[sample_index]
     c = _pearson_dense(prof)
-    d = 1.0 - np.abs(c)
+    k = len(sample_index)
+    d = np.round(np.clip(1.0 - np.abs(c), 0.0, 1.0), 12)
     np.fill_diagonal(d, 0.0)
-    d = np.clip((d + d.T) / 2, 0.0, 1.0)
-    z = linkage(squareform(d, checks=False), method="complete")
-    if modes is not None:
-        raw = fcluster(z, t=modes, criterion="maxclust")
-    else:
-        raw = fcluster(z, t=threshold, criterion="distance")
-    ids = list(dict.fromkeys(raw.tolist()))  # in order of first sample position
-    size = {i: int((raw == i).sum()) for i in ids}
-    ranked = sorted(ids, key=lambda i: (-size[i], ids.index(i)))
-    labels = np.array([ranked.index(r) for r in raw.tolist()], dtype=np.int64)
-    n_modes = len(ranked)
+    part = _flat_clusters(k, d, modes, threshold)
+    part.sort(key=lambda members: (-len(members), members[0]))
+    n_modes = len(part)
+    labels = np.empty(k, dtype=np.int64)
+    for m, members in enumerate(part):
+        labels[members] = m
     ref_pos = np.empty(n_modes, dtype=np.int64)
     absc = np.abs(c)
-    for m in range(n_modes):
-        members = np.flatnonzero(labels == m)
+    for m, members in enumerate(part):
         score = [sum(absc[i, j] for j in members if j != i) for i in members]
-        ref_pos[m] = members[int(np.argmax(score))]
+        best = max(score)
+        ref_pos[m] = min(
+            i for i, s_i in zip(members, score, strict=True) if s_i >= best - 1e-12 * abs(best)
+        )
     ref_index = sample_index[ref_pos]
     refs = x[ref_index]
 
