@@ -12,6 +12,7 @@ from pipeline.errors import (
     ConfigMismatchError,
     InputError,
     PipelineError,
+    PipelineWarning,
     SchemaVersionError,
     StoreError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "IngestResult",
     "InputError",
     "PipelineError",
+    "PipelineWarning",
     "ReconstructResult",
     "ReportResult",
     "RuntimeOptions",

@@ -563,45 +563,51 @@ def assert_matches_dense(got: Mapping[str, Any], dense: DenseCMD, w: np.ndarray)
 def dense_summary(
     w: np.ndarray, dense: DenseCMD, layers: Sequence[tuple[str, int, int]]
 ) -> dict[str, Any]:
-    """Relative Frobenius errors ||W - What|| / ||W|| over the finite rows: overall, per mode,
-    per layer (``(name, first row, stop row)``) and per epoch, and mean |corr| per mode."""
+    """Relative Frobenius errors over the finite rows: ``relative_error`` = ||W - What|| / ||W||
+    and ``dynamics_error`` = ||W - What|| / ||W - mean_t W|| (each row centred over the
+    window), overall, per mode, per layer (``(name, first row, stop row)``) and per epoch,
+    and mean |corr| per mode."""
     x = np.asarray(w, dtype=np.float64)
     finite = (dense.flags & F_NONFINITE) == 0
     valid = finite & ((dense.flags & F_CONSTANT) == 0)
+    xf = np.where(finite[:, None], x, 0.0)
     err = np.where(finite[:, None], x - dense.recon, 0.0) ** 2
-    en = np.where(finite[:, None], x, 0.0) ** 2
+    en = xf**2
+    spread = (xf - xf.mean(axis=1, keepdims=True)) ** 2
 
-    def rel(rows: np.ndarray) -> float | None:
-        den = en[rows].sum()
+    def rel(rows: np.ndarray, den_of: np.ndarray = en) -> float | None:
+        den = den_of[rows].sum()
         return float(np.sqrt(err[rows].sum() / den)) if den > 0 else None
 
     def mac(rows: np.ndarray) -> float | None:
         v = rows & valid
         return float(np.abs(dense.corr[v]).mean()) if v.any() else None
 
+    def both(rows: np.ndarray) -> dict[str, float | None]:
+        return {"relative_error": rel(rows), "dynamics_error": rel(rows, spread)}
+
     every = np.ones(x.shape[0], dtype=bool)
     per_mode = []
     for m in range(dense.n_modes):
         rows = dense.mode == m
-        per_mode.append(
-            {"count": int(rows.sum()), "relative_error": rel(rows), "mean_abs_corr": mac(rows)}
-        )
+        per_mode.append({"count": int(rows.sum()), **both(rows), "mean_abs_corr": mac(rows)})
     per_layer = []
     for name, lo, hi in layers:
         rows = np.zeros(x.shape[0], dtype=bool)
         rows[lo:hi] = True
-        per_layer.append(
-            {"name": name, "count": hi - lo, "relative_error": rel(rows), "mean_abs_corr": mac(rows)}
-        )
-    per_epoch = np.sqrt(err.sum(axis=0) / en.sum(axis=0))
+        per_layer.append({"name": name, "count": hi - lo, **both(rows), "mean_abs_corr": mac(rows)})
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_epoch = np.sqrt(err.sum(axis=0) / en.sum(axis=0))
+        per_epoch_dyn = np.sqrt(err.sum(axis=0) / spread.sum(axis=0))
     n_finite = int(finite.sum())
     return {
-        "relative_error": rel(every),
+        **both(every),
         "mse": float(err.sum() / (n_finite * x.shape[1])) if n_finite else None,
         "epoch_mse": (err.sum(axis=0) / n_finite).tolist() if n_finite else None,
         "modes": per_mode,
         "layers": per_layer,
         "epochs": per_epoch.tolist(),
+        "epochs_dynamics": per_epoch_dyn.tolist(),
         "constant": int(((dense.flags & F_CONSTANT) != 0).sum()),
         "nonfinite": int((~finite).sum()),
     }

@@ -100,6 +100,7 @@ def assert_summary_matches(
     """The stored summary equals the dense relative Frobenius errors (over the finite rows)."""
     rtol = 1e-7
     assert _close(summary["relative_error"], want["relative_error"], rtol)
+    assert _close(summary["dynamics_error"], want["dynamics_error"], rtol)
     assert _close(summary["mse"], want["mse"], 1e-6)
     for g, w in zip(summary["epochs"], want["epoch_mse"] or [], strict=True):
         assert _close(g["mse"], w, 1e-6), (g, w)
@@ -107,15 +108,18 @@ def assert_summary_matches(
     for m, (g, w) in enumerate(zip(summary["modes"], want["modes"], strict=True)):
         assert g["mode"] == m and g["count"] == w["count"]
         assert _close(g["relative_error"], w["relative_error"], rtol), (m, g, w)
+        assert _close(g["dynamics_error"], w["dynamics_error"], rtol), (m, g, w)
         assert _close(g["mean_abs_corr"], w["mean_abs_corr"], 1e-9), (m, g, w)
     assert [g["name"] for g in summary["layers"]] == [w["name"] for w in want["layers"]]
     for g, w in zip(summary["layers"], want["layers"], strict=True):
         assert g["count"] == w["count"]
         assert _close(g["relative_error"], w["relative_error"], rtol), (g, w)
+        assert _close(g["dynamics_error"], w["dynamics_error"], rtol), (g, w)
         assert _close(g["mean_abs_corr"], w["mean_abs_corr"], 1e-9), (g, w)
     assert [e["epoch"] for e in summary["epochs"]] == epochs
-    for g, w in zip(summary["epochs"], want["epochs"], strict=True):
+    for g, w, wd in zip(summary["epochs"], want["epochs"], want["epochs_dynamics"], strict=True):
         assert _close(g["relative_error"], w, rtol), (g, w)
+        assert _close(g["dynamics_error"], None if not np.isfinite(wd) else wd, rtol), (g, wd)
     assert summary["flags"] == {"constant": want["constant"], "nonfinite": want["nonfinite"]}
 
 
@@ -285,7 +289,8 @@ def test_fewer_modes_than_asked(tmp_path: Path) -> None:
         }
     )
     store = _ingest(write_safetensors_run(tmp_path / "ck", sds)[0].parent, tmp_path / "s.zarr")
-    res = _fit(store, "few", modes=5, samples=100)
+    with pytest.warns(pipeline.PipelineWarning, match="asked for 5 modes, 2 came out"):
+        res = _fit(store, "few", modes=5, samples=100)
     assert res.n_modes == 2
     got, _d, _w = _dense(store, "few", modes=5)
     assert got["mode"].dtype == np.uint8 and got["refs"].shape == (2, 10)
@@ -332,7 +337,7 @@ def test_window_with_step(base_store: Path, tmp_path: Path) -> None:
     # another window is another analysis; the base one is untouched
     assert read_analysis(copy, "base")["refs"].shape == (4, T)
     for bad in ("5:6", "30:40"):
-        with pytest.raises(pipeline.PipelineError, match="needs at least 2"):
+        with pytest.raises(pipeline.PipelineError, match="needs at least 3"):
             _fit(copy, "bad", epochs=bad, **FIT)
     with pytest.raises(pipeline.PipelineError, match="cannot parse window"):
         _fit(copy, "bad", epochs="a:b", **FIT)

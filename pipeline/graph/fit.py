@@ -31,36 +31,57 @@ __all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "fit_task"]
 
 @dataclass(frozen=True)
 class StatsLayout:
-    """Where each sum sits in a row of ``block_stats``."""
+    """Where each sum sits in a row of ``block_stats`` (layout version :data:`VERSION`).
+
+    A row holds the ids of the layers (stored tensors) the block touches, ``-1`` past the
+    last (empty tensors hold no rows, so a block's ids need not be consecutive); then
+    :data:`PER` sums per mode and per layer; then the residual, energy and centred energy
+    ("spread") per epoch of the window.
+    """
 
     n_modes: int
     n_epochs: int
     max_layers: int
 
-    PER = 6  # count, valid, sum |corr|, residual, energy, NaN/Inf rows
+    #: count, valid, sum |corr|, residual, energy, NaN/Inf rows, spread
+    PER = 7
+    #: written into the study's attributes as ``stats_layout``; a study interrupted under
+    #: another layout is refitted from the start instead of resumed
+    VERSION = 2
 
     @property
     def width(self) -> int:
-        return 2 + self.PER * (self.n_modes + self.max_layers) + 2 * self.n_epochs
+        return self.max_layers + self.PER * (self.n_modes + self.max_layers) + 3 * self.n_epochs
+
+    @property
+    def layer_ids(self) -> slice:
+        return slice(0, self.max_layers)
 
     @property
     def modes(self) -> slice:
-        return slice(2, 2 + self.PER * self.n_modes)
-
-    @property
-    def residual_t(self) -> slice:
-        s = 2 + self.PER * self.n_modes
-        return slice(s, s + self.n_epochs)
-
-    @property
-    def energy_t(self) -> slice:
-        s = 2 + self.PER * self.n_modes + self.n_epochs
-        return slice(s, s + self.n_epochs)
+        s = self.max_layers
+        return slice(s, s + self.PER * self.n_modes)
 
     @property
     def layers(self) -> slice:
-        s = 2 + self.PER * self.n_modes + 2 * self.n_epochs
+        s = self.max_layers + self.PER * self.n_modes
         return slice(s, s + self.PER * self.max_layers)
+
+    def _epoch_section(self, k: int) -> slice:
+        s = self.max_layers + self.PER * (self.n_modes + self.max_layers) + k * self.n_epochs
+        return slice(s, s + self.n_epochs)
+
+    @property
+    def residual_t(self) -> slice:
+        return self._epoch_section(0)
+
+    @property
+    def energy_t(self) -> slice:
+        return self._epoch_section(1)
+
+    @property
+    def spread_t(self) -> slice:
+        return self._epoch_section(2)
 
 
 @dataclass(frozen=True)
@@ -90,8 +111,9 @@ def _sums(
     residual: np.ndarray,
     energy: np.ndarray,
     nonfinite: np.ndarray,
+    spread: np.ndarray,
 ) -> np.ndarray:
-    """(n, 6) sums per group id in ``mask_groups`` (see :class:`StatsLayout`)."""
+    """(n, PER) sums per group id in ``mask_groups`` (see :class:`StatsLayout`)."""
     out = np.zeros((n, StatsLayout.PER))
     out[:, 0] = np.bincount(mask_groups, minlength=n)
     out[:, 1] = np.bincount(mask_groups, weights=valid.astype(np.float64), minlength=n)
@@ -99,6 +121,7 @@ def _sums(
     out[:, 3] = np.bincount(mask_groups, weights=residual, minlength=n)
     out[:, 4] = np.bincount(mask_groups, weights=energy, minlength=n)
     out[:, 5] = np.bincount(mask_groups, weights=nonfinite.astype(np.float64), minlength=n)
+    out[:, 6] = np.bincount(mask_groups, weights=spread, minlength=n)
     return out
 
 
@@ -129,17 +152,19 @@ def fit_task(
     abscorr = np.abs(fit.corr)
     stats = np.zeros(layout.width)
     stats[layout.modes] = _sums(
-        fit.mode, layout.n_modes, valid, abscorr, fit.residual, fit.energy, nonfinite
+        fit.mode, layout.n_modes, valid, abscorr, fit.residual, fit.energy, nonfinite, fit.spread
     ).ravel()
     stats[layout.residual_t] = fit.residual_t
     stats[layout.energy_t] = fit.energy_t
-    stats[0] = plan.layers[0][0]
-    stats[1] = len(plan.layers)
+    stats[layout.spread_t] = fit.spread_t
+    ids = np.full(layout.max_layers, -1.0)
+    ids[: len(plan.layers)] = [lid for lid, _lo, _hi in plan.layers]
+    stats[layout.layer_ids] = ids
     layer_of = np.empty(rows, dtype=np.int64)
     for k, (_lid, lo, hi) in enumerate(plan.layers):
         layer_of[lo:hi] = k
     per_layer = _sums(
-        layer_of, len(plan.layers), valid, abscorr, fit.residual, fit.energy, nonfinite
+        layer_of, len(plan.layers), valid, abscorr, fit.residual, fit.energy, nonfinite, fit.spread
     )
     stats[layout.layers][: per_layer.size] = per_layer.ravel()
     url = grid.url

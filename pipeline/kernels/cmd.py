@@ -75,9 +75,11 @@ class BlockFit:
     corr: Any  # (S,) float64
     residual: Any  # (S,) float64: sum over the window of (w - a r - b)^2
     energy: Any  # (S,) float64: sum over the window of w^2 (the error metrics' denominator)
+    spread: Any  # (S,) float64: sum over the window of (w - mean w)^2 (the dynamics' energy)
     flags: Any  # (S,) uint8
     residual_t: Any  # (Tw,) float64: residual summed over the block's valid rows, per epoch
     energy_t: Any  # (Tw,) float64: w^2 summed over the block's valid rows, per epoch
+    spread_t: Any  # (Tw,) float64: (w - mean w)^2 summed over the block's valid rows, per epoch
 
 
 _SUB_ROWS = 16384  # rows per inner step: the float64 work arrays stay cache-sized
@@ -113,7 +115,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     -------
     BlockFit
         Mode ids (argmax of |corr|, ties to the lowest id), least-squares a and b against the
-        raw reference profile, corr, residual energy, flags and per-epoch error sums.
+        raw reference profile, corr, residual energy, energy and centred energy ("spread",
+        the denominator of the error relative to the dynamics), flags and per-epoch sums.
 
     Notes
     -----
@@ -135,9 +138,11 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     corr = xp.empty(n_rows, dtype=xp.float64)
     residual = xp.empty(n_rows, dtype=xp.float64)
     energy = xp.empty(n_rows, dtype=xp.float64)
+    spread = xp.empty(n_rows, dtype=xp.float64)
     flags = xp.zeros(n_rows, dtype=xp.uint8)
     residual_t = xp.zeros(n_t, dtype=xp.float64)
     energy_t = xp.zeros(n_t, dtype=xp.float64)
+    spread_t = xp.zeros(n_t, dtype=xp.float64)
     rc = refs.centred
     ref_pos = ref_ids = None
     if ref_rows is not None:
@@ -212,12 +217,14 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
         if bool(constant.any()):
             good_mean = xp.where(constant, hi.astype(xp.float64), good_mean)
         energy_t += sq_t + 2 * (xc @ good_mean) + (good_mean**2).sum()
+        spread_t += sq_t
         mode[sl] = m
         a[sl] = a_s
         b[sl] = b_s
         corr[sl] = c_s
         residual[sl] = res_s
         energy[sl] = ssx + n_t * good_mean**2
+        spread[sl] = ssx
     return BlockFit(
         mode=mode,
         a=a,
@@ -225,9 +232,11 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
         corr=corr,
         residual=residual,
         energy=energy,
+        spread=spread,
         flags=flags,
         residual_t=residual_t,
         energy_t=energy_t,
+        spread_t=spread_t,
     )
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,13 @@ import numpy as np
 from pipeline._version import __version__
 from pipeline.cluster import cluster_modes
 from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
-from pipeline.errors import ConfigMismatchError, PipelineError, SchemaVersionError, StoreError
+from pipeline.errors import (
+    ConfigMismatchError,
+    PipelineError,
+    PipelineWarning,
+    SchemaVersionError,
+    StoreError,
+)
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
 from pipeline.kernels.cmd import References, pearson
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
@@ -36,6 +43,8 @@ from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 __all__ = ["FitResult", "fit", "summarise"]
 
 _MAX_DRAW_ROUNDS = 20
+#: the shortest window CMD accepts: over 2 epochs every varying profile is a line, |corr| = 1
+MIN_EPOCHS = 3
 
 
 @dataclass
@@ -59,22 +68,43 @@ class FitResult:
         s = self.summary
         head = (
             f"analysis {self.name!r} ({self.status}): {self.n_modes} mode(s) from {self.n_samples} samples, "
-            f"window of {len(self.epochs)} epoch(s); relative error {_fmt(s['relative_error'])}"
+            f"window of {len(self.epochs)} epoch(s); error relative to the dynamics "
+            f"{_fmt(s.get('dynamics_error'))} (‖W−Ŵ‖/‖W−mean_t W‖; relative to ‖W‖: "
+            f"{_fmt(s['relative_error'])})"
         )
         if self.status != "unchanged":
             head += (
                 f"; {self.blocks_run} block(s) run, {self.blocks_kept} kept; sampling read "
                 f"{self.bytes_sampled / 1e6:.2f} MB; {self.seconds:.1f} s"
             )
-        lines = [head, "  mode   count        mean|corr|  rel.error  reference"]
+        lines = [head]
+        lines += [f"  note: {n}" for n in s.get("notes", [])]
+        lines.append("  mode   count        mean|corr|  dyn.error  rel.error  reference")
         for m in s["modes"]:
             lines.append(
                 f"  {m['mode']:>4}   {m['count']:>11,}  {_fmt(m['mean_abs_corr']):>9}  "
-                f"{_fmt(m['relative_error']):>9}  {m['reference']}"
+                f"{_fmt(m.get('dynamics_error')):>9}  {_fmt(m['relative_error']):>9}  "
+                f"{m['reference']}"
             )
         f = s["flags"]
         lines.append(f"  constant parameters: {f['constant']:,}; with NaN/Inf: {f['nonfinite']:,}")
         return "\n".join(lines)
+
+
+def _mode_notes(asked: int | None, got: int, n_samples: int) -> list[str]:
+    """Why fewer modes came out than asked, in words (empty when as many as asked)."""
+    if asked is None or got >= asked:
+        return []
+    if asked > n_samples:
+        return [
+            f"asked for {asked} modes but there are {n_samples} samples: at most {n_samples} "
+            f"modes from {n_samples} samples ({got} came out)"
+        ]
+    return [
+        f"asked for {asked} modes, {got} came out: no cut of the linkage tree gives between "
+        f"{got + 1} and {asked} clusters (samples at equal distances merge together, e.g. "
+        "exact multiples of one profile, |corr| = 1 to 12 decimals)"
+    ]
 
 
 def _brief(v: Any) -> str:
@@ -145,27 +175,37 @@ def summarise(
     epochs: list[int],
     ref_index: np.ndarray,
 ) -> dict[str, Any]:
-    """Summaries per mode, per layer and per epoch from the blocks' error sums."""
+    """Summaries per mode, per layer and per epoch from the blocks' error sums.
+
+    Two relative errors, both over the finite parameters: ``dynamics_error`` =
+    ‖W − Ŵ‖ / ‖W − mean_t W‖ (against what moved: the headline; 1.0 is the constant model
+    ``w_i(t) = mean w_i``) and ``relative_error`` = ‖W − Ŵ‖ / ‖W‖ (against the weights
+    themselves, which their magnitude dominates).
+    """
     n_modes = layout.n_modes
     per = StatsLayout.PER
     per_mode = stats[:, layout.modes].reshape(-1, n_modes, per).sum(axis=0)
     per_layer = np.zeros((len(layer_names), per))
     for row in stats:
-        l0, nl = int(row[0]), int(row[1])
-        per_layer[l0 : l0 + nl] += row[layout.layers][: per * nl].reshape(nl, per)
+        ids = row[layout.layer_ids]
+        ids = ids[ids >= 0].astype(np.int64)
+        per_layer[ids] += row[layout.layers][: per * ids.size].reshape(ids.size, per)
     res_t = stats[:, layout.residual_t].sum(axis=0)
     en_t = stats[:, layout.energy_t].sum(axis=0)
+    sp_t = stats[:, layout.spread_t].sum(axis=0)
 
     def entry(v: np.ndarray) -> dict[str, Any]:
         return {
             "count": int(v[0]),
             "mean_abs_corr": float(v[2] / v[1]) if v[1] > 0 else None,
+            "dynamics_error": _ratio(v[3], v[6]),
             "relative_error": _ratio(v[3], v[4]),
         }
 
     total = per_mode.sum(axis=0)
     finite_rows = float(total[0] - total[5])
     return {
+        "dynamics_error": _ratio(total[3], total[6]),
         "relative_error": _ratio(total[3], total[4]),
         # mean squared weight error over the finite parameters and the window's epochs
         "mse": float(total[3] / (finite_rows * len(epochs))) if finite_rows > 0 else None,
@@ -177,6 +217,7 @@ def summarise(
         "epochs": [
             {
                 "epoch": e,
+                "dynamics_error": _ratio(res_t[k], sp_t[k]),
                 "relative_error": _ratio(res_t[k], en_t[k]),
                 "mse": float(res_t[k] / finite_rows) if finite_rows > 0 else None,
             }
@@ -236,9 +277,11 @@ def fit(
         cols_list = parse_window(epochs, meta.epoch_numbers)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    if len(cols_list) < 2:
+    if len(cols_list) < MIN_EPOCHS:
         raise PipelineError(
-            f"the window {epochs!r} holds {len(cols_list)} stored epoch(s); CMD needs at least 2"
+            f"the window {epochs or ':'} holds {len(cols_list)} stored epoch(s); CMD needs at "
+            f"least {MIN_EPOCHS} (over 2 epochs every varying profile correlates perfectly "
+            "with every other)"
         )
     grid = st.chunk_grid()
     s_rows = block_rows or fit_block_rows(
@@ -288,6 +331,13 @@ def fit(
             attrs = None
     if attrs is not None:
         same = attrs.get("config") == config and attrs.get("trajectory_fingerprint") == fingerprint
+        if same and attrs.get("status") != "complete" and attrs.get("stats_layout") != StatsLayout.VERSION:
+            # interrupted under an older release whose block statistics have another layout:
+            # its finished blocks cannot be summarised with this one; start it again
+            ag.delete()
+            attrs = None
+            same = False
+    if attrs is not None:
         if same and attrs.get("status") == "complete":
             return FitResult(
                 st.url,
@@ -332,6 +382,9 @@ def fit(
         refs_raw = profiles[clustering.references].astype(np.float64)
         ref_index = sample_index[clustering.references]
         n_modes = clustering.n_modes
+        notes = _mode_notes(modes, n_modes, int(sample_index.size))
+        for note in notes:
+            warnings.warn(f"analysis {name!r}: {note}", PipelineWarning, stacklevel=2)
     plans = _plans(meta.n_rows, s_rows, layout, ref_index, sample_index)
     stats_layout = StatsLayout(n_modes, len(cols_list), max(len(p.layers) for p in plans))
     if not resume:
@@ -359,6 +412,8 @@ def fit(
             n_samples=int(sample_index.size),
             sampling_bytes_read=nbytes,
             float_buffers=meta.settings.float_buffers,
+            stats_layout=StatsLayout.VERSION,
+            notes=notes,
         )
     if resume:
         ag.remove_partials()  # temporary files of writes that an interruption cut off
@@ -379,6 +434,7 @@ def fit(
     if np.isnan(stats).any():
         raise StoreError(f"analysis {name!r}: some blocks have no statistics after the pass")
     summary = summarise(stats, stats_layout, list(layout.names), window_epochs, ref_index)
+    summary["notes"] = list(ag.attrs().get("notes", []))
     ag.set_attrs(status="complete", summary=summary)
     return FitResult(
         st.url,

@@ -60,6 +60,7 @@ def _analysis_brief(url: str, name: str) -> dict[str, Any]:
         "modes": attrs.get("n_modes"),
         "samples": attrs.get("n_samples"),
         "window": cfg.get("window"),
+        "dynamics_error": summary.get("dynamics_error"),
         "relative_error": summary.get("relative_error"),
         "evaluated": _evaluated(attrs.get("evaluation")),
     }
@@ -102,8 +103,11 @@ def format_info(d: dict[str, Any]) -> str:
         f"analyses:     {', '.join(d['analyses']) or '-'}",
         *(
             f"  {a['name']}: {a['status']}, {a.get('modes')} mode(s) from {a.get('samples')} samples, "
-            f"window {a.get('window')}, relative error "
+            f"window {a.get('window')}, error relative to the dynamics "
+            + ("-" if a.get("dynamics_error") is None else f"{a['dynamics_error']:.4g}")
+            + " (to ‖W‖: "
             + ("-" if a.get("relative_error") is None else f"{a['relative_error']:.4g}")
+            + ")"
             + (
                 f"; evaluated ({a['evaluated']['workflow']}): epoch {a['evaluated']['epoch']} "
                 f"GD {a['evaluated']['gd_accuracy']:.4f}, CMD {a['evaluated']['cmd_accuracy']:.4f}"

@@ -253,12 +253,14 @@ def render_html(
                 ["modes M", str(attrs.get("n_modes"))],
                 ["requested", f"modes={cfg.get('modes')} threshold={cfg.get('threshold')}"],
                 ["samples K (seed)", f"{attrs.get('n_samples')} ({cfg.get('seed')})"],
-                ["relative error ‖W−Ŵ‖/‖W‖", _f(summ.get("relative_error"))],
+                ["error relative to the dynamics ‖W−Ŵ‖/‖W−mean_t W‖", _f(summ.get("dynamics_error"))],
+                ["error relative to the weights ‖W−Ŵ‖/‖W‖", _f(summ.get("relative_error"))],
                 ["weight MSE", _f(summ.get("mse"))],
                 ["constant parameters", f"{summ['flags']['constant']:,}"],
                 ["parameters with NaN/Inf", f"{summ['flags']['nonfinite']:,}"],
             ],
         ),
+        *(f"<p class='bad'>note: {html.escape(str(n))}</p>" for n in summ.get("notes", [])),
     ]
     if ev:
         f, b = ev["final"], ev["best"]
@@ -318,9 +320,10 @@ def render_html(
         _img(figs, "correlation.png", "Pearson correlation of the sampled weights in dendrogram "
              "order; squares mark the modes"),
         _table(
-            ["mode", "parameters", "mean |corr|", "rel. error", "reference row"],
+            ["mode", "parameters", "mean |corr|", "error / dynamics", "error / ‖W‖", "reference row"],
             [
-                [str(m["mode"]), f"{m['count']:,}", m["mean_abs_corr"], m["relative_error"], str(m["reference"])]
+                [str(m["mode"]), f"{m['count']:,}", m["mean_abs_corr"], m.get("dynamics_error"),
+                 m["relative_error"], str(m["reference"])]
                 for m in summ["modes"]
             ],
         ),
@@ -331,8 +334,9 @@ def render_html(
         "<h2>Layers</h2>",
         _img(figs, "layers.png", "how each layer's parameters are spread over the modes"),
         _table(
-            ["tensor", "parameters", "mean |corr|", "rel. error"],
-            [[html.escape(r["name"]), f"{r['count']:,}", r["mean_abs_corr"], r["relative_error"]]
+            ["tensor", "parameters", "mean |corr|", "error / dynamics", "error / ‖W‖"],
+            [[html.escape(r["name"]), f"{r['count']:,}", r["mean_abs_corr"], r.get("dynamics_error"),
+              r["relative_error"]]
              for r in summ["layers"]],
         ),
         *_extra_sections(extra or {}, figs),
