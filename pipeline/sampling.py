@@ -3,10 +3,73 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["sample_varying", "stratified_sample"]
+__all__ = ["Pool", "Sample", "draw_from_pools", "draw_samples", "sample_varying", "stratified_sample"]
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The varying rows of one piece of a layer (a layer's rows inside one row block).
+
+    ``count`` is the exact number of rows of the piece that vary and are finite over the
+    window; ``candidates`` are up to K of them in uniformly random order (a random
+    permutation's prefix), so the first ``j`` are a uniform sample of ``j`` of them.
+    """
+
+    layer: int
+    count: int
+    candidates: np.ndarray  # int64 row indices
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A drawn sample: sorted row indices, their profiles, the bytes read to find them, and
+    the exact number of rows that vary over the window when a scan counted them (else None)."""
+
+    index: np.ndarray
+    profiles: np.ndarray
+    bytes_read: int
+    n_varying: int | None = None
+
+
+def draw_from_pools(pools: Sequence[Pool], k: int, rng: np.random.Generator) -> np.ndarray:
+    """``min(k, total)`` distinct rows drawn from the pools by the stratified rule.
+
+    The pools' rows are laid out as one virtual index space (layer by layer, piece by piece),
+    :func:`stratified_sample` draws in it over the layers that have varying rows, and each
+    piece's drawn virtual indices take that piece's first candidates: a uniform draw without
+    replacement within the piece, so within each layer and over all rows too. Returns sorted
+    int64 row indices.
+
+    >>> pools = [Pool(0, 3, np.array([7, 2, 5])), Pool(1, 0, np.empty(0, np.int64)),
+    ...          Pool(2, 2, np.array([40, 41]))]
+    >>> draw_from_pools(pools, 10, np.random.default_rng(0)).tolist()
+    [2, 5, 7, 40, 41]
+    """
+    live = [p for p in pools if p.count > 0]
+    total = sum(p.count for p in live)
+    k = min(k, total)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    for p in live:
+        if p.candidates.size < min(k, p.count):
+            raise ValueError(f"a pool of layer {p.layer} holds too few candidates for k={k}")
+    layers = sorted({p.layer for p in live})
+    by_layer = {lid: [p for p in live if p.layer == lid] for lid in layers}
+    sizes = [sum(p.count for p in by_layer[lid]) for lid in layers]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    virtual = stratified_sample(offsets.tolist(), sizes, k, rng)
+    pieces = [p for lid in layers for p in by_layer[lid]]
+    starts = np.concatenate([[0], np.cumsum([p.count for p in pieces])[:-1]]).astype(np.int64)
+    which = np.searchsorted(starts, virtual, side="right") - 1
+    out = []
+    for q in np.unique(which):
+        n_q = int((which == q).sum())
+        out.append(pieces[int(q)].candidates[:n_q])
+    return np.sort(np.concatenate(out).astype(np.int64))
 
 
 def stratified_sample(
@@ -52,6 +115,33 @@ def stratified_sample(
     return np.array(sorted(chosen), dtype=np.int64)
 
 
+def draw_samples(
+    layer_offsets: Sequence[int],
+    layer_sizes: Sequence[int],
+    k: int,
+    seed: int,
+    read: Callable[[np.ndarray], tuple[np.ndarray, int]],
+    rounds: int = 20,
+    scan: Callable[[], tuple[Sequence[Pool], int]] | None = None,
+) -> Sample:
+    """``k`` stratified samples whose profiles vary and are finite over the window.
+
+    ``read(rows)`` returns the rows' profiles (rows x epochs) and the bytes it read. Rows that
+    are constant or hold NaN/Inf are replaced by new draws, for at most ``rounds`` rounds.
+    If that leaves fewer than ``k`` (most parameters never change: a frozen backbone) and
+    ``scan`` is given, ``scan()`` (one pass over the window: the :class:`Pool` of varying rows
+    of every piece, and the bytes it read) replaces the draws: then ``k`` rows are sampled
+    whenever ``k`` rows vary, and :attr:`Sample.n_varying` says how many do.
+    """
+    first = sample_varying(layer_offsets, layer_sizes, k, seed, read, rounds)
+    if first[0].size >= k or scan is None:
+        return Sample(*first)
+    pools, scanned = scan()
+    idx = draw_from_pools(pools, k, np.random.default_rng([seed, 1]))
+    prof, nbytes = read(idx) if idx.size else (first[1][:0], 0)
+    return Sample(idx, prof, first[2] + scanned + nbytes, int(sum(p.count for p in pools)))
+
+
 def sample_varying(
     layer_offsets: Sequence[int],
     layer_sizes: Sequence[int],
@@ -60,10 +150,10 @@ def sample_varying(
     read: Callable[[np.ndarray], tuple[np.ndarray, int]],
     rounds: int = 20,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """``k`` stratified samples whose profiles vary and are finite over the window.
-
-    ``read(rows)`` returns the rows' profiles (rows x epochs) and the bytes it read. Rows that
-    are constant or hold NaN/Inf are replaced by new draws (at most ``rounds`` rounds).
+    """``k`` stratified samples whose profiles vary and are finite over the window, by
+    rejection: ``read(rows)`` returns the rows' profiles (rows x epochs) and the bytes it
+    read; rows that are constant or hold NaN/Inf are replaced by new draws (at most
+    ``rounds`` rounds, so fewer than ``k`` may come back: see :func:`draw_samples`).
     Returns the sorted indices, their profiles and the bytes read in all.
     """
     rng = np.random.default_rng(seed)

@@ -122,3 +122,48 @@ def test_more_modes_than_samples_says_why_fewer_came_out(tmp_path: Path) -> None
     assert res.n_modes == 2
     assert any("asked for 10" in n for n in res.summary["notes"])
     assert "asked for 10" in res.summary_text()
+
+
+@pytest.fixture(scope="module")
+def frozen_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """60 frozen tensors of 2,000 rows and one trained head of 500 rows (120,500 rows): the
+    fine-tuning case, where almost every draw of a stratified sample is constant."""
+    tmp = tmp_path_factory.mktemp("frozen")
+    rng = np.random.default_rng(4)
+    t_steps = 8
+    p = mode_profiles(t_steps, ("exp", "sin", "cos"))
+    spec: dict[str, Any] = {}
+    for i in range(60):
+        spec[f"backbone.{i}.weight"] = (
+            (40, 50),
+            torch.float32,
+            np.repeat(rng.standard_normal((2000, 1)), t_steps, axis=1),
+        )
+    spec["head.weight"] = ((500,), torch.float32, planted_rows(500, p, rng, noise=1e-3).noisy)
+    return _store(tmp, spec, chunk_rows=8192)
+
+
+def test_sampling_finds_k_varying_rows_behind_a_frozen_backbone(frozen_backbone: Path) -> None:
+    """K = 300 of the 500 varying rows exist: exactly 300 distinct varying rows are sampled
+    (on main: 188 of K = 1000 and fewer than asked for K = 300, silently)."""
+    head = dict((n, (lo, hi)) for n, lo, hi in store_layers(frozen_backbone))["head.weight"]
+    res = pipeline.fit(str(frozen_backbone), "k300", modes=3, samples=300, runtime=SYNC)
+    got = read_analysis(frozen_backbone, "k300")
+    idx = got["sample_index"]
+    assert res.n_samples == 300 == idx.size == np.unique(idx).size
+    assert np.all((idx >= head[0]) & (idx < head[1]))
+    assert res.summary["notes"] == []
+    # the same seed gives the same sample again (the scan is seeded per block)
+    again = pipeline.fit(str(frozen_backbone), "again", modes=3, samples=300, runtime=SYNC)
+    assert np.array_equal(read_analysis(frozen_backbone, "again")["sample_index"], idx)
+    assert again.n_samples == 300
+
+
+def test_sampling_says_when_fewer_than_k_vary(frozen_backbone: Path) -> None:
+    with pytest.warns(pipeline.PipelineWarning, match="only 500 parameters vary"):
+        res = pipeline.fit(str(frozen_backbone), "k1000", modes=3, samples=1000, runtime=SYNC)
+    assert res.n_samples == 500
+    assert any("only 500 parameters vary" in n for n in res.summary["notes"])
+    assert "only 500 parameters vary" in res.summary_text()
+    got = read_analysis(frozen_backbone, "k1000")
+    assert got["attrs"]["n_varying"] == 500

@@ -22,11 +22,13 @@ from pipeline.kernels.cmd import (
     BlockFit,
     References,
     fit_block,
+    varying_rows,
 )
+from pipeline.sampling import Pool
 from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 
-__all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "fit_task"]
+__all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
 
 
 @dataclass(frozen=True)
@@ -209,5 +211,36 @@ def build_fit_tasks(
         delayed(fit_task, pure=False)(
             grid, name, p, cols_d, refs_d, layout, gpu, dask_key_name=f"fit-{name}-{p.index}"
         )
+        for p in plans
+    ]
+
+
+def scan_task(
+    grid: ChunkGrid, plan: BlockPlan, cols: np.ndarray, k: int, seed: int
+) -> tuple[list[Pool], int]:
+    """The varying rows of one block, per layer piece: exact counts and up to ``k`` of them in
+    an order drawn from a generator seeded by ``(seed, block index)`` (the same whatever
+    worker runs it); and the bytes read."""
+    rows = plan.r1 - plan.r0
+    x = _time_major(len(cols), rows)
+    nbytes = grid.read_rows(plan.r0, plan.r1, cols, x)
+    ok = varying_rows(x)
+    rng = np.random.default_rng([seed, 2, plan.index])
+    pools = []
+    for lid, lo, hi in plan.layers:
+        found = plan.r0 + lo + np.flatnonzero(ok[lo:hi])
+        take = min(k, found.size)
+        pools.append(Pool(lid, int(found.size), rng.permutation(found)[:take].astype(np.int64)))
+    return pools, nbytes
+
+
+def build_scan_tasks(
+    grid: ChunkGrid, plans: Sequence[BlockPlan], cols: np.ndarray, k: int, seed: int
+) -> list[object]:
+    """One delayed :func:`scan_task` per block: the pass that finds the varying rows when
+    sampling by rejection falls short (most parameters frozen)."""
+    cols_d = delayed(cols, traverse=False)
+    return [
+        delayed(scan_task, pure=False)(grid, p, cols_d, k, seed, dask_key_name=f"scan-{p.index}")
         for p in plans
     ]

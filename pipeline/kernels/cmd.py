@@ -24,6 +24,7 @@ __all__ = [
     "References",
     "fit_block",
     "pearson",
+    "varying_rows",
 ]
 
 FLAG_CONSTANT = np.uint8(1)  #: zero variance over the window: a = 0, b = its value
@@ -255,3 +256,11 @@ def pearson(profiles: Any) -> Any:
     idx = xp.arange(x.shape[0])
     c[idx, idx] = 1.0
     return c
+
+
+def varying_rows(xt: Any) -> Any:
+    """Which columns of a time-major block ``xt`` (Tw, S) vary and are finite over the window:
+    the rows that carry a profile (constant rows and rows with NaN/Inf do not)."""
+    xp = namespace(xt)
+    with np.errstate(invalid="ignore"):
+        return xp.isfinite(xt).all(axis=0) & (xt.max(axis=0) > xt.min(axis=0))

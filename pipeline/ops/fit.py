@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +33,11 @@ from pipeline.errors import (
     SchemaVersionError,
     StoreError,
 )
-from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks
+from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks, build_scan_tasks
 from pipeline.kernels.cmd import References, pearson
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.sampling import sample_varying
+from pipeline.sampling import Pool, Sample, draw_samples
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.schema import StoreMeta
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
@@ -133,12 +135,26 @@ def _fingerprint(meta: StoreMeta, cols: list[int]) -> str:
 
 
 def _sample(
-    grid: ChunkGrid, layout: RowLayout, cols: np.ndarray, k: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """K usable samples (not constant, finite over the window): indices, profiles, bytes read."""
-    return sample_varying(
+    grid: ChunkGrid,
+    layout: RowLayout,
+    cols: np.ndarray,
+    k: int,
+    seed: int,
+    scan_plans: list[BlockPlan],
+    runner_of: Callable[[], Runner],
+) -> Sample:
+    """K usable samples (not constant, finite over the window): by rejection, and when that
+    falls short, from one pass over the window that finds every varying row."""
+
+    def scan() -> tuple[list[Pool], int]:
+        tasks = build_scan_tasks(grid, scan_plans, cols, k, seed)
+        labels = [f"scan block {p.index}: rows {p.r0}-{p.r1}" for p in scan_plans]
+        found = runner_of().compute(tasks, "sampling: finding the varying parameters", labels)
+        return [p for pools, _nb in found for p in pools], sum(nb for _p, nb in found)
+
+    return draw_samples(
         layout.offsets, layout.sizes, k, seed, lambda rows: grid.read_scattered(rows, cols),
-        rounds=_MAX_DRAW_ROUNDS,
+        rounds=_MAX_DRAW_ROUNDS, scan=scan,
     )
 
 
@@ -367,69 +383,92 @@ def fit(
         else:
             ag.delete()
     nbytes = 0
-    if resume:
-        refs_raw = np.asarray(ag.array("refs")[...])
-        ref_index = np.asarray(ag.array("ref_index")[...])
-        sample_index = np.asarray(ag.array("sample_index")[...])
-        n_modes = int(refs_raw.shape[0])
-    else:
-        sample_index, profiles, nbytes = _sample(grid, layout, cols, samples, seed)
-        if sample_index.size < 2:
-            raise PipelineError(
-                "fewer than 2 parameters vary over the window: nothing to decompose"
+    with contextlib.ExitStack() as stack:
+        held: list[Runner] = []
+
+        def runner_of() -> Runner:
+            # the runtime starts on first use: a fit whose sampling needs no scan starts it
+            # once, for the pass over all rows
+            if not held:
+                held.append(stack.enter_context(using(run, runtime)))
+            return held[0]
+
+        if resume:
+            refs_raw = np.asarray(ag.array("refs")[...])
+            ref_index = np.asarray(ag.array("ref_index")[...])
+            sample_index = np.asarray(ag.array("sample_index")[...])
+            n_modes = int(refs_raw.shape[0])
+        else:
+            none = np.empty(0, dtype=np.int64)
+            drawn = _sample(
+                grid, layout, cols, samples, seed,
+                _plans(meta.n_rows, s_rows, layout, none, none), runner_of,
             )
-        clustering = cluster_modes(pearson(profiles), modes=modes, threshold=threshold)
-        refs_raw = profiles[clustering.references].astype(np.float64)
-        ref_index = sample_index[clustering.references]
-        n_modes = clustering.n_modes
-        notes = _mode_notes(modes, n_modes, int(sample_index.size))
-        for note in notes:
-            warnings.warn(f"analysis {name!r}: {note}", PipelineWarning, stacklevel=2)
-    plans = _plans(meta.n_rows, s_rows, layout, ref_index, sample_index)
-    stats_layout = StatsLayout(n_modes, len(cols_list), max(len(p.layers) for p in plans))
-    if not resume:
-        ag.create(
-            n_rows=meta.n_rows,
-            n_modes=n_modes,
-            block_rows=s_rows,
-            n_blocks=len(plans),
-            stats_width=stats_layout.width,
-            small={
-                "refs": refs_raw,
-                "ref_index": ref_index.astype(np.int64),
-                "sample_index": sample_index.astype(np.int64),
-                "sample_mode": clustering.labels.astype(np.int64),
-                "sample_order": clustering.order.astype(np.int64),
-                "epochs": np.asarray(window_epochs, dtype=np.int64),
-            },
-        )
-        ag.set_attrs(
-            config=config,
-            trajectory_fingerprint=fingerprint,
-            package_version=__version__,
-            status="running",
-            n_modes=n_modes,
-            n_samples=int(sample_index.size),
-            sampling_bytes_read=nbytes,
-            float_buffers=meta.settings.float_buffers,
-            stats_layout=StatsLayout.VERSION,
-            notes=notes,
-        )
-    if resume:
-        ag.remove_partials()  # temporary files of writes that an interruption cut off
-    done = ag.finished_blocks() if resume else set()
-    todo = [p for p in plans if p.index not in done]
-    refs = References.from_profiles(refs_raw)
-    gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
-    tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
-    labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
-    try:
-        with using(run, runtime) as r:
-            r.compute(tasks, f"fit {name}", labels)
-    finally:
-        # a worker killed mid-write leaves a temporary file behind; the block ran again
-        # elsewhere, or a re-run resumes it: the file is garbage either way
-        ag.remove_partials()
+            sample_index, profiles, nbytes = drawn.index, drawn.profiles, drawn.bytes_read
+            notes = []
+            if sample_index.size < samples and drawn.n_varying is not None:
+                notes.append(
+                    f"only {drawn.n_varying:,} parameters vary over the window (finite, not "
+                    f"constant): {sample_index.size:,} sampled of the {samples:,} asked"
+                )
+            elif sample_index.size < samples:
+                notes.append(f"{sample_index.size:,} parameters sampled of the {samples:,} asked")
+            if sample_index.size < 2:
+                raise PipelineError(
+                    "fewer than 2 parameters vary over the window: nothing to decompose"
+                )
+            clustering = cluster_modes(pearson(profiles), modes=modes, threshold=threshold)
+            refs_raw = profiles[clustering.references].astype(np.float64)
+            ref_index = sample_index[clustering.references]
+            n_modes = clustering.n_modes
+            notes += _mode_notes(modes, n_modes, int(sample_index.size))
+            for note in notes:
+                warnings.warn(f"analysis {name!r}: {note}", PipelineWarning, stacklevel=2)
+        plans = _plans(meta.n_rows, s_rows, layout, ref_index, sample_index)
+        stats_layout = StatsLayout(n_modes, len(cols_list), max(len(p.layers) for p in plans))
+        if not resume:
+            ag.create(
+                n_rows=meta.n_rows,
+                n_modes=n_modes,
+                block_rows=s_rows,
+                n_blocks=len(plans),
+                stats_width=stats_layout.width,
+                small={
+                    "refs": refs_raw,
+                    "ref_index": ref_index.astype(np.int64),
+                    "sample_index": sample_index.astype(np.int64),
+                    "sample_mode": clustering.labels.astype(np.int64),
+                    "sample_order": clustering.order.astype(np.int64),
+                    "epochs": np.asarray(window_epochs, dtype=np.int64),
+                },
+            )
+            ag.set_attrs(
+                config=config,
+                trajectory_fingerprint=fingerprint,
+                package_version=__version__,
+                status="running",
+                n_modes=n_modes,
+                n_samples=int(sample_index.size),
+                n_varying=drawn.n_varying,
+                sampling_bytes_read=nbytes,
+                float_buffers=meta.settings.float_buffers,
+                stats_layout=StatsLayout.VERSION,
+                notes=notes,
+            )
+        if resume:
+            ag.remove_partials()  # temporary files of writes that an interruption cut off
+        done = ag.finished_blocks() if resume else set()
+        todo = [p for p in plans if p.index not in done]
+        refs = References.from_profiles(refs_raw)
+        gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
+        tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
+        labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
+        try:
+            runner_of().compute(tasks, f"fit {name}", labels)
+        finally:
+            # a worker killed mid-write leaves a temporary file behind; the block ran again
+            # elsewhere, or a re-run resumes it: the file is garbage either way
+            ag.remove_partials()
     stats = np.asarray(ag.array("block_stats")[...])
     if np.isnan(stats).any():
         raise StoreError(f"analysis {name!r}: some blocks have no statistics after the pass")
