@@ -167,3 +167,26 @@ def test_sampling_says_when_fewer_than_k_vary(frozen_backbone: Path) -> None:
     assert "only 500 parameters vary" in res.summary_text()
     got = read_analysis(frozen_backbone, "k1000")
     assert got["attrs"]["n_varying"] == 500
+
+
+def test_study_interrupted_under_the_old_stats_layout_is_refitted(tmp_path: Path) -> None:
+    """A study interrupted under the previous release (block statistics without layer ids or
+    centred energies, no ``stats_layout``) is fitted again from the start, not resumed with
+    rows it would misread; a complete one of that release still shows in ``info``."""
+    import zarr
+
+    rng = np.random.default_rng(6)
+    p = mode_profiles(8, ("exp", "sin"))
+    store = _store(tmp_path, {"w": ((200,), torch.float32, planted_rows(200, p, rng).noisy)})
+    first = pipeline.fit(str(store), "s", modes=2, samples=50, runtime=SYNC)
+    g = zarr.open_group(str(store / "analyses" / "s"), mode="r+")
+    attrs = dict(g.attrs["cmd_pipeline_analysis"])
+    old = {k: v for k, v in attrs.items() if k != "stats_layout"}
+    old["summary"] = {k: v for k, v in attrs["summary"].items() if k != "dynamics_error"}
+    g.attrs["cmd_pipeline_analysis"] = old
+    text = pipeline.ops.info.format_info(pipeline.info(str(store)))
+    assert "error relative to the dynamics -" in text
+    g.attrs["cmd_pipeline_analysis"] = {**old, "status": "running"}
+    again = pipeline.fit(str(store), "s", modes=2, samples=50, runtime=SYNC)
+    assert again.status == "fitted" and again.blocks_kept == 0
+    assert again.summary["dynamics_error"] == first.summary["dynamics_error"]
