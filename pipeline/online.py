@@ -6,23 +6,46 @@
 ...     cmd.update(model)
 ...     evaluate(cmd.current_state_dict())    # the CMD weights; the model is not touched
 
-**Warm-up.** The first ``warmup`` updates record the parameters (in memory, float32: N x F x 4
-bytes). Post-hoc CMD on that window (stratified sampling of K parameters, complete linkage on
-|corr|, one reference per mode, every parameter assigned to its best-correlated reference) fixes
-the modes, the references and every parameter's mode for good.
+**Warm-up.** The first ``warmup`` updates (at least :data:`MIN_WARMUP` = 3, the shortest window
+the post-hoc fit accepts) record the parameters (in memory, float32: N x F x 4 bytes). Post-hoc
+CMD on that window (stratified sampling of K parameters, complete linkage on |corr|, one
+reference per mode, every parameter assigned to its best-correlated reference) fixes the modes,
+the references and every parameter's mode for good.
 
 **After the warm-up.** Every update adds the epoch to per-parameter centred float64 running sums
 (:class:`~pipeline.kernels.online.RunningFit`), so ``(a, b)`` are always the exact least-squares
 fit over ``[start, t]``, as a batch refit would give, in O(N) memory with no history.
 ``current_state_dict()`` returns ``a * r(t) + b`` with ``r(t)`` the references' current values.
 
+**NaN/Inf.** Every update checks the parameters:
+
+- a parameter that is NaN/Inf at an update after the warm-up is flagged ``FLAG_NONFINITE`` in
+  ``flags`` (for good, even if it turns finite again) and keeps its last finite fit, the fit
+  over ``[start, t - 1]``: its running sums never take the value in (they are not updated any
+  more), and no other parameter's fit, its mode's included, is affected;
+- a parameter with NaN/Inf during the warm-up has no finite fit: it is flagged the same way and
+  held at ``a = 0``, ``b = `` its last finite warm-up value (NaN only if it was never finite);
+- every update that sees NaN/Inf warns (:class:`~pipeline.errors.PipelineWarning`, with the
+  count and the epoch) and records the count in ``nonfinite_counts`` (epoch -> count);
+- a reference that turns NaN/Inf stops the update with a :class:`~pipeline.errors.PipelineError`
+  naming the tensor, the element and the epoch ("training diverged"); the state stays the
+  previous epoch's, so a finite epoch can still be added.
+
+So ``coefficients()``, ``cmd_vector()`` and ``current_state_dict()`` are finite for every
+parameter that was ever finite. The store backend (``store=``) follows the same policy.
+
 **Embedded CMD** (:class:`EmbeddedCMD`). Every ``embed_every`` updates after the warm-up, the
 ``embed_fraction`` of the not-yet-embedded parameters whose fit moved least since the last check
 (``|a - a_prev| * rms(r) + |b - b_prev|``, the largest change of ``a r + b`` over the window's
 reference values, in weight units) are embedded: their ``(a, b)`` are frozen, their gradients
 are zeroed by a hook, their optimiser state (momentum, Adam moments) is zeroed, and after every
-optimiser step they are set to ``a * r(t) + b`` from the live references. References, and
-parameters with NaN/Inf, are never embedded.
+optimiser step they are set to ``a * r(t) + b`` from the live references. References, parameters
+flagged NaN/Inf, and parameters that were constant over the warm-up (``FLAG_CONSTANT``: e.g. a
+layer frozen during the warm-up, whose fit says nothing about how it moves once unfrozen) are
+never embedded. Nothing non-finite is ever written into the model: an embedded parameter keeps
+its frozen, finite fit, and while a reference is NaN/Inf (training diverging between two
+updates) ``apply()`` leaves that mode's embedded parameters as they are; the next ``update()``
+then raises.
 
 Parameters: every floating-point ``nn.Parameter`` of the model (buffers, e.g. BatchNorm
 statistics, are not decomposed: ``current_state_dict`` takes them from the model).
@@ -30,6 +53,7 @@ statistics, are not decomposed: ``current_state_dict`` takes them from the model
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,8 +61,9 @@ import torch
 from torch import nn
 
 from pipeline.cluster import cluster_modes
-from pipeline.kernels.cmd import FLAG_NONFINITE, References, fit_block, pearson
-from pipeline.kernels.online import RunningFit
+from pipeline.errors import PipelineError, PipelineWarning
+from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, References, fit_block, pearson
+from pipeline.kernels.online import RunningFit, coefficients_rows, nonfinite_rows
 from pipeline.runtime import Runner, RuntimeOptions
 from pipeline.sampling import sample_varying
 from pipeline.store.analysis import mode_dtype
@@ -46,9 +71,10 @@ from pipeline.store.analysis import mode_dtype
 if TYPE_CHECKING:
     from pipeline.online_store import StoreRunningFit
 
-__all__ = ["EmbeddedCMD", "OnlineCMD", "lightning_callback"]
+__all__ = ["MIN_WARMUP", "EmbeddedCMD", "OnlineCMD", "lightning_callback"]
 
 _MAX_DRAW_ROUNDS = 20
+MIN_WARMUP = 3  #: the shortest warm-up: the post-hoc fit refuses windows of fewer epochs
 
 
 def _named_float_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -63,13 +89,27 @@ class OnlineCMD:
     model
         The model being trained (only read: its parameters are never changed).
     warmup
-        F, the number of updates (epochs) recorded before the modes are fixed (at least 2).
+        F, the number of updates (epochs) recorded before the modes are fixed (at least
+        :data:`MIN_WARMUP` = 3, the shortest window the post-hoc fit accepts).
     modes, threshold
         Cut the dendrogram into at most ``modes`` clusters, or at distance ``threshold``.
     samples
         K, the number of sampled parameters for the clustering.
     seed
         Seed of the sampling.
+    store
+        Keep the running sums in this Zarr store (:mod:`pipeline.online_store`), not in
+        memory; ``flags`` is then the store's ``online/flags`` and this attribute stays None.
+    runtime, run
+        How the store backend runs its Dask graphs.
+
+    Attributes
+    ----------
+    flags
+        (N,) uint8 after the warm-up (in-memory backend): the warm-up fit's flags, plus
+        ``FLAG_NONFINITE`` for parameters that turned NaN/Inf later.
+    nonfinite_counts
+        ``{epoch: number of NaN/Inf parameter values at that update}``, epochs with any only.
     """
 
     def __init__(
@@ -85,8 +125,11 @@ class OnlineCMD:
         runtime: RuntimeOptions | None = None,
         run: Runner | None = None,
     ) -> None:
-        if warmup < 2:
-            raise ValueError("warmup must be at least 2 epochs")
+        if warmup < MIN_WARMUP:
+            raise ValueError(
+                f"warmup must be at least {MIN_WARMUP} epochs (the post-hoc fit of the warm-up "
+                f"needs {MIN_WARMUP}), got {warmup}"
+            )
         if (modes is None) == (threshold is None):
             raise ValueError("give exactly one of modes or threshold")
         if samples < 2:
@@ -114,6 +157,11 @@ class OnlineCMD:
         self.flags: np.ndarray | None = None
         self._r_now: np.ndarray | None = None
         self._ready = False
+        self.nonfinite_counts: dict[int, int] = {}
+        # flagged NaN/Inf parameters (sorted) and the (a, b) each one is held at
+        self._held_index = np.empty(0, dtype=np.int64)
+        self._held_a = np.empty(0, dtype=np.float64)
+        self._held_b = np.empty(0, dtype=np.float64)
         self.store: StoreRunningFit | None = None
         if store is not None:
             from pipeline.online_store import StoreRunningFit
@@ -149,48 +197,139 @@ class OnlineCMD:
             parts = [p.detach().reshape(-1).to("cpu", torch.float32) for _, p in _named_float_params(model)]
             return torch.cat(parts).numpy()
 
+    @property
+    def nonfinite_index(self) -> np.ndarray:
+        """The parameters flagged NaN/Inf so far (sorted flat indices, int64)."""
+        return self._held_index.copy()
+
     def memory_bytes(self) -> int:
-        """Bytes held in this process now: the warm-up history, or the running sums after it
-        (with a store: only the per-mode statistics)."""
+        """Bytes held in this process now: the warm-up history, or after it the per-parameter
+        state (in memory: two float64 sums, the mode id and the flags, 18 B per parameter up
+        to 256 modes; the O(M) per-mode numbers are left out; with a store: only the per-mode
+        statistics), plus 24 B per parameter flagged NaN/Inf (its index and held a and b)."""
         if self._history is not None:
             return sum(h.nbytes for h in self._history)
+        held = self._held_index.nbytes + self._held_a.nbytes + self._held_b.nbytes
         if self.fit is None:
-            return 0 if self.ref_index is None else 3 * 8 * int(self.ref_index.size)
-        return int(self.fit.mean_w.nbytes + self.fit.c_rw.nbytes + self.fit.mode.nbytes)
+            return held + (0 if self.ref_index is None else 3 * 8 * int(self.ref_index.size))
+        assert self.flags is not None
+        per_param = self.fit.mean_w.nbytes + self.fit.c_rw.nbytes + self.fit.mode.nbytes
+        return int(per_param + self.flags.nbytes + held)
 
     # ------------------------------------------------------------------ updates
     def update(self, model: nn.Module | None = None) -> None:
-        """Add the current parameters as one epoch (call once per epoch)."""
+        """Add the current parameters as one epoch (call once per epoch).
+
+        NaN/Inf follow the policy of the module docstring: flagged, held, counted and warned
+        about (:class:`~pipeline.errors.PipelineWarning`); a non-finite reference raises
+        :class:`~pipeline.errors.PipelineError` and adds nothing.
+        """
         w = self._flat(model if model is not None else self.model)
         if w.size != self.n_params:
             raise ValueError(f"the model has {w.size} parameters, OnlineCMD was made for {self.n_params}")
+        epoch = self.epoch + 1  # the number this update gets (1-based, as in nonfinite_counts)
+        finite = np.isfinite(w)
+        n_bad = int(w.size - np.count_nonzero(finite))
         if not self._ready:
             if self.store is not None:
                 self.store.record(w, self.epoch)
                 if self.epoch + 1 == self.warmup:
-                    self.ref_index, self._r_now = self.store.finish_warmup(
+                    self.ref_index, self._r_now, bad, last = self.store.finish_warmup(
                         self.modes, self.threshold, self.samples, self.seed
                     )
+                    self._hold(bad, np.zeros(bad.size), last)
                     self._ready = True
                 self.epoch += 1
-                return
-            assert self._history is not None
-            self._history.append(w.copy())
-            self.epoch += 1
-            if len(self._history) == self.warmup:
-                self._fit_warmup()
-                self._ready = True
+            else:
+                assert self._history is not None
+                self._history.append(w.copy())
+                self.epoch += 1
+                if len(self._history) == self.warmup:
+                    self._fit_warmup()
+                    self._ready = True
+            self._report(epoch, n_bad)
             return
         assert self.ref_index is not None
         r = w[self.ref_index].astype(np.float64)
+        if not np.isfinite(r).all():
+            raise self._diverged(epoch, r)
+        new = np.empty(0, dtype=np.int64)
+        if n_bad:  # newly non-finite parameters: held at their fit before this epoch
+            new = np.setdiff1d(np.flatnonzero(~finite), self._held_index, assume_unique=True)
         if self.store is not None:
+            a_new, b_new = self.store.coefficients_of(new) if new.size else (new, new)
             # a failed update leaves the previous epoch's sums intact: call update() again
             self.store.update(w, r)
         else:
             assert self.fit is not None
-            self.fit.update(w, r)
+            fit = self.fit
+            a_new, b_new = coefficients_rows(
+                fit.mean_w[new], fit.c_rw[new], fit.mode[new], fit.mean_r, fit.m2_r
+            )
+            skip = None
+            if n_bad or self._held_index.size:
+                skip = ~finite
+                skip[self._held_index] = True
+            fit.update(w, r, skip)
+        self._hold(new, a_new, b_new)
         self._r_now = r
         self.epoch += 1
+        self._report(epoch, n_bad)
+
+    def _hold(self, idx: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """Flag the parameters ``idx`` NaN/Inf and hold them at ``(a, b)`` from now on."""
+        if idx.size == 0:
+            return
+        index = np.concatenate([self._held_index, np.asarray(idx, dtype=np.int64)])
+        order = np.argsort(index, kind="stable")
+        self._held_index = index[order]
+        self._held_a = np.concatenate([self._held_a, np.asarray(a, dtype=np.float64)])[order]
+        self._held_b = np.concatenate([self._held_b, np.asarray(b, dtype=np.float64)])[order]
+        if self.flags is not None:
+            self.flags[idx] |= FLAG_NONFINITE
+
+    def _override_held(self, r0: int, a: np.ndarray, b: np.ndarray) -> None:
+        """Put the held ``(a, b)`` into ``a`` and ``b``, the rows ``[r0, r0 + a.size)``."""
+        lo, hi = np.searchsorted(self._held_index, [r0, r0 + a.size])
+        if hi > lo:
+            loc = self._held_index[lo:hi] - r0
+            a[loc] = self._held_a[lo:hi]
+            b[loc] = self._held_b[lo:hi]
+
+    def _locate(self, i: int) -> str:
+        """``name[i, j, ...]`` of flat parameter index ``i``."""
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        index = np.unravel_index(i - self.offsets[k], self.shapes[k]) if self.shapes[k] else ()
+        return f"{self.names[k]}[{', '.join(str(int(j)) for j in index)}]"
+
+    def _diverged(self, epoch: int, r: np.ndarray) -> PipelineError:
+        assert self.ref_index is not None
+        bad = np.flatnonzero(~np.isfinite(r))
+        m = int(bad[0])
+        return PipelineError(
+            f"training diverged: at epoch {epoch} the reference of mode {m}, "
+            f"{self._locate(int(self.ref_index[m]))}, is {r[m]}"
+            + (f" ({bad.size} of {r.size} references are NaN/Inf)" if bad.size > 1 else "")
+            + f"; Online CMD cannot go on (it keeps the state of epoch {epoch - 1})"
+        )
+
+    def _report(self, epoch: int, n_bad: int) -> None:
+        if not n_bad:
+            return
+        self.nonfinite_counts[epoch] = n_bad
+        if self._ready:
+            what = (
+                f"{self._held_index.size} parameter(s) flagged FLAG_NONFINITE in all, each held at "
+                "its last finite fit"
+            )
+        else:
+            what = "they will be flagged FLAG_NONFINITE when the warm-up ends"
+        warnings.warn(
+            f"Online CMD, epoch {epoch}: {n_bad} parameter value(s) are NaN/Inf; {what} "
+            "(counts per epoch: nonfinite_counts)",
+            PipelineWarning,
+            stacklevel=3,
+        )
 
     def _sample(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         idx, prof, _ = sample_varying(
@@ -210,9 +349,14 @@ class OnlineCMD:
         refs = References.from_profiles(hist[ref_index].astype(np.float64))
         m = np.arange(ref_index.size)
         bf = fit_block(hist, refs, (ref_index, m))
-        self.flags = bf.flags
+        self.flags = np.asarray(bf.flags, dtype=np.uint8)
+        # NaN/Inf in the warm-up: no fit; zero sums (never updated), held at the last finite value
+        bad, last = nonfinite_rows(hist)
+        if bad.size:
+            hist[bad] = 0.0
         # mode ids in the smallest unsigned dtype (one byte per parameter up to 256 modes)
         self.fit = RunningFit.from_history(hist, hist[ref_index], bf.mode.astype(mode_dtype(ref_index.size)))
+        self._hold(bad, np.zeros(bad.size), last)
         self.ref_index = ref_index
         self.sample_index = sample_index
         self._r_now = hist[ref_index, -1].astype(np.float64)
@@ -221,16 +365,19 @@ class OnlineCMD:
     # ------------------------------------------------------------------ results
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """``(a, b)`` per parameter (float64), exact least squares over the window so far.
-        References are their own fit: a = 1, b = 0."""
+        References are their own fit: a = 1, b = 0; a parameter flagged NaN/Inf has its held
+        fit (see the module docstring)."""
         if not self._ready:
             raise RuntimeError(f"OnlineCMD is warming up ({self.epoch} of {self.warmup} epochs)")
         if self.store is not None:
             a, b = np.empty(self.n_params), np.empty(self.n_params)
             for r0, _mode, ab, bb in self.store.coefficient_blocks():
+                self._override_held(r0, ab, bb)
                 a[r0 : r0 + ab.size], b[r0 : r0 + ab.size] = ab, bb
         else:
             assert self.fit is not None
             a, b = self.fit.coefficients()
+            self._override_held(0, a, b)
         assert self.ref_index is not None
         a[self.ref_index] = 1.0
         b[self.ref_index] = 0.0
@@ -246,6 +393,7 @@ class OnlineCMD:
         if self.store is not None:
             out = np.empty(self.n_params, dtype=np.float32)
             for r0, mode, a, b in self.store.coefficient_blocks():
+                self._override_held(r0, a, b)
                 out[r0 : r0 + a.size] = a * r[mode] + b
             out[self.ref_index] = r.astype(np.float32)  # a reference is its own fit
             return out
@@ -316,10 +464,18 @@ class EmbeddedCMD(OnlineCMD):
         self._masks = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self._params]
         self._ref_pos: list[tuple[int, int]] = []  # (param index, element) of each reference
         self._follow: list[tuple[int, np.ndarray, np.ndarray]] = []
-        for p, mask in zip(self._params, self._masks, strict=True):
-            if p.requires_grad:  # a frozen parameter gets no gradient to mask
-                p.register_hook(lambda g, mask=mask: g.masked_fill(mask, 0.0))
+        self._hooked: set[int] = set()
+        for i in range(len(self._params)):
+            self._mask_gradient(i)
         self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
+
+    def _mask_gradient(self, i: int) -> None:
+        """Zero the embedded elements' gradient of parameter ``i`` (a frozen parameter gets no
+        gradient to mask: its hook is registered once it requires one, at an embedding)."""
+        p = self._params[i]
+        if i not in self._hooked and p.requires_grad:
+            p.register_hook(lambda g, mask=self._masks[i]: g.masked_fill(mask, 0.0))
+            self._hooked.add(i)
 
     def memory_bytes(self) -> int:
         """As :meth:`OnlineCMD.memory_bytes`, plus the embedding state (frozen a and b, the
@@ -337,8 +493,9 @@ class EmbeddedCMD(OnlineCMD):
     def update(self, model: nn.Module | None = None) -> None:
         was_ready = self.ready
         super().update(model)
+        nonfinite = self.nonfinite_counts.get(self.epoch, 0)
         if not self.ready:
-            self.history.append({"epoch": self.epoch, "embedded": 0.0})
+            self.history.append({"epoch": self.epoch, "embedded": 0.0, "nonfinite": nonfinite})
             return
         if not was_ready:  # the warm-up just ended: locate the references in the tensors
             assert self.ref_index is not None
@@ -348,7 +505,9 @@ class EmbeddedCMD(OnlineCMD):
             self._prev = self.coefficients()
         elif (self.epoch - self.warmup) % self.embed_every == 0:
             self._embed()
-        self.history.append({"epoch": self.epoch, "embedded": self.fraction_embedded})
+        self.history.append(
+            {"epoch": self.epoch, "embedded": self.fraction_embedded, "nonfinite": nonfinite}
+        )
 
     def _embed(self) -> None:
         a, b = self.coefficients()
@@ -359,8 +518,10 @@ class EmbeddedCMD(OnlineCMD):
         moved = np.abs(a - pa) * r_rms[self.fit.mode] + np.abs(b - pb)
         candidate = ~self.embedded & np.isfinite(moved)
         candidate[self.ref_index] = False
-        if self.flags is not None:
-            candidate &= (self.flags & FLAG_NONFINITE) == 0
+        # never: NaN/Inf (held, not fitted), or constant over the warm-up (e.g. frozen then:
+        # a = 0 and a window of its warm-up value, which says nothing of how it moves now)
+        assert self.flags is not None
+        candidate &= (self.flags & (FLAG_NONFINITE | FLAG_CONSTANT)) == 0
         idx = np.flatnonzero(candidate)
         k = round(self.embed_fraction * idx.size)
         if k == 0:
@@ -376,6 +537,7 @@ class EmbeddedCMD(OnlineCMD):
             emb = self.embedded[off : off + size]
             self._masks[i].copy_(torch.from_numpy(emb.reshape(self.shapes[i])).to(self._masks[i].device))
             if emb.any():
+                self._mask_gradient(i)
                 sel = off + np.flatnonzero(emb)
                 self._follow.append((i, sel, self.fit.mode[sel].astype(np.int64)))
         self.apply()
@@ -389,7 +551,9 @@ class EmbeddedCMD(OnlineCMD):
     @torch.no_grad()
     def apply(self) -> None:
         """Set the embedded parameters to ``a * r(t) + b`` from the live references, and zero
-        their optimiser state (called after every optimiser step)."""
+        their optimiser state (called after every optimiser step). Never writes NaN/Inf: an
+        embedded parameter whose value would be non-finite (its reference is NaN/Inf: training
+        is diverging, and the next :meth:`update` raises) keeps its current value."""
         if not self._follow:
             return
         r = self._ref_values().numpy()
@@ -397,6 +561,10 @@ class EmbeddedCMD(OnlineCMD):
             p = self._params[i]
             # a_frozen/b_frozen are read here, not cached: a caller may round them (federated)
             vals = self.a_frozen[sel] * r[mode] + self.b_frozen[sel]
+            ok = np.isfinite(vals)
+            if not ok.all():
+                now = p.data[self._masks[i]].to("cpu", torch.float64).numpy()
+                vals = np.where(ok, vals, now)
             # boolean-mask assignment follows the logical (C) order of the elements, like sel,
             # so it also works for non-contiguous parameters (e.g. channels_last weights)
             p.data[self._masks[i]] = torch.from_numpy(vals).to(p.device, p.dtype)

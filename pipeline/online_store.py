@@ -6,13 +6,25 @@ work on it); post-hoc CMD on it (:func:`pipeline.fit`, study ``online-warmup``) 
 and references. The per-parameter sums then live in ``online/``:
 
     current            (N,)  float32   the parameters of the epoch being added
-    mean_w_0, mean_w_1 (N,)  float64   running mean, double-buffered by the epoch's parity
+    mode               (N,)  uint8...  each parameter's mode (fixed by the warm-up)
+    flags              (N,)  uint8     the warm-up fit's flags, plus FLAG_NONFINITE when a
+                                       parameter turns NaN/Inf after the warm-up
+    mean_w_0, mean_w_1 (N,)  float64   running mean, double-buffered by the epoch count's parity
     c_rw_0,   c_rw_1   (N,)  float64   co-moment with the mode's reference, double-buffered
 
-and each epoch's update is a Dask graph of one task per row block: read ``current`` and the
-previous parity's sums, write the new parity's. The per-mode statistics (M numbers) and the
-epoch count are committed to the group's attributes only after every task succeeded, so an
-interrupted update leaves the previous epoch's sums intact and is simply run again.
+The sums over a window of ``n`` epochs live in slot ``n % 2`` (the warm-up's, too, whatever the
+parity of the warm-up), and each epoch's update is a Dask graph of one task per row block: read
+``current`` and the previous parity's sums, write the new parity's. The per-mode statistics (M
+numbers) and the epoch count are committed to the group's attributes only after every task
+succeeded, so an interrupted update leaves the previous epoch's sums intact and is simply run
+again.
+
+NaN/Inf (the policy of :mod:`pipeline.online`): a row whose ``current`` value is non-finite is
+flagged FLAG_NONFINITE in ``flags`` (for good; an interrupted update may already have flagged
+the rows of its finished blocks, which the re-run flags again) and a flagged row's sums are
+never updated again; rows with NaN/Inf in the warm-up get zero sums. The fit of a flagged row
+(its last finite one) is held by the client, which finds the row's ``(a, b)`` with
+:meth:`StoreRunningFit.coefficients_of` before the update that flags it.
 """
 
 from __future__ import annotations
@@ -28,7 +40,14 @@ from dask import delayed
 
 from pipeline._version import __version__
 from pipeline.errors import PipelineError
-from pipeline.kernels.online import coefficients_rows, init_rows, reference_stats, update_rows
+from pipeline.kernels.cmd import FLAG_NONFINITE
+from pipeline.kernels.online import (
+    coefficients_rows,
+    init_rows,
+    nonfinite_rows,
+    reference_stats,
+    update_rows,
+)
 from pipeline.plan import blocks, default_chunk_rows
 from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store.analysis import AnalysisGroup, mode_dtype
@@ -46,16 +65,28 @@ def _arr(url: str, name: str, mode: str = "r") -> Any:
     return zarr.open_array(url, path=f"{GROUP}/{name}", mode=mode)
 
 
-def _init_task(url: str, r0: int, r1: int, rc: np.ndarray, t: int) -> None:
+def _init_task(url: str, r0: int, r1: int, rc: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """The warm-up's sums of rows ``[r0, r1)``; returns the rows with NaN/Inf in the warm-up
+    (global indices) and each one's last finite value."""
     st = TrajectoryStore.open(url)
     grid = st.chunk_grid()
     x = np.empty((t, r1 - r0), dtype=np.float32)
     grid.read_rows(r0, r1, np.arange(t, dtype=np.int64), x)
-    mode = np.asarray(zarr.open_array(url, path=f"analyses/{WARMUP_STUDY}/mode", mode="r")[r0:r1])
+    study = f"analyses/{WARMUP_STUDY}"
+    mode = np.asarray(zarr.open_array(url, path=f"{study}/mode", mode="r")[r0:r1])
+    flags = np.asarray(zarr.open_array(url, path=f"{study}/flags", mode="r")[r0:r1])
+    bad, last = nonfinite_rows(x.T)
+    if bad.size:  # no fit over the warm-up: zero sums, never updated (the client holds them)
+        x[:, bad] = 0.0
+        flags[bad] |= FLAG_NONFINITE
     mean_w, c_rw = init_rows(x.T, rc, mode.astype(np.int64))
+    # the sums of a window of t epochs live in slot t % 2, the slot the readers and the next
+    # update pick by the parity of the epoch count
     _arr(url, "mode", "r+")[r0:r1] = mode
-    _arr(url, "mean_w_0", "r+")[r0:r1] = mean_w
-    _arr(url, "c_rw_0", "r+")[r0:r1] = c_rw
+    _arr(url, "flags", "r+")[r0:r1] = flags
+    _arr(url, f"mean_w_{t % 2}", "r+")[r0:r1] = mean_w
+    _arr(url, f"c_rw_{t % 2}", "r+")[r0:r1] = c_rw
+    return r0 + bad, last
 
 
 def _update_task(url: str, r0: int, r1: int, dr: np.ndarray, n1: int) -> None:
@@ -64,7 +95,14 @@ def _update_task(url: str, r0: int, r1: int, dr: np.ndarray, n1: int) -> None:
     c_rw = np.asarray(_arr(url, f"c_rw_{src}")[r0:r1], dtype=np.float64)
     mode = np.asarray(_arr(url, "mode")[r0:r1]).astype(np.int64)
     w = np.asarray(_arr(url, "current")[r0:r1])
-    update_rows(mean_w, c_rw, mode, w, dr, n1)
+    flags = np.asarray(_arr(url, "flags")[r0:r1])
+    held = (flags & FLAG_NONFINITE) != 0
+    bad = ~np.isfinite(w)
+    if (bad & ~held).any():  # newly non-finite rows: flagged for good
+        flags[bad] |= FLAG_NONFINITE
+        _arr(url, "flags", "r+")[r0:r1] = flags
+        held |= bad
+    update_rows(mean_w, c_rw, mode, w, dr, n1, held if held.any() else None)
     _arr(url, f"mean_w_{dst}", "r+")[r0:r1] = mean_w
     _arr(url, f"c_rw_{dst}", "r+")[r0:r1] = c_rw
 
@@ -131,9 +169,9 @@ class StoreRunningFit:
 
     def finish_warmup(
         self, modes: int | None, threshold: float | None, samples: int, seed: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Post-hoc CMD on the warm-up, then the running sums; returns (ref_index, r at the last
-        warm-up epoch)."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Post-hoc CMD on the warm-up, then the running sums; returns ``(ref_index, r at the
+        last warm-up epoch, rows with NaN/Inf in the warm-up, their last finite values)``."""
         import pipeline
 
         rt = self.runner()
@@ -147,6 +185,7 @@ class StoreRunningFit:
         g = root.require_group(GROUP)
         chunks = (self.block_rows,)
         for name, dt in (("current", "float32"), ("mode", mode_dtype(refs.shape[0])),
+                         ("flags", "uint8"),
                          ("mean_w_0", "float64"), ("mean_w_1", "float64"),
                          ("c_rw_0", "float64"), ("c_rw_1", "float64")):
             g.create_array(name, shape=(self.n,), chunks=chunks, dtype=dt, fill_value=0,
@@ -155,10 +194,12 @@ class StoreRunningFit:
         rc_d = delayed(rc, traverse=False)
         tasks = [delayed(_init_task, pure=False)(self.url, r0, r1, rc_d, t, dask_key_name=f"online-init-{r0}")
                  for r0, r1 in blocks(self.n, self.block_rows)]
-        rt.compute(tasks, "online CMD: running sums")
+        found = rt.compute(tasks, "online CMD: running sums")
         self.count = t
         self._commit()
-        return ref_index, refs[:, -1].copy()
+        bad = np.concatenate([np.asarray(i, dtype=np.int64) for i, _ in found])
+        last = np.concatenate([np.asarray(v, dtype=np.float64) for _, v in found])
+        return ref_index, refs[:, -1].copy(), bad, last
 
     def _commit(self) -> None:
         assert self.mean_r is not None and self.m2_r is not None
@@ -167,7 +208,9 @@ class StoreRunningFit:
 
     # ------------------------------------------------------------------ after the warm-up
     def update(self, w: np.ndarray, r: np.ndarray) -> None:
-        """Add one epoch; the sums of the previous epoch stay intact until every block is done."""
+        """Add one epoch; the sums of the previous epoch stay intact until every block is done.
+        ``r`` (the references) must be finite; rows of ``w`` that are NaN/Inf are flagged and
+        skipped (module docstring)."""
         from pipeline.kernels.online import step_references
 
         assert self.mean_r is not None and self.m2_r is not None
@@ -193,6 +236,15 @@ class StoreRunningFit:
             mode = np.asarray(_arr(self.url, "mode")[r0:r1]).astype(np.int64)
             a, b = coefficients_rows(mean_w, c_rw, mode, self.mean_r, self.m2_r)
             yield r0, mode, a, b
+
+    def coefficients_of(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(a, b)`` of the given rows (sorted int64) from the committed sums (client side)."""
+        assert self.mean_r is not None and self.m2_r is not None
+        p = self.count % 2
+        mean_w = np.asarray(_arr(self.url, f"mean_w_{p}").oindex[rows])
+        c_rw = np.asarray(_arr(self.url, f"c_rw_{p}").oindex[rows])
+        a, b = coefficients_rows(mean_w, c_rw, self.mode_of(rows), self.mean_r, self.m2_r)
+        return np.asarray(a), np.asarray(b)
 
     def mode_of(self, rows: np.ndarray) -> np.ndarray:
         return np.asarray(_arr(self.url, "mode").oindex[rows]).astype(np.int64)

@@ -7,6 +7,12 @@ With the modes and references fixed after the warm-up, each parameter's fit over
 at a time with Welford's centred updates in float64 (no raw-moment cancellation), so after every
 epoch ``(a, b)`` equal a batch refit on the same window to rounding. Memory: two float64 per
 parameter and the mode id; no history. numpy or cupy, chosen by the inputs.
+
+**NaN/Inf.** A row can be skipped at an update (``skip``): its sums stay exactly as they were,
+so a non-finite value never enters them. Its sums then no longer cover the same epochs as the
+references' statistics, so its fit is not read from them any more: the caller holds the row's
+last finite ``(a, b)`` (:mod:`pipeline.online`). :func:`nonfinite_rows` finds the rows of a
+recorded window that hold NaN/Inf, and each one's last finite value.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ __all__ = [
     "RunningFit",
     "coefficients_rows",
     "init_rows",
+    "nonfinite_rows",
     "reference_stats",
     "step_references",
     "update_rows",
@@ -56,14 +63,19 @@ class RunningFit:
             mean_w[s0:s1], c_rw[s0:s1] = init_rows(w[s0:s1], rc, mode[s0:s1])
         return cls(int(w.shape[1]), mean_r, m2_r, mean_w, c_rw, mode)
 
-    def update(self, w: Any, r: Any) -> None:
-        """Add one epoch: ``w`` (N,) the parameters, ``r`` (M,) the references, in place."""
+    def update(self, w: Any, r: Any, skip: Any = None) -> None:
+        """Add one epoch: ``w`` (N,) the parameters, ``r`` (M,) the references, in place.
+        Rows where ``skip`` (N,) bool is true keep their sums unchanged (see the module
+        docstring); the references must be finite."""
         dr, new_mean_r, new_m2_r = step_references(self.mean_r, self.m2_r, self.n, r)
         n1 = self.n + 1
         big_n = int(self.mean_w.shape[0])
         for s0 in range(0, big_n, _STEP):
             s1 = min(big_n, s0 + _STEP)
-            update_rows(self.mean_w[s0:s1], self.c_rw[s0:s1], self.mode[s0:s1], w[s0:s1], dr, n1)
+            update_rows(
+                self.mean_w[s0:s1], self.c_rw[s0:s1], self.mode[s0:s1], w[s0:s1], dr, n1,
+                None if skip is None else skip[s0:s1],
+            )
         self.mean_r, self.m2_r, self.n = new_mean_r, new_m2_r, n1
 
     def coefficients(self, start: int = 0, stop: int | None = None) -> tuple[Any, Any]:
@@ -102,13 +114,35 @@ def step_references(mean_r: Any, m2_r: Any, n: int, r: Any) -> tuple[Any, Any, A
     return dr, new_mean, m2_r + dr * (r64 - new_mean)
 
 
-def update_rows(mean_w: Any, c_rw: Any, mode: Any, w: Any, dr: Any, n1: int) -> None:
-    """Welford's update of a block of rows, in place: ``n1`` is the new epoch count."""
+def update_rows(
+    mean_w: Any, c_rw: Any, mode: Any, w: Any, dr: Any, n1: int, skip: Any = None
+) -> None:
+    """Welford's update of a block of rows, in place: ``n1`` is the new epoch count. Rows
+    where ``skip`` is true are left exactly as they are (their ``w`` is never read: it may be
+    NaN/Inf)."""
     xp = namespace(mean_w)
     x = xp.asarray(w, dtype=xp.float64)
+    if skip is not None:
+        # x = mean_w makes both increments exactly zero (mean_w is finite: the caller zeroes
+        # the sums of rows that held NaN/Inf over the warm-up)
+        x = xp.where(skip, mean_w, x)
     mean_w += (x - mean_w) / n1
     # co-moment: (r - old mean_r) * (w - new mean_w)
     c_rw += dr[mode] * (x - mean_w)
+
+
+def nonfinite_rows(w: Any) -> tuple[Any, Any]:
+    """Rows of ``w`` (rows, T) holding NaN/Inf: their indices (int64, sorted) and each one's
+    last finite value (float64; NaN if the row is never finite)."""
+    xp = namespace(w)
+    fin = xp.isfinite(w)
+    idx = xp.flatnonzero(~fin.all(axis=1)).astype(xp.int64)
+    if idx.size == 0:
+        return idx, xp.empty(0, dtype=xp.float64)
+    sub = fin[idx]
+    last = sub.shape[1] - 1 - xp.argmax(sub[:, ::-1], axis=1)
+    vals = xp.asarray(w[idx, last], dtype=xp.float64)
+    return idx, xp.where(sub.any(axis=1), vals, xp.nan)
 
 
 def coefficients_rows(mean_w: Any, c_rw: Any, mode: Any, mean_r: Any, m2_r: Any) -> tuple[Any, Any]:
