@@ -62,10 +62,17 @@ from torch import nn
 
 from pipeline.cluster import cluster_modes
 from pipeline.errors import PipelineError, PipelineWarning
-from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE, References, fit_block, pearson
+from pipeline.kernels.cmd import (
+    FLAG_CONSTANT,
+    FLAG_NONFINITE,
+    References,
+    fit_block,
+    pearson,
+    varying_rows,
+)
 from pipeline.kernels.online import RunningFit, coefficients_rows, nonfinite_rows
 from pipeline.runtime import Runner, RuntimeOptions
-from pipeline.sampling import sample_varying
+from pipeline.sampling import Pool, draw_samples
 from pipeline.store.analysis import mode_dtype
 
 if TYPE_CHECKING:
@@ -154,6 +161,9 @@ class OnlineCMD:
         self.fit: RunningFit | None = None
         self.ref_index: np.ndarray | None = None
         self.sample_index: np.ndarray | None = None
+        #: parameters that vary over the warm-up, when a scan counted them (sampling fell
+        #: short of K by rejection, e.g. behind a frozen backbone); None otherwise
+        self.n_varying: int | None = None
         self.flags: np.ndarray | None = None
         self._r_now: np.ndarray | None = None
         self._ready = False
@@ -332,12 +342,30 @@ class OnlineCMD:
         )
 
     def _sample(self, hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        idx, prof, _ = sample_varying(
+        def scan() -> tuple[list[Pool], int]:
+            ok = varying_rows(hist.T)
+            pools = []
+            for i, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True)):
+                found = off + np.flatnonzero(ok[off : off + size])
+                order = np.random.default_rng([self.seed, 2, i]).permutation(found)
+                pools.append(Pool(i, int(found.size), order[: self.samples].astype(np.int64)))
+            return pools, 0
+
+        drawn = draw_samples(
             self.offsets, self.sizes, self.samples, self.seed, lambda rows: (hist[rows], 0),
-            rounds=_MAX_DRAW_ROUNDS,
+            rounds=_MAX_DRAW_ROUNDS, scan=scan,
         )
+        self.n_varying = drawn.n_varying
+        idx, prof = drawn.index, drawn.profiles
         if idx.size < 2:
             raise ValueError("fewer than 2 parameters vary over the warm-up: nothing to decompose")
+        if idx.size < self.samples:
+            warnings.warn(
+                f"Online CMD: only {drawn.n_varying:,} parameters vary over the warm-up (finite, "
+                f"not constant): {idx.size:,} sampled of the {self.samples:,} asked",
+                PipelineWarning,
+                stacklevel=4,
+            )
         return idx, prof
 
     def _fit_warmup(self) -> None:
