@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -20,97 +21,174 @@ __all__ = ["main"]
 F = Callable[..., Any]
 
 
-def _runtime_options(f: F) -> F:
-    """Options shared by every command that computes."""
-    opts = [
-        click.option(
-            "--scheduler",
-            metavar="ADDRESS",
-            envvar="CMD_PIPELINE_SCHEDULER",
-            help="Submit to an existing Dask scheduler (tcp://host:8786 or tls://...). "
-            "Env: CMD_PIPELINE_SCHEDULER; dask config: cmd-pipeline.scheduler.",
-        ),
-        click.option(
-            "--workers",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Worker processes of the embedded LocalCluster [default: one per core].",
-        ),
-        click.option(
-            "--memory-limit",
-            default="auto",
-            show_default=True,
-            help="Memory limit per worker of the embedded LocalCluster (e.g. 4GB).",
-        ),
-        click.option(
-            "--threads",
-            "mode",
-            flag_value="threads",
-            help="Run on a local thread pool (debugging).",
-        ),
-        click.option(
-            "--sync",
-            "mode",
-            flag_value="sync",
-            help="Run in this process, one task at a time (debugging).",
-        ),
-        click.option(
-            "--gpu",
-            is_flag=True,
-            help="Run the kernels on CuPy: a dask-cuda LocalCUDACluster, or the GPU workers of "
-            "--scheduler (needs the gpu extra).",
-        ),
-        click.option(
-            "--performance-report",
-            metavar="FILE",
-            default=None,
-            help="Save Dask's HTML performance report of the command to FILE.",
-        ),
-        click.option(
-            "--tls-ca-file",
-            metavar="PEM",
-            default=None,
-            help="CA certificate for a tls:// scheduler [default: dask config].",
-        ),
-        click.option("--tls-cert", metavar="PEM", default=None, help="Client certificate (TLS)."),
-        click.option("--tls-key", metavar="PEM", default=None, help="Client private key (TLS)."),
-        click.option("--no-progress", is_flag=True, help="Hide progress bars."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+#: the commands whose computation runs on the GPU with --gpu (the CMD fit kernel, on CuPy)
+GPU_COMMANDS = ("fit", "evaluate")
+
+_GPU_HELP = (
+    "Run the CMD fit kernel on the GPU (CuPy; needs the gpu extra): a dask-cuda "
+    "LocalCUDACluster, one worker per GPU (--workers N: the first N GPUs), or the GPU workers "
+    "of --scheduler; in this process with --threads/--sync. Only fit and evaluate (its sweep's "
+    "fits) compute on the GPU; everything else stays on the CPU."
+)
+_NO_GPU_HELP = (
+    "Refused: this command computes on the CPU only; only fit and evaluate compute on the GPU."
+)
+
+
+def _runtime_options(gpu: bool) -> Callable[[F], F]:
+    """Options shared by every command that computes; ``gpu``: whether its computation runs
+    on the GPU with ``--gpu`` (otherwise the flag is refused, and its help says so)."""
+
+    def decorate(f: F) -> F:
+        opts = [
+            click.option(
+                "--scheduler",
+                metavar="ADDRESS",
+                envvar="CMD_PIPELINE_SCHEDULER",
+                help="Submit to an existing Dask scheduler (tcp://host:8786 or tls://...). "
+                "Env: CMD_PIPELINE_SCHEDULER; dask config: cmd-pipeline.scheduler.",
+            ),
+            click.option(
+                "--workers",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Worker processes of the embedded LocalCluster [default: one per core]; "
+                "GPUs with --gpu [default: all]; threads with --threads. Refused with --sync "
+                "or a scheduler.",
+            ),
+            click.option(
+                "--memory-limit",
+                default=None,
+                help="Memory limit per worker of the embedded LocalCluster (e.g. 4GB) "
+                "[default: auto]. Refused with --threads, --sync or a scheduler.",
+            ),
+            click.option(
+                "--threads",
+                "mode",
+                flag_value="threads",
+                help="Run on a local thread pool (debugging).",
+            ),
+            click.option(
+                "--sync",
+                "mode",
+                flag_value="sync",
+                help="Run in this process, one task at a time (debugging).",
+            ),
+            click.option("--gpu", is_flag=True, help=_GPU_HELP if gpu else _NO_GPU_HELP),
+            click.option(
+                "--performance-report",
+                metavar="FILE",
+                default=None,
+                help="Save Dask's HTML performance report of the command to FILE.",
+            ),
+            click.option(
+                "--tls-ca-file",
+                metavar="PEM",
+                default=None,
+                help="CA certificate for a tls:// scheduler [default: dask config].",
+            ),
+            click.option(
+                "--tls-cert", metavar="PEM", default=None, help="Client certificate (TLS)."
+            ),
+            click.option(
+                "--tls-key", metavar="PEM", default=None, help="Client private key (TLS)."
+            ),
+            click.option("--no-progress", is_flag=True, help="Hide progress bars."),
+        ]
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return decorate
 
 
 def _make_runtime(kw: dict[str, Any]) -> Any:
+    """The runtime options of the current command, checked before anything starts: options
+    that would have no effect are refused rather than ignored."""
+    from pipeline.errors import InputError
     from pipeline.runtime import RuntimeOptions
 
-    return RuntimeOptions(
+    command = click.get_current_context().info_name
+    gpu = bool(kw.pop("gpu"))
+    if gpu and command not in GPU_COMMANDS:
+        raise InputError(
+            f"--gpu: {command} does not compute on the GPU (only fit and evaluate do, with "
+            "the CMD fit kernel); run it without --gpu"
+        )
+    memory_limit = kw.pop("memory_limit")
+    opts = RuntimeOptions(
         mode=kw.pop("mode") or "local",
         scheduler=kw.pop("scheduler"),
         workers=kw.pop("workers"),
-        memory_limit=kw.pop("memory_limit"),
+        memory_limit=memory_limit or "auto",
         progress=not kw.pop("no_progress"),
-        gpu=kw.pop("gpu"),
+        gpu=gpu,
         performance_report=kw.pop("performance_report"),
         tls_ca_file=kw.pop("tls_ca_file"),
         tls_cert=kw.pop("tls_cert"),
         tls_key=kw.pop("tls_key"),
     )
+    address = opts.address
+    for flag, given, sizes in (
+        ("--workers", opts.workers is not None, ("local", "threads")),
+        ("--memory-limit", memory_limit is not None, ("local",)),
+    ):
+        if not given:
+            continue
+        if address:
+            raise InputError(
+                f"{flag} has no effect with a scheduler ({address}): its workers run the "
+                f"tasks; leave out {flag}, or --scheduler (and CMD_PIPELINE_SCHEDULER) for the "
+                "embedded cluster"
+            )
+        if opts.mode not in sizes:
+            raise InputError(
+                f"{flag} has no effect with --{opts.mode}: it sizes the embedded cluster"
+                f"{' or the thread pool of --threads' if 'threads' in sizes else ''}; "
+                f"leave out {flag} or --{opts.mode}"
+            )
+    return opts
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text.strip())
+
+
+def _verbosity() -> int:
+    ctx = click.get_current_context(silent=True)
+    return int(ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
 
 
 def _handle_errors(f: F) -> F:
+    """Errors become one line on stderr (``error: ...``) and the documented exit code.
+
+    An exception that is not a :class:`PipelineError` is a bug or input that escaped the
+    checks: it is reported in one line too (exit code 1), and ``-vv`` shows its traceback.
+    """
+
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return f(*args, **kwargs)
         except PipelineError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_one_line(str(e))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo(
                 "interrupted: finished chunks are kept; re-run the same command to resume", err=True
             )
             sys.exit(130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if _verbosity() >= 2:
+                raise
+            click.echo(
+                f"error: unexpected {type(e).__name__}: {_one_line(str(e))} (a bug, or input "
+                "that escaped the checks; -vv shows the traceback)",
+                err=True,
+            )
+            sys.exit(1)
 
     return wrapper
 
@@ -122,6 +200,8 @@ def main(verbose: int) -> None:
     """Correlation Mode Decomposition of neural-network training trajectories, out of core.
 
     Checkpoints are ingested into a Zarr store (N parameters x T epochs); studies run on it.
+    Only fit and evaluate (its sweep's fits) compute on the GPU (--gpu); the other commands
+    refuse --gpu.
     """
     logging.basicConfig(
         level=logging.WARNING - 10 * min(verbose + 1, 2),
@@ -200,7 +280,7 @@ def main(verbose: int) -> None:
     is_flag=True,
     help="Rebuild the trajectory when inputs or settings differ from the store's.",
 )
-@_runtime_options
+@_runtime_options(gpu=False)
 @_handle_errors
 def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: Any) -> None:
     """Transpose per-epoch checkpoints (INPUT: files, directories, globs) into the store.
@@ -303,7 +383,7 @@ def export(store: str, epoch: int, out: str, analysis: str | None, no_progress: 
     is_flag=True,
     help="Replace an existing study of this name with another configuration.",
 )
-@_runtime_options
+@_runtime_options(gpu=True)
 @_handle_errors
 def fit(
     store: str,
@@ -343,7 +423,7 @@ def fit(
 @main.command()
 @click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
 @click.option("--name", "-n", required=True, help="The study to reconstruct.")
-@_runtime_options
+@_runtime_options(gpu=False)
 @_handle_errors
 def reconstruct(store: str, name: str, **kw: Any) -> None:
     """Write analyses/NAME/reconstructed: a * r_mode(t) + b for every parameter (float32)."""
@@ -401,7 +481,7 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
     help="Epochs at which each sweep fit is evaluated: last, all, or a comma list.",
 )
 @click.option("--keep-sweep", is_flag=True, help="Keep the sweep's studies (NAME~mM-kK-sS).")
-@_runtime_options
+@_runtime_options(gpu=True)
 @_handle_errors
 def evaluate(
     store: str,
@@ -482,7 +562,7 @@ def report(store: str, name: str, out: str | None) -> None:
 )
 @click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the stores go [OUT/work].")
 @click.option("--keep", is_flag=True, help="Keep the stores.")
-@_runtime_options
+@_runtime_options(gpu=False)
 @_handle_errors
 def bench(
     out: str,
@@ -555,7 +635,7 @@ def bench(
     show_default=True,
     help="Keep the result with the first study (report/compare.json, figures) for `report`.",
 )
-@_runtime_options
+@_runtime_options(gpu=False)
 @_handle_errors
 def compare(
     store: str,
@@ -630,7 +710,7 @@ def compare(
     "parameters change mode between consecutive windows (needs --name; studies NAME~wK).",
 )
 @click.option("--modes", "-m", type=click.IntRange(min=1), default=10, show_default=True, help="M of the window fits.")
-@_runtime_options
+@_runtime_options(gpu=False)
 @_handle_errors
 def stability(
     store: str,
@@ -647,20 +727,23 @@ def stability(
     """When does each layer's orthogonal basis (Q = U V^T of its SVD) stop moving?"""
     import json
 
+    from pipeline.errors import StoreError
     from pipeline.ops.stability import basis_stability, stability_figure
     from pipeline.store.analysis import AnalysisGroup
+    from pipeline.store.schema import check_study_attrs
     from pipeline.store.trajectory import TrajectoryStore
 
+    runtime = _make_runtime(kw)
     ag = None
     if name is not None:
         st = TrajectoryStore.open(store)
         ag = AnalysisGroup(st.url, name)
         if not ag.exists():
-            raise PipelineError(f"no analysis {name!r} in {st.url}")
+            raise StoreError(f"no analysis {name!r} in {st.url}")
+        attrs = check_study_attrs(ag.attrs(), name)
         if window is None:
-            w = (ag.attrs().get("config") or {}).get("window")
+            w = attrs["config"].get("window")
             window = None if w in (None, ":") else w
-    runtime = _make_runtime(kw)
     result = basis_stability(
         store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, stride=stride,
         runtime=runtime,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, PipelineWarning
 
 __all__ = ["Runner", "RuntimeOptions", "TaskFailedError", "runner", "using"]
 
@@ -36,11 +37,15 @@ class RuntimeOptions:
         ``DASK_CMD_PIPELINE__SCHEDULER``).
     workers, threads_per_worker, memory_limit
         Size of the embedded LocalCluster (default: one single-threaded worker per core).
+        With ``gpu``, ``workers`` is the number of GPUs to use (the first ones visible);
+        with ``threads``, the size of the thread pool.
     progress
         Show a progress bar on stderr.
     gpu
-        Run the kernels on CuPy arrays: start a dask-cuda ``LocalCUDACluster`` (one worker per
-        GPU), or use the (GPU) workers of ``scheduler``; with ``threads``/``sync``, in-process.
+        Run the CMD fit kernel (:func:`pipeline.fit`, and the fits of ``evaluate``'s sweep) on
+        CuPy arrays: start a dask-cuda ``LocalCUDACluster`` (one worker per GPU), or use the
+        (GPU) workers of ``scheduler``; with ``threads``/``sync``, in-process. Nothing else
+        computes on the GPU.
     performance_report
         Save Dask's HTML performance report of the whole command to this file.
     tls_ca_file, tls_cert, tls_key
@@ -182,7 +187,8 @@ class Runner:
 
         # our own pool: dask raises a task's error while other tasks still run in its pool;
         # shutting ours down waits for them and drops the ones not started yet
-        pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or CPU_COUNT)
+        size = self.options.workers or dask.config.get("num_workers", None) or CPU_COUNT
+        pool = ThreadPoolExecutor(size)
         try:
             # one BLAS thread per task thread: the pool already uses every core, and nested
             # BLAS threads oversubscribe them (as dask's worker processes avoid by default)
@@ -293,6 +299,8 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
     """Start (or connect to) the runtime described by ``options``; close what it started."""
     opts = options or RuntimeOptions()
     address = opts.address
+    if not address and opts.mode == "local":
+        opts = _outside_script_import(opts)
     if opts.performance_report and not address and opts.mode != "local":
         raise PipelineError(
             "--performance-report needs the distributed scheduler (the default LocalCluster or "
@@ -367,12 +375,21 @@ def _local_cluster(opts: RuntimeOptions) -> Iterator[Any]:
                 f"--gpu needs dask-cuda and CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
             ) from None
         _require_cupy()
-        with LocalCUDACluster(
-            ip="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            threads_per_worker=opts.threads_per_worker,
-            memory_limit=opts.memory_limit,
-        ) as cluster:
+        try:
+            cluster = LocalCUDACluster(
+                ip="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                n_workers=opts.workers,  # None: one per visible GPU; N: the first N of them
+                threads_per_worker=opts.threads_per_worker,
+                memory_limit=opts.memory_limit,
+            )
+        except ValueError as e:  # e.g. more workers than visible GPUs
+            raise PipelineError(
+                f"cannot start a LocalCUDACluster with "
+                f"{'one worker per GPU' if opts.workers is None else f'{opts.workers} worker(s)'}"
+                f" (one GPU each): {e}"
+            ) from None
+        with cluster:
             yield cluster
         return
     from distributed import LocalCluster
@@ -386,6 +403,115 @@ def _local_cluster(opts: RuntimeOptions) -> Iterator[Any]:
         memory_limit=opts.memory_limit,
     ) as cluster:
         yield cluster
+
+
+_SCRIPT_WARNED = False
+
+
+def _outside_script_import(opts: RuntimeOptions) -> RuntimeOptions:
+    """``opts``, or a threaded variant when worker processes would re-run the caller.
+
+    The embedded cluster spawns its worker processes, and a spawned process first imports the
+    main script again (as ``__mp_main__``). When the work was started by top-level code of that
+    script, not under ``if __name__ == "__main__":``, every worker would start it again:
+    multiprocessing refuses that (the nanny's "bootstrapping phase" error), and the parent can
+    hang waiting for its workers. Such calls run on threads instead, with one warning per
+    process. Inside a spawned process that is importing the main script, nothing is started.
+    """
+    global _SCRIPT_WARNED
+    import multiprocessing
+
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise PipelineError(
+            "a worker process is importing the main script, which starts cmd-pipeline work at "
+            'import: put that code under if __name__ == "__main__":'
+        )
+    import dask
+
+    if dask.config.get("distributed.worker.multiprocessing-method", "spawn") == "fork":
+        return opts  # forked workers do not import the main script
+    where = _unguarded_main_call()
+    if where is None:
+        return opts
+    why = (
+        "this call runs at the top level of the main script, which every worker process of "
+        "the embedded cluster would import and run again"
+    )
+    fix = 'put the script\'s code under if __name__ == "__main__": to use worker processes'
+    if opts.performance_report:
+        raise PipelineError(
+            f"{where[0]}:{where[1]}: {why}; {fix} (a performance report needs them)"
+        )
+    if not _SCRIPT_WARNED:
+        _SCRIPT_WARNED = True
+        warnings.warn_explicit(
+            f"{why}: running on threads instead ({fix})", PipelineWarning, where[0], where[1]
+        )
+    return replace(opts, mode="threads")
+
+
+def _unguarded_main_call() -> tuple[str, int] | None:
+    """(file, line) of the main script's top-level statement that led here, when a spawned
+    worker process would run it again on import; else None.
+
+    A spawned process imports the main module by its file (``python script.py``) or by its
+    name (``python -m module``), except a package's ``__main__`` and interactive sessions.
+    """
+    import threading
+
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or not isinstance(path, str):
+        return None
+    spec_name = getattr(getattr(main, "__spec__", None), "name", None)
+    if spec_name is not None and (spec_name == "__main__" or spec_name.endswith(".__main__")):
+        return None
+    if os.path.splitext(os.path.basename(path))[0] == "ipython":
+        return None
+    top = [sys._getframe()]
+    if threading.current_thread() is not threading.main_thread():
+        current = sys._current_frames().get(threading.main_thread().ident or -1)
+        if current is not None:
+            top.append(current)
+    for frame in top:
+        f: Any = frame
+        while f is not None:
+            if f.f_code.co_name == "<module>" and f.f_globals is vars(main):
+                line = f.f_lineno
+                return None if _under_main_guard(path, line) else (path, line)
+            f = f.f_back
+    return None
+
+
+def _under_main_guard(path: str, line: int) -> bool:
+    """Is ``line`` of the script ``path`` inside ``if __name__ == "__main__":`` (or the
+    ``else`` of ``if __name__ != "__main__":``)? Unreadable source counts as guarded."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError, ValueError):
+        return True
+
+    def is_main_test(test: ast.expr) -> str | None:
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+            return None
+        sides = {ast.dump(test.left), ast.dump(test.comparators[0])}
+        want = {ast.dump(ast.Name("__name__", ast.Load())), ast.dump(ast.Constant("__main__"))}
+        if sides != want:
+            return None
+        return {ast.Eq: "body", ast.NotEq: "orelse"}.get(type(test.ops[0]))
+
+    def spans(stmts: list[ast.stmt]) -> bool:
+        return any(s.lineno <= line <= (s.end_lineno or s.lineno) for s in stmts)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If):
+            branch = is_main_test(node.test)
+            if branch is not None and spans(getattr(node, branch)):
+                return True
+    return False
 
 
 @contextlib.contextmanager

@@ -274,3 +274,37 @@ def test_import_pipeline_imports_neither_torch_nor_cupy() -> None:
     loaded = json.loads(proc.stdout)
     assert loaded["torch"] is False and loaded["cupy"] is False
     assert loaded["safetensors"] is False
+
+
+def test_an_unexpected_exception_is_one_line_and_vv_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of defence: an exception that escaped the checks is still one line,
+    exit code 1, with a pointer to -vv, which shows the traceback."""
+    import pipeline.ops.info
+
+    def boom(store: str) -> None:
+        raise RuntimeError("first line\n  second line")
+
+    monkeypatch.setattr(pipeline.ops.info, "info", boom)
+    r = _cli("info", "--store", tmp_path / "s.zarr")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    line = r.stderr.strip()
+    assert "\n" not in line and "Traceback" not in r.output
+    assert line == (
+        "error: unexpected RuntimeError: first line second line (a bug, or input that escaped "
+        "the checks; -vv shows the traceback)"
+    )
+    r = _cli("-vv", "info", "--store", tmp_path / "s.zarr")
+    assert isinstance(r.exception, RuntimeError) and r.exit_code == 1
+
+
+def test_multi_line_error_messages_become_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.ops.info
+
+    def fail(store: str) -> None:
+        raise pipeline.StoreError("the store\n\tis odd")
+
+    monkeypatch.setattr(pipeline.ops.info, "info", fail)
+    r = _cli("info", "--store", tmp_path / "s.zarr")
+    assert r.exit_code == 3 and r.stderr == "error: the store is odd\n"

@@ -109,7 +109,7 @@ def test_sweep_records_m_seeds_k_and_cleans_up(digits_store) -> None:
     for f in ("accuracy.png", "sweep.png"):
         assert Path(ev.files[f]).read_bytes().startswith(PNG_MAGIC)
     table = ev.table()
-    assert "GD acc" in table and "CMD acc (mean ± std)" in table
+    assert "GD acc" in table and "CMD acc at epoch 8" in table and "MSE over the window" in table
     from pipeline.ops.info import format_info
 
     brief = next(a for a in pipeline.info(str(store))["analysis_details"] if a["name"] == "s5")
@@ -284,3 +284,80 @@ def test_planted_mse_does_not_increase_with_m(tmp_path: Path) -> None:
     assert mse[3] < 2.0 * 3e-2**2  # ... down to the noise
     acc = [r["accuracy_mean"] for r in by]
     assert acc[3] > acc[0]
+
+
+# ------------------------------------------------------------------------------ table labels
+def _sweep_rows(table: str) -> tuple[list[str], dict[int, list[str]]]:
+    """The sweep section of ``EvaluationResult.table()``: its header lines and, per M, the
+    row's fields split on the column separator."""
+    lines = table.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("sweep"))
+    header = lines[start : start + 2]
+    rows = {}
+    for ln in lines[start + 2 :]:
+        cols = [c.strip() for c in ln.split(" | ")]
+        rows[int(cols[0].split()[0])] = cols
+    return header, rows
+
+
+def test_sweep_table_mse_columns_hold_what_their_headings_say(tmp_path: Path, run5) -> None:
+    """The issue: a column headed "at epoch(s) 40" held the MSE over the whole window. The
+    table now shows both, each under its own heading, recomputed here from the kept studies."""
+    from pipeline.store.analysis import AnalysisGroup
+
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([str(run5.root)], str(store), runtime=SYNC)
+    pipeline.fit(str(store), "t", modes=2, samples=60, runtime=SYNC)
+    ev = pipeline.evaluate(
+        str(store), "t", evaluator=lambda sd: (1.0, float(sd["fc.bias"][0] > 0)),
+        sweep_modes=[1, 3], sweep_seeds=[0, 1], keep_sweep=True, runtime=SYNC,
+    )
+    header, rows = _sweep_rows(ev.table())
+    assert "CMD accuracy and weight MSE at epoch 4" in header[0]
+    assert "window MSE over epochs 0..4" in header[0]
+    names = [c.strip() for c in header[1].split(" | ")]
+    assert names[2:5] == ["CMD acc at epoch 4", "MSE at epoch 4", "MSE over the window"]
+    by = {r["modes_requested"]: r for r in ev.evaluation["sweep"]["by_modes"]}
+    for m in (1, 3):
+        summaries = [
+            AnalysisGroup(str(store), sweep_name("t", m, 60, s)).attrs()["summary"] for s in (0, 1)
+        ]
+        at_4 = [next(e["mse"] for e in su["epochs"] if e["epoch"] == 4) for su in summaries]
+        window = [su["mse"] for su in summaries]
+        assert by[m]["epoch"] == 4
+        assert by[m]["mse_epoch_mean"] == pytest.approx(np.mean(at_4), rel=1e-12)
+        assert by[m]["mse_mean"] == pytest.approx(np.mean(window), rel=1e-12)
+        # the two differ here, so a column holding the other number fails
+        assert abs(np.mean(at_4) - np.mean(window)) > 0.05 * np.mean(window)
+        cols = rows[m]
+        assert cols[3].split(" ± ")[0] == f"{np.mean(at_4):.3g}"
+        assert cols[4].split(" ± ")[0] == f"{np.mean(window):.3g}"
+        for run in (r for r in ev.evaluation["sweep"]["runs"] if r["modes_requested"] == m):
+            assert run["results"][-1]["mse"] == pytest.approx(at_4[run["seed"]], rel=1e-12)
+    # the per-epoch rows: the MSE at that epoch, and the window's MSE on its own line
+    t = ev.table()
+    assert f"window (epochs 0..4): weight MSE {ev.evaluation['mse']:.3g}" in t
+    summ = AnalysisGroup(str(store), "t").attrs()["summary"]
+    for r, e in zip(ev.evaluation["epochs"], summ["epochs"], strict=True):
+        assert r["mse"] == e["mse"]
+
+
+def test_study_table_mse_columns_hold_what_their_headings_say() -> None:
+    """The study runner's Markdown table: accuracy and MSE at the sweep's epoch, and the MSE
+    over the window, each under its own heading."""
+    from workflows.study import format_table
+
+    def row(seed: int, at: float, window: float) -> dict[str, Any]:
+        sweep = [{"modes_requested": 2, "epoch": 40, "accuracy_mean": 0.9, "mse_epoch_mean": at,
+                  "mse_mean": window}]
+        return {"seed": seed, "n_params": 10, "epochs": 41, "samples": 100, "n_modes": 2,
+                "gd_final": 0.9, "cmd_final": 0.9, "gd_best": 0.9, "cmd_best": 0.9,
+                "mse": window, "relative_error": 0.1, "sweep": sweep}
+
+    table = format_table("x", {"workflow": "digits"}, [row(0, 4.0e-6, 3.0e-5), row(1, 6.0e-6, 4.0e-5)])
+    lines = table.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| M |"))
+    names = [c.strip() for c in lines[head].strip("|").split("|")]
+    assert names == ["M", "CMD accuracy at epoch 40", "weight MSE at epoch 40", "weight MSE over the window"]
+    cells = [c.strip() for c in lines[head + 2].strip("|").split("|")]
+    assert cells[2].startswith("5e-06 ± ") and cells[3].startswith("3.5e-05 ± ")

@@ -30,32 +30,148 @@ study resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import importlib
 import json
+import re
 import statistics
 import sys
 import time
 import tomllib
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline.errors import InputError, PipelineError
 from pipeline.runtime import RuntimeOptions, runner
 
 __all__ = ["format_table", "main", "run_study", "summarise_seeds"]
 
 
+#: the settings a study may give ``pipeline.fit`` and ``pipeline.evaluate`` (store, name,
+#: runtime and workflow are the study's own)
+FIT_SETTINGS: dict[str, Any] = {
+    "modes": int, "threshold": float, "samples": int, "seed": int, "epochs": str, "block_rows": int,
+}
+EVALUATE_SETTINGS: dict[str, Any] = {
+    "sweep_modes": list[int],
+    "sweep_seeds": list[int],
+    "sweep_samples": list[int],
+    "sweep_epochs": str,
+    "keep_sweep": bool,
+}
+_TOP_LEVEL = ("workflow", "seeds", "name", "train", "fit", "evaluate")
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Does ``value`` (from TOML) have the type ``hint`` (a dataclass field's annotation)?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        return isinstance(value, list) and (not args or all(_accepts(args[0], v) for v in value))
+    return True  # a type TOML cannot spell: left to the workflow
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, tuple, collections.abc.Sequence, collections.abc.Iterable):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _check_table(
+    cfg: dict[str, Any], section: str, allowed: dict[str, Any], path: Path
+) -> dict[str, Any]:
+    table = cfg.get(section, {})
+    if not isinstance(table, dict):
+        raise InputError(f"[{section}] must be a table, got {table!r}", path=str(path))
+    for key, value in table.items():
+        if key not in allowed:
+            raise InputError(
+                f"[{section}] has no setting {key!r} (settings: {', '.join(sorted(allowed))})",
+                path=str(path),
+            )
+        if not _accepts(allowed[key], value):
+            raise InputError(
+                f"[{section}] {key} = {value!r}: expected {_describe(allowed[key])}",
+                path=str(path),
+            )
+    return table
+
+
 def _load_config(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        cfg = tomllib.load(f)
+    """Read and check a study configuration; every mistake is an :class:`InputError` naming
+    the file, raised before anything is trained."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(
+            f"cannot read the configuration: {e.strerror or e}", path=str(path)
+        ) from None
+    try:
+        cfg = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise InputError(f"is not valid TOML: {e}", path=str(path)) from None
+    if unknown := sorted(set(cfg) - set(_TOP_LEVEL)):
+        raise InputError(
+            f"unknown key(s) {unknown} (keys: {', '.join(_TOP_LEVEL)})", path=str(path)
+        )
     if "workflow" not in cfg:
-        raise SystemExit(f"{path}: 'workflow' is missing")
+        raise InputError("lacks 'workflow'", path=str(path))
+    for key, typ in (("workflow", str), ("name", str)):
+        if key in cfg and not isinstance(cfg[key], typ):
+            raise InputError(
+                f"{key!r} is a {type(cfg[key]).__name__}, not a string", path=str(path)
+            )
+    mod = _workflow_module(cfg["workflow"], path)
     cfg.setdefault("seeds", [0, 1, 2])
-    cfg.setdefault("train", {})
-    cfg.setdefault("fit", {"modes": 10})
-    cfg.setdefault("evaluate", {})
+    if not _accepts(list[int], cfg["seeds"]) or not cfg["seeds"]:
+        raise InputError(
+            f"'seeds' must be a list of integers, got {cfg['seeds']!r}", path=str(path)
+        )
+    fields = typing.get_type_hints(mod.TrainConfig)
+    train = _check_table(cfg, "train", fields, path)
+    if "seed" in train:
+        raise InputError("[train] seed is set per run: list the seeds in 'seeds'", path=str(path))
+    fit = _check_table(cfg, "fit", FIT_SETTINGS, path) if "fit" in cfg else {"modes": 10}
+    if ("modes" in fit) == ("threshold" in fit):
+        raise InputError("[fit] needs exactly one of modes, threshold", path=str(path))
+    evaluate = _check_table(cfg, "evaluate", EVALUATE_SETTINGS, path)
+    cfg.update(train=train, fit=fit, evaluate=evaluate)
     cfg.setdefault("name", path.stem)
     return cfg
+
+
+def _workflow_module(name: str, path: Path) -> Any:
+    """``workflows.<name>``, which must define ``TrainConfig`` and ``train_and_record``."""
+    defines = re.compile(r"^class TrainConfig\b.*^def train_and_record\b", re.M | re.S)
+    known = sorted(
+        p.stem for p in Path(__file__).parent.glob("*.py") if defines.search(p.read_text("utf-8"))
+    )
+    if name not in known:
+        raise InputError(
+            f"unknown workflow {name!r} (workflows: {', '.join(known)})", path=str(path)
+        )
+    return importlib.import_module(f"workflows.{name}")
 
 
 def _recorded(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
@@ -133,7 +249,15 @@ def summarise_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 per_m.setdefault(int(s["modes_requested"]), []).append(s)
         out["sweep"] = {
             m: {
+                # at the last sweep epoch of each evaluation (its "epoch")
+                "epoch": ss[0].get("epoch"),
                 "accuracy": _ms([float(s["accuracy_mean"]) for s in ss]),
+                "mse_epoch": (
+                    _ms([float(s["mse_epoch_mean"]) for s in ss])
+                    if all(s.get("mse_epoch_mean") is not None for s in ss)
+                    else None
+                ),
+                # over the whole window
                 "mse": _ms([float(s["mse_mean"]) for s in ss]),
             }
             for m, ss in sorted(per_m.items())
@@ -154,7 +278,8 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
         f"{rows[0]['epochs']} recorded epochs, seeds {[r['seed'] for r in rows]}, "
         f"K = {rows[0]['samples']})",
         "",
-        "Mean ± std over the training seeds; weight MSE over all parameters and recorded epochs.",
+        "Mean ± std over the training seeds; weight MSE over all parameters and the epochs of "
+        "the study's window (all recorded epochs unless [fit] epochs is set).",
         "",
         "| | final test accuracy | best test accuracy | weight MSE | ‖W−Ŵ‖/‖W‖ | modes |",
         "|---|---|---|---|---|---|",
@@ -165,19 +290,24 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
     if "sweep" in s:
         ev = cfg.get("evaluate", {})
         k_list = ev.get("sweep_samples") or [rows[0]["samples"]]
+        first = next(iter(s["sweep"].values()))
+        at = "the last sweep epoch" if first.get("epoch") is None else f"epoch {first['epoch']}"
         lines += [
             "",
             f"Sweep over M: per training seed, the mean over sampling seeds "
             f"{ev.get('sweep_seeds', [0, 1, 2])} and K {k_list}; then mean ± std over the "
             "training seeds.",
             "",
-            "| M | CMD final accuracy | weight MSE |",
-            "|---|---|---|",
+            f"| M | CMD accuracy at {at} | weight MSE at {at} | weight MSE over the window |",
+            "|---|---|---|---|",
         ]
         for m, v in s["sweep"].items():
             a, ad = v["accuracy"]
             e, ed = v["mse"]
-            lines.append(f"| {m} | {a:.4f} ± {ad:.4f} | {e:.3g} ± {ed:.2g} |")
+            at_mse = "-" if v.get("mse_epoch") is None else (
+                f"{v['mse_epoch'][0]:.3g} ± {v['mse_epoch'][1]:.2g}"
+            )
+            lines.append(f"| {m} | {a:.4f} ± {ad:.4f} | {at_mse} | {e:.3g} ± {ed:.2g} |")
     return "\n".join(lines)
 
 
@@ -227,20 +357,47 @@ def main(argv: list[str] | None = None) -> int:
     )
     a = ap.parse_args(argv)
     out = a.out or Path("runs") / a.config.stem
-    if a.render:
-        saved = json.loads((out / "summary.json").read_text())
-        table = format_table(saved["config"]["name"], saved["config"], saved["rows"])
-        (out / "table.md").write_text(table + "\n")
-        print(table)
-        return 0
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else None
-    rt = RuntimeOptions(mode="threads" if a.threads else "local", workers=a.workers)
-    t0 = time.perf_counter()
-    table, _ = run_study(a.config, out, seeds=seeds, runtime=rt)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {a.seeds!r}")
+    try:
+        if a.render:
+            saved = _read_summary(out)
+            table = format_table(saved["config"]["name"], saved["config"], saved["rows"])
+            (out / "table.md").write_text(table + "\n")
+            print(table)
+            return 0
+        rt = RuntimeOptions(mode="threads" if a.threads else "local", workers=a.workers)
+        t0 = time.perf_counter()
+        table, _ = run_study(a.config, out, seeds=seeds, runtime=rt)
+    except PipelineError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
     print()
     print(table)
     print(f"\n({time.perf_counter() - t0:.0f} s; table in {out / 'table.md'})")
     return 0
+
+
+def _read_summary(out: Path) -> dict[str, Any]:
+    path = out / "summary.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"no summary.json in {out}: run the study first") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"cannot read it: {e}", path=str(path)) from None
+    ok = (
+        isinstance(saved, dict)
+        and isinstance(saved.get("config"), dict)
+        and isinstance(saved["config"].get("name"), str)
+        and isinstance(saved.get("rows"), list)
+        and bool(saved["rows"])
+    )
+    if not ok:
+        raise InputError("is not a study summary (config, rows)", path=str(path))
+    return saved
 
 
 if __name__ == "__main__":

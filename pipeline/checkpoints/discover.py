@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import re
+import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
+from pipeline.store.schema import _ranges
 
 __all__ = ["discover", "parse_epochs_from_names"]
 
 _SUFFIXES = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
 INDEX_NAME = "model.safetensors.index.json"
 _KEYWORDS = ("epoch", "ep", "step", "iter", "checkpoint", "ckpt")
+#: words that name the starting point of a run (epoch 0, before the numbered checkpoints)
+START_WORDS = frozenset(
+    {"init", "initial", "initialization", "initialisation", "initialized", "initialised",
+     "start", "begin", "untrained"}
+)
+#: words that name its end (ambiguous: a copy of the last numbered checkpoint, or the state
+#: after it)
+END_WORDS = frozenset({"final", "last", "end"})
+#: words that may accompany those (besides the words of the numbered names): model_init.pt
+_GENERIC_WORDS = frozenset(
+    {"epoch", "ep", "step", "iter", "checkpoint", "ckpt", "model", "weights", "weight", "state",
+     "dict", "params", "net", "network"}
+)
+_IN_ORDER = "list the files in epoch order and pass --epochs"
 
 
 def _natural_key(s: str) -> list[object]:
@@ -55,21 +73,31 @@ def _spec_of_file(p: Path) -> CheckpointSpec:
     return CheckpointSpec(fmt, (str(p),))
 
 
-def _expand_one(item: str) -> list[tuple[str, CheckpointSpec]]:
-    """(name used for the epoch, spec) for one command-line input."""
+@dataclass(frozen=True)
+class _Found:
+    """One checkpoint found in the inputs: the name its epoch is read from (a file's stem or
+    a checkpoint directory's name), its path as the inputs spell it (for messages), its spec."""
+
+    name: str
+    path: str
+    spec: CheckpointSpec
+
+
+def _expand_one(item: str) -> list[_Found]:
+    """The checkpoints of one command-line input, in the order it expands to."""
     p = Path(item)
     if p.is_dir():
         own = _checkpoint_of_dir(p)
         if own is not None:
-            return [(p.name, own)]
-        found: list[tuple[str, CheckpointSpec]] = []
+            return [_Found(p.name, str(p), own)]
+        found: list[_Found] = []
         for child in sorted(p.iterdir(), key=lambda c: _natural_key(c.name)):
             if child.is_dir():
                 spec = _checkpoint_of_dir(child)
                 if spec is not None:
-                    found.append((child.name, spec))
+                    found.append(_Found(child.name, str(child), spec))
             elif child.suffix.lower() in _SUFFIXES:
-                found.append((child.stem, _spec_of_file(child)))
+                found.append(_Found(child.stem, str(child), _spec_of_file(child)))
         if not found:
             raise InputError(
                 "directory holds no checkpoints (.pt, .pth, .safetensors, sharded)", path=item
@@ -82,12 +110,12 @@ def _expand_one(item: str) -> list[tuple[str, CheckpointSpec]]:
             if spec.format == "hf-sharded" or p.name == "model.safetensors"
             else p.stem
         )
-        return [(name, spec)]
+        return [_Found(name, str(p), spec)]
     if any(c in item for c in "*?["):
         matches = sorted(glob.glob(item), key=_natural_key)
         if not matches:
             raise InputError(f"glob {item!r} matches nothing")
-        out = []
+        out: list[_Found] = []
         for m in matches:
             out.extend(_expand_one(m))
         return out
@@ -114,7 +142,7 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
         raise InputError(
             "cannot order the checkpoints: their names follow different patterns "
             f"(e.g. {names[0]!r} and {next(n for n, t in zip(names, tokens, strict=True) if tuple(t[0::2]) != tuple(tokens[0][0::2]))!r}); "
-            "pass --epochs"
+            f"{_IN_ORDER}, or leave out the files that are not per-epoch checkpoints"
         )
     texts = tokens[0][0::2]
     ints = [[int(x) for x in t[1::2]] for t in tokens]
@@ -127,7 +155,7 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
     elif len(varying) > 1:
         raise InputError(
             f"ambiguous epoch numbers: {len(varying)} numeric fields vary between names "
-            f"(e.g. {names[0]!r}, {names[1]!r}); pass --epochs"
+            f"(e.g. {names[0]!r}, {names[1]!r}); {_IN_ORDER}"
         )
     else:
         keyed = [i for i in range(nfields) if texts[i].lower().rstrip("_-. ").endswith(_KEYWORDS)]
@@ -136,11 +164,11 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
         elif nfields == 1:
             field = 0
         else:
-            raise InputError(f"ambiguous epoch number in {names[0]!r}: pass --epochs")
+            raise InputError(f"ambiguous epoch number in {names[0]!r}: {_IN_ORDER}")
     epochs = [v[field] for v in ints]
     if len(set(epochs)) != len(epochs):
         dup = next(e for e in epochs if epochs.count(e) > 1)
-        raise InputError(f"two checkpoints parse to epoch {dup}: pass --epochs")
+        raise InputError(f"two checkpoints parse to epoch {dup}: {_IN_ORDER}")
     return epochs
 
 
@@ -155,17 +183,23 @@ def discover(
         Files, directories (of checkpoints, or one sharded checkpoint) and globs.
     epochs
         Epoch numbers in the order of the expanded inputs; parsed from names when omitted.
+
+    Names decide the epochs, or at least their order: a starting point (``init.pt``,
+    ``initial``, ``start``, ...) is epoch 0, before the numbered checkpoints; an end
+    (``final``, ``last``) is refused, since it may repeat the last numbered checkpoint.
+    Explicit ``epochs`` may renumber the checkpoints but not reorder them: when the names
+    order the files otherwise, the error gives their order and how to pass it.
     """
-    found: list[tuple[str, CheckpointSpec]] = []
+    found: list[_Found] = []
     for item in inputs:
         found.extend(_expand_one(os.fspath(item)))
     seen: set[tuple[str, ...]] = set()
-    for _, spec in found:
-        if spec.files in seen:
-            raise InputError("checkpoint given twice", path=spec.label)
-        seen.add(spec.files)
+    for f in found:
+        if f.spec.files in seen:
+            raise InputError("checkpoint given twice", path=f.spec.label)
+        seen.add(f.spec.files)
     if epochs is None:
-        numbers = parse_epochs_from_names([n for n, _ in found])
+        numbers = _epochs_from_names(found)
     else:
         numbers = list(epochs)
         if len(numbers) != len(found):
@@ -174,8 +208,217 @@ def discover(
             )
         if len(set(numbers)) != len(numbers):
             raise InputError("--epochs repeats an epoch number")
+        _check_order(found, numbers)
     specs = [
-        CheckpointSpec(s.format, tuple(os.path.abspath(f) for f in s.files), e)
-        for (_, s), e in zip(found, numbers, strict=True)
+        CheckpointSpec(f.spec.format, tuple(os.path.abspath(x) for x in f.spec.files), e)
+        for f, e in zip(found, numbers, strict=True)
     ]
     return sorted(specs, key=lambda s: s.epoch if s.epoch is not None else -1)
+
+
+# ---------------------------------------------------------------- starting point, end, order
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z]+", name.lower())
+
+
+def _role(name: str, numbered_words: set[str]) -> str | None:
+    """``"start"`` or ``"end"`` for a name without digits that names the run's starting point
+    or end (``init``, ``model_final``), else None."""
+    if re.search(r"\d", name):
+        return None
+    words = _words(name)
+    roles = {"start" for w in words if w in START_WORDS} | {"end" for w in words if w in END_WORDS}
+    rest = [w for w in words if w not in START_WORDS | END_WORDS]
+    if len(roles) != 1 or not all(w in _GENERIC_WORDS or w in numbered_words for w in rest):
+        return None
+    return roles.pop()
+
+
+def _epochs_from_names(found: list[_Found]) -> list[int]:
+    """Epochs parsed from the names, with a starting point as epoch 0 (see :func:`discover`)."""
+    names = [f.name for f in found]
+    try:
+        return parse_epochs_from_names(names)
+    except InputError as original:
+        numbered = [f for f in found if re.search(r"\d", f.name)]
+        words = {w for f in numbered for w in _words(f.name)}
+        others = [f for f in found if f not in numbered]
+        roles = [_role(f.name, words) for f in others]
+        if not others or None in roles or not numbered:
+            if len(others) == 1 and roles == ["start"] and not numbered:
+                return [0]
+            raise original from None
+        nums = parse_epochs_from_names([f.name for f in numbered])
+    starts = [f for f, r in zip(others, roles, strict=True) if r == "start"]
+    ends = [f for f, r in zip(others, roles, strict=True) if r == "end"]
+    by_number = [f for _, f in sorted(zip(nums, numbered, strict=True), key=lambda p: p[0])]
+    if len(starts) > 1:
+        raise InputError(
+            f"{' and '.join(repr(f.name) for f in starts)} all name the starting point: give "
+            f"one of them, e.g. {_inputs_text([starts[0], *by_number])}"
+        )
+    if starts and min(nums) == 0:
+        zero = by_number[0]
+        raise InputError(
+            f"{Path(starts[0].path).name} and {Path(zero.path).name} both claim epoch 0 (the "
+            f"starting point): leave one of them out, e.g. give {_inputs_text(by_number)}"
+        )
+    if ends:
+        last = by_number[-1]
+        keep = [*starts, *by_number]
+        every = [*keep, *ends]
+        assigned = [0] * len(starts) + sorted(nums) + [max(nums) + 1 + i for i in range(len(ends))]
+        raise InputError(
+            f"{' and '.join(repr(f.name) for f in ends)} may be a copy of the last numbered "
+            f"checkpoint ({last.name!r}) or the state after it, so its epoch is unclear; "
+            f"either leave it out: give {_inputs_text(keep)}; or list every file in epoch "
+            f"order: give {_inputs_text(every)} --epochs {_spec_text(assigned)}"
+        )
+    out = []
+    it = iter(nums)
+    for f in found:
+        out.append(0 if f in starts else next(it))
+    return out
+
+
+def _name_keys(found: list[_Found]) -> list[tuple[int, int, int] | None]:
+    """The order the names give: ``(0, 0, 0)`` for a starting point, ``(1, group, number)``
+    for a numbered name (numbers compare only within a group of one pattern), ``(2, 0, 0)``
+    for an end; None for a name that says nothing about its place."""
+    numbered = [i for i, f in enumerate(found) if re.search(r"\d", f.name)]
+    words = {w for i in numbered for w in _words(found[i].name)}
+    keys: list[tuple[int, int, int] | None] = [None] * len(found)
+    for i, f in enumerate(found):
+        role = None if i in numbered else _role(f.name, words)
+        if role is not None:
+            keys[i] = (0, 0, 0) if role == "start" else (2, 0, 0)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i in numbered:
+        groups.setdefault(tuple(re.split(r"(\d+)", found[i].name)[0::2]), []).append(i)
+    for g, members in enumerate(groups.values()):
+        try:
+            nums = parse_epochs_from_names([found[i].name for i in members])
+        except InputError:
+            continue  # e.g. two numbers vary: this group says nothing about order
+        for i, n in zip(members, nums, strict=True):
+            keys[i] = (1, g, n)
+    return keys
+
+
+def _check_order(found: list[_Found], epochs: list[int]) -> None:
+    """Refuse explicit epochs that order the files otherwise than their names do."""
+    keys = _name_keys(found)
+    known = {i: k for i, k in enumerate(keys) if k is not None}
+    starts = [i for i, k in known.items() if k[0] == 0]
+    ends = [i for i, k in known.items() if k[0] == 2]
+    clash: tuple[int, int] | None = None  # (i, j): their names order i and j the other way
+    if starts and len(known) > len(starts):
+        i = max(starts, key=lambda k: epochs[k])
+        j = min((k for k in known if k not in starts), key=lambda k: epochs[k])
+        clash = (i, j) if epochs[i] > epochs[j] else None
+    if clash is None and ends and len(known) > len(ends):
+        j = min(ends, key=lambda k: epochs[k])
+        i = max((k for k in known if k not in ends), key=lambda k: epochs[k])
+        clash = (j, i) if epochs[i] > epochs[j] else None
+    groups: dict[int, list[int]] = {}
+    for i, k in known.items():
+        if k[0] == 1:
+            groups.setdefault(k[1], []).append(i)
+    for members in groups.values():
+        if clash is not None:
+            break
+        members.sort(key=lambda m: (known[m][2], epochs[m]))
+        best: int | None = None  # the latest epoch among the smaller numbers
+        level: list[int] = []  # the members of the current number
+        for m in members:
+            if level and known[level[0]][2] != known[m][2]:
+                top = max(level, key=lambda x: epochs[x])
+                best = top if best is None or epochs[top] > epochs[best] else best
+                level = []
+            if best is not None and epochs[m] < epochs[best]:
+                clash = (m, best)
+                break
+            level.append(m)
+    if clash is None:
+        return
+    i, j = clash
+    relation = "before" if known[i] < known[j] else "after"
+    text = (
+        "--epochs assigns epochs in the order the inputs expand to (a folder: natural sort "
+        f"order), which here is not the order of their names: {Path(found[i].path).name} would "
+        f"be epoch {epochs[i]} but its name puts it {relation} {Path(found[j].path).name} "
+        f"(epoch {epochs[j]})"
+    )
+    if len(known) == len(found) and len(groups) <= 1:
+        order = [found[i] for i in sorted(known, key=lambda i: known[i])]
+        shown = [Path(f.path).name for f in order]
+        if len(shown) > 5:
+            shown = [*shown[:3], "...", shown[-1]]
+        text += f". By their names the order is {', '.join(shown)}: "
+        try:
+            named = sorted(_epochs_from_names(found))
+            text += f"leave out --epochs (the names give epochs {_ranges(named)}), or "
+        except InputError:
+            pass
+        text += f"give the files in that order: {_inputs_text(order)} (with the same --epochs)"
+    else:
+        text += f"; {_IN_ORDER}"
+    raise InputError(text)
+
+
+def _spec_text(epochs: list[int]) -> str:
+    """``START:END[:STEP]`` for an arithmetic run of epochs, else a comma list."""
+    steps = {b - a for a, b in itertools.pairwise(epochs)}
+    if len(epochs) > 2 and len(steps) == 1 and (step := steps.pop()) > 0:
+        end = epochs[-1] + 1
+        return f"{epochs[0]}:{end}" if step == 1 else f"{epochs[0]}:{end}:{step}"
+    return ",".join(map(str, epochs))
+
+
+def _inputs_text(items: list[_Found]) -> str:
+    """Shell words giving ``items`` in this order: a run of numbered files of one folder and
+    one pattern becomes a quoted glob when it matches exactly them (globs expand in natural
+    order, which must be their order here)."""
+
+    def kind(f: _Found) -> tuple[str, tuple[str, ...]] | None:
+        tokens = re.split(r"(\d+)", os.path.basename(f.path))
+        return (os.path.dirname(f.path), tuple(tokens[0::2])) if len(tokens) > 1 else None
+
+    words: list[str] = []
+    i = 0
+    while i < len(items):
+        j = i + 1
+        k = kind(items[i])
+        while k is not None and j < len(items) and kind(items[j]) == k:
+            j += 1
+        pattern = _glob_of(items[i:j]) if j - i > 1 else None
+        if pattern is not None:
+            words.append(shlex.quote(pattern))
+        else:
+            words.extend(shlex.quote(f.path) for f in items[i:j])
+        i = j
+    return " ".join(words)
+
+
+def _glob_of(items: list[_Found]) -> str | None:
+    """A glob that matches exactly the paths of ``items`` (numbered names of one folder and one
+    pattern, the numbers replaced by ``*``), or None."""
+    paths = [f.path for f in items]
+    parent = {os.path.dirname(p) for p in paths}
+    if len(parent) != 1:
+        return None
+    tokens = [re.split(r"(\d+)", os.path.basename(p)) for p in paths]
+    if len({tuple(t[0::2]) for t in tokens}) != 1 or len(tokens[0]) < 2:
+        return None
+    parts = list(tokens[0])
+    for k in range(1, len(parts), 2):
+        if len({t[k] for t in tokens}) > 1:
+            parts[k] = "*"
+    pattern = os.path.join(parent.pop(), "".join(parts))
+    if glob.escape(pattern.replace("*", "")) != pattern.replace("*", ""):
+        return None  # other glob characters in the path: list the files instead
+    # as discover() expands it: natural order, which must be the order of ``items``
+    matches = sorted(glob.glob(pattern), key=_natural_key)
+    if [os.path.normpath(m) for m in matches] != [os.path.normpath(p) for p in paths]:
+        return None
+    return pattern

@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import InputError, PipelineError, StoreError
 from pipeline.ops.export import state_dict
 from pipeline.ops.fit import fit
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup, complete_study
-from pipeline.store.schema import StoreMeta
+from pipeline.store.schema import StoreMeta, check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = [
@@ -68,7 +68,7 @@ def resolve_workflow(spec: str) -> Callable[[Path], EvalFn]:
     """The evaluator factory of a workflow: a built-in name or ``module:function``."""
     target = WORKFLOWS.get(spec, spec)
     if ":" not in target:
-        raise PipelineError(
+        raise InputError(
             f"unknown workflow {spec!r}: use one of {', '.join(sorted(WORKFLOWS))} "
             "or module:function"
         )
@@ -76,10 +76,10 @@ def resolve_workflow(spec: str) -> Callable[[Path], EvalFn]:
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
-        raise PipelineError(f"workflow {spec!r}: cannot import {mod_name}: {e}") from e
+        raise InputError(f"workflow {spec!r}: cannot import {mod_name}: {e}") from e
     fn = getattr(mod, attr, None)
     if not callable(fn):
-        raise PipelineError(f"workflow {spec!r}: {mod_name} has no function {attr!r}")
+        raise InputError(f"workflow {spec!r}: {mod_name} has no function {attr!r}")
     return fn
 
 
@@ -107,18 +107,29 @@ class EvaluationResult:
     files: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
-        """The GD vs CMD table: per epoch, then the sweep over M."""
+        """The GD vs CMD table: per epoch, then the sweep over M.
+
+        Each MSE says where it is taken: the per-epoch rows hold the weight MSE at that
+        epoch; the sweep shows the MSE at the epoch its accuracy is taken at (the last of
+        the sweep's epochs) and the MSE over the whole window, side by side.
+        """
         ev = self.evaluation
+        window = [r["epoch"] for r in ev["epochs"]]
+        span = f"{window[0]}..{window[-1]}"
         lines = [
             f"study {self.name!r}: {ev['study']['n_modes']} mode(s), K={ev['study']['samples']}, "
             f"workflow {ev['workflow']}",
-            "  epoch   GD acc   CMD acc   GD loss   CMD loss   weight MSE",
+            "  epoch   GD acc   CMD acc   GD loss   CMD loss   weight MSE at the epoch",
         ]
         for r in ev["epochs"]:
             lines.append(
                 f"  {r['epoch']:>5}   {r['gd_accuracy']:.4f}   {r['cmd_accuracy']:.4f}    "
                 f"{r['gd_loss']:.4f}    {r['cmd_loss']:.4f}    {_g(r['mse'])}"
             )
+        lines.append(
+            f"  window (epochs {span}): weight MSE {_g(ev.get('mse'))}, "
+            f"relative error {_g(ev.get('relative_error'))}"
+        )
         f, b = ev["final"], ev["best"]
         lines.append(
             f"  final (epoch {f['epoch']}): GD {f['gd_accuracy']:.4f}, CMD {f['cmd_accuracy']:.4f}; "
@@ -127,18 +138,39 @@ class EvaluationResult:
         )
         sw = ev.get("sweep")
         if sw and sw["by_modes"]:
-            lines.append(
-                f"  sweep at epoch(s) {_epochs_brief(sw['epochs'])}, over seeds {sw['seeds']} "
-                f"and K {sw['samples']}:"
+            at = sw["epochs"][-1]
+            which = (
+                "" if len(sw["epochs"]) == 1
+                else f" (the last of the sweep's epochs {_epochs_brief(sw['epochs'])})"
             )
-            lines.append("      M   modes   CMD acc (mean ± std)   weight MSE (mean ± std)   runs")
-            for r in sw["by_modes"]:
-                lines.append(
-                    f"  {r['modes_requested']:>5}   {r['n_modes_mean']:>5.1f}   "
-                    f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}       "
-                    f"{_g(r['mse_mean'])} ± {_g(r['mse_std'])}          {r['runs']}"
-                )
+            lines.append(
+                f"  sweep over seeds {sw['seeds']} and K {sw['samples']}, mean ± std; CMD "
+                f"accuracy and weight MSE at epoch {at}{which}; window MSE over epochs {span}:"
+            )
+            heads = ["    M", "modes", f"CMD acc at epoch {at}", f"MSE at epoch {at}",
+                     "MSE over the window", "runs"]
+            cells = [
+                [
+                    f"{r['modes_requested']:>5}",
+                    f"{r['n_modes_mean']:.1f}",
+                    _pm(r["accuracy_mean"], r["accuracy_std"], ".4f"),
+                    _pm(r.get("mse_epoch_mean"), r.get("mse_epoch_std"), ".3g"),
+                    _pm(r["mse_mean"], r["mse_std"], ".3g"),
+                    str(r["runs"]),
+                ]
+                for r in sw["by_modes"]
+            ]
+            widths = [max(len(x) for x in col) for col in zip(heads, *cells, strict=True)]
+            for row in (heads, *cells):
+                cols = (x.rjust(w) for x, w in zip(row, widths, strict=True))
+                lines.append("  " + " | ".join(cols))
         return "\n".join(lines)
+
+
+def _pm(mean: float | None, std: float | None, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:{fmt}} ± {0.0 if std is None else std:{'.2g' if fmt == '.3g' else fmt}}"
 
 
 def _g(v: float | None) -> str:
@@ -156,20 +188,54 @@ def _mean_std(v: Sequence[float | None]) -> tuple[float | None, float | None]:
     return float(np.mean(x)), float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
 
 
-def _recorded(run_dir: Path) -> dict[int, dict[str, Any]]:
+def read_run_json(run_dir: Path) -> dict[str, Any]:
+    """The training run's ``run.json``, checked where :func:`evaluate` reads it.
+
+    ``workflow`` (a string), ``config`` (an object) and ``epochs`` (a list of objects with an
+    integer ``epoch`` and numeric ``test_accuracy``/``test_loss``) are optional, but when
+    present they must have these types. Raises :class:`InputError` naming the file.
+    """
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise InputError(
+            f"{run_dir} holds no run.json: is it a training run's folder? (give the run's folder)"
+        )
     try:
-        run = json.loads((run_dir / "run.json").read_text())
-        return {int(r["epoch"]): r for r in run.get("epochs", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"is not valid JSON: {e}", path=str(path)) from None
+
+    def bad(what: str) -> InputError:
+        return InputError(what, path=str(path))
+
+    if not isinstance(run, dict):
+        raise bad(f"is not a JSON object (a {type(run).__name__})")
+    for key, typ, name in (("workflow", str, "a string"), ("config", dict, "an object")):
+        if key in run and not isinstance(run[key], typ):
+            raise bad(f"{key!r} is a {type(run[key]).__name__}, not {name}")
+    epochs = run.get("epochs", [])
+    if not isinstance(epochs, list):
+        raise bad(f"'epochs' is a {type(epochs).__name__}, not a list")
+    for i, rec in enumerate(epochs):
+        if not isinstance(rec, dict):
+            raise bad(f"epochs[{i}] is a {type(rec).__name__}, not an object")
+        number = rec.get("epoch")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise bad(f"epochs[{i}].epoch is a {type(number).__name__}, not an integer")
+        for key in ("test_accuracy", "test_loss"):
+            v = rec.get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise bad(f"epochs[{i}].{key} is a {type(v).__name__}, not a number")
+    return run
 
 
-def _workflow_of(run_dir: Path) -> str | None:
-    try:
-        w = json.loads((run_dir / "run.json").read_text()).get("workflow")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return w if isinstance(w, str) else None
+def _recorded(run: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {int(r["epoch"]): r for r in run.get("epochs", [])}
+
+
+def _brief_error(e: BaseException, limit: int = 400) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Progress:
@@ -237,46 +303,82 @@ def evaluate(
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
     ag, attrs = complete_study(st, name)
+    attrs = check_study_attrs(attrs, name)
     config = attrs["config"]
     summary = attrs["summary"]
     window = [int(e) for e in np.asarray(ag.array("epochs")[...])]
 
+    if len(summary["epochs"]) != len(window):
+        raise StoreError(
+            f"analysis {name!r}: its summary has {len(summary['epochs'])} epoch(s), its window "
+            f"{len(window)}"
+        )
+
     rdir: Path | None = Path(run_dir) if run_dir is not None else find_run_dir(meta)
+    run_info: dict[str, Any] = {}
     if evaluator is None:
         if rdir is None:
-            raise PipelineError(
+            raise InputError(
                 "no run.json beside the ingested checkpoints: give the training run's folder "
                 "with --run"
             )
-        if not (rdir / "run.json").is_file():
-            raise PipelineError(f"{rdir} holds no run.json: is it a training run's folder?")
-        wf = workflow or _workflow_of(rdir)
+        run_info = read_run_json(rdir)
+        wf = workflow or run_info.get("workflow")
         if wf is None:
-            raise PipelineError(
+            raise InputError(
                 f"{rdir / 'run.json'} names no workflow: pass --workflow "
                 f"({', '.join(sorted(WORKFLOWS))} or module:function)"
             )
-        evaluator = resolve_workflow(wf)(rdir)
+        factory = resolve_workflow(wf)
+        if wf in WORKFLOWS and "config" not in run_info:
+            raise InputError(
+                f"lacks 'config', the training configuration the {wf} workflow rebuilds its "
+                f"model and test set from: record the run with python -m workflows.{wf}, or "
+                "add the configuration it was trained with",
+                path=str(rdir / "run.json"),
+            )
+        try:
+            evaluator = factory(rdir)
+        except PipelineError:
+            raise
+        except Exception as err:  # the workflow's own code: its error, with what it read
+            raise InputError(
+                f"workflow {wf!r} cannot be set up from {rdir / 'run.json'}: {_brief_error(err)}"
+            ) from err
     else:
         wf = workflow or "custom"
-    recorded = _recorded(rdir) if rdir is not None else {}
+        if rdir is not None and (rdir / "run.json").is_file():
+            run_info = read_run_json(rdir)
+    recorded = _recorded(run_info)
 
     modes_list = sorted({int(m) for m in (sweep_modes or ())})
     if any(m < 1 for m in modes_list):
-        raise PipelineError("sweep modes must be at least 1")
+        raise InputError("sweep modes must be at least 1")
     seeds = sorted({int(s) for s in sweep_seeds})
     samples = sorted({int(k) for k in (sweep_samples or [config["samples"]])})
     if modes_list and (not seeds or not samples or min(samples) < 2):
-        raise PipelineError("the sweep needs at least one seed and sample counts of at least 2")
+        raise InputError("the sweep needs at least one seed and sample counts of at least 2")
     sweep_at = _sweep_epochs(sweep_epochs, window)
     combos = [(m, k, s) for m in modes_list for k in samples for s in seeds]
     opts = runtime or RuntimeOptions()
     progress = _Progress(2 * len(window) + len(combos) * len(sweep_at), opts.progress)
 
     def score(epoch: int, analysis: str | None) -> tuple[float, float]:
-        loss, acc = evaluator(state_dict(st, epoch, analysis=analysis))
+        sd = state_dict(st, epoch, analysis=analysis)
+        try:
+            loss, acc = evaluator(sd)
+            out = float(loss), float(acc)
+        except PipelineError:
+            raise
+        except Exception as err:  # the workflow's model does not take these weights, ...
+            which = "GD" if analysis is None else f"CMD ({analysis})"
+            hint = "" if rdir is None else f"; is {rdir} the run that was ingested?"
+            raise InputError(
+                f"workflow {wf!r} cannot score the {which} weights of epoch {epoch}: "
+                f"{_brief_error(err)}{hint}"
+            ) from err
         progress.step()
-        return float(loss), float(acc)
+        return out
 
     try:
         rows = []
@@ -371,10 +473,10 @@ def _sweep_epochs(spec: str, window: list[int]) -> list[int]:
     try:
         want = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise PipelineError(f"--sweep-epochs: 'last', 'all' or epoch numbers, got {spec!r}") from None
+        raise InputError(f"--sweep-epochs: 'last', 'all' or epoch numbers, got {spec!r}") from None
     bad = [e for e in want if e not in window]
     if bad or not want:
-        raise PipelineError(
+        raise InputError(
             f"--sweep-epochs {spec!r}: epoch(s) {bad} are not in the study's window "
             f"({window[0]}..{window[-1]})"
         )
@@ -398,7 +500,7 @@ def _sweep(
     for m, k, s in combos:
         if config.get("modes") == m and config["samples"] == k and config["seed"] == s:
             sub = name  # the study itself is one of the sweep's fits
-            attrs = AnalysisGroup(st.url, name).attrs()
+            attrs = check_study_attrs(AnalysisGroup(st.url, name).attrs(), name)
             summ, n_modes = attrs["summary"], int(attrs["n_modes"])
         else:
             sub = sweep_name(name, m, k, s)
@@ -408,10 +510,13 @@ def _sweep(
             if sub != name:
                 res = fit(st.url, sub, modes=m, samples=k, seed=s, epochs=window, force=True, run=run)
                 summ, n_modes = res.summary, res.n_modes
+            mse_at = {int(x["epoch"]): x.get("mse") for x in summ["epochs"]}
             results = []
             for e in at:
                 loss, acc = score(e, sub)
-                results.append({"epoch": e, "cmd_loss": loss, "cmd_accuracy": acc})
+                results.append(
+                    {"epoch": e, "cmd_loss": loss, "cmd_accuracy": acc, "mse": mse_at.get(e)}
+                )
         finally:
             if created and not keep:
                 AnalysisGroup(st.url, sub).delete()
@@ -433,15 +538,20 @@ def _by_modes(runs: list[dict[str, Any]], modes: list[int]) -> list[dict[str, An
     out = []
     for m in modes:
         rs = [r for r in runs if r["modes_requested"] == m]
-        # the accuracy at the last sweep epoch of each run
+        # the accuracy and the weight MSE at the last sweep epoch of each run; ``mse_*``: the
+        # weight MSE over the whole window
         acc_mean, acc_std = _mean_std([r["results"][-1]["cmd_accuracy"] for r in rs])
+        at_mean, at_std = _mean_std([r["results"][-1].get("mse") for r in rs])
         mse_mean, mse_std = _mean_std([r["mse"] for r in rs])
         out.append(
             {
                 "modes_requested": m,
                 "n_modes_mean": float(np.mean([r["n_modes"] for r in rs])),
+                "epoch": rs[0]["results"][-1]["epoch"],
                 "accuracy_mean": acc_mean,
                 "accuracy_std": acc_std,
+                "mse_epoch_mean": at_mean,
+                "mse_epoch_std": at_std,
                 "mse_mean": mse_mean,
                 "mse_std": mse_std,
                 "relative_error_mean": _mean_std([r["relative_error"] for r in rs])[0],

@@ -28,6 +28,7 @@ __all__ = [
     "SourceFile",
     "StoreMeta",
     "TensorEntry",
+    "check_study_attrs",
 ]
 
 ATTR_KEY = "cmd_pipeline"
@@ -51,8 +52,34 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], where: st
     _require(isinstance(d, Mapping), f"{where} is not an object")
     _require(key in d, f"{where} lacks {key!r}")
     val = d[key]
-    _require(isinstance(val, typ), f"{where}.{key} has type {type(val).__name__}")
+    types = typ if isinstance(typ, tuple) else (typ,)
+    ok = isinstance(val, typ) and not (isinstance(val, bool) and bool not in types)
+    _require(ok, f"{where}.{key} has type {type(val).__name__}")
     return val
+
+
+def _get_list(d: Mapping[str, Any], key: str, item: type, where: str) -> list[Any]:
+    """A list whose items all have type ``item`` (bools are not ints here)."""
+    val = _get(d, key, list, where)
+    _require(
+        all(isinstance(v, item) and not (isinstance(v, bool) and item is not bool) for v in val),
+        f"{where}.{key} holds an item that is not {item.__name__}",
+    )
+    return val
+
+
+def _get_shape(d: Mapping[str, Any], where: str) -> tuple[int, ...]:
+    shape = _get_list(d, "shape", int, where)
+    _require(all(s >= 0 for s in shape), f"{where}.shape {shape} has a negative size")
+    return tuple(shape)
+
+
+def _get_dtype(d: Mapping[str, Any], where: str) -> str:
+    from pipeline.checkpoints.readers import RAW_NUMPY
+
+    dtype = _get(d, "dtype", str, where)
+    _require(dtype in RAW_NUMPY, f"{where}.dtype {dtype!r} is not a known dtype")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -90,16 +117,17 @@ class TensorEntry:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TensorEntry:
         w = "tensor entry"
-        shape = _get(d, "shape", list, w)
-        _require(all(isinstance(s, int) and s >= 0 for s in shape), "tensor shape")
+        shape = _get_shape(d, w)
         kind = _get(d, "kind", str, w)
         _require(kind in KINDS, f"tensor kind {kind!r}")
+        offset = _get(d, "offset", int, w)
+        _require(offset >= -1, f"{w}.offset {offset} is below -1")
         return cls(
             name=_get(d, "name", str, w),
-            shape=tuple(shape),
-            dtype=_get(d, "dtype", str, w),
+            shape=shape,
+            dtype=_get_dtype(d, w),
             kind=kind,
-            offset=_get(d, "offset", int, w),
+            offset=offset,
         )
 
 
@@ -117,11 +145,9 @@ class SourceFile:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceFile:
         w = "source file"
-        return cls(
-            path=_get(d, "path", str, w),
-            size=_get(d, "size", int, w),
-            sha256=_get(d, "sha256", str, w),
-        )
+        size = _get(d, "size", int, w)
+        _require(size >= 0, f"{w}.size {size} is negative")
+        return cls(path=_get(d, "path", str, w), size=size, sha256=_get(d, "sha256", str, w))
 
 
 @dataclass(frozen=True)
@@ -156,13 +182,25 @@ class InlineTensor:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InlineTensor:
+        from pipeline.checkpoints.readers import RAW_NUMPY
+
         w = "inline tensor"
-        return cls(
-            name=_get(d, "name", str, w),
-            dtype=_get(d, "dtype", str, w),
-            shape=tuple(_get(d, "shape", list, w)),
-            data=_get(d, "data", str, w),
+        name = _get(d, "name", str, w)
+        dtype = _get_dtype(d, w)
+        shape = _get_shape(d, w)
+        data = _get(d, "data", str, w)
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except ValueError:
+            raw = None
+        _require(raw is not None, f"inline tensor {name!r}: its data is not base64")
+        want = int(np.prod(shape, dtype=np.int64)) * RAW_NUMPY[dtype].itemsize
+        _require(
+            raw is not None and len(raw) == want,
+            f"inline tensor {name!r}: {0 if raw is None else len(raw)} bytes of data for "
+            f"shape {list(shape)} of {dtype} ({want} bytes)",
         )
+        return cls(name=name, dtype=dtype, shape=shape, data=data)
 
 
 @dataclass(frozen=True)
@@ -194,10 +232,16 @@ class EpochEntry:
     def from_dict(cls, d: Mapping[str, Any]) -> EpochEntry:
         w = "epoch entry"
         nbt = _get(d, "nonfinite_by_tensor", dict, w)
+        _require(
+            all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in nbt.values()),
+            f"{w}.nonfinite_by_tensor holds a count that is not a non-negative integer",
+        )
+        nonfinite = _get(d, "nonfinite", int, w)
+        _require(nonfinite >= 0, f"{w}.nonfinite {nonfinite} is negative")
         return cls(
             epoch=_get(d, "epoch", int, w),
             files=tuple(SourceFile.from_dict(f) for f in _get(d, "files", list, w)),
-            nonfinite=_get(d, "nonfinite", int, w),
+            nonfinite=nonfinite,
             nonfinite_by_tensor=tuple((str(k), int(v)) for k, v in nbt.items()),
             inline=tuple(InlineTensor.from_dict(t) for t in _get(d, "inline", list, w)),
         )
@@ -253,9 +297,9 @@ class IngestSettings:
         w = "settings"
         try:
             return cls(
-                include=tuple(_get(d, "include", list, w)),
-                exclude=tuple(_get(d, "exclude", list, w)),
-                buffer_patterns=tuple(_get(d, "buffer_patterns", list, w)),
+                include=tuple(_get_list(d, "include", str, w)),
+                exclude=tuple(_get_list(d, "exclude", str, w)),
+                buffer_patterns=tuple(_get_list(d, "buffer_patterns", str, w)),
                 float_buffers=_get(d, "float_buffers", bool, w),
                 nonfinite=_get(d, "nonfinite", str, w),
                 chunk_rows=_get(d, "chunk_rows", int, w),
@@ -333,10 +377,12 @@ class StoreMeta:
         w = "store"
         pending = d.get("pending")
         _require(pending is None or isinstance(pending, list), "pending is neither null nor a list")
+        n_rows = _get(d, "n_rows", int, w)
+        _require(n_rows >= 0, f"n_rows {n_rows} is negative")
         meta = cls(
             settings=IngestSettings.from_dict(_get(d, "settings", dict, w)),
             tensors=tuple(TensorEntry.from_dict(t) for t in _get(d, "tensors", list, w)),
-            n_rows=_get(d, "n_rows", int, w),
+            n_rows=n_rows,
             epochs=tuple(EpochEntry.from_dict(e) for e in _get(d, "epochs", list, w)),
             pending=None if pending is None else tuple(EpochEntry.from_dict(e) for e in pending),
             package_version=str(d.get("package_version", "")),
@@ -362,6 +408,63 @@ class StoreMeta:
             all(a < b for a, b in itertools.pairwise(numbers)),
             "epochs are not strictly increasing",
         )
+
+
+def check_study_attrs(attrs: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The attributes of study ``name`` (``analyses/<name>``), checked where the operations
+    read them: the configuration, the mode count and, once complete, the summary.
+
+    Raises :class:`StoreError` naming the first malformed field; returns ``attrs`` as a dict.
+    Fields not listed here (added by later versions of ``fit``) are left alone.
+    """
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise StoreError(f"analysis {name!r} has malformed attributes: {what}")
+
+    def typed(d: Any, key: str, types: tuple[type, ...], where: str, optional: bool = False) -> Any:
+        need(isinstance(d, Mapping), f"{where} is not an object")
+        if key not in d or d[key] is None:
+            need(optional, f"{where} lacks {key!r}")
+            return None
+        v = d[key]
+        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
+        need(ok, f"{where}.{key} is a {type(v).__name__}")
+        return v
+
+    num = (int, float)
+    typed(attrs, "status", (str,), "attributes")
+    config = typed(attrs, "config", (dict,), "attributes")
+    samples = typed(config, "samples", (int,), "config")
+    need(samples >= 2, f"config.samples is {samples}")
+    typed(config, "seed", (int,), "config")
+    modes = typed(config, "modes", (int,), "config", optional=True)
+    threshold = typed(config, "threshold", num, "config", optional=True)
+    need((modes is None) != (threshold is None), "config has not exactly one of modes, threshold")
+    typed(config, "window", (str,), "config", optional=True)
+    if attrs.get("status") != "complete":
+        return dict(attrs)
+    n_modes = typed(attrs, "n_modes", (int,), "attributes")
+    need(n_modes >= 1, f"n_modes is {n_modes}")
+    typed(attrs, "n_samples", (int,), "attributes")
+    summary = typed(attrs, "summary", (dict,), "attributes")
+    typed(summary, "relative_error", num, "summary", optional=True)
+    typed(summary, "mse", num, "summary", optional=True)
+    for key, fields in (
+        ("epochs", (("epoch", (int,), False), ("relative_error", num, True), ("mse", num, True))),
+        ("modes", (("count", (int,), False), ("reference", (int,), False))),
+        ("layers", (("name", (str,), False), ("count", (int,), False))),
+    ):
+        rows = typed(summary, key, (list,), "summary")
+        for i, row in enumerate(rows):
+            for field_name, types, optional in fields:
+                typed(row, field_name, types, f"summary.{key}[{i}]", optional)
+    flags = typed(summary, "flags", (dict,), "summary")
+    typed(flags, "constant", (int,), "summary.flags")
+    typed(flags, "nonfinite", (int,), "summary.flags")
+    evaluation = attrs.get("evaluation")
+    need(evaluation is None or isinstance(evaluation, dict), "evaluation is not an object")
+    return dict(attrs)
 
 
 def _ranges(values: Sequence[int]) -> str:
