@@ -17,13 +17,15 @@ from helpers import (
     THREADS,
     mode_profiles,
     planted_rows,
+    read_analysis,
     read_trajectory,
     rows_to_state_dicts,
+    window_of,
     write_safetensors_run,
 )
 
 import pipeline
-from pipeline.bench.baselines import GramResult, dmd_errors, gram, pod_errors
+from pipeline.bench.baselines import GramResult, cmd_errors, dmd_errors, gram, pod_errors
 from pipeline.errors import PipelineError
 
 T = 16
@@ -216,6 +218,58 @@ def test_dmd_drops_zero_singular_values(tmp_path: Path) -> None:
         assert p["stored_floats"] == 2 * (300 + 1)
     pod = pod_errors(g, [2, 3])
     assert pod[0]["relative_error"] < 1e-7
+
+
+# ------------------------------------------------------------------------------- CMD
+def dense_cmd_residual(store: Path, name: str, coeff_dtype: type) -> tuple[float, float]:
+    """Squared error of a study's model ``a r_mode + b`` with a and b cast to ``coeff_dtype``
+    (then computed in float64), and ``||W||^2``, over the rows finite in its window."""
+    w = window_of(store, name).astype(np.float64)
+    an = read_analysis(store, name)
+    ok = np.isfinite(w).all(axis=1)
+    a = an["a"].astype(coeff_dtype).astype(np.float64)
+    b = an["b"].astype(coeff_dtype).astype(np.float64)
+    recon = a[:, None] * an["refs"][an["mode"].astype(np.int64)] + b[:, None]
+    return float(((w - recon)[ok] ** 2).sum()), float((w[ok] ** 2).sum())
+
+
+def test_cmd_error_is_measured_with_float32_a_and_b(tmp_path: Path) -> None:
+    """The CMD point of the equal-bytes comparison counts a and b as float32 (9 B per
+    parameter): its error must be that of float32 a and b, not of the study's float64 ones.
+    Noise-free planted rows on large offsets (|b| ~ 100, movement ~ 1): the data's own float32
+    rounding is the fit's whole error, and rounding b to float32 adds as much again, so the
+    two errors differ by far more than the tolerance of the comparison."""
+    rng = np.random.default_rng(11)
+    p = mode_profiles(T)
+    rows = planted_rows(900, p, rng, noise=0.0, b_scale=100.0).clean
+    store = _ingest(tmp_path, {"w.weight": ((32, 25), rows[:800]), "v.bias": ((100,), rows[800:])},
+                    nan=True)
+    fit = pipeline.fit(str(store), "m", modes=4, samples=300, runtime=SYNC)
+    got = cmd_errors(str(store), "m", block_rows=100, runtime=SYNC)
+    res32, energy = dense_cmd_residual(store, "m", np.float32)
+    res64, energy64 = dense_cmd_residual(store, "m", np.float64)
+    assert energy == energy64
+    assert got["energy"] == pytest.approx(energy, rel=1e-12, abs=0)
+    assert got["residual"] == pytest.approx(res32, rel=1e-7, abs=0)
+    assert got["residual_float64"] == pytest.approx(res64, rel=1e-7, abs=0)
+    assert got["relative_error"] == pytest.approx(np.sqrt(res32 / energy), rel=1e-7, abs=0)
+    want64 = np.sqrt(res64 / energy)
+    assert got["relative_error_float64"] == pytest.approx(want64, rel=1e-7, abs=0)
+    # the check discriminates: float64 a and b would be off by far more than rel 1e-7
+    assert res32 > 1.3 * res64
+    # and the float64 figure is the fit's own (computed another way, from sums)
+    fit_error = fit.summary["relative_error"]
+    assert got["relative_error_float64"] == pytest.approx(fit_error, rel=1e-3, abs=0)
+    n = 900 - 3  # rows 3 and 77 (NaN at epoch 5) and 10 (Inf at epoch 0) are left out
+    assert got["n_rows"] == n and got["n_nonfinite"] == 3
+    assert got["n_modes"] == fit.n_modes == 4 and got["mode_bytes"] == 1
+    assert got["stored_bytes"] == 9 * n + 4 * 4 * T
+    assert got["mse"] == pytest.approx(res32 / (n * T), rel=1e-7, abs=0)
+    assert got["bytes_read"] == 900 * T * 4
+    # the same in any block size and runtime
+    again = cmd_errors(str(store), "m", runtime=THREADS)
+    assert again["residual"] == pytest.approx(got["residual"], rel=1e-12, abs=0)
+    json.dumps(got)
 
 
 # ------------------------------------------------------------------------------- runtimes

@@ -4,6 +4,8 @@ permutation test between groups of runs."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,44 @@ from helpers import SYNC, THREADS, planted_rows, rows_to_state_dicts, write_safe
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.ops.compare import compare
+from pipeline.ops.compare import _permutation_p, compare
 
 T = 30
+
+
+def permutation_stat(dist: np.ndarray, labels: np.ndarray) -> float:
+    """Between-group mean distance minus within-group mean (pairs of distinct runs)."""
+    same = labels[:, None] == labels[None, :]
+    off = ~np.eye(len(labels), dtype=bool)
+    return float(dist[~same].mean() - dist[same & off].mean())
+
+
+def exact_p_apart(dist: np.ndarray, groups: list[str], tol: float = 1e-12) -> tuple[float, float]:
+    """The permutation test's exact p by enumeration: the fraction of all distinct relabellings
+    (every one equally likely under exchangeable labels) whose statistic is at least the
+    observed one (the observed labelling included). Tie-aware: statistics within tol * scale
+    of the observed one but not equal to it may count or not, so this returns (p without
+    them, p with them); without near-ties the two are equal."""
+    labels = np.asarray(groups)
+    d = np.asarray(dist, dtype=np.float64)
+    obs = permutation_stat(d, labels)
+    stats = np.array(
+        [permutation_stat(d, np.asarray(p)) for p in sorted(set(itertools.permutations(groups)))]
+    )
+    eps = tol * max(float(np.abs(d).max()), 1e-300)
+    above = (stats >= obs + eps) | (stats == obs)
+    return float(np.mean(above)), float(np.mean(above | (stats >= obs - eps)))
+
+
+def assert_p_apart(p: float, exact: tuple[float, float], n: int) -> None:
+    """``p = (hits + 1) / (n + 1)`` from ``n`` random relabellings (the observed labelling
+    counted once more: p is never 0) estimates the exact p: within its Monte Carlo error
+    (6 standard deviations, plus the +1 of the estimator)."""
+    hits = p * (n + 1) - 1
+    assert 0 <= round(hits) <= n and abs(hits - round(hits)) < 1e-6, (p, n)
+    lo, hi = exact
+    sd = max(np.sqrt(q * (1 - q) / n) for q in (lo, hi))
+    assert lo - 6 * sd - 1 / (n + 1) <= p <= hi + 6 * sd + 1 / (n + 1), (p, exact, n)
 
 
 def _profiles(kind: str) -> np.ndarray:
@@ -75,9 +112,53 @@ def test_refs_source_and_groups(stores) -> None:
     within = d[(grp[:, None] == grp[None, :]) & ~np.eye(8, dtype=bool)]
     between = d[grp[:, None] != grp[None, :]]
     assert within.max() < between.min()
-    # 4 + 4 runs: 35 distinct splits, so the smallest possible p is about 2/70
-    assert res.p_apart is not None and res.p_apart < 0.05
+    # 4 + 4 runs, separated: of the 70 relabellings only the observed one and its swap are
+    # as far apart, so the exact p is 2/70, the smallest possible
+    exact = exact_p_apart(d, res.groups or [])
+    assert exact == (2 / 70, 2 / 70)
+    assert res.p_apart is not None
+    assert_p_apart(res.p_apart, exact, 1000)
     assert all(len(r["eigenvalues"]) > 0 for r in res.runs)
+
+
+def _random_distances(rng: np.random.Generator, k: int) -> np.ndarray:
+    x = rng.standard_normal((k, 3))
+    return np.sqrt(((x[:, None] - x[None, :]) ** 2).sum(axis=-1))
+
+
+@pytest.mark.parametrize("groups", [["a"] * 3 + ["b"] * 3, ["a"] * 2 + ["b"] * 4,
+                                    ["a", "b", "a", "b", "b", "a", "b"]])
+def test_permutation_p_matches_exact_enumeration(groups: list[str]) -> None:
+    """The permutation test against the exact p by enumeration, on distance matrices whose
+    exact p is known: random points (several different p), two separated clusters (the
+    smallest possible p) and identical runs (every relabelling ties: p = 1)."""
+    n = 20_000
+    rng = np.random.default_rng(7)
+    labels = np.asarray(groups)
+    seen = set()
+    for _ in range(6):
+        d = _random_distances(rng, len(groups))
+        exact = exact_p_apart(d, groups)
+        assert exact[0] == exact[1]  # no near-ties in random data
+        seen.add(exact[0])
+        assert_p_apart(_permutation_p(d, groups, n, np.random.default_rng(1)), exact, n)
+    assert len(seen) >= 3  # the check is made at several different p
+    # two clusters far apart: only the observed split and (equal sizes) its swap are as extreme
+    x = rng.standard_normal((len(groups), 2)) * 0.01 + 10.0 * (labels == "b")[:, None]
+    d = np.sqrt(((x[:, None] - x[None, :]) ** 2).sum(axis=-1))
+    n_a = int((labels == "a").sum())
+    n_splits = math.comb(len(groups), n_a)
+    assert len(set(itertools.permutations(groups))) == n_splits
+    smallest = (2 if 2 * n_a == len(groups) else 1) / n_splits
+    assert exact_p_apart(d, groups) == (smallest, smallest)
+    p = _permutation_p(d, groups, n, np.random.default_rng(2))
+    assert_p_apart(p, (smallest, smallest), n)
+    # identical runs: all distances equal (0 or not), every relabelling ties, p = 1 exactly
+    for value in (0.0, 0.1):
+        d = np.full((len(groups), len(groups)), value)
+        np.fill_diagonal(d, 0.0)
+        assert exact_p_apart(d, groups) == (1.0, 1.0)  # every statistic equals the observed
+        assert _permutation_p(d, groups, 500, np.random.default_rng(3)) == 1.0
 
 
 def test_errors_and_cli(stores) -> None:

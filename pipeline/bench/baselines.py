@@ -26,10 +26,14 @@ Where each wins
   dynamics) its error is at least POD's of the same rank.
 * CMD stores per parameter a mode index and an affine map (a, b): 9 bytes per parameter
   whatever M is; rank-1/2 POD at about the same bytes is its close competitor. Compare
-  reconstruction error against stored bytes, not against "number of modes".
+  reconstruction error against stored bytes, not against "number of modes". Its error at
+  those bytes (:func:`cmd_errors`) is measured with a and b rounded to float32, what the
+  9 bytes hold, not with the study's float64 a and b.
 
 Stored-bytes conventions (float32, 4 bytes per float)
 -----------------------------------------------------
+* CMD with M modes: ``9 N + 4 M T`` bytes: a and b as float32 and a one-byte mode per
+  parameter, plus the M reference profiles (M T float32).
 * POD rank r: ``r (N + T)`` floats.
 * DMD rank r (effective rank r' after dropping zero singular values): ``r' (N + 1)`` floats,
   the compact real form. Atilde is real, so its eigenvalues and the modes come in conjugate
@@ -61,9 +65,11 @@ from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = [
+    "CMDError",
     "DMDError",
     "GramResult",
     "PODError",
+    "cmd_errors",
     "dmd_errors",
     "gram",
     "gram_sqrt",
@@ -149,12 +155,41 @@ class DMDError:
     gram_seconds: float = 0.0  # the shared Gram pass
 
 
+@dataclass
+class CMDError:
+    """A CMD study's reconstruction error at the bytes it is counted at (measured by a pass).
+
+    ``relative_error`` is the error of ``a r_mode(t) + b`` with a and b rounded to float32,
+    the stored form that ``stored_bytes`` counts; ``relative_error_float64`` is the same
+    pass's error with the study's float64 a and b (the fit's own figure, up to summation
+    order). References are float32 data, so rounding them changes nothing.
+    """
+
+    method: str
+    name: str  # the study
+    rank: int  # M, the number of modes (the x of the Pareto chart, like POD's rank)
+    n_modes: int
+    relative_error: float | None  # ||W - (a32 r + b32)||_F / ||W||_F over the finite rows
+    relative_error_float64: float | None  # the same with float64 a and b
+    mse: float | None  # residual / (N T), float32 a and b
+    residual: float  # squared Frobenius error, float32 a and b
+    residual_float64: float
+    energy: float  # ||W||_F^2 over the finite rows of the study's window
+    n_rows: int  # finite rows (the N of the byte count)
+    n_nonfinite: int  # rows with a NaN/Inf in the window, left out (as the fit does)
+    mode_bytes: int  # bytes of one stored mode index (1 up to 256 modes)
+    stored_bytes: int  # (8 + mode_bytes) N + 4 M T
+    bytes_read: int
+    seconds: float  # the error pass
+
+
 # ---------------------------------------------------------------------------- tasks
 def _read_block64(
     grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray
-) -> tuple[np.ndarray, int, int]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows ``[r0, r1)`` at ``cols`` as a time-major float64 (T, rows) buffer (the task's
-    reused scratch), rows with a NaN/Inf zeroed; the number of such rows, the bytes read."""
+    reused scratch), rows with a NaN/Inf zeroed; which rows those are (a boolean mask), the
+    bytes read."""
     rows, t = r1 - r0, len(cols)
     x = scratch("baseline-block", t * rows).reshape(t, rows)
     nbytes = grid.read_rows(r0, r1, cols, x)
@@ -162,17 +197,70 @@ def _read_block64(
     np.copyto(x64, x)
     # a sum of T finite float32 values stays finite in float64; NaN/Inf propagate
     bad = ~np.isfinite(x64.sum(axis=0))
-    n_bad = int(np.count_nonzero(bad))
-    if n_bad:
+    if bad.any():
         x64[:, bad] = 0.0
-    return x64, n_bad, nbytes
+    return x64, bad, nbytes
 
 
 def gram_task(grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray) -> tuple[np.ndarray, int, int]:
     """One block's float64 partial Gram ``X_b^T X_b`` (T x T) over its finite rows, the number
     of rows left out, the bytes read."""
-    x64, n_bad, nbytes = _read_block64(grid, r0, r1, cols)
-    return x64 @ x64.T, n_bad, nbytes
+    x64, bad, nbytes = _read_block64(grid, r0, r1, cols)
+    return x64 @ x64.T, int(np.count_nonzero(bad)), nbytes
+
+
+def cmd_error_task(
+    grid: ChunkGrid,
+    url: str,
+    study: str,
+    r0: int,
+    r1: int,
+    cols: np.ndarray,
+    refs: np.ndarray,
+) -> tuple[np.ndarray, int, int]:
+    """One block's squared CMD errors ``[float32 a and b, float64 a and b, ||X||^2]`` over its
+    finite rows, the number of rows left out, the bytes read.
+
+    ``study`` is the path of the study's group in the store ``url`` (its ``mode``, ``a``,
+    ``b`` are read for the block's rows, read-only), ``refs`` the (M, T) float64 references.
+    The reconstruction ``a r_mode(t) + b`` is computed in float64 per cache-sized sub-block
+    of rows.
+    """
+    import zarr
+
+    x64, bad, nbytes = _read_block64(grid, r0, r1, cols)
+    t, rows = x64.shape
+
+    def per_row(name: str) -> np.ndarray:
+        return np.asarray(zarr.open_array(url, path=f"{study}/{name}", mode="r")[r0:r1])
+
+    mode = per_row("mode").astype(np.int64)
+    a64 = per_row("a").astype(np.float64)
+    b64 = per_row("b").astype(np.float64)
+    # NaN/Inf rows: zeroed data and a zero model give no error (they are left out)
+    a64[bad] = 0.0
+    b64[bad] = 0.0
+    mode[bad] = 0
+    coeffs = (
+        (a64.astype(np.float32).astype(np.float64), b64.astype(np.float32).astype(np.float64)),
+        (a64, b64),
+    )
+    out = np.zeros(3)
+    out[2] = float(np.einsum("ij,ij->", x64, x64))
+    sub = min(_SUB_ROWS, rows)
+    r_buf = scratch("baseline-recon", t * sub, np.float64)
+    for s0 in range(0, rows, sub):
+        s1 = min(s0 + sub, rows)
+        xs = x64[:, s0:s1]
+        prof = refs[mode[s0:s1]].T  # (T, m)
+        recon = r_buf[: t * (s1 - s0)].reshape(t, s1 - s0)
+        for k, (a, b) in enumerate(coeffs):
+            np.multiply(prof, a[None, s0:s1], out=recon)
+            recon += b[None, s0:s1]
+            recon -= xs
+            flat = recon.reshape(-1)
+            out[k] += float(np.dot(flat, flat))
+    return out, int(np.count_nonzero(bad)), nbytes
 
 
 #: rows per cache-sized sub-block of the DMD error task (T x 4096 float64 = 1.6 MB at T = 50)
@@ -198,7 +286,7 @@ def dmd_error_task(
     ``Z = A^T X2^T`` for all ranks, then per rank ``B_i^T Z_i - X^T`` and its squared norm
     (4 T r flops per row and rank instead of 2 T^2 for the product with K).
     """
-    x64, _n_bad, nbytes = _read_block64(grid, r0, r1, cols)
+    x64, _bad, nbytes = _read_block64(grid, r0, r1, cols)
     t, rows = x64.shape
     n_ranks = len(offsets) - 1
     out = np.zeros(n_ranks)
@@ -407,6 +495,89 @@ def pod_errors(g: GramResult, ranks: Sequence[int]) -> list[dict[str, Any]]:
             )
         )
     return out
+
+
+# ---------------------------------------------------------------------------- CMD
+def cmd_errors(
+    url: str | os.PathLike[str],
+    name: str,
+    *,
+    block_rows: int | None = None,
+    run: Runner | None = None,
+    runtime: RuntimeOptions | None = None,
+) -> dict[str, Any]:
+    """The reconstruction error of the CMD study ``name`` at the bytes it is counted at.
+
+    One Dask pass over the row blocks (the study's blocks unless ``block_rows``) reads the
+    study's window of W and the rows' mode, a and b, and sums per block the squared error
+    of ``a r_mode(t) + b`` twice: with a and b rounded to float32 (the 9 bytes per parameter
+    of the stored-bytes count: ``relative_error``), and with the study's float64 a and b
+    (``relative_error_float64``, the fit's own error up to summation order). Rows with a
+    NaN/Inf in the window are left out, as the fit leaves them out of its error. The
+    reconstruction is computed in float64 from the float32 rows. Cost: one read of the
+    window, about 6 N T flops.
+
+    Returns a :class:`CMDError` as a dict.
+    """
+    from pipeline.store.analysis import complete_study
+
+    t0 = time.perf_counter()
+    st = TrajectoryStore.open(url)
+    meta = st.require_meta()
+    ag, _attrs = complete_study(st, name)
+    epochs = [int(e) for e in np.asarray(ag.array("epochs")[...])]
+    cols = np.asarray([meta.column_of(e) for e in epochs], dtype=np.int64)
+    refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
+    # the references are rows of the float32 trajectory: rounding them to float32 is exact,
+    # and keeps the model what the float32 storage holds if they ever are not
+    refs = refs.astype(np.float32).astype(np.float64)
+    mode_arr = ag.array("mode")
+    mode_bytes = int(np.dtype(mode_arr.dtype).itemsize)
+    rows = block_rows or int(mode_arr.chunks[0])
+    if rows < 1:
+        raise PipelineError("block_rows must be at least 1")
+    grid = st.chunk_grid()
+    cols_d = delayed(cols, traverse=False)
+    refs_d = delayed(refs, traverse=False)
+    spans = list(blocks(meta.n_rows, rows))
+    tasks = [
+        delayed(cmd_error_task, pure=False)(
+            grid, st.url, ag.path, r0, r1, cols_d, refs_d, dask_key_name=f"cmd-error-{i}"
+        )
+        for i, (r0, r1) in enumerate(spans)
+    ]
+    labels = [f"cmd error block {i}: rows {r0}-{r1}" for i, (r0, r1) in enumerate(spans)]
+    results = _compute(tasks, f"cmd error {name}", labels, run, runtime)
+    sums = np.zeros(3)
+    n_bad = 0
+    nbytes = 0
+    for part, bad, nb in results:
+        sums += part
+        n_bad += int(bad)
+        nbytes += int(nb)
+    res32, res64, energy = (float(v) for v in sums)
+    n = meta.n_rows - n_bad
+    m, t = refs.shape
+    return asdict(
+        CMDError(
+            method="CMD",
+            name=name,
+            rank=m,
+            n_modes=m,
+            relative_error=_ratio(res32, energy),
+            relative_error_float64=_ratio(res64, energy),
+            mse=res32 / (n * t) if n > 0 else None,
+            residual=res32,
+            residual_float64=res64,
+            energy=energy,
+            n_rows=n,
+            n_nonfinite=n_bad,
+            mode_bytes=mode_bytes,
+            stored_bytes=(8 + mode_bytes) * n + 4 * m * t,
+            bytes_read=nbytes,
+            seconds=time.perf_counter() - t0,
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- DMD
