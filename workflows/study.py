@@ -225,6 +225,7 @@ def run_seed(
         "gd_final_loss": ev["final"]["gd_loss"],
         "cmd_final_loss": ev["final"]["cmd_loss"],
         "mse": ev["mse"],
+        "dynamics_error": ev.get("dynamics_error"),
         "relative_error": ev["relative_error"],
         "sweep": (ev.get("sweep") or {}).get("by_modes"),
         "report": rep.html,
@@ -241,6 +242,9 @@ def summarise_seeds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and standard deviation over seeds of each figure of the table."""
     keys = ("gd_final", "cmd_final", "gd_best", "cmd_best", "mse", "relative_error", "n_modes")
     out: dict[str, Any] = {k: _ms([float(r[k]) for r in rows]) for k in keys}
+    # summaries written before the error relative to the dynamics existed lack it
+    dyn = [r.get("dynamics_error") for r in rows]
+    out["dynamics_error"] = None if None in dyn else _ms([float(v) for v in dyn])
     sweeps = [r["sweep"] for r in rows if r.get("sweep")]
     if sweeps:
         per_m: dict[int, list[dict[str, Any]]] = {}
@@ -281,10 +285,12 @@ def format_table(name: str, cfg: dict[str, Any], rows: list[dict[str, Any]]) -> 
         "Mean ± std over the training seeds; weight MSE over all parameters and the epochs of "
         "the study's window (all recorded epochs unless [fit] epochs is set).",
         "",
-        "| | final test accuracy | best test accuracy | weight MSE | ‖W−Ŵ‖/‖W‖ | modes |",
-        "|---|---|---|---|---|---|",
-        f"| GD | {pm('gd_final')} | {pm('gd_best')} | 0 | 0 | - |",
+        "| | final test accuracy | best test accuracy | weight MSE | ‖W−Ŵ‖/‖W−mean_t W‖ "
+        "| ‖W−Ŵ‖/‖W‖ | modes |",
+        "|---|---|---|---|---|---|---|",
+        f"| GD | {pm('gd_final')} | {pm('gd_best')} | 0 | 0 | 0 | - |",
         f"| CMD | {pm('cmd_final')} | {pm('cmd_best')} | {pm('mse', '.3g')} | "
+        f"{'-' if s['dynamics_error'] is None else pm('dynamics_error', '.3g')} | "
         f"{pm('relative_error', '.3g')} | {s['n_modes'][0]:.1f} |",
     ]
     if "sweep" in s:

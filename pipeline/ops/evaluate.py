@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import InputError, PipelineError, StoreError
+from pipeline.errors import InputError, PipelineError, PipelineWarning, StoreError
 from pipeline.ops.export import state_dict
 from pipeline.ops.fit import fit
 from pipeline.runtime import Runner, RuntimeOptions, using
@@ -127,8 +128,8 @@ class EvaluationResult:
                 f"{r['gd_loss']:.4f}    {r['cmd_loss']:.4f}    {_g(r['mse'])}"
             )
         lines.append(
-            f"  window (epochs {span}): weight MSE {_g(ev.get('mse'))}, "
-            f"relative error {_g(ev.get('relative_error'))}"
+            f"  window (epochs {span}): weight MSE {_g(ev.get('mse'))}, error relative to "
+            f"the dynamics {_g(ev.get('dynamics_error'))} (to ‖W‖: {_g(ev.get('relative_error'))})"
         )
         f, b = ev["final"], ev["best"]
         lines.append(
@@ -395,6 +396,7 @@ def evaluate(
                     "cmd_accuracy": cmd_acc,
                     "recorded_accuracy": rec.get("test_accuracy"),
                     "mse": summary["epochs"][k].get("mse"),
+                    "dynamics_error": summary["epochs"][k].get("dynamics_error"),
                     "relative_error": summary["epochs"][k]["relative_error"],
                 }
             )
@@ -434,6 +436,7 @@ def evaluate(
             "threshold": config.get("threshold"),
         },
         "mse": summary.get("mse"),
+        "dynamics_error": summary.get("dynamics_error"),
         "relative_error": summary["relative_error"],
         "epochs": rows,
         "final": {
@@ -508,7 +511,13 @@ def _sweep(
         try:
             progress.describe(f"sweep {sub}")
             if sub != name:
-                res = fit(st.url, sub, modes=m, samples=k, seed=s, epochs=window, force=True, run=run)
+                # a sweep point that gives fewer modes than asked is recorded (modes found,
+                # its notes), not warned about once per point
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PipelineWarning)
+                    res = fit(
+                        st.url, sub, modes=m, samples=k, seed=s, epochs=window, force=True, run=run
+                    )
                 summ, n_modes = res.summary, res.n_modes
             mse_at = {int(x["epoch"]): x.get("mse") for x in summ["epochs"]}
             results = []
@@ -527,7 +536,9 @@ def _sweep(
                 "samples": k,
                 "seed": s,
                 "mse": summ.get("mse"),
+                "dynamics_error": summ.get("dynamics_error"),
                 "relative_error": summ["relative_error"],
+                "notes": list(summ.get("notes", [])),
                 "results": results,
             }
         )
@@ -554,6 +565,7 @@ def _by_modes(runs: list[dict[str, Any]], modes: list[int]) -> list[dict[str, An
                 "mse_epoch_std": at_std,
                 "mse_mean": mse_mean,
                 "mse_std": mse_std,
+                "dynamics_error_mean": _mean_std([r.get("dynamics_error") for r in rs])[0],
                 "relative_error_mean": _mean_std([r["relative_error"] for r in rs])[0],
                 "runs": len(rs),
             }

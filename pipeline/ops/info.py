@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pipeline.store.schema import SCHEMA_VERSION, _ranges
+from pipeline.store.schema import SCHEMA_VERSION, _ranges, check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["format_info", "info"]
@@ -49,7 +49,7 @@ def _analysis_brief(url: str, name: str) -> dict[str, Any]:
     from pipeline.store.analysis import AnalysisGroup
 
     try:
-        attrs = AnalysisGroup(url, name).attrs()
+        attrs = check_study_attrs(AnalysisGroup(url, name).attrs(), name)
     except PipelineError as e:
         return {"name": name, "status": f"unreadable ({e})"}
     cfg = attrs.get("config") or {}

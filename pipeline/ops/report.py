@@ -27,6 +27,7 @@ from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.plan import RowLayout, blocks
 from pipeline.report.figures import StudyData, evaluation_figures, study_figures
 from pipeline.store.analysis import AnalysisGroup, complete_study
+from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReportResult", "load_study_data", "report"]
@@ -98,7 +99,7 @@ def report(
     st = TrajectoryStore.open(store, writable=True)
     data = load_study_data(st.url, name)
     ag = AnalysisGroup(st.url, name)
-    attrs = ag.attrs()
+    attrs = check_study_attrs(ag.attrs(), name)
     evaluation = attrs.get("evaluation")
     figs = study_figures(data)
     if evaluation:
@@ -255,7 +256,7 @@ def render_html(
                 ["samples K (seed)", f"{attrs.get('n_samples')} ({cfg.get('seed')})"],
                 ["error relative to the dynamics ‖W−Ŵ‖/‖W−mean_t W‖", _f(summ.get("dynamics_error"))],
                 ["error relative to the weights ‖W−Ŵ‖/‖W‖", _f(summ.get("relative_error"))],
-                ["weight MSE", _f(summ.get("mse"))],
+                ["weight MSE over the window", _f(summ.get("mse"))],
                 ["constant parameters", f"{summ['flags']['constant']:,}"],
                 ["parameters with NaN/Inf", f"{summ['flags']['nonfinite']:,}"],
             ],
@@ -280,13 +281,17 @@ def render_html(
                 "<h3>Accuracy and weight MSE against the number of modes</h3>",
                 _img(figs, "sweep.png", "mean ± std over sampling seeds and K"),
                 _table(
-                    ["M requested", "modes found", "CMD accuracy", "± std", "weight MSE", "± std", "runs"],
+                    ["M requested", "modes found", f"CMD accuracy at epoch {sw['epochs'][-1]}",
+                     "± std", f"weight MSE at epoch {sw['epochs'][-1]}", "± std",
+                     "weight MSE over the window", "± std", "runs"],
                     [
                         [
                             str(r["modes_requested"]),
                             r["n_modes_mean"],
                             r["accuracy_mean"],
                             r["accuracy_std"],
+                            r.get("mse_epoch_mean"),
+                            r.get("mse_epoch_std"),
                             r["mse_mean"],
                             r["mse_std"],
                             str(r["runs"]),
@@ -300,7 +305,8 @@ def render_html(
         parts += [
             "<h3>Per epoch</h3>",
             _table(
-                ["epoch", "GD acc", "CMD acc", "GD loss", "CMD loss", "weight MSE", "rel. error"],
+                ["epoch", "GD acc", "CMD acc", "GD loss", "CMD loss", "weight MSE at the epoch",
+                 "error / dynamics", "error / ‖W‖"],
                 [
                     [
                         str(r["epoch"]),
@@ -309,6 +315,7 @@ def render_html(
                         r["gd_loss"],
                         r["cmd_loss"],
                         r["mse"],
+                        r.get("dynamics_error"),
                         r["relative_error"],
                     ]
                     for r in ev["epochs"]

@@ -28,6 +28,7 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import SchemaVersionError, StoreError
+from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import ANALYSES
 
 __all__ = [
@@ -71,13 +72,18 @@ class AnalysisGroup:
 
     def exists(self) -> bool:
         root = self._root()
-        return ANALYSES in root.group_keys() and self.name in root[ANALYSES].group_keys()
+        try:
+            return ANALYSES in root.group_keys() and self.name in root[ANALYSES].group_keys()
+        except ValueError as e:  # a zarr.json that is not JSON (json.JSONDecodeError)
+            raise StoreError(f"{self.path}: unreadable Zarr metadata ({e})") from e
 
     def group(self) -> Any:
         try:
             return self._root()[self.path]
         except KeyError as e:
             raise StoreError(f"no analysis {self.name!r} in {self.url}") from e
+        except ValueError as e:  # a zarr.json that is not JSON (json.JSONDecodeError)
+            raise StoreError(f"analysis {self.name!r}: unreadable Zarr metadata ({e})") from e
 
     def attrs(self) -> dict[str, Any]:
         raw = self.group().attrs.get(ANALYSIS_ATTR)
@@ -246,7 +252,7 @@ def complete_study(st: Any, name: str) -> tuple[AnalysisGroup, dict[str, Any]]:
     attrs = ag.attrs()
     if attrs.get("status") != "complete":
         raise StoreError(f"analysis {name!r} is not complete: re-run `cmd-pipeline fit` to finish it")
-    return ag, attrs
+    return ag, check_study_attrs(attrs, name)
 
 
 def write_result_chunk(

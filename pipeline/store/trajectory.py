@@ -81,6 +81,8 @@ class TrajectoryStore:
             root = zarr.open_group(u, mode="r+" if writable else "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as e:
             raise StoreError(f"no cmd-pipeline store at {u}") from e
+        except ValueError as e:  # a zarr.json that is not JSON (json.JSONDecodeError)
+            raise StoreError(f"{u}: unreadable Zarr metadata ({e})") from e
         raw = root.attrs.get(ATTR_KEY)
         if raw is None:
             raise StoreError(
@@ -189,9 +191,16 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ the rest
     def analyses(self) -> list[str]:
-        if ANALYSES not in self.root.group_keys():
+        """The studies' names, from the listing (a study whose metadata is unreadable is
+        listed too: opening it gives the error)."""
+        async def names() -> list[str]:
+            return [k async for k in self.root.store.list_dir(f"{ANALYSES}/")]
+
+        try:
+            listed = sync(names())
+        except FileNotFoundError:
             return []
-        return sorted(self.root[ANALYSES].group_keys())
+        return sorted(k.rstrip("/") for k in listed if k.rstrip("/") != "zarr.json")
 
     def size_on_disk(self) -> int:
         """Bytes under the store's root, every array and study included."""
