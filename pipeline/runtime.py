@@ -344,10 +344,28 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
             yield Runner(opts, client)
 
 
+def refuse_gpu(op: str, run: Runner | None, runtime: RuntimeOptions | None) -> None:
+    """Refuse ``gpu=True`` for ``op``, an operation that computes on the CPU only."""
+    if run is None and runtime is not None and runtime.gpu:
+        raise PipelineError(
+            f"{op} computes on the CPU only; gpu=True would start a GPU cluster and run it "
+            "there on fewer workers (only fit and evaluate compute on the GPU): leave gpu off"
+        )
+
+
 @contextlib.contextmanager
-def using(run: Runner | None, runtime: RuntimeOptions | None = None) -> Iterator[Runner]:
+def using(
+    run: Runner | None, runtime: RuntimeOptions | None = None, *, cpu_only: str | None = None
+) -> Iterator[Runner]:
     """The runner ``run`` if given (left open), else one started for ``runtime`` and closed on
-    exit: the one way every operation takes its runtime."""
+    exit: the one way every operation takes its runtime.
+
+    ``cpu_only`` names an operation that computes on the CPU only: ``gpu=True`` in
+    ``runtime`` is refused for it (it would start a GPU cluster, one worker per GPU, and run
+    CPU work on it) before anything starts. A runner the caller passed is used as it is.
+    """
+    if cpu_only:
+        refuse_gpu(cpu_only, run, runtime)
     if run is not None:
         yield run
         return

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  final: GD {f['gd_accuracy']:.4f}, CMD {f['cmd_accuracy']:.4f}; "
         f"best: GD {b['gd_accuracy']:.4f} (epoch {b['gd_epoch']}), CMD {b['cmd_accuracy']:.4f} (epoch {b['cmd_epoch']}); "
-        f"weight MSE {e['mse']:.3g}"
+        f"weight MSE over the window {e['mse']:.3g}; error relative to the dynamics "
+        f"{e['dynamics_error']:.3g} (to ‖W‖: {e['relative_error']:.3g})"
     )
     sw = e.get("sweep")
     if sw:
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in sw["by_modes"]:
             print(
                 f"    M={r['modes_requested']:<3} CMD {r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}   "
-                f"weight MSE {r['mse_mean']:.3g}"
+                f"weight MSE at epoch {sw['epochs'][-1]} {r['mse_epoch_mean']:.3g}, "
+                f"over the window {r['mse_mean']:.3g}"
             )
     print()
     print(f"report: {rep.copy}")

@@ -180,8 +180,8 @@ class FedConfig:
             raise ValueError(f"model must be 'mlp' or 'cnn', got {self.model!r}")
         if self.alpha is not None and not self.alpha > 0:
             raise ValueError("alpha must be > 0")
-        if self.warmup < 2 or self.embed_every < 1 or not 0 < self.embed_fraction <= 1:
-            raise ValueError("need warmup >= 2, embed_every >= 1, 0 < embed_fraction <= 1")
+        if self.warmup < 3 or self.embed_every < 1 or not 0 < self.embed_fraction <= 1:
+            raise ValueError("need warmup >= 3, embed_every >= 1, 0 < embed_fraction <= 1")
         if self.ab_dtype not in ("float32", "float64"):
             raise ValueError("ab_dtype must be 'float32' or 'float64'")
 

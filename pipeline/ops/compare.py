@@ -134,7 +134,7 @@ def compare(
         raise PipelineError(f"{len(groups)} group label(s) for {len(runs)} runs")
     coords: list[np.ndarray] = []
     meta_runs = []
-    with using(run, runtime) as rt:
+    with using(run, runtime, cpu_only="compare") as rt:
         for store, name in runs:
             y, epochs = run_coordinates(store, name, source, d, run=rt)
             coords.append(y)

@@ -22,7 +22,7 @@ from pipeline.config import (
 from pipeline.errors import ConfigMismatchError, InputError
 from pipeline.graph.ingest import EpochInspection, build_chunk_tasks, build_inspect_tasks
 from pipeline.plan import RowLayout, blocks, default_chunk_rows
-from pipeline.runtime import Runner, RuntimeOptions, using
+from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
 from pipeline.store.schema import EpochEntry, IngestSettings, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -137,6 +137,7 @@ def ingest(
     """
     t_start = time.perf_counter()
     specs = discover(inputs, epochs)
+    refuse_gpu("ingest", run, runtime)  # before the store is created
     st = TrajectoryStore.open_or_create(store)
     requested: dict[str, object] = {
         "include": tuple(include) if include else None,
@@ -148,7 +149,7 @@ def ingest(
         "time_chunk": time_chunk,
         "codec": codec,
     }
-    with using(run, runtime) as r:
+    with using(run, runtime, cpu_only="ingest") as r:
         return _ingest(specs, st, requested, force, r, t_start)
 
 

@@ -93,7 +93,7 @@ def mode_changes(
     meta = st.require_meta()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in meta.stored_tensors()])
     studies = [f"{name}~w{k}" for k in range(len(windows))]
-    with using(run, runtime) as rt:
+    with using(run, runtime, cpu_only="mode changes") as rt:
         n_modes = [
             fit(st.url, s, modes=modes, samples=samples, seed=seed, epochs=w, force=True, run=rt).n_modes
             for s, w in zip(studies, windows, strict=True)

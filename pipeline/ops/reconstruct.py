@@ -99,7 +99,7 @@ def reconstruct(
     ]
     labels = [f"reconstructed rows {r0}-{r1}" for r0, r1 in todo]
     try:
-        with using(run, runtime) as r:
+        with using(run, runtime, cpu_only="reconstruct") as r:
             r.compute(tasks, f"reconstruct {name}", labels)
     finally:
         ag.remove_partials()  # left by a worker killed mid-write

@@ -295,7 +295,7 @@ def basis_stability(
             labels.append(f"{t.name} epochs {window[j - stride]}-{window[j]}")
         result.layers.append(lay)
 
-    with using(run, runtime) as r_:
+    with using(run, runtime, cpu_only="stability") as r_:
         out = r_.compute(tasks, "basis stability", labels)
 
     for lay, first in plan:
