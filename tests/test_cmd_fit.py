@@ -411,7 +411,9 @@ def test_nonfinite_rows(tmp_path: Path) -> None:
     sds[7]["l2.weight"][7] = float("inf")
     sds[0]["l2.weight"][8] = float("-inf")
     store = _ingest(write_safetensors_run(tmp_path / "ck", sds)[0].parent, tmp_path / "s.zarr")
-    res = _fit(store, "nan", modes=4, samples=689)  # every finite row
+    # K = 689 asked, 686 finite rows: all are sampled, and the fit says so
+    with pytest.warns(pipeline.PipelineWarning, match="only 686 parameters vary"):
+        res = _fit(store, "nan", modes=4, samples=689)
     got, dense, w = _dense(store, "nan", modes=4)
     row = {name: lo for name, lo, _hi in store_layers(store)}
     bad = np.array(
@@ -431,6 +433,7 @@ def test_nonfinite_rows(tmp_path: Path) -> None:
     assert np.all(got["residual"][bad] == 0) and np.all(got["mode"][bad] < res.n_modes)
     assert not np.isin(got["sample_index"], bad).any()
     assert got["sample_index"].size == 690 - 4  # all the others were sampled
+    assert got["attrs"]["n_varying"] == 686
     summary = got["attrs"]["summary"]
     assert summary["flags"]["nonfinite"] == 4
     assert math.isfinite(summary["relative_error"])

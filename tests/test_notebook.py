@@ -93,7 +93,7 @@ def test_walkthrough_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "T epochs:     7  [0-6]" in text
     assert "analysis 'walk' (fitted)" in text
     assert "GD acc" in text and "CMD acc" in text
-    assert "sweep at epoch(s) 6, over seeds [0, 1]" in text
+    assert "sweep over seeds [0, 1]" in text and "MSE at epoch 6" in text
     # reconstruction checks printed by the notebook
     assert "epoch 6: GD  test acc" in text
     assert "same tensors as pipeline.state_dict: True" in text
