@@ -60,8 +60,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.cluster import cluster_modes
 from pipeline.errors import PipelineError, PipelineWarning
+from pipeline.kernels.cluster import cluster_modes
 from pipeline.kernels.cmd import (
     FLAG_CONSTANT,
     FLAG_NONFINITE,
@@ -71,8 +71,8 @@ from pipeline.kernels.cmd import (
     varying_rows,
 )
 from pipeline.kernels.online import RunningFit, coefficients_rows, nonfinite_rows
+from pipeline.kernels.sampling import Pool, draw_samples
 from pipeline.runtime import Runner, RuntimeOptions
-from pipeline.sampling import Pool, draw_samples
 from pipeline.store.analysis import mode_dtype
 
 if TYPE_CHECKING:

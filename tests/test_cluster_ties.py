@@ -4,7 +4,7 @@ Exact multiples of one profile correlate with |corr| = 1 exactly in exact arithm
 floating point each |corr| comes out as 1 give or take a few ulps, and which one is largest
 depends on the kernel that rounded it. These tests plant such ulp-level differences directly
 in the correlation matrix, in every direction, and check that the documented rules
-(``pipeline.cluster``) decide, not the rounding.
+(``pipeline.kernels.cluster``) decide, not the rounding.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.cluster import DISTANCE_DECIMALS, SCORE_RTOL, cluster_modes
+from pipeline.kernels.cluster import DISTANCE_DECIMALS, SCORE_RTOL, cluster_modes
 
 ULP = 2.0**-52
 

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline.cluster import cluster_modes
+from pipeline.kernels.cluster import cluster_modes
 from pipeline.kernels.cmd import References, fit_block, pearson
+from pipeline.kernels.sampling import stratified_sample
 from pipeline.ops.reconstruct import reconstruct_block
-from pipeline.sampling import stratified_sample
 from pipeline.store.analysis import mode_dtype
 
 # float32-representable values (the trajectory is float32) of realistic weight magnitudes

@@ -24,7 +24,7 @@ from pipeline.kernels.cmd import (
     fit_block,
     varying_rows,
 )
-from pipeline.sampling import Pool
+from pipeline.kernels.sampling import Pool
 from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 

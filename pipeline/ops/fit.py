@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from pipeline._version import __version__
-from pipeline.cluster import cluster_modes
 from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
 from pipeline.errors import (
     ConfigMismatchError,
@@ -34,10 +33,11 @@ from pipeline.errors import (
     StoreError,
 )
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks, build_scan_tasks
+from pipeline.kernels.cluster import cluster_modes
 from pipeline.kernels.cmd import References, pearson
+from pipeline.kernels.sampling import Pool, Sample, draw_samples
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.sampling import Pool, Sample, draw_samples
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.schema import StoreMeta
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore

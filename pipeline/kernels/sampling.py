@@ -1,4 +1,5 @@
-"""Stratified sampling of parameters (paper 8.2). Pure numpy: indices in, indices out."""
+"""Stratified sampling of parameters (paper 8.2): the draws, pure numpy (indices in, indices
+out); the reads they need are the caller's callables."""
 
 from __future__ import annotations
 
