@@ -236,19 +236,9 @@ def _ingest(
         return result
 
     # 3. Declare the pending columns (client side), then write every chunk (workers).
-    fresh_store = meta is None
-    if rebuild:
-        st.delete_trajectory()
-    elif pending is not None and not resumed:  # --force discards an interrupted ingest
-        st.delete_chunk_columns(len(committed) // settings.time_chunk)
     base = StoreMeta(settings, index, n_rows, committed, tuple(new), __version__)
-    st.write_meta(base)
-    n_cols = len(committed) + len(new)
-    if st.has_trajectory():
-        st.resize_columns(n_cols)
-    else:
-        st.create_trajectory(n_rows, n_cols, settings)
-    st.remove_partials()
+    # --force discards an interrupted ingest it does not resume
+    st.begin_append(base, rebuild=rebuild, discard_pending=pending is not None and not resumed)
     existing = st.existing_chunks() if resumed else set()
 
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in index if t.stored])
@@ -282,7 +272,7 @@ def _ingest(
     try:
         counts = run.compute(tasks, "write chunks", labels)
     except InputError:
-        _rollback(st, meta, fresh_store, committed, settings)
+        st.rollback(meta, base)
         raise
     finally:
         # a worker killed mid-write leaves its temporary file; its task ran again elsewhere
@@ -306,7 +296,7 @@ def _ingest(
         )
         for e in new
     )
-    st.write_meta(base.with_(epochs=committed + done, pending=None))
+    st.commit(base, done)
     result.chunks_written = sum(1 for w in where if w[2])
     result.chunks_kept = len(where) - result.chunks_written
     result.nonfinite = {e.epoch: e.nonfinite for e in done if e.nonfinite}
@@ -330,32 +320,6 @@ def _time_blocks(c0: int, n_new: int, tc: int) -> list[tuple[int, int]]:
         out.append((a, b))
         a = b
     return out
-
-
-def _rollback(
-    st: TrajectoryStore,
-    meta: StoreMeta | None,
-    fresh_store: bool,
-    committed: tuple[EpochEntry, ...],
-    settings: IngestSettings,
-) -> None:
-    """Undo the pending columns after bad input: the store is left as it was.
-
-    Without committed columns (a new store, or a ``--force`` rebuild, which deleted the old
-    trajectory before writing) no trajectory is left, and no metadata either: metadata that
-    still listed the old epochs would make a re-run believe they are stored.
-    """
-    if fresh_store or not committed:
-        from pipeline.store.schema import ATTR_KEY
-
-        st.delete_trajectory()
-        st.root.attrs.__delitem__(ATTR_KEY)
-        st.meta = None
-        return
-    st.delete_chunk_columns(-(-len(committed) // settings.time_chunk))
-    st.resize_columns(len(committed))
-    assert meta is not None
-    st.write_meta(meta.with_(pending=None) if committed == meta.epochs else meta)
 
 
 def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection) -> None:

@@ -1,4 +1,6 @@
-"""Zarr I/O for a trajectory store: the only module that imports zarr.
+"""Zarr I/O for a trajectory store: its metadata, the trajectory array, its chunks, and the
+ingest transaction (:meth:`TrajectoryStore.begin_append`, :meth:`~TrajectoryStore.commit`,
+:meth:`~TrajectoryStore.rollback`).
 
 Layout (Zarr v3 group at the store's URL)::
 
@@ -24,10 +26,10 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.core.buffer.cpu import Buffer
-from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
-from pipeline.store.schema import ATTR_KEY, IngestSettings, StoreMeta
+from pipeline.store import keys
+from pipeline.store.schema import ATTR_KEY, EpochEntry, IngestSettings, StoreMeta
 
 __all__ = ["ANALYSES", "TRAJECTORY", "TrajectoryStore", "open_array", "read_block", "write_block"]
 
@@ -117,6 +119,53 @@ class TrajectoryStore:
             raise StoreError(f"{self.url} holds no trajectory yet: run `cmd-pipeline ingest` first")
         return self.meta
 
+    # ------------------------------------------------------------------ ingest transaction
+    def begin_append(self, base: StoreMeta, *, rebuild: bool, discard_pending: bool) -> None:
+        """Declare ``base.pending`` epochs as columns being written, before any chunk is.
+
+        ``rebuild`` deletes the old trajectory first (``--force``); ``discard_pending`` deletes
+        the chunks of an interrupted ingest being replaced. The metadata records the pending
+        epochs (so an interruption is seen and resumed), the array gets their columns, and
+        temporary files of writes an earlier interruption cut off are removed.
+        """
+        settings = base.settings
+        committed = len(base.epochs)
+        if rebuild:
+            self.delete_trajectory()
+        elif discard_pending:
+            self.delete_chunk_columns(committed // settings.time_chunk)
+        self.write_meta(base)
+        n_cols = committed + len(base.pending or ())
+        if self.has_trajectory():
+            self.resize_columns(n_cols)
+        else:
+            self.create_trajectory(base.n_rows, n_cols, settings)
+        self.remove_partials()
+
+    def commit(self, base: StoreMeta, done: tuple[EpochEntry, ...]) -> StoreMeta:
+        """Make the written epochs ``done`` (``base.pending`` with their NaN/Inf counts) part
+        of the trajectory; returns the committed metadata."""
+        meta = base.with_(epochs=base.epochs + done, pending=None)
+        self.write_meta(meta)
+        return meta
+
+    def rollback(self, before: StoreMeta | None, base: StoreMeta) -> None:
+        """Undo :meth:`begin_append` after bad input: the store is left as it was.
+
+        Without committed columns (a new store, or a ``--force`` rebuild, which deleted the old
+        trajectory before writing) no trajectory is left, and no metadata either: metadata that
+        still listed the old epochs would make a re-run believe they are stored.
+        """
+        committed = base.epochs
+        if before is None or not committed:
+            self.delete_trajectory()
+            self.root.attrs.__delitem__(ATTR_KEY)
+            self.meta = None
+            return
+        self.delete_chunk_columns(-(-len(committed) // base.settings.time_chunk))
+        self.resize_columns(len(committed))
+        self.write_meta(before.with_(pending=None) if committed == before.epochs else before)
+
     # ------------------------------------------------------------------ the array
     def has_trajectory(self) -> bool:
         return TRAJECTORY in self.root.array_keys()
@@ -144,7 +193,7 @@ class TrajectoryStore:
 
     def delete_trajectory(self) -> None:
         if self.has_trajectory():
-            sync(self.root.store.delete_dir(TRAJECTORY))
+            keys.delete_dir(self.root.store, TRAJECTORY)
             self.root = zarr.open_group(self.url, mode="a")
 
     def chunk_grid(self) -> ChunkGrid:
@@ -160,10 +209,7 @@ class TrajectoryStore:
 
     # ------------------------------------------------------------------ chunks
     def _chunk_keys(self) -> list[str]:
-        async def _ls() -> list[str]:
-            return [k async for k in self.root.store.list_prefix(f"{TRAJECTORY}/c/")]
-
-        return sync(_ls())
+        return keys.list_prefix(self.root.store, f"{TRAJECTORY}/c/")
 
     def existing_chunks(self) -> set[tuple[int, int]]:
         """Grid coordinates (row block, time block) of every completely written chunk."""
@@ -176,30 +222,19 @@ class TrajectoryStore:
 
     def remove_partials(self) -> int:
         """Delete temporary files left by a writer that was killed mid-write."""
-        n = 0
-        for k in self._chunk_keys():
-            if k.endswith(".partial"):
-                sync(self.root.store.delete(k))
-                n += 1
-        return n
+        return keys.remove_partials(self.root.store, f"{TRAJECTORY}/c/")
 
     def delete_chunk_columns(self, first_time_block: int) -> None:
         """Delete every chunk whose time block is ``>= first_time_block``."""
         for i, j in sorted(self.existing_chunks()):
             if j >= first_time_block:
-                sync(self.root.store.delete(f"{TRAJECTORY}/c/{i}/{j}"))
+                keys.delete(self.root.store, f"{TRAJECTORY}/c/{i}/{j}")
 
     # ------------------------------------------------------------------ the rest
     def analyses(self) -> list[str]:
         """The studies' names, from the listing (a study whose metadata is unreadable is
         listed too: opening it gives the error)."""
-        async def names() -> list[str]:
-            return [k async for k in self.root.store.list_dir(f"{ANALYSES}/")]
-
-        try:
-            listed = sync(names())
-        except FileNotFoundError:
-            return []
+        listed = keys.list_dir(self.root.store, f"{ANALYSES}/")
         return sorted(k.rstrip("/") for k in listed if k.rstrip("/") != "zarr.json")
 
     def size_on_disk(self) -> int:
@@ -212,7 +247,7 @@ class TrajectoryStore:
                     with contextlib.suppress(OSError):
                         total += os.path.getsize(os.path.join(dirpath, f))
             return total
-        return int(sync(self.root.store.getsize_prefix("")))
+        return keys.size(self.root.store)
 
 
 # ---------------------------------------------------------------------- task-side helpers
@@ -356,7 +391,7 @@ class ChunkGrid:
             full = np.full((self.chunk_rows, self.time_chunk), np.nan, dtype=np.float32)
             full[: block.shape[0], : block.shape[1]] = block
         data = np.ascontiguousarray(full, dtype="<f4").reshape(-1).view(np.uint8)
-        sync(_store_of(self.url).set(self.key(r0, col0), Buffer.from_array_like(data)))
+        keys.put(_store_of(self.url), self.key(r0, col0), Buffer.from_array_like(data))
 
 
 def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:

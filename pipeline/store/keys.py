@@ -1,0 +1,62 @@
+"""Key-level access to a Zarr store: listing, deletion and partial-file cleanup.
+
+The one place that drives zarr's async store API from synchronous code (``zarr.core.sync``,
+a private module of zarr-python 3.1: if it moves, only this module changes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zarr.core.sync import sync
+
+__all__ = ["delete", "delete_dir", "list_dir", "list_prefix", "put", "remove_partials", "size"]
+
+
+def list_prefix(store: Any, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (recursively), as the store lists them."""
+
+    async def _ls() -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    return sync(_ls())
+
+
+def list_dir(store: Any, prefix: str) -> list[str]:
+    """The immediate children of ``prefix`` (an empty list when there is nothing there)."""
+
+    async def _ls() -> list[str]:
+        return [k async for k in store.list_dir(prefix)]
+
+    try:
+        return sync(_ls())
+    except FileNotFoundError:
+        return []
+
+
+def delete(store: Any, key: str) -> None:
+    sync(store.delete(key))
+
+
+def delete_dir(store: Any, prefix: str) -> None:
+    sync(store.delete_dir(prefix))
+
+
+def remove_partials(store: Any, prefix: str) -> int:
+    """Delete the temporary files (``*.partial``) under ``prefix`` that a writer killed
+    mid-write left behind (zarr's local store writes ``<key>.<uuid>.partial`` and renames it
+    into place; no later write replaces such a file). Returns how many were deleted."""
+    stray = [k for k in list_prefix(store, prefix) if k.endswith(".partial")]
+    for k in stray:
+        delete(store, k)
+    return len(stray)
+
+
+def size(store: Any, prefix: str = "") -> int:
+    """Bytes stored under ``prefix``."""
+    return int(sync(store.getsize_prefix(prefix)))
+
+
+def put(store: Any, key: str, data: Any) -> None:
+    """Write one whole value (a zarr ``Buffer``) at ``key``."""
+    sync(store.set(key, data))
