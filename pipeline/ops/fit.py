@@ -26,10 +26,8 @@ import numpy as np
 from pipeline._version import __version__
 from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
 from pipeline.errors import (
-    ConfigMismatchError,
     PipelineError,
     PipelineWarning,
-    SchemaVersionError,
     StoreError,
 )
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks, build_scan_tasks
@@ -40,6 +38,7 @@ from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.schema import StoreMeta
+from pipeline.store.study import reconcile
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = ["FitResult", "fit", "summarise"]
@@ -107,13 +106,6 @@ def _mode_notes(asked: int | None, got: int, n_samples: int) -> list[str]:
         f"{got + 1} and {asked} clusters (samples at equal distances merge together, e.g. "
         "exact multiples of one profile, |corr| = 1 to 12 decimals)"
     ]
-
-
-def _brief(v: Any) -> str:
-    """A configuration value for a message: epoch lists as ranges."""
-    if isinstance(v, list) and len(v) > 4 and all(isinstance(e, int) for e in v):
-        return f"[{v[0]}, {v[1]}, ..., {v[-1]}] ({len(v)} epochs)"
-    return repr(v)
 
 
 def _fmt(v: float | None) -> str:
@@ -325,63 +317,20 @@ def fit(
     stored = meta.stored_tensors()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
     cols = np.asarray(cols_list, dtype=np.int64)
-    resume = False
-    attrs: dict[str, Any] | None = None
-    if ag.exists():
-        try:
-            attrs = ag.attrs()
-        except SchemaVersionError:
-            raise
-        except StoreError:
-            # not ours (no analysis attribute): only --force may replace it
-            if not force:
-                raise StoreError(
-                    f"analyses/{name} exists but is not a cmd-pipeline analysis; "
-                    "pass --force to replace it"
-                ) from None
-            ag.delete()
-            attrs = None
-        if attrs is not None and attrs.get("status") == "creating":
-            # an earlier fit was interrupted while creating the group: nothing was computed
-            ag.delete()
-            attrs = None
-    if attrs is not None:
-        same = attrs.get("config") == config and attrs.get("trajectory_fingerprint") == fingerprint
-        if same and attrs.get("status") != "complete" and attrs.get("stats_layout") != StatsLayout.VERSION:
-            # interrupted under an older release whose block statistics have another layout:
-            # its finished blocks cannot be summarised with this one; start it again
-            ag.delete()
-            attrs = None
-            same = False
-    if attrs is not None:
-        if same and attrs.get("status") == "complete":
-            return FitResult(
-                st.url,
-                name,
-                int(attrs["n_modes"]),
-                int(attrs["n_samples"]),
-                window_epochs,
-                attrs["summary"],
-                "unchanged",
-                config=config,
-            )
-        if same:
-            resume = True
-        elif not force:
-            old = attrs.get("config") or {}
-            # name what differs: the same arguments select other epochs after an append
-            diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
-            if diff:
-                desc = "configuration (" + ", ".join(
-                    f"{k}: stored {_brief(a)}, requested {_brief(b)}" for k, (a, b) in diff.items()
-                ) + ")"
-            else:
-                desc = "trajectory (re-ingested since)"
-            raise ConfigMismatchError(
-                f"analysis {name!r} exists with another {desc}; pass --force to replace it"
-            )
-        else:
-            ag.delete()
+    state = reconcile(ag, config, fingerprint, force=force, stats_layout=StatsLayout.VERSION)
+    if state.action == "unchanged":
+        assert state.attrs is not None
+        return FitResult(
+            st.url,
+            name,
+            int(state.attrs["n_modes"]),
+            int(state.attrs["n_samples"]),
+            window_epochs,
+            state.attrs["summary"],
+            "unchanged",
+            config=config,
+        )
+    resume = state.action == "resume"
     nbytes = 0
     with contextlib.ExitStack() as stack:
         held: list[Runner] = []
