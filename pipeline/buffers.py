@@ -16,8 +16,9 @@ __all__ = ["scratch"]
 _local = threading.local()
 
 
-def scratch(key: str, n: int, dtype: Any = np.float32) -> np.ndarray:
-    """A 1-D array of ``n`` elements owned by the calling thread, reused across calls.
+def scratch(key: str, n: int, dtype: Any = np.float32, xp: Any = np) -> Any:
+    """A 1-D array of ``n`` elements of the array module ``xp`` (numpy or cupy) owned by the
+    calling thread, reused across calls (fresh allocations cost page faults every time).
 
     Its contents are undefined. A second call with the same ``key`` in the same thread
     returns (a view of) the same memory, so callers must be done with the previous one.
@@ -26,8 +27,9 @@ def scratch(key: str, n: int, dtype: Any = np.float32) -> np.ndarray:
     if pool is None:
         pool = _local.pool = {}
     dt = np.dtype(dtype)
-    buf = pool.get(key)
+    slot = (key, xp.__name__)
+    buf = pool.get(slot)
     if buf is None or buf.dtype != dt or buf.size < n:
-        buf = np.empty(max(n, 1), dtype=dt)
-        pool[key] = buf
+        buf = xp.empty(max(n, 1), dtype=dt)
+        pool[slot] = buf
     return buf[:n]

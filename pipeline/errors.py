@@ -14,6 +14,7 @@ __all__ = [
     "PipelineWarning",
     "SchemaVersionError",
     "StoreError",
+    "TaskFailedError",
 ]
 
 
@@ -94,6 +95,11 @@ class ConfigMismatchError(PipelineError):
     """
 
     exit_code = 4
+
+
+class TaskFailedError(PipelineError):
+    """A task failed on the cluster (its worker died each time it was tried); the message
+    names the task and its chunk."""
 
 
 class PipelineWarning(UserWarning):

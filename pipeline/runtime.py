@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pipeline.errors import PipelineError, PipelineWarning
+from pipeline.errors import PipelineError, PipelineWarning, TaskFailedError
 
 __all__ = ["Runner", "RuntimeOptions", "TaskFailedError", "runner", "using"]
 
@@ -208,10 +208,6 @@ def _single_threaded_blas() -> Iterator[None]:
         return
     with threadpool_limits(limits=1):
         yield
-
-
-class TaskFailedError(PipelineError):
-    """A task failed on the cluster; the message names it and its chunk."""
 
 
 def task_error(exc: BaseException, desc: str, key: Any, label: str | None) -> BaseException:

@@ -7,12 +7,12 @@ near 1.0 that move by 1e-4; centring in float64 does not.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline.buffers import scratch
 from pipeline.compat import namespace
 
 __all__ = [
@@ -85,19 +85,6 @@ class BlockFit:
 
 _SUB_ROWS = 16384  # rows per inner step: the float64 work arrays stay cache-sized
 _DENSE_MODES = 64  # up to this many modes, per-mode sums are one matmul
-_work = threading.local()
-
-
-def _workspace(xp: Any, n_t: int, n_rows: int) -> Any:
-    """A reused (Tw, rows) float64 buffer (fresh allocations cost page faults on every call)."""
-    key = (xp.__name__, n_t, n_rows)
-    buf = getattr(_work, "buf", None)
-    if buf is None or _work.key != key:
-        buf = xp.empty((n_t, n_rows), dtype=xp.float64)
-        _work.buf, _work.key = buf, key
-    return buf
-
-
 def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     """Fit every row of ``x`` (S, Tw) to its best-correlated reference.
 
@@ -154,7 +141,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
         s1 = min(n_rows, s0 + step)
         sl = slice(s0, s1)
         src = xt[:, sl]
-        xc = _workspace(xp, n_t, s1 - s0) if s1 - s0 == step else xp.empty((n_t, s1 - s0), dtype=xp.float64)
+        # the float64 work block, reused across calls (fresh allocations cost page faults)
+        xc = scratch("cmd-fit-block", n_t * (s1 - s0), np.float64, xp).reshape(n_t, s1 - s0)
         xc[...] = src
         hi = src.max(axis=0)
         lo = src.min(axis=0)

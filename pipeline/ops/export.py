@@ -235,7 +235,6 @@ def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path:
 
 
 def _torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> dict[str, Any]:
-    import torch
 
     side = _Side(entry)
     arrays = {t.name: np.empty(t.size, dtype=RAW_NUMPY[t.dtype]) for t in meta.stored_tensors()}
@@ -245,7 +244,7 @@ def _torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> di
     for t in meta.tensors:
         raw = arrays[t.name] if t.stored else np.ascontiguousarray(side.raw(t))
         raw = raw.reshape(t.shape)
-        sd[t.name] = _to_torch(raw, t.dtype, torch)
+        sd[t.name] = _to_torch(raw, t.dtype)
     return sd
 
 
@@ -271,7 +270,7 @@ def _source(st: TrajectoryStore, col: int, epoch: int, analysis: str | None) -> 
     return analysis_column(st, analysis, epoch)
 
 
-def _to_torch(raw: np.ndarray, dtype: str, torch: object) -> object:
+def _to_torch(raw: np.ndarray, dtype: str) -> object:
     import torch as _t
 
     if dtype == "bfloat16":

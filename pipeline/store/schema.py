@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -324,7 +324,6 @@ class StoreMeta:
     epochs: tuple[EpochEntry, ...] = ()
     pending: tuple[EpochEntry, ...] | None = None
     package_version: str = ""
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def n_epochs(self) -> int:
