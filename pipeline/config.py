@@ -1,7 +1,7 @@
 """Defaults, in one place.
 
-Every tunable number of the package is defined here and only here; functions take explicit
-arguments whose defaults come from this module.
+The package's defaults and limits: functions take explicit arguments whose defaults come
+from this module.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ __all__ = [
     "DEFAULT_CODEC",
     "DEFAULT_FLOAT_BUFFERS",
     "DEFAULT_NONFINITE",
+    "DEFAULT_SAMPLES",
     "DEFAULT_TIME_CHUNK",
+    "DRAW_ROUNDS",
+    "FIT_BLOCK_BYTES",
     "INLINE_TENSOR_MAX_ELEMENTS",
     "KNOWN_BUFFER_SUFFIXES",
+    "MIN_EPOCHS",
     "READ_BLOCK_BYTES",
 ]
 
@@ -61,3 +65,11 @@ DEFAULT_SAMPLES = 1000
 #: Target size of one fit task's float32 block (rows x window epochs); the kernel's float64
 #: work arrays are a few times larger.
 FIT_BLOCK_BYTES = 16 * 1024 * 1024
+
+#: Rounds of redrawing when sampled parameters turn out constant or non-finite over the
+#: window; when they still fall short of K, one pass finds every varying parameter.
+DRAW_ROUNDS = 20
+
+#: The shortest window CMD accepts: over 2 epochs every varying profile is a line, and
+#: every pair correlates perfectly.
+MIN_EPOCHS = 3

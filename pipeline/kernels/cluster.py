@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DISTANCE_DECIMALS", "SCORE_RTOL", "Clustering", "cluster_modes"]
+__all__ = ["DISTANCE_DECIMALS", "SCORE_RTOL", "Clustering", "check_cut", "cluster_modes"]
 
 #: distances 1 - |corr| are rounded to this many decimals before the linkage, so that values
 #: equal in exact arithmetic (exact multiples, duplicated rows) are equal whatever CPU or BLAS
@@ -31,6 +31,17 @@ class Clustering:
         return int(self.references.size)
 
 
+def check_cut(modes: int | None, threshold: float | None) -> None:
+    """Raise ``ValueError`` unless exactly one valid cut is given: ``modes`` >= 1, or a
+    ``threshold`` distance in [0, 1]."""
+    if (modes is None) == (threshold is None):
+        raise ValueError("give exactly one of modes or threshold")
+    if modes is not None and modes < 1:
+        raise ValueError("modes must be >= 1")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ValueError("threshold is a distance 1 - |corr| in [0, 1]")
+
+
 def cluster_modes(
     corr: np.ndarray, *, modes: int | None = None, threshold: float | None = None
 ) -> Clustering:
@@ -50,8 +61,7 @@ def cluster_modes(
     from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
     from scipy.spatial.distance import squareform
 
-    if (modes is None) == (threshold is None):
-        raise ValueError("give exactly one of modes or threshold")
+    check_cut(modes, threshold)
     k = corr.shape[0]
     absc = np.abs(np.asarray(corr, dtype=np.float64))
     if k == 1:
@@ -63,13 +73,8 @@ def cluster_modes(
         dist = np.clip((dist + dist.T) / 2, 0.0, 1.0).round(DISTANCE_DECIMALS)
         z = linkage(squareform(dist, checks=False), method="complete")
         if modes is not None:
-            if modes < 1:
-                raise ValueError("modes must be >= 1")
             raw = fcluster(z, t=modes, criterion="maxclust")
         else:
-            assert threshold is not None
-            if not 0 <= threshold <= 1:
-                raise ValueError("threshold is a distance 1 - |corr| in [0, 1]")
             raw = fcluster(z, t=threshold, criterion="distance")
         order = leaves_list(z).astype(np.int64)
     ids, first, counts = np.unique(raw, return_index=True, return_counts=True)

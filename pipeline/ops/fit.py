@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 
 from pipeline._version import __version__
-from pipeline.config import DEFAULT_SAMPLES, FIT_BLOCK_BYTES
+from pipeline.config import DEFAULT_SAMPLES, DRAW_ROUNDS, FIT_BLOCK_BYTES, MIN_EPOCHS
 from pipeline.errors import (
     PipelineError,
     PipelineWarning,
     StoreError,
 )
 from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks, build_scan_tasks
-from pipeline.kernels.cluster import cluster_modes
+from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
 from pipeline.kernels.sampling import Pool, Sample, draw_samples
 from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
@@ -43,9 +43,6 @@ from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = ["FitResult", "fit", "summarise"]
 
-_MAX_DRAW_ROUNDS = 20
-#: the shortest window CMD accepts: over 2 epochs every varying profile is a line, |corr| = 1
-MIN_EPOCHS = 3
 
 
 @dataclass
@@ -146,7 +143,7 @@ def _sample(
 
     return draw_samples(
         layout.offsets, layout.sizes, k, seed, lambda rows: grid.read_scattered(rows, cols),
-        rounds=_MAX_DRAW_ROUNDS, scan=scan,
+        rounds=DRAW_ROUNDS, scan=scan,
     )
 
 
@@ -272,12 +269,12 @@ def fit(
     Re-running a finished study with the same configuration changes nothing; an interrupted
     one resumes, its finished blocks untouched.
     """
-    if (modes is None) == (threshold is None):
-        raise PipelineError("give exactly one of --modes or --threshold")
-    if modes is not None and modes < 1:
-        raise PipelineError("--modes must be at least 1")
+    try:
+        check_cut(modes, threshold)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
     if samples < 2:
-        raise PipelineError("--samples must be at least 2")
+        raise PipelineError("samples must be at least 2")
     t0 = time.perf_counter()
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
