@@ -184,7 +184,7 @@ def test_store_backed_equals_in_memory(data, tmp_path, monkeypatch) -> None:
     fit as the in-memory sums; an update that fails midway leaves the previous epoch intact and
     simply runs again."""
     import pipeline
-    import pipeline.online_store as online_store
+    import pipeline.graph.online as online_graph
 
     xtr, ytr, _, _ = data
     torch.manual_seed(3)
@@ -201,7 +201,7 @@ def test_store_backed_equals_in_memory(data, tmp_path, monkeypatch) -> None:
             _train_epoch(model, opt, xtr, ytr, gen)
             mem.update(model)
             if epoch == 6:  # one block fails once: the update raises, then succeeds when re-run
-                real = online_store._update_task
+                real = online_graph.update_task
                 calls = {"n": 0}
 
                 def flaky(url, r0, r1, dr, n1, calls=calls, real=real):
@@ -211,7 +211,7 @@ def test_store_backed_equals_in_memory(data, tmp_path, monkeypatch) -> None:
                         raise OSError("disk hiccup")
                     real(url, r0, r1, dr, n1)
 
-                monkeypatch.setattr(online_store, "_update_task", flaky)
+                monkeypatch.setattr(online_graph, "update_task", flaky)
                 with pytest.raises(OSError, match="disk hiccup"):
                     big.update(model)
                 assert big.epoch == mem.epoch - 1

@@ -1,60 +1,16 @@
-"""Online and Embedded CMD inside a PyTorch training loop (the follow-up paper).
+"""Online CMD in memory (:class:`OnlineCMD`): the warm-up, the running fit, NaN/Inf, the results.
 
->>> cmd = OnlineCMD(model, warmup=20, modes=10, samples=1000, seed=0)   # doctest: +SKIP
->>> for epoch in range(epochs):                                          # doctest: +SKIP
-...     train_one_epoch(model, optimizer)
-...     cmd.update(model)
-...     evaluate(cmd.current_state_dict())    # the CMD weights; the model is not touched
-
-**Warm-up.** The first ``warmup`` updates (at least :data:`MIN_WARMUP` = 3, the shortest window
-the post-hoc fit accepts) record the parameters (in memory, float32: N x F x 4 bytes). Post-hoc
-CMD on that window (stratified sampling of K parameters, complete linkage on |corr|, one
-reference per mode, every parameter assigned to its best-correlated reference) fixes the modes,
-the references and every parameter's mode for good.
-
-**After the warm-up.** Every update adds the epoch to per-parameter centred float64 running sums
-(:class:`~pipeline.kernels.online.RunningFit`), so ``(a, b)`` are always the exact least-squares
-fit over ``[start, t]``, as a batch refit would give, in O(N) memory with no history.
-``current_state_dict()`` returns ``a * r(t) + b`` with ``r(t)`` the references' current values.
-
-**NaN/Inf.** Every update checks the parameters:
-
-- a parameter that is NaN/Inf at an update after the warm-up is flagged ``FLAG_NONFINITE`` in
-  ``flags`` (for good, even if it turns finite again) and keeps its last finite fit, the fit
-  over ``[start, t - 1]``: its running sums never take the value in (they are not updated any
-  more), and no other parameter's fit, its mode's included, is affected;
-- a parameter with NaN/Inf during the warm-up has no finite fit: it is flagged the same way and
-  held at ``a = 0``, ``b = `` its last finite warm-up value (NaN only if it was never finite);
-- every update that sees NaN/Inf warns (:class:`~pipeline.errors.PipelineWarning`, with the
-  count and the epoch) and records the count in ``nonfinite_counts`` (epoch -> count);
-- a reference that turns NaN/Inf stops the update with a :class:`~pipeline.errors.PipelineError`
-  naming the tensor, the element and the epoch ("training diverged"); the state stays the
-  previous epoch's, so a finite epoch can still be added.
-
-So ``coefficients()``, ``cmd_vector()`` and ``current_state_dict()`` are finite for every
-parameter that was ever finite. The store backend (``store=``) follows the same policy.
-
-**Embedded CMD** (:class:`EmbeddedCMD`). Every ``embed_every`` updates after the warm-up, the
-``embed_fraction`` of the not-yet-embedded parameters whose fit moved least since the last check
-(``|a - a_prev| * rms(r) + |b - b_prev|``, the largest change of ``a r + b`` over the window's
-reference values, in weight units) are embedded: their ``(a, b)`` are frozen, their gradients
-are zeroed by a hook, their optimiser state (momentum, Adam moments) is zeroed, and after every
-optimiser step they are set to ``a * r(t) + b`` from the live references. References, parameters
-flagged NaN/Inf, and parameters that were constant over the warm-up (``FLAG_CONSTANT``: e.g. a
-layer frozen during the warm-up, whose fit says nothing about how it moves once unfrozen) are
-never embedded. Nothing non-finite is ever written into the model: an embedded parameter keeps
-its frozen, finite fit, and while a reference is NaN/Inf (training diverging between two
-updates) ``apply()`` leaves that mode's embedded parameters as they are; the next ``update()``
-then raises.
-
-Parameters: every floating-point ``nn.Parameter`` of the model (buffers, e.g. BatchNorm
-statistics, are not decomposed: ``current_state_dict`` takes them from the model).
+:class:`OnlineCMD` records the warm-up, fits it post hoc (sampling, clustering, one reference
+per mode), then keeps every parameter's running least-squares fit
+(:class:`~pipeline.kernels.online.RunningFit`) and applies the NaN/Inf policy of
+:mod:`pipeline.online`. With ``store=`` the per-parameter sums live in a Zarr store instead,
+kept by :class:`~pipeline.online.store_backed.StoreRunningFit`; this class then holds only the
+per-mode state and the held NaN/Inf parameters.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -63,7 +19,6 @@ from torch import nn
 from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.kernels.cluster import cluster_modes
 from pipeline.kernels.cmd import (
-    FLAG_CONSTANT,
     FLAG_NONFINITE,
     References,
     fit_block,
@@ -72,24 +27,24 @@ from pipeline.kernels.cmd import (
 )
 from pipeline.kernels.online import RunningFit, coefficients_rows, nonfinite_rows
 from pipeline.kernels.sampling import Pool, draw_samples
+from pipeline.online.store_backed import StoreRunningFit
 from pipeline.runtime import Runner, RuntimeOptions
 from pipeline.store.analysis import mode_dtype
 
-if TYPE_CHECKING:
-    from pipeline.online_store import StoreRunningFit
-
-__all__ = ["MIN_WARMUP", "EmbeddedCMD", "OnlineCMD", "lightning_callback"]
+__all__ = ["MIN_WARMUP", "OnlineCMD", "named_float_params"]
 
 _MAX_DRAW_ROUNDS = 20
 MIN_WARMUP = 3  #: the shortest warm-up: the post-hoc fit refuses windows of fewer epochs
 
 
-def _named_float_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def named_float_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The floating-point parameters of ``model`` (name, parameter), in ``named_parameters`` order:
+    the ones Online CMD decomposes."""
     return [(n, p) for n, p in model.named_parameters() if p.dtype.is_floating_point]
 
 
 class OnlineCMD:
-    """Online CMD alongside training; see the module docstring.
+    """Online CMD alongside training; see :mod:`pipeline.online`.
 
     Parameters
     ----------
@@ -105,7 +60,7 @@ class OnlineCMD:
     seed
         Seed of the sampling.
     store
-        Keep the running sums in this Zarr store (:mod:`pipeline.online_store`), not in
+        Keep the running sums in this Zarr store (:mod:`pipeline.online.store_backed`), not in
         memory; ``flags`` is then the store's ``online/flags`` and this attribute stays None.
     runtime, run
         How the store backend runs its Dask graphs.
@@ -147,7 +102,7 @@ class OnlineCMD:
         self.threshold = threshold
         self.samples = samples
         self.seed = seed
-        params = _named_float_params(model)
+        params = named_float_params(model)
         if not params:
             raise ValueError("the model has no floating-point parameters")
         self.names = [n for n, _ in params]
@@ -174,8 +129,6 @@ class OnlineCMD:
         self._held_b = np.empty(0, dtype=np.float64)
         self.store: StoreRunningFit | None = None
         if store is not None:
-            from pipeline.online_store import StoreRunningFit
-
             self.store = StoreRunningFit(
                 store, self.names, self.shapes, self.offsets, self.sizes, warmup, runtime, run
             )
@@ -204,7 +157,10 @@ class OnlineCMD:
 
     def _flat(self, model: nn.Module) -> np.ndarray:
         with torch.no_grad():
-            parts = [p.detach().reshape(-1).to("cpu", torch.float32) for _, p in _named_float_params(model)]
+            parts = [
+                p.detach().reshape(-1).to("cpu", torch.float32)
+                for _, p in named_float_params(model)
+            ]
             return torch.cat(parts).numpy()
 
     @property
@@ -230,13 +186,15 @@ class OnlineCMD:
     def update(self, model: nn.Module | None = None) -> None:
         """Add the current parameters as one epoch (call once per epoch).
 
-        NaN/Inf follow the policy of the module docstring: flagged, held, counted and warned
+        NaN/Inf follow the policy of :mod:`pipeline.online`: flagged, held, counted and warned
         about (:class:`~pipeline.errors.PipelineWarning`); a non-finite reference raises
         :class:`~pipeline.errors.PipelineError` and adds nothing.
         """
         w = self._flat(model if model is not None else self.model)
         if w.size != self.n_params:
-            raise ValueError(f"the model has {w.size} parameters, OnlineCMD was made for {self.n_params}")
+            raise ValueError(
+                f"the model has {w.size} parameters, OnlineCMD was made for {self.n_params}"
+            )
         epoch = self.epoch + 1  # the number this update gets (1-based, as in nonfinite_counts)
         finite = np.isfinite(w)
         n_bad = int(w.size - np.count_nonzero(finite))
@@ -352,8 +310,13 @@ class OnlineCMD:
             return pools, 0
 
         drawn = draw_samples(
-            self.offsets, self.sizes, self.samples, self.seed, lambda rows: (hist[rows], 0),
-            rounds=_MAX_DRAW_ROUNDS, scan=scan,
+            self.offsets,
+            self.sizes,
+            self.samples,
+            self.seed,
+            lambda rows: (hist[rows], 0),
+            rounds=_MAX_DRAW_ROUNDS,
+            scan=scan,
         )
         self.n_varying = drawn.n_varying
         idx, prof = drawn.index, drawn.profiles
@@ -383,7 +346,9 @@ class OnlineCMD:
         if bad.size:
             hist[bad] = 0.0
         # mode ids in the smallest unsigned dtype (one byte per parameter up to 256 modes)
-        self.fit = RunningFit.from_history(hist, hist[ref_index], bf.mode.astype(mode_dtype(ref_index.size)))
+        self.fit = RunningFit.from_history(
+            hist, hist[ref_index], bf.mode.astype(mode_dtype(ref_index.size))
+        )
         self._hold(bad, np.zeros(bad.size), last)
         self.ref_index = ref_index
         self.sample_index = sample_index
@@ -394,7 +359,7 @@ class OnlineCMD:
     def coefficients(self) -> tuple[np.ndarray, np.ndarray]:
         """``(a, b)`` per parameter (float64), exact least squares over the window so far.
         References are their own fit: a = 1, b = 0; a parameter flagged NaN/Inf has its held
-        fit (see the module docstring)."""
+        fit (see :mod:`pipeline.online`)."""
         if not self._ready:
             raise RuntimeError(f"OnlineCMD is warming up ({self.epoch} of {self.warmup} epochs)")
         if self.store is not None:
@@ -444,194 +409,3 @@ class OnlineCMD:
             t = torch.from_numpy(flat[off : off + size].copy()).reshape(shape)
             sd[name] = t.to(dtype=dtype, device=sd[name].device)
         return sd
-
-
-class EmbeddedCMD(OnlineCMD):
-    """Online CMD that also embeds parameters; see the module docstring.
-
-    Parameters
-    ----------
-    model, warmup, modes, threshold, samples, seed
-        As for :class:`OnlineCMD`.
-    optimizer
-        The optimiser training ``model``: a step hook keeps embedded parameters on
-        ``a * r(t) + b`` and their optimiser state at zero.
-    embed_every
-        L: embed every L updates after the warm-up.
-    embed_fraction
-        P: the fraction of the not-yet-embedded parameters embedded at each check.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        *,
-        warmup: int = 20,
-        modes: int | None = 10,
-        threshold: float | None = None,
-        samples: int = 1000,
-        seed: int = 0,
-        embed_every: int = 10,
-        embed_fraction: float = 0.1,
-    ) -> None:
-        super().__init__(model, warmup=warmup, modes=modes, threshold=threshold, samples=samples, seed=seed)
-        if embed_every < 1:
-            raise ValueError("embed_every must be at least 1")
-        if not 0 < embed_fraction <= 1:
-            raise ValueError("embed_fraction must be in (0, 1]")
-        self.optimizer = optimizer
-        self.embed_every = embed_every
-        self.embed_fraction = embed_fraction
-        self.embedded = np.zeros(self.n_params, dtype=bool)
-        self.a_frozen = np.zeros(self.n_params)
-        self.b_frozen = np.zeros(self.n_params)
-        self._prev: tuple[np.ndarray, np.ndarray] | None = None
-        self.history: list[dict[str, Any]] = []
-        self._params = [p for _, p in _named_float_params(model)]
-        self._masks = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in self._params]
-        self._ref_pos: list[tuple[int, int]] = []  # (param index, element) of each reference
-        self._follow: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self._hooked: set[int] = set()
-        for i in range(len(self._params)):
-            self._mask_gradient(i)
-        self._hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: self.apply())
-
-    def _mask_gradient(self, i: int) -> None:
-        """Zero the embedded elements' gradient of parameter ``i`` (a frozen parameter gets no
-        gradient to mask: its hook is registered once it requires one, at an embedding)."""
-        p = self._params[i]
-        if i not in self._hooked and p.requires_grad:
-            p.register_hook(lambda g, mask=self._masks[i]: g.masked_fill(mask, 0.0))
-            self._hooked.add(i)
-
-    def memory_bytes(self) -> int:
-        """As :meth:`OnlineCMD.memory_bytes`, plus the embedding state (frozen a and b, the
-        last check's a and b, the masks)."""
-        extra = self.a_frozen.nbytes + self.b_frozen.nbytes + self.embedded.nbytes
-        extra += sum(m.numel() for m in self._masks)
-        if self._prev is not None:
-            extra += self._prev[0].nbytes + self._prev[1].nbytes
-        return super().memory_bytes() + extra
-
-    @property
-    def fraction_embedded(self) -> float:
-        return float(self.embedded.mean())
-
-    def update(self, model: nn.Module | None = None) -> None:
-        was_ready = self.ready
-        super().update(model)
-        nonfinite = self.nonfinite_counts.get(self.epoch, 0)
-        if not self.ready:
-            self.history.append({"epoch": self.epoch, "embedded": 0.0, "nonfinite": nonfinite})
-            return
-        if not was_ready:  # the warm-up just ended: locate the references in the tensors
-            assert self.ref_index is not None
-            for r in self.ref_index:
-                i = int(np.searchsorted(self.offsets, r, side="right") - 1)
-                self._ref_pos.append((i, int(r - self.offsets[i])))
-            self._prev = self.coefficients()
-        elif (self.epoch - self.warmup) % self.embed_every == 0:
-            self._embed()
-        self.history.append(
-            {"epoch": self.epoch, "embedded": self.fraction_embedded, "nonfinite": nonfinite}
-        )
-
-    def _embed(self) -> None:
-        a, b = self.coefficients()
-        assert self._prev is not None and self.fit is not None and self.ref_index is not None
-        pa, pb = self._prev
-        self._prev = (a, b)
-        r_rms = np.sqrt(self.fit.mean_r**2 + self.fit.m2_r / max(self.fit.n, 1))
-        moved = np.abs(a - pa) * r_rms[self.fit.mode] + np.abs(b - pb)
-        candidate = ~self.embedded & np.isfinite(moved)
-        candidate[self.ref_index] = False
-        # never: NaN/Inf (held, not fitted), or constant over the warm-up (e.g. frozen then:
-        # a = 0 and a window of its warm-up value, which says nothing of how it moves now)
-        assert self.flags is not None
-        candidate &= (self.flags & (FLAG_NONFINITE | FLAG_CONSTANT)) == 0
-        idx = np.flatnonzero(candidate)
-        k = round(self.embed_fraction * idx.size)
-        if k == 0:
-            return
-        chosen = idx[np.argsort(moved[idx], kind="stable")[:k]]
-        self.embedded[chosen] = True
-        self.a_frozen[chosen] = a[chosen]
-        self.b_frozen[chosen] = b[chosen]
-        # what apply() needs after every optimiser step, found once per embedding: per parameter
-        # tensor, its embedded elements (flat indices, in C order like the mask) and their modes
-        self._follow = []
-        for i, (off, size) in enumerate(zip(self.offsets, self.sizes, strict=True)):
-            emb = self.embedded[off : off + size]
-            self._masks[i].copy_(torch.from_numpy(emb.reshape(self.shapes[i])).to(self._masks[i].device))
-            if emb.any():
-                self._mask_gradient(i)
-                sel = off + np.flatnonzero(emb)
-                self._follow.append((i, sel, self.fit.mode[sel].astype(np.int64)))
-        self.apply()
-
-    def _ref_values(self) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.stack(
-                [self._params[i].detach().reshape(-1)[j].to("cpu", torch.float64) for i, j in self._ref_pos]
-            )
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Set the embedded parameters to ``a * r(t) + b`` from the live references, and zero
-        their optimiser state (called after every optimiser step). Never writes NaN/Inf: an
-        embedded parameter whose value would be non-finite (its reference is NaN/Inf: training
-        is diverging, and the next :meth:`update` raises) keeps its current value."""
-        if not self._follow:
-            return
-        r = self._ref_values().numpy()
-        for i, sel, mode in self._follow:
-            p = self._params[i]
-            # a_frozen/b_frozen are read here, not cached: a caller may round them (federated)
-            vals = self.a_frozen[sel] * r[mode] + self.b_frozen[sel]
-            ok = np.isfinite(vals)
-            if not ok.all():
-                now = p.data[self._masks[i]].to("cpu", torch.float64).numpy()
-                vals = np.where(ok, vals, now)
-            # boolean-mask assignment follows the logical (C) order of the elements, like sel,
-            # so it also works for non-contiguous parameters (e.g. channels_last weights)
-            p.data[self._masks[i]] = torch.from_numpy(vals).to(p.device, p.dtype)
-            state = self.optimizer.state.get(p, {})
-            for v in state.values():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    v.masked_fill_(self._masks[i], 0.0)
-
-    def cmd_vector(self) -> np.ndarray:
-        """As :meth:`OnlineCMD.cmd_vector`, with the frozen fit for embedded parameters."""
-        v = super().cmd_vector()
-        if self.embedded.any():
-            assert self.fit is not None and self._r_now is not None
-            e = self.embedded
-            v[e] = (self.a_frozen[e] * self._r_now[self.fit.mode[e]] + self.b_frozen[e]).astype(np.float32)
-        return v
-
-    def remove(self) -> None:
-        """Detach the optimiser hook (the gradient hooks stay, with empty masks)."""
-        self._hook.remove()
-        for m in self._masks:
-            m.zero_()
-        self.embedded[:] = False
-        self._follow = []
-
-
-def lightning_callback(cmd: OnlineCMD) -> Any:
-    """A Lightning ``Callback`` that calls ``cmd.update(pl_module)`` at the end of every
-    training epoch (``lightning`` or ``pytorch_lightning`` must be installed)."""
-    try:
-        from lightning.pytorch import Callback
-    except ImportError:
-        try:
-            from pytorch_lightning import Callback
-        except ImportError as e:
-            raise ImportError("lightning_callback needs lightning (pip install lightning)") from e
-
-    class OnlineCMDCallback(Callback):
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            cmd.update(pl_module)
-
-    return OnlineCMDCallback()
