@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import DRAW_ROUNDS, MIN_EPOCHS
 from pipeline.errors import PipelineError, PipelineWarning
-from pipeline.kernels.cluster import cluster_modes
+from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import (
     FLAG_NONFINITE,
     References,
@@ -33,8 +34,7 @@ from pipeline.store.analysis import mode_dtype
 
 __all__ = ["MIN_WARMUP", "OnlineCMD", "named_float_params"]
 
-_MAX_DRAW_ROUNDS = 20
-MIN_WARMUP = 3  #: the shortest warm-up: the post-hoc fit refuses windows of fewer epochs
+MIN_WARMUP = MIN_EPOCHS  #: the shortest warm-up: the post-hoc fit refuses windows of fewer epochs
 
 
 def named_float_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -92,8 +92,7 @@ class OnlineCMD:
                 f"warmup must be at least {MIN_WARMUP} epochs (the post-hoc fit of the warm-up "
                 f"needs {MIN_WARMUP}), got {warmup}"
             )
-        if (modes is None) == (threshold is None):
-            raise ValueError("give exactly one of modes or threshold")
+        check_cut(modes, threshold)
         if samples < 2:
             raise ValueError("samples must be at least 2")
         self.model = model
@@ -315,7 +314,7 @@ class OnlineCMD:
             self.samples,
             self.seed,
             lambda rows: (hist[rows], 0),
-            rounds=_MAX_DRAW_ROUNDS,
+            rounds=DRAW_ROUNDS,
             scan=scan,
         )
         self.n_varying = drawn.n_varying
