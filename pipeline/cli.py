@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from pipeline._version import __version__
+from pipeline.config import DEFAULT_SAMPLES
 from pipeline.errors import PipelineError
 
 __all__ = ["main"]
@@ -359,7 +360,7 @@ def export(store: str, epoch: int, out: str, analysis: str | None, no_progress: 
     "--samples",
     "-k",
     type=click.IntRange(min=2),
-    default=1000,
+    default=DEFAULT_SAMPLES,
     show_default=True,
     help="K, the number of sampled parameters.",
 )
@@ -725,51 +726,31 @@ def stability(
     **kw: Any,
 ) -> None:
     """When does each layer's orthogonal basis (Q = U V^T of its SVD) stop moving?"""
-    import json
-
-    from pipeline.errors import StoreError
-    from pipeline.ops.stability import basis_stability, stability_figure
-    from pipeline.store.analysis import AnalysisGroup
-    from pipeline.store.schema import check_study_attrs
-    from pipeline.store.trajectory import TrajectoryStore
+    from pipeline.ops.stability import stability_study
 
     runtime = _make_runtime(kw)
-    ag = None
-    if name is not None:
-        st = TrajectoryStore.open(store)
-        ag = AnalysisGroup(st.url, name)
-        if not ag.exists():
-            raise StoreError(f"no analysis {name!r} in {st.url}")
-        attrs = check_study_attrs(ag.attrs(), name)
-        if window is None:
-            w = attrs["config"].get("window")
-            window = None if w in (None, ":") else w
-    result = basis_stability(
-        store, epochs=window, threshold=threshold, max_exact=max_exact, rank=rank, stride=stride,
-        runtime=runtime,
-    )
-    click.echo(result.summary())
-    saved = result.to_dict()
+    windows = None
     if mode_windows is not None:
-        from pipeline.ops.mode_changes import mode_changes, sliding_windows
-
         if name is None:
             raise click.UsageError("--mode-windows needs --name")
         try:
             width, step = (int(v) for v in mode_windows.split(":"))
         except ValueError:
             raise click.BadParameter("WIDTH:STEP, e.g. 20:10", param_hint="--mode-windows") from None
-        wins = sliding_windows(result.epochs, width, step)
-        mc = mode_changes(store, name, wins, modes=modes, runtime=runtime)
-        saved["mode_changes"] = mc.to_dict()
-        click.echo("fraction of each layer's parameters that change mode between consecutive windows:")
-        for k in range(len(wins) - 1):
-            per = ", ".join(f"{lay} {c:.3f}" for lay, c in zip(mc.layers, mc.changed[k], strict=True))
-            click.echo(f"  {wins[k]} -> {wins[k + 1]}: overall {mc.overall[k]:.3f}; {per}")
-    if ag is not None:
-        loc = ag.write_file("stability.json", json.dumps(saved, indent=1).encode())
-        ag.write_file("figures/stability.png", stability_figure(result))
-        click.echo(f"saved with study {name!r}: {loc}")
+        windows = (width, step)
+    result = stability_study(
+        store,
+        name=name,
+        epochs=window,
+        threshold=threshold,
+        max_exact=max_exact,
+        rank=rank,
+        stride=stride,
+        mode_windows=windows,
+        modes=modes,
+        runtime=runtime,
+    )
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":  # pragma: no cover

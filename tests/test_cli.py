@@ -308,3 +308,30 @@ def test_multi_line_error_messages_become_one_line(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(pipeline.ops.info, "info", fail)
     r = _cli("info", "--store", tmp_path / "s.zarr")
     assert r.exit_code == 3 and r.stderr == "error: the store is odd\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mode-windows", "4:2"], "--mode-windows needs --name"),
+        (["--name", "s", "--mode-windows", "4"], "WIDTH:STEP, e.g. 20:10"),
+    ],
+)
+def test_stability_mode_windows_usage_is_checked_before_anything_runs(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    """The CLI checks --mode-windows itself (exit 2), before the store is even opened."""
+    store = tmp_path / "nope.zarr"
+    result = _cli("stability", "--store", store, "--sync", "--no-progress", *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert result.stdout == "" and not store.exists()
+
+
+def test_stability_help_shows_the_defaults() -> None:
+    result = _cli("stability", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # help lines wrap anywhere
+    for want in ("--threshold", "default: 0.9;", "default: 4000000;", "--mode-windows", "--stride"):
+        assert want in text, want
+    assert "default: 1000;" in " ".join(_cli("fit", "--help").output.split())

@@ -32,6 +32,8 @@ from helpers import (
 
 import pipeline
 from pipeline.cli import main
+from pipeline.graph.reconstruct import RECONSTRUCTED, build_reconstruct_tasks
+from pipeline.kernels.reconstruct import reconstruct_block
 from pipeline.ops.export import from_float32
 from pipeline.store.analysis import AnalysisGroup
 
@@ -287,3 +289,55 @@ def test_cli_reconstruct(net: tuple[Path, Run], tmp_path: Path) -> None:
     assert np.linalg.norm(rec - w) / np.linalg.norm(w) < 0.5
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0 and "0 block(s) written, 1 kept" in r.output
+
+
+# --------------------------------------------------------------------------- layers
+def test_reconstruct_block_kernel_matches_the_direct_formula() -> None:
+    rng = np.random.default_rng(3)
+    refs = rng.standard_normal((4, 9))
+    mode = rng.integers(4, size=30).astype(np.uint8)
+    a, b = rng.standard_normal(30), rng.standard_normal(30)
+    want = np.array([[a[i] * refs[mode[i], t] + b[i] for t in range(9)] for i in range(30)])
+    got = reconstruct_block(mode, a, b, refs, slice(None))
+    assert got.dtype == np.float64 and np.array_equal(got, want)
+    cols = np.array([7, 2])
+    assert np.array_equal(reconstruct_block(mode, a, b, refs, cols), want[:, cols])
+    # a reference row (a = 1, b = 0) gives back its profile exactly
+    one = reconstruct_block(np.array([2]), np.array([1.0]), np.array([0.0]), refs, slice(None))
+    assert np.array_equal(one[0], refs[2])
+
+
+def test_reconstruct_graph_computes_nothing_and_matches_the_op(
+    modal: tuple[Path, list[Any]], tmp_path: Path
+) -> None:
+    """Building the tasks writes nothing; computing them writes what ``reconstruct`` writes,
+    into an array made by the store's one result-array helper (uncompressed, like ``mode``)."""
+    import dask
+    import zarr
+
+    store = _copy(modal[0], tmp_path)
+    ag = AnalysisGroup(pipeline.open_store(str(store)).url, "m")
+    refs = np.asarray(ag.array("refs")[...])
+    n = pipeline.info(str(store))["n_rows"]
+    arr = ag.require_array(
+        RECONSTRUCTED, shape=(n, T), chunks=(250, T), dtype="float32", fill_value=np.float32("nan")
+    )
+    again = ag.require_array(  # already there: opened, not re-created
+        RECONSTRUCTED, shape=(1, 1), chunks=(1, 1), dtype="float64", fill_value=0.0
+    )
+    assert again.shape == (n, T) and again.chunks == (250, T) and again.dtype == np.float32
+    codecs = [c.to_dict()["name"] for c in arr.metadata.codecs]
+    assert codecs == [c.to_dict()["name"] for c in ag.array("mode").metadata.codecs] == ["bytes"]
+    todo = [(0, 250), (500, 750)]
+    tasks, labels = build_reconstruct_tasks(ag.url, "m", todo, refs)
+    assert labels == ["reconstructed rows 0-250", "reconstructed rows 500-750"]
+    assert ag.written_chunks(RECONSTRUCTED) == set()
+    dask.compute(*tasks, scheduler="sync")
+    assert ag.written_chunks(RECONSTRUCTED) == {"0/0", "2/0"}
+    res = pipeline.reconstruct(str(store), "m", runtime=SYNC)
+    assert res.blocks_written == -(-n // 250) - 2 and res.blocks_kept == 2
+    full = np.asarray(zarr.open_array(str(store), path="analyses/m/reconstructed", mode="r")[...])
+    other = _copy(modal[0], tmp_path / "other")
+    pipeline.reconstruct(str(other), "m", runtime=SYNC)
+    want = np.asarray(zarr.open_array(str(other), path="analyses/m/reconstructed", mode="r")[...])
+    assert np.array_equal(full.view(np.uint32), want.view(np.uint32))

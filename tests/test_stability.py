@@ -27,12 +27,19 @@ from helpers import (
 from scipy.linalg import expm
 
 import pipeline
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoreError
+from pipeline.graph.stability import LayerSVD, build_stability_tasks, pair_task
+from pipeline.kernels.svd import (
+    column_cosine,
+    compare_factors,
+    matrix_factors,
+    polar_factor,
+    randomized_svd,
+)
 from pipeline.ops.stability import (
     basis_stability,
-    column_cosine,
-    randomized_svd,
     stability_figure,
+    stability_study,
     summarise_layer,
 )
 
@@ -199,3 +206,81 @@ def test_stride(planted: Path) -> None:
     assert all(v is not None for v in lay.top_singular_values)
     with pytest.raises(PipelineError, match="stride 20"):
         basis_stability(planted, stride=20, runtime=SYNC)
+
+
+# ---------------------------------------------------------------------------- kernels
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5)])
+def test_matrix_factors_exact_is_the_truncated_lapack_svd(shape: tuple[int, int]) -> None:
+    a = np.random.default_rng(2).standard_normal(shape)
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    for r in (1, min(shape)):
+        got = matrix_factors(a, "exact", r)
+        assert got is not None
+        for x, want in zip(got, (u[:, :r], s[:r], vt[:r]), strict=True):
+            assert np.array_equal(x, want)
+    bad = a.copy()
+    bad[1, 2] = np.inf
+    assert matrix_factors(bad, "exact", 2) is None and matrix_factors(bad, "randomized", 2) is None
+
+
+def test_compare_factors_against_the_direct_formula() -> None:
+    """Scaled singular values, flipped singular-vector pairs: the polar factor does not move
+    (stability 1); the drift is ||s1 - s0|| / ||s0||. A rotated basis: the direct mean column
+    cosine of U0 V0^T and U1 V1^T."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((9, 6))
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    flip = np.where(np.arange(6) % 2 == 0, 1.0, -1.0)
+    cur = (u * flip, 1.5 * s, vt * flip[:, None])
+    stability, drift = compare_factors((u, s, vt), cur)
+    assert stability == pytest.approx(1.0, abs=1e-12)
+    assert drift == pytest.approx(np.linalg.norm(0.5 * s) / np.linalg.norm(s), rel=1e-12)
+    b = matrix_factors(rng.standard_normal((9, 6)), "exact", 6)
+    assert b is not None
+    q0, q1 = u @ vt, b[0] @ b[2]
+    want = np.mean([q0[:, j] @ q1[:, j] / np.linalg.norm(q0[:, j]) / np.linalg.norm(q1[:, j]) for j in range(6)])
+    got, _ = compare_factors((u, s, vt), b)
+    assert got == pytest.approx(want, rel=1e-12)
+    assert np.array_equal(polar_factor(u, vt), q0)
+    # nothing left to compare, a zero spectrum: None, never NaN
+    z = (np.zeros((3, 2)), np.zeros(2), np.zeros((2, 2)))
+    assert compare_factors(z, z) == (None, None)
+    out = pair_task(None, (u, s, vt))
+    assert out["stability"] is None and out["top_prev"] is None and out["top"] == s[:8].tolist()
+
+
+# ---------------------------------------------------------------------------- graph
+class _NoReads:
+    """A chunk grid that fails the test if a task is run while the graph is built."""
+
+    def read_rows(self, *args: Any) -> None:
+        raise AssertionError("building the graph read the trajectory")
+
+
+def test_build_stability_tasks_computes_nothing() -> None:
+    layers = [
+        LayerSVD(0, "a.weight", 0, (4, 3), "exact", 3),
+        LayerSVD(2, "b.weight", 12, (2, 5), "randomized", 1),
+    ]
+    cols, window = [1, 2, 4, 5], [10, 20, 40, 50]
+    tasks, labels = build_stability_tasks(_NoReads(), layers, cols, window, stride=2, seed=0)  # type: ignore[arg-type]
+    assert len(tasks) == len(labels) == 2 * (len(cols) - 2)
+    assert labels == [
+        "a.weight epochs 10-40", "a.weight epochs 20-50", "b.weight epochs 10-40", "b.weight epochs 20-50"
+    ]
+    assert [t.key for t in tasks] == [
+        "stability-pair-0-4", "stability-pair-0-5", "stability-pair-2-4", "stability-pair-2-5"
+    ]
+    assert layers[1].rows == (12, 22)
+
+
+# ---------------------------------------------------------------------------- the command
+def test_stability_study_is_basis_stability_plus_its_report(planted: Path, result: Any) -> None:
+    study = stability_study(planted, max_exact=1000, rank=8, runtime=SYNC)
+    assert study.to_dict() == result.to_dict()
+    assert study.summary() == result.summary()
+    assert study.saved_to is None and study.mode_changes is None
+    with pytest.raises(StoreError, match="no analysis 'nope'"):
+        stability_study(planted, name="nope", runtime=SYNC)
+    with pytest.raises(PipelineError, match="needs a study name"):
+        stability_study(planted, mode_windows=(4, 2), runtime=SYNC)

@@ -10,6 +10,10 @@ Per layer and per window transition, the fraction of changed parameters is repor
 what the basis-stability epoch (:mod:`pipeline.ops.stability`) is related to.
 
 One pass over the ``mode`` arrays per transition (one byte per parameter), block by block.
+
+Owns the window fits, the label matching and the per-layer change fractions
+(:class:`ModeChanges`); the ``stability --mode-windows`` command reaches it through
+:func:`pipeline.ops.stability.stability_study`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import DEFAULT_SAMPLES
 from pipeline.errors import PipelineError
 from pipeline.ops.fit import fit
 from pipeline.plan import RowLayout, blocks
@@ -77,7 +82,7 @@ def mode_changes(
     windows: list[str],
     *,
     modes: int = 10,
-    samples: int = 1000,
+    samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     keep: bool = True,
     runtime: RuntimeOptions | None = None,

@@ -1,8 +1,11 @@
 """``reconstruct``: CMD trajectories ``a * r_mode(t) + b``, computed in float64, one block at a time.
 
-The full reconstruction is written to ``analyses/<name>/reconstructed`` (N, Tw) float32; one
-epoch of it can be exported as a state_dict without writing anything (see
-:func:`analysis_column` and ``cmd-pipeline export --analysis``).
+Owns the operation: which blocks of ``analyses/<name>/reconstructed`` (N, Tw) float32 are
+still to write (resume), running their tasks (:mod:`pipeline.graph.reconstruct`) on a runtime,
+and the result. One epoch of the reconstruction can be exported as a state_dict without
+writing anything (see :func:`analysis_column` and ``cmd-pipeline export --analysis``). The
+math is :func:`pipeline.kernels.reconstruct.reconstruct_block` (re-exported here); the Zarr
+I/O is :mod:`pipeline.store.analysis`.
 """
 
 from __future__ import annotations
@@ -12,27 +15,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import zarr
-from dask import delayed
 
 from pipeline.errors import PipelineError
+from pipeline.graph.reconstruct import RECONSTRUCTED, build_reconstruct_tasks
+from pipeline.kernels.reconstruct import reconstruct_block
 from pipeline.plan import blocks
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.store.analysis import complete_study, open_result
+from pipeline.store.analysis import complete_study, read_result
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReconstructResult", "analysis_column", "reconstruct", "reconstruct_block"]
-
-RECONSTRUCTED = "reconstructed"
-
-
-def reconstruct_block(
-    mode: np.ndarray, a: np.ndarray, b: np.ndarray, refs: np.ndarray, cols: slice | np.ndarray
-) -> np.ndarray:
-    """``a * refs[mode, cols] + b`` in float64 (rows x len(cols)). A reference row (a=1, b=0)
-    gives back its own profile exactly."""
-    r = refs[:, cols]
-    return a[:, None] * r[mode.astype(np.int64)] + b[:, None]
 
 
 @dataclass
@@ -50,14 +42,6 @@ class ReconstructResult:
         )
 
 
-def _block_task(url: str, name: str, r0: int, r1: int, refs: np.ndarray) -> None:
-    mode = np.asarray(open_result(url, name, "mode")[r0:r1])
-    a = np.asarray(open_result(url, name, "a")[r0:r1])
-    b = np.asarray(open_result(url, name, "b")[r0:r1])
-    rec = reconstruct_block(mode, a, b, refs, slice(None)).astype(np.float32)
-    open_result(url, name, RECONSTRUCTED)[r0:r1, :] = rec
-
-
 def reconstruct(
     store: str | os.PathLike[str],
     name: str,
@@ -72,49 +56,26 @@ def reconstruct(
     refs = np.asarray(ag.array("refs")[...])
     block_rows = int(ag.array("mode").chunks[0])
     shape = (meta.n_rows, refs.shape[1])
-    g = ag.group()
-    if RECONSTRUCTED not in g.array_keys():
-        g.create_array(
-            RECONSTRUCTED,
-            shape=shape,
-            chunks=(block_rows, shape[1]),
-            dtype="float32",
-            fill_value=np.float32("nan"),
-            compressors=None,
-            config={"write_empty_chunks": True},
-        )
-    arr = g[RECONSTRUCTED]
+    ag.require_array(
+        RECONSTRUCTED,
+        shape=shape,
+        chunks=(block_rows, shape[1]),
+        dtype="float32",
+        fill_value=np.float32("nan"),
+    )
     ag.remove_partials()  # temporary files of writes that an interruption cut off
-    prefix = f"{ag.path}/{RECONSTRUCTED}/c/"
-    done = {k[len(prefix) :] for k in _keys(st, prefix)}
+    done = ag.written_chunks(RECONSTRUCTED)
     todo = [
         (r0, r1) for r0, r1 in blocks(shape[0], block_rows) if f"{r0 // block_rows}/0" not in done
     ]
-    refs_d = delayed(refs, traverse=False)
-    tasks = [
-        delayed(_block_task, pure=False)(
-            st.url, name, r0, r1, refs_d, dask_key_name=f"reconstruct-{name}-{r0}"
-        )
-        for r0, r1 in todo
-    ]
-    labels = [f"reconstructed rows {r0}-{r1}" for r0, r1 in todo]
+    tasks, labels = build_reconstruct_tasks(st.url, name, todo, refs)
     try:
         with using(run, runtime, cpu_only="reconstruct") as r:
             r.compute(tasks, f"reconstruct {name}", labels)
     finally:
         ag.remove_partials()  # left by a worker killed mid-write
-    del arr
     n_blocks = -(-shape[0] // block_rows)
     return ReconstructResult(st.url, name, shape, len(todo), n_blocks - len(todo))
-
-
-def _keys(st: TrajectoryStore, prefix: str) -> list[str]:
-    from zarr.core.sync import sync
-
-    async def _ls() -> list[str]:
-        return [k async for k in st.root.store.list_prefix(prefix)]
-
-    return sync(_ls())
 
 
 def analysis_column(
@@ -131,9 +92,7 @@ def analysis_column(
     refs = np.asarray(ag.array("refs")[...])
     n = st.require_meta().n_rows
     rows = int(ag.array("mode").chunks[0])
-    arrays = {
-        a: zarr.open_array(st.url, path=f"{ag.path}/{a}", mode="r") for a in ("mode", "a", "b")
-    }
+    arrays = {a: read_result(st.url, name, a) for a in ("mode", "a", "b")}
 
     def gen() -> Iterator[tuple[int, np.ndarray]]:
         for r0, r1 in blocks(n, rows):

@@ -23,11 +23,10 @@ Two detected epochs are reported per layer:
   for every ``t' >= t`` of the window. A basis that last moves between epochs ``e-1`` and ``e``
   is thus reported at ``e + 1``: the first pair that shows no motion is ``(e, e+1)``.
 
-Graph: one task per (layer, epoch) reads that layer at that one epoch (``ChunkGrid.read_rows``
-of the layer's row range and one column) and returns its factors ``(U_r, s, V_r^T)``; one task
-per (layer, consecutive pair) compares two such factor sets. No task reads more than one
-layer at one epoch, and each epoch's SVD is computed once. Memory for a layer of
-``m x n`` elements (``k = min(m, n)``, ``r`` = rank used):
+Graph (:mod:`pipeline.graph.stability`): one task per (layer, epoch) reads that layer at
+that one epoch and returns its factors ``(U_r, s, V_r^T)``; one task per (layer, pair) compares
+two such factor sets; each epoch's SVD is computed once. The math is :mod:`pipeline.kernels.svd`.
+Memory for a layer of ``m x n`` elements (``k = min(m, n)``, ``r`` = rank used):
 
 * SVD task: ``4 m n`` (the float32 read) + ``8 m n`` (float64 copy) + LAPACK's gesdd work
   arrays (about ``8 (m k + k n + 4 k^2 + 3 max(m, n))``; exact) or ``8 (m + n)(r + p) + 8 m n``
@@ -36,120 +35,53 @@ layer at one epoch, and each epoch's SVD is computed once. Memory for a layer of
 * pair task: the two factor sets plus ``Q_{t-1}`` and ``Q_t`` (``16 m n``).
 
 Dask keeps an epoch's factors until both pairs that use them have run.
+
+This module owns the operation: the window, each layer's method and rank, running the graph,
+the results (:class:`StabilityResult`) and their figure; and the ``stability`` command's whole
+orchestration (:func:`stability_study`: the study's window, the optional mode changes of
+:mod:`pipeline.ops.mode_changes`, keeping the result with the study).
 """
 
 from __future__ import annotations
 
 import io
-import math
+import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from dask import delayed
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StoreError
+from pipeline.graph.stability import LayerSVD, build_stability_tasks
+from pipeline.kernels.svd import Method
+from pipeline.ops.mode_changes import ModeChanges, mode_changes, sliding_windows
 from pipeline.plan import parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
+from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.schema import check_study_attrs
+from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = [
+    "DEFAULT_MAX_EXACT",
+    "DEFAULT_RANK",
+    "DEFAULT_THRESHOLD",
     "LayerStability",
     "StabilityResult",
+    "StabilityStudy",
     "basis_stability",
-    "column_cosine",
-    "polar_factor",
-    "randomized_svd",
     "stability_figure",
+    "stability_study",
     "summarise_layer",
 ]
 
-#: top singular values reported per epoch
-N_TOP = 8
-#: randomised SVD: extra columns of the sketch and power iterations
-OVERSAMPLE = 10
-POWER_ITERATIONS = 4
-
-Factors = tuple[np.ndarray, np.ndarray, np.ndarray]  # U (m, r), s (r,), Vt (r, n)
-
-
-# ---------------------------------------------------------------------------- numerics
-def randomized_svd(a: np.ndarray, rank: int, *, seed: int = 0) -> Factors:
-    """Rank-``rank`` SVD of ``a`` (m, n) by a seeded Gaussian range finder with
-    :data:`POWER_ITERATIONS` power iterations (QR re-orthonormalised each half step) and
-    :data:`OVERSAMPLE` extra columns (Halko et al. 2011, algorithms 4.4 and 5.1)."""
-    m, n = a.shape
-    k = min(rank + OVERSAMPLE, m, n)
-    rng = np.random.default_rng(seed)
-    omega = rng.standard_normal((n, k))
-    q, _ = np.linalg.qr(a @ omega)
-    for _ in range(POWER_ITERATIONS):
-        z, _ = np.linalg.qr(a.T @ q)
-        q, _ = np.linalg.qr(a @ z)
-    b = q.T @ a  # (k, n)
-    ub, s, vt = np.linalg.svd(b, full_matrices=False)
-    u = q @ ub
-    return u[:, :rank], s[:rank], vt[:rank]
-
-
-def polar_factor(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
-    """``Q = U V^T`` (m, n)."""
-    return u @ vt
-
-
-def column_cosine(q0: np.ndarray, q1: np.ndarray) -> float:
-    """Mean over columns ``j`` of ``cos(q0[:, j], q1[:, j])``; columns whose norm is zero at
-    either side are left out (NaN when none is left)."""
-    dot = np.einsum("ij,ij->j", q0, q1)
-    n0 = np.sqrt(np.einsum("ij,ij->j", q0, q0))
-    n1 = np.sqrt(np.einsum("ij,ij->j", q1, q1))
-    ok = (n0 > 0) & (n1 > 0)
-    if not ok.any():
-        return math.nan
-    return float(np.mean(dot[ok] / (n0[ok] * n1[ok])))
-
-
-def _svd_task(
-    grid: ChunkGrid,
-    r0: int,
-    r1: int,
-    col: int,
-    shape: tuple[int, int],
-    method: str,
-    rank: int,
-    seed: int,
-) -> Factors | None:
-    """Read one layer at one epoch and return its (truncated) SVD factors, or None when the
-    layer holds NaN/Inf at that epoch."""
-    buf = np.empty((1, r1 - r0), dtype=np.float32)
-    grid.read_rows(r0, r1, np.array([col], dtype=np.int64), buf)
-    a = buf[0].astype(np.float64).reshape(shape)
-    del buf
-    if not np.isfinite(a).all():
-        return None
-    if method == "exact":
-        u, s, vt = np.linalg.svd(a, full_matrices=False)
-        return u[:, :rank], s[:rank], vt[:rank]
-    return randomized_svd(a, rank, seed=seed)
-
-
-def _pair_task(prev: Factors | None, cur: Factors | None) -> dict[str, Any]:
-    """Stability and singular-value drift between two epochs' factors."""
-    out: dict[str, Any] = {
-        "stability": None,
-        "sv_drift": None,
-        "top_prev": None if prev is None else prev[1][:N_TOP].tolist(),
-        "top": None if cur is None else cur[1][:N_TOP].tolist(),
-    }
-    if prev is None or cur is None:
-        return out
-    c = column_cosine(polar_factor(prev[0], prev[2]), polar_factor(cur[0], cur[2]))
-    out["stability"] = None if math.isnan(c) else c
-    n0 = float(np.linalg.norm(prev[1]))
-    if n0 > 0:
-        out["sv_drift"] = float(np.linalg.norm(cur[1] - prev[1]) / n0)
-    return out
+#: the stability above which a basis counts as settled (OIALR's rule)
+DEFAULT_THRESHOLD = 0.9
+#: layers with more elements get a randomised SVD
+DEFAULT_MAX_EXACT = 4_000_000
+#: rank of the randomised SVD when none is given
+DEFAULT_RANK = 64
 
 
 # ---------------------------------------------------------------------------- results
@@ -165,7 +97,7 @@ class LayerStability:
     epochs: list[int]
     stability: list[float | None]  # None at the window's first epoch (and non-finite epochs)
     sv_drift: list[float | None]
-    top_singular_values: list[list[float] | None]  # first N_TOP per epoch
+    top_singular_values: list[list[float] | None]  # first N_TOP (pipeline.graph.stability) per epoch
     first_above: int | None = None
     stays_above: int | None = None
 
@@ -227,12 +159,24 @@ def summarise_layer(
 
 
 # ---------------------------------------------------------------------------- the op
+def _window(numbers: Sequence[int], epochs: str | None, stride: int) -> tuple[list[int], list[int]]:
+    """The window's trajectory columns and epoch numbers; an error when it is too short for
+    ``stride``."""
+    cols = parse_window(epochs, list(numbers))
+    if len(cols) < stride + 1:
+        raise PipelineError(
+            f"basis stability with stride {stride} needs at least {stride + 1} epochs in the "
+            f"window, got {len(cols)}"
+        )
+    return cols, [numbers[c] for c in cols]
+
+
 def basis_stability(
     store: str | os.PathLike[str],
     *,
     epochs: str | None = None,
-    threshold: float = 0.9,
-    max_exact: int = 4_000_000,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_exact: int = DEFAULT_MAX_EXACT,
     rank: int | None = None,
     seed: int = 0,
     stride: int = 1,
@@ -250,20 +194,10 @@ def basis_stability(
         raise ValueError("stride must be >= 1")
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
-    numbers = meta.epoch_numbers
-    cols = parse_window(epochs, numbers)
-    if len(cols) < stride + 1:
-        raise PipelineError(
-            f"basis stability with stride {stride} needs at least {stride + 1} epochs in the "
-            f"window, got {len(cols)}"
-        )
-    window = [numbers[c] for c in cols]
-    grid = st.chunk_grid()
+    cols, window = _window(meta.epoch_numbers, epochs, stride)
     result = StabilityResult(st.url, window, float(threshold), int(max_exact), int(seed))
 
-    tasks: list[Any] = []
-    labels: list[str] = []
-    plan: list[tuple[LayerStability, int]] = []  # layer, index of its first pair task
+    specs: list[LayerSVD] = []
     for i, t in enumerate(meta.stored_tensors()):
         if len(t.shape) < 2 or t.size == 0:
             result.skipped.append(t.name)
@@ -271,35 +205,25 @@ def basis_stability(
         m = int(t.shape[0])
         n = t.size // m
         k = min(m, n)
+        method: Method
         if t.size > max_exact:
-            method, r = "randomized", min(k, 64 if rank is None else rank)
+            method, r = "randomized", min(k, DEFAULT_RANK if rank is None else rank)
         else:
             method, r = "exact", k
-        r0, r1 = t.offset, t.offset + t.size
-        svds = [
-            delayed(_svd_task, pure=True)(
-                grid, r0, r1, c, (m, n), method, r, seed, dask_key_name=f"stability-svd-{i}-{c}"
-            )
-            for c in cols
-        ]
-        lay = LayerStability(
-            t.name, list(t.shape), [m, n], method, r, window, [None], [None], [None]
+        specs.append(LayerSVD(i, t.name, t.offset, (m, n), method, r))
+        result.layers.append(
+            LayerStability(t.name, list(t.shape), [m, n], method, r, window, [None], [None], [None])
         )
-        plan.append((lay, len(tasks)))
-        for j in range(stride, len(cols)):
-            tasks.append(
-                delayed(_pair_task, pure=True)(
-                    svds[j - stride], svds[j], dask_key_name=f"stability-pair-{i}-{cols[j]}"
-                )
-            )
-            labels.append(f"{t.name} epochs {window[j - stride]}-{window[j]}")
-        result.layers.append(lay)
+    tasks, labels = build_stability_tasks(
+        st.chunk_grid(), specs, cols, window, stride=stride, seed=seed
+    )
 
     with using(run, runtime, cpu_only="stability") as r_:
         out = r_.compute(tasks, "basis stability", labels)
 
-    for lay, first in plan:
-        pairs = out[first : first + len(window) - stride]
+    per_layer = len(window) - stride  # pair tasks per layer, layer after layer
+    for li, lay in enumerate(result.layers):
+        pairs = out[li * per_layer : (li + 1) * per_layer]
         tops: list[Any] = [None] * len(window)
         for j, p in enumerate(pairs, start=stride):
             tops[j] = p["top"]
@@ -309,6 +233,99 @@ def basis_stability(
         lay.sv_drift = [None] * stride + [p["sv_drift"] for p in pairs]
         lay.first_above, lay.stays_above = summarise_layer(window, lay.stability, threshold)
     return result
+
+
+# ---------------------------------------------------------------------------- the command
+@dataclass
+class StabilityStudy:
+    """What the ``stability`` command computed, and where it was kept."""
+
+    result: StabilityResult
+    windows: list[str] | None = None  # the sliding windows of the mode changes
+    mode_changes: ModeChanges | None = None
+    name: str | None = None  # the study the result is kept with
+    saved_to: str | None = None  # location of its report/stability.json
+
+    def to_dict(self) -> dict[str, Any]:
+        """The content of ``report/stability.json``."""
+        saved = self.result.to_dict()
+        if self.mode_changes is not None:
+            saved["mode_changes"] = self.mode_changes.to_dict()
+        return saved
+
+    def summary(self) -> str:
+        lines = [self.result.summary()]
+        if self.mode_changes is not None and self.windows is not None:
+            mc, wins = self.mode_changes, self.windows
+            lines.append(
+                "fraction of each layer's parameters that change mode between consecutive windows:"
+            )
+            for k in range(len(wins) - 1):
+                per = ", ".join(
+                    f"{lay} {c:.3f}" for lay, c in zip(mc.layers, mc.changed[k], strict=True)
+                )
+                lines.append(f"  {wins[k]} -> {wins[k + 1]}: overall {mc.overall[k]:.3f}; {per}")
+        if self.saved_to is not None:
+            lines.append(f"saved with study {self.name!r}: {self.saved_to}")
+        return "\n".join(lines)
+
+
+def stability_study(
+    store: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    epochs: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    max_exact: int = DEFAULT_MAX_EXACT,
+    rank: int | None = None,
+    stride: int = 1,
+    mode_windows: tuple[int, int] | None = None,
+    modes: int = 10,
+    runtime: RuntimeOptions | None = None,
+    run: Runner | None = None,
+) -> StabilityStudy:
+    """:func:`basis_stability` over the window ``epochs`` (default: the study ``name``'s
+    window, else all epochs); with ``mode_windows = (width, step)`` (needs ``name``) also the
+    :func:`~pipeline.ops.mode_changes.mode_changes` between sliding windows of the stability
+    window (studies ``<name>~w<k>``, ``modes`` modes each). With ``name``, the result is kept
+    with the study (``report/stability.json`` and ``report/figures/stability.png``) for
+    ``report``. Inputs are checked before anything is computed."""
+    if mode_windows is not None and name is None:
+        raise PipelineError("mode_windows needs a study name")
+    ag = None
+    wins = None
+    if name is not None:
+        st = TrajectoryStore.open(store)
+        ag = AnalysisGroup(st.url, name)
+        if not ag.exists():
+            raise StoreError(f"no analysis {name!r} in {st.url}")
+        attrs = check_study_attrs(ag.attrs(), name)
+        if epochs is None:
+            w = attrs["config"].get("window")
+            epochs = None if w in (None, ":") else w
+        if mode_windows is not None:  # the windows of the stability window, checked now
+            numbers = st.require_meta().epoch_numbers
+            wins = sliding_windows(_window(numbers, epochs, stride)[1], *mode_windows)
+    out = StabilityStudy(
+        basis_stability(
+            store,
+            epochs=epochs,
+            threshold=threshold,
+            max_exact=max_exact,
+            rank=rank,
+            stride=stride,
+            runtime=runtime,
+            run=run,
+        ),
+        windows=wins,
+        name=name,
+    )
+    if wins is not None and name is not None:
+        out.mode_changes = mode_changes(store, name, wins, modes=modes, runtime=runtime, run=run)
+    if ag is not None:
+        out.saved_to = ag.write_file("stability.json", json.dumps(out.to_dict(), indent=1).encode())
+        ag.write_file("figures/stability.png", stability_figure(out.result))
+    return out
 
 
 # ---------------------------------------------------------------------------- figure

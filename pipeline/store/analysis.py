@@ -1,4 +1,6 @@
-"""The results of one CMD study: ``analyses/<name>/`` beside the trajectory.
+"""The results of one CMD study: ``analyses/<name>/`` beside the trajectory, and all their
+Zarr I/O (creating the group and its arrays, reading and writing result rows and chunks,
+listing written chunks, the report files).
 
 Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples)::
 
@@ -13,6 +15,10 @@ Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples):
     epochs       (Tw,) int64     the window's epoch numbers
     block_stats  (n_blocks, F) float64   per-block error sums; a block's row is written last,
                                           so it marks the block finished (resume)
+    reconstructed (N, Tw) float32  a * r_mode(t) + b, written by ``reconstruct`` (optional;
+                                    NaN where not yet written)
+
+Every array is made by one helper (uncompressed, writing even all-fill chunks).
 
 Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration, the package
 version, the trajectory's fingerprint, the status (``creating`` while the group is being made,
@@ -38,6 +44,11 @@ __all__ = [
     "AnalysisGroup",
     "complete_study",
     "mode_dtype",
+    "open_result",
+    "read_result",
+    "read_result_rows",
+    "write_result_chunk",
+    "write_result_rows",
 ]
 
 ANALYSIS_ATTR = "cmd_pipeline_analysis"
@@ -143,47 +154,58 @@ class AnalysisGroup:
             "flags": np.dtype("uint8"),
         }
         for name, dt in kinds.items():
-            g.create_array(
-                name,
-                shape=(n_rows,),
-                chunks=chunk,
-                dtype=dt,
-                fill_value=0,
-                compressors=None,
-                config={"write_empty_chunks": True},
-            )
-        g.create_array(
+            _create_result_array(g, name, shape=(n_rows,), chunks=chunk, dtype=dt, fill_value=0)
+        _create_result_array(
+            g,
             "block_stats",
             shape=(n_blocks, stats_width),
             chunks=(1, stats_width),
             dtype="float64",
             fill_value=np.nan,
-            compressors=None,
-            config={"write_empty_chunks": True},
         )
         for name, arr in small.items():
-            a = g.create_array(
-                name,
-                shape=arr.shape,
-                chunks=arr.shape or (1,),
-                dtype=arr.dtype,
-                fill_value=0,
-                compressors=None,
-                config={"write_empty_chunks": True},
+            a = _create_result_array(
+                g, name, shape=arr.shape, chunks=arr.shape or (1,), dtype=arr.dtype, fill_value=0
             )
             a[...] = arr
 
-    def finished_blocks(self) -> set[int]:
-        """Blocks whose ``block_stats`` row exists: all their results are written."""
+    def require_array(
+        self,
+        name: str,
+        *,
+        shape: tuple[int, ...],
+        chunks: tuple[int, ...],
+        dtype: Any,
+        fill_value: Any,
+    ) -> Any:
+        """The result array ``name`` of this study, created (uncompressed, writing even
+        all-fill chunks, like every result array) when it is missing (client side)."""
+        g = self.group()
+        if name not in g.array_keys():
+            _create_result_array(
+                g, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value
+            )
+        return g[name]
+
+    def _list(self, prefix: str) -> list[str]:
+        """The store keys under ``prefix`` (a path below the store's root)."""
         root = self._root()
-        prefix = f"{self.path}/block_stats/c/"
 
         async def _ls() -> list[str]:
             return [k async for k in root.store.list_prefix(prefix)]
 
+        return sync(_ls())
+
+    def written_chunks(self, array: str) -> set[str]:
+        """The chunk keys (``"i/j"``) of the result array ``array`` that exist in the store."""
+        prefix = f"{self.path}/{array}/c/"
+        return {k[len(prefix) :] for k in self._list(prefix)}
+
+    def finished_blocks(self) -> set[int]:
+        """Blocks whose ``block_stats`` row exists: all their results are written."""
         out = set()
-        for k in sync(_ls()):
-            parts = k[len(prefix) :].split("/")
+        for k in self.written_chunks("block_stats"):
+            parts = k.split("/")
             if len(parts) == 2 and parts[0].isdigit() and parts[1] == "0":
                 out.add(int(parts[0]))
         return out
@@ -195,15 +217,11 @@ class AnalysisGroup:
         place; a killed task leaves the temporary file, which no later run would overwrite.
         Call before resuming; returns how many were deleted.
         """
-        root = self._root()
-        prefix = f"{self.path}/"
-
-        async def _ls() -> list[str]:
-            return [k async for k in root.store.list_prefix(prefix)]
-
-        stray = [k for k in sync(_ls()) if k.endswith(".partial")]
-        for k in stray:
-            sync(root.store.delete(k))
+        stray = [k for k in self._list(f"{self.path}/") if k.endswith(".partial")]
+        if stray:
+            store = self._root().store
+            for k in stray:
+                sync(store.delete(k))
         return len(stray)
 
     def array(self, name: str) -> Any:
@@ -278,7 +296,46 @@ def write_result_chunk(
     sync(_store_of(url).set(key, Buffer.from_array_like(raw)))
 
 
+def _create_result_array(
+    g: Any,
+    name: str,
+    *,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    fill_value: Any,
+) -> Any:
+    """The one way a study's arrays are made: uncompressed (``compressors=None``: the bytes
+    :func:`write_result_chunk` writes are the stored chunk) and writing even chunks that hold
+    only the fill value (a written chunk marks finished work on resume)."""
+    return g.create_array(
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill_value,
+        compressors=None,
+        config={"write_empty_chunks": True},
+    )
+
+
 def open_result(url: str, name: str, array: str) -> Any:
     """Open one result array inside a task, writable, writing even all-fill chunks."""
     arr = zarr.open_array(url, path=f"{ANALYSES}/{name}/{array}", mode="r+")
     return arr.with_config({"write_empty_chunks": True})
+
+
+def read_result(url: str, name: str, array: str) -> Any:
+    """Open one result array read-only (its slices read from the store on demand)."""
+    return zarr.open_array(url, path=f"{ANALYSES}/{name}/{array}", mode="r")
+
+
+def read_result_rows(url: str, name: str, array: str, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` of one result array, as numpy (inside a task)."""
+    return np.asarray(open_result(url, name, array)[r0:r1])
+
+
+def write_result_rows(url: str, name: str, array: str, r0: int, values: np.ndarray) -> None:
+    """Write ``values`` into rows ``r0 : r0 + len(values)`` of one result array (inside a
+    task); a block of whole chunks is written chunk by chunk, without reading."""
+    open_result(url, name, array)[r0 : r0 + len(values)] = values
