@@ -14,7 +14,13 @@ from typing import Any
 import click
 
 from pipeline._version import __version__
-from pipeline.config import DEFAULT_SAMPLES
+from pipeline.config import (
+    DEFAULT_SAMPLES,
+    STABILITY_MAX_EXACT,
+    STABILITY_MODES,
+    STABILITY_RANK,
+    STABILITY_THRESHOLD,
+)
 from pipeline.errors import PipelineError
 
 __all__ = ["main"]
@@ -687,15 +693,17 @@ def compare(
     help="A study: use its window and keep the result with it (report/stability.json) for `report`.",
 )
 @click.option("--epochs", "window", default=None, metavar="START:END[:STEP]", help="Window [the study's, or all].")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.9, show_default=True)
+@click.option(
+    "--threshold", type=click.FloatRange(0, 1), default=STABILITY_THRESHOLD, show_default=True
+)
 @click.option(
     "--max-exact",
     type=click.IntRange(min=1),
-    default=4_000_000,
+    default=STABILITY_MAX_EXACT,
     show_default=True,
     help="Layers with more elements get a randomised SVD.",
 )
-@click.option("--rank", type=click.IntRange(min=1), default=None, help="Rank of the randomised SVD [64].")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help=f"Rank of the randomised SVD [{STABILITY_RANK}].")
 @click.option(
     "--stride",
     type=click.IntRange(min=1),
@@ -710,7 +718,14 @@ def compare(
     help="Also fit sliding windows (WIDTH epochs every STEP) and report how often each layer's "
     "parameters change mode between consecutive windows (needs --name; studies NAME~wK).",
 )
-@click.option("--modes", "-m", type=click.IntRange(min=1), default=10, show_default=True, help="M of the window fits.")
+@click.option(
+    "--modes",
+    "-m",
+    type=click.IntRange(min=1),
+    default=STABILITY_MODES,
+    show_default=True,
+    help="M of the window fits.",
+)
 @_runtime_options(gpu=False)
 @_handle_errors
 def stability(

@@ -19,6 +19,10 @@ __all__ = [
     "KNOWN_BUFFER_SUFFIXES",
     "MIN_EPOCHS",
     "READ_BLOCK_BYTES",
+    "STABILITY_MAX_EXACT",
+    "STABILITY_MODES",
+    "STABILITY_RANK",
+    "STABILITY_THRESHOLD",
 ]
 
 #: Target size of one trajectory chunk. 4-16 MB chunks read fastest from the page cache with
@@ -73,3 +77,12 @@ DRAW_ROUNDS = 20
 #: The shortest window CMD accepts: over 2 epochs every varying profile is a line, and
 #: every pair correlates perfectly.
 MIN_EPOCHS = 3
+
+#: SVD-basis stability: the stability above which a basis counts as settled (OIALR's rule)
+STABILITY_THRESHOLD = 0.9
+#: layers with more elements get a randomised SVD
+STABILITY_MAX_EXACT = 4_000_000
+#: rank of the randomised SVD when none is given
+STABILITY_RANK = 64
+#: M of the sliding-window fits of ``stability --mode-windows``
+STABILITY_MODES = 10

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import DEFAULT_SAMPLES
+from pipeline.config import DEFAULT_SAMPLES, STABILITY_MODES
 from pipeline.errors import PipelineError
 from pipeline.ops.fit import fit
 from pipeline.plan import RowLayout, blocks
@@ -81,7 +81,7 @@ def mode_changes(
     name: str,
     windows: list[str],
     *,
-    modes: int = 10,
+    modes: int = STABILITY_MODES,
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     keep: bool = True,

@@ -53,6 +53,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import (
+    STABILITY_MAX_EXACT,
+    STABILITY_MODES,
+    STABILITY_RANK,
+    STABILITY_THRESHOLD,
+)
 from pipeline.errors import PipelineError, StoreError
 from pipeline.graph.stability import LayerSVD, build_stability_tasks
 from pipeline.kernels.svd import Method
@@ -76,12 +82,9 @@ __all__ = [
     "summarise_layer",
 ]
 
-#: the stability above which a basis counts as settled (OIALR's rule)
-DEFAULT_THRESHOLD = 0.9
-#: layers with more elements get a randomised SVD
-DEFAULT_MAX_EXACT = 4_000_000
-#: rank of the randomised SVD when none is given
-DEFAULT_RANK = 64
+DEFAULT_THRESHOLD = STABILITY_THRESHOLD
+DEFAULT_MAX_EXACT = STABILITY_MAX_EXACT
+DEFAULT_RANK = STABILITY_RANK
 
 
 # ---------------------------------------------------------------------------- results
@@ -280,7 +283,7 @@ def stability_study(
     rank: int | None = None,
     stride: int = 1,
     mode_windows: tuple[int, int] | None = None,
-    modes: int = 10,
+    modes: int = STABILITY_MODES,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> StabilityStudy:
