@@ -293,3 +293,77 @@ def test_threads_and_sync_agree(planted: Path) -> None:
     for p, q in zip(dn, ds, strict=True):
         assert p["bytes_read"] == 0
         assert p["relative_error"] == p["relative_error_gram"] == q["relative_error_gram"]
+
+
+# ------------------------------------------------------------------------------- kernels
+# the per-block math of :mod:`pipeline.kernels.baselines` against direct float64 formulas, over
+# several sub-block sizes (the kernels' own chunking of rows)
+@pytest.mark.parametrize("sub_rows", [1, 7, 64, 4096])
+def test_block_kernels_match_dense(sub_rows: int) -> None:
+    from pipeline.kernels.baselines import (
+        cmd_block_errors,
+        dmd_block_errors,
+        dmd_factors,
+        dmd_model,
+        gram_sqrt,
+        partial_gram,
+        zero_nonfinite,
+    )
+
+    rng = np.random.default_rng(3)
+    t, rows, m = 9, 50, 3
+    w = rng.standard_normal((rows, t))
+    w[[4, 31], 2] = np.nan
+    w[17, 0] = np.inf
+    x = np.ascontiguousarray(w.T)  # time-major block
+    bad = zero_nonfinite(x)
+    assert np.flatnonzero(bad).tolist() == [4, 17, 31]
+    ok = ~bad
+    wf = w[ok]
+    np.testing.assert_array_equal(x[:, bad], 0.0)
+    np.testing.assert_allclose(partial_gram(x), wf.T @ wf, rtol=1e-13)
+
+    refs = rng.standard_normal((m, t))
+    mode = rng.integers(m, size=rows)
+    a = rng.standard_normal(rows) * 3.0
+    b = rng.standard_normal(rows) * 50.0
+    a[4] = np.nan  # a model of a left-out row is never used
+    got = cmd_block_errors(x, bad, mode, a, b, refs, sub_rows=sub_rows)
+    for k, dt in enumerate((np.float32, np.float64)):
+        ak, bk = a[ok].astype(dt).astype(np.float64), b[ok].astype(dt).astype(np.float64)
+        want = ((wf - (ak[:, None] * refs[mode[ok]] + bk[:, None])) ** 2).sum()
+        assert got[k] == pytest.approx(want, rel=1e-12)
+    assert got[2] == pytest.approx((wf**2).sum(), rel=1e-12)
+
+    g = wf.T @ wf
+    models = [dmd_model(g, gram_sqrt(g), r) for r in (1, 3, 8)]
+    at, bt, offsets = dmd_factors(models)
+    errs = dmd_block_errors(x, at, bt, offsets, sub_rows=sub_rows)
+    for mdl, e in zip(models, errs, strict=True):
+        recon = wf[:, 1:] @ mdl.k  # Re(Phi diag(lambda^t) b) = X2 K
+        assert e == pytest.approx(((wf - recon) ** 2).sum(), rel=1e-9)
+        assert e == pytest.approx(mdl.residual_gram, rel=1e-6)
+        if mdl.effective_rank == mdl.rank:
+            assert e == pytest.approx(dense_dmd_error(wf, mdl.rank), rel=1e-6)
+
+
+def test_gram_graph_builds_without_computing(planted: Path) -> None:
+    """The builders only create tasks (one per block, named after the pass); combining their
+    results in block order gives the Gram of the direct formula."""
+    from pipeline.graph.baselines import build_gram_tasks, combine_gram, gram_block_rows
+
+    st = pipeline.open_store(str(planted))
+    meta = st.require_meta()
+    grid = st.chunk_grid()
+    rows = gram_block_rows(grid, T, 200)
+    with pytest.raises(PipelineError, match="at least 1"):
+        gram_block_rows(grid, T, 0)
+    tasks, labels = build_gram_tasks(grid, meta.n_rows, rows, range(T))
+    assert len(tasks) == len(labels) == 7
+    assert [t.key for t in tasks] == [f"gram-{i}" for i in range(7)]
+    import dask
+
+    g, n_bad, nbytes = combine_gram(dask.compute(*tasks, scheduler="sync"), T)
+    w, want_bad = _finite(planted)
+    np.testing.assert_allclose(g, w.T @ w, rtol=1e-12)
+    assert n_bad == want_bad and nbytes == meta.n_rows * T * 4

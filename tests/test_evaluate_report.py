@@ -32,7 +32,13 @@ from helpers import (
 import pipeline
 from pipeline.cli import main
 from pipeline.errors import PipelineError, StoreError
-from pipeline.ops.evaluate import find_run_dir, resolve_workflow, sweep_name
+from pipeline.ops.evaluate import (
+    find_run_dir,
+    known_workflows,
+    resolve_workflow,
+    sweep_name,
+    workflow_module,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 #: CMD with many modes (M=200 of K=600 samples) against GD: final test accuracy within this
@@ -242,6 +248,53 @@ def test_workflow_resolution(digits_store, tmp_path: Path) -> None:
     (tmp_path / "run.json").write_text("{}")
     with pytest.raises(PipelineError, match="names no workflow"):
         pipeline.evaluate(str(store), "res", run_dir=tmp_path, sweep_modes=None)
+
+
+def test_workflow_entry_points() -> None:
+    """The built-in workflows are found by name through the entry points of the group
+    ``cmd_pipeline.workflows``; an unknown name is a one-line error listing the known ones."""
+    import workflows.digits
+    import workflows.minilm
+
+    known = known_workflows()
+    assert known["digits"] == "workflows.digits:evaluator"
+    assert known["minilm"] == "workflows.minilm:evaluator"
+    assert resolve_workflow("digits") is workflows.digits.evaluator
+    assert resolve_workflow("minilm") is workflows.minilm.evaluator
+    assert workflow_module("digits") is workflows.digits
+    with pytest.raises(PipelineError) as err:
+        resolve_workflow("nosuch")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "unknown workflow 'nosuch'" in msg and ", ".join(sorted(known)) in msg
+    with pytest.raises(PipelineError, match="unknown workflow 'nosuch'"):
+        workflow_module("nosuch")
+
+
+def test_evaluator_recorded_in_run_json(digits_store, tmp_path: Path) -> None:
+    """run.json records the evaluator as module:function, and evaluate follows it; an older
+    run.json with only the workflow's name is still evaluated through the entry point."""
+    store, _run_dir, run = digits_store
+    assert run["workflow"] == "digits" and run["evaluator"] == "workflows.digits:evaluator"
+    pipeline.fit(str(store), "rec", modes=2, samples=100, runtime=THREADS)
+    # the recorded evaluator wins over the name
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "run.json").write_text(json.dumps({**run, "evaluator": "no_such_module_x:evaluator"}))
+    with pytest.raises(PipelineError, match="cannot import no_such_module_x"):
+        pipeline.evaluate(str(store), "rec", run_dir=new, sweep_modes=None)
+    # an older run.json: the name only
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "evaluator"}))
+    ev = pipeline.evaluate(str(store), "rec", run_dir=old, sweep_modes=None, runtime=THREADS)
+    assert ev.evaluation["workflow"] == "digits"
+    for got, rec in zip(ev.evaluation["epochs"], run["epochs"], strict=True):
+        assert got["gd_accuracy"] == rec["test_accuracy"]
+    # run.json's evaluator must be a string
+    (new / "run.json").write_text(json.dumps({**run, "evaluator": 3}))
+    with pytest.raises(PipelineError, match="'evaluator' is a int, not a string"):
+        pipeline.evaluate(str(store), "rec", run_dir=new, sweep_modes=None)
 
 
 def test_incomplete_or_missing_study(tmp_path: Path, digits_store) -> None:

@@ -78,10 +78,17 @@ def write_run_json(
     n_test: int,
     checkpoints: list[str],
     records: list[dict[str, Any]],
+    *,
+    evaluator: str | None = None,
 ) -> dict[str, Any]:
-    """Write and return ``run.json``: what ``cmd-pipeline evaluate`` and the studies read."""
+    """Write and return ``run.json``: what ``cmd-pipeline evaluate`` and the studies read.
+
+    ``evaluator`` is the ``module:function`` that ``cmd-pipeline evaluate`` calls with the run
+    folder to score state_dicts; default: ``workflows.<workflow>:evaluator``.
+    """
     result: dict[str, Any] = {
         "workflow": workflow,
+        "evaluator": evaluator or f"{__package__}.{workflow}:evaluator",
         "config": asdict(config),
         "model_class": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),

@@ -6,6 +6,10 @@ its rows once, at the window's epochs, and returns its partial ``X_b^T X_b``; th
 them. Rows holding a NaN/Inf anywhere in the window are left out of every method (counted in
 :attr:`GramResult.n_nonfinite`); ``N`` below is the number of finite rows.
 
+This module runs the passes and reports their results; the math is in
+:mod:`pipeline.kernels.baselines` (per block and on the Gram) and the tasks and graphs in
+:mod:`pipeline.graph.baselines`.
+
 Costs
 -----
 * Gram pass: reads N T float32 once, N T (T + 1) flops (a symmetric rank-k update per block),
@@ -55,14 +59,28 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from dask import delayed
 
-from pipeline.buffers import scratch
-from pipeline.config import FIT_BLOCK_BYTES
 from pipeline.errors import PipelineError
-from pipeline.plan import blocks, fit_block_rows, parse_window
+from pipeline.graph.baselines import (
+    build_cmd_error_tasks,
+    build_dmd_error_tasks,
+    build_gram_tasks,
+    combine_errors,
+    combine_gram,
+    gram_block_rows,
+)
+from pipeline.kernels.baselines import (
+    DMD_RCOND,
+    dmd_factors,
+    dmd_model,
+    eigen_tail,
+    eigh_desc,
+    gram_sqrt,
+)
+from pipeline.kernels.baselines import relative_error as _ratio
+from pipeline.plan import parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
-from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
+from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = [
     "CMDError",
@@ -76,10 +94,6 @@ __all__ = [
     "pod_errors",
 ]
 
-#: eigenvalues of X1^T X1 at or below ``DMD_RCOND`` times the largest are dropped (singular
-#: values below 1e-6 of the largest): the Gram squares the singular values, and float64
-#: eigenvalues of a T x T Gram carry an absolute error of about T 1e-16 lambda_max
-DMD_RCOND = 1e-12
 
 
 # ---------------------------------------------------------------------------- results
@@ -183,147 +197,6 @@ class CMDError:
     seconds: float  # the error pass
 
 
-# ---------------------------------------------------------------------------- tasks
-def _read_block64(
-    grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rows ``[r0, r1)`` at ``cols`` as a time-major float64 (T, rows) buffer (the task's
-    reused scratch), rows with a NaN/Inf zeroed; which rows those are (a boolean mask), the
-    bytes read."""
-    rows, t = r1 - r0, len(cols)
-    x = scratch("baseline-block", t * rows).reshape(t, rows)
-    nbytes = grid.read_rows(r0, r1, cols, x)
-    x64 = scratch("baseline-block64", t * rows, np.float64).reshape(t, rows)
-    np.copyto(x64, x)
-    # a sum of T finite float32 values stays finite in float64; NaN/Inf propagate
-    bad = ~np.isfinite(x64.sum(axis=0))
-    if bad.any():
-        x64[:, bad] = 0.0
-    return x64, bad, nbytes
-
-
-def gram_task(grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """One block's float64 partial Gram ``X_b^T X_b`` (T x T) over its finite rows, the number
-    of rows left out, the bytes read."""
-    x64, bad, nbytes = _read_block64(grid, r0, r1, cols)
-    return x64 @ x64.T, int(np.count_nonzero(bad)), nbytes
-
-
-def cmd_error_task(
-    grid: ChunkGrid,
-    url: str,
-    study: str,
-    r0: int,
-    r1: int,
-    cols: np.ndarray,
-    refs: np.ndarray,
-) -> tuple[np.ndarray, int, int]:
-    """One block's squared CMD errors ``[float32 a and b, float64 a and b, ||X||^2]`` over its
-    finite rows, the number of rows left out, the bytes read.
-
-    ``study`` is the path of the study's group in the store ``url`` (its ``mode``, ``a``,
-    ``b`` are read for the block's rows, read-only), ``refs`` the (M, T) float64 references.
-    The reconstruction ``a r_mode(t) + b`` is computed in float64 per cache-sized sub-block
-    of rows.
-    """
-    import zarr
-
-    x64, bad, nbytes = _read_block64(grid, r0, r1, cols)
-    t, rows = x64.shape
-
-    def per_row(name: str) -> np.ndarray:
-        return np.asarray(zarr.open_array(url, path=f"{study}/{name}", mode="r")[r0:r1])
-
-    mode = per_row("mode").astype(np.int64)
-    a64 = per_row("a").astype(np.float64)
-    b64 = per_row("b").astype(np.float64)
-    # NaN/Inf rows: zeroed data and a zero model give no error (they are left out)
-    a64[bad] = 0.0
-    b64[bad] = 0.0
-    mode[bad] = 0
-    coeffs = (
-        (a64.astype(np.float32).astype(np.float64), b64.astype(np.float32).astype(np.float64)),
-        (a64, b64),
-    )
-    out = np.zeros(3)
-    out[2] = float(np.einsum("ij,ij->", x64, x64))
-    sub = min(_SUB_ROWS, rows)
-    r_buf = scratch("baseline-recon", t * sub, np.float64)
-    for s0 in range(0, rows, sub):
-        s1 = min(s0 + sub, rows)
-        xs = x64[:, s0:s1]
-        prof = refs[mode[s0:s1]].T  # (T, m)
-        recon = r_buf[: t * (s1 - s0)].reshape(t, s1 - s0)
-        for k, (a, b) in enumerate(coeffs):
-            np.multiply(prof, a[None, s0:s1], out=recon)
-            recon += b[None, s0:s1]
-            recon -= xs
-            flat = recon.reshape(-1)
-            out[k] += float(np.dot(flat, flat))
-    return out, int(np.count_nonzero(bad)), nbytes
-
-
-#: rows per cache-sized sub-block of the DMD error task (T x 4096 float64 = 1.6 MB at T = 50)
-_SUB_ROWS = 4096
-
-
-def dmd_error_task(
-    grid: ChunkGrid,
-    r0: int,
-    r1: int,
-    cols: np.ndarray,
-    at: np.ndarray,
-    bt: np.ndarray,
-    offsets: tuple[int, ...],
-) -> tuple[np.ndarray, int]:
-    """Squared reconstruction errors of one block for every rank, and the bytes read.
-
-    The reconstruction of rank i is ``Re(Phi_block diag(lambda^t) b) = X2_block K_i`` with the
-    real ``K_i = Re(M_i D_i)`` ((T-1) x T, X2 being real), and ``K_i = A_i B_i`` is its
-    numerical-rank factorisation (at most 2 r columns, r for conjugate-symmetric amplitudes).
-    ``at`` stacks every rank's ``A_i^T`` (Q x T-1), ``bt`` every ``B_i^T`` (T x Q); rank i
-    owns columns ``offsets[i]:offsets[i+1]``. Per cache-sized sub-block of rows: one product
-    ``Z = A^T X2^T`` for all ranks, then per rank ``B_i^T Z_i - X^T`` and its squared norm
-    (4 T r flops per row and rank instead of 2 T^2 for the product with K).
-    """
-    x64, _bad, nbytes = _read_block64(grid, r0, r1, cols)
-    t, rows = x64.shape
-    n_ranks = len(offsets) - 1
-    out = np.zeros(n_ranks)
-    sub = min(_SUB_ROWS, rows)
-    xs_buf = scratch("baseline-sub", t * sub, np.float64)
-    z_buf = scratch("baseline-z", max(at.shape[0], 1) * sub, np.float64)
-    r_buf = scratch("baseline-recon", t * sub, np.float64)
-    for s0 in range(0, rows, sub):
-        m = min(sub, rows - s0)
-        xs = xs_buf[: t * m].reshape(t, m)
-        np.copyto(xs, x64[:, s0 : s0 + m])
-        z = z_buf[: at.shape[0] * m].reshape(at.shape[0], m)
-        np.matmul(at, xs[1:], out=z)
-        recon = r_buf[: t * m].reshape(t, m)
-        for i in range(n_ranks):
-            lo, hi = offsets[i], offsets[i + 1]
-            if hi > lo:
-                np.matmul(bt[:, lo:hi], z[lo:hi], out=recon)
-                recon -= xs  # finite-row errors; zeroed NaN/Inf rows give 0 - 0
-            else:
-                np.negative(xs, out=recon)
-            flat = recon.reshape(-1)
-            out[i] += float(np.dot(flat, flat))
-    return out, nbytes
-
-
-def _factor(k: np.ndarray, tol: float = 1e-15) -> tuple[np.ndarray, np.ndarray]:
-    """``K = A B`` at K's numerical rank: ``A^T`` (q x T-1) and ``B^T`` (T x q) from the SVD,
-    singular values below ``tol`` times the largest dropped (changing the product by at most
-    about ``tol ||K||`` per dropped value)."""
-    if not np.any(k):
-        return np.zeros((0, k.shape[0])), np.zeros((k.shape[1], 0))
-    u, s, vh = np.linalg.svd(k, full_matrices=False)
-    q = int(np.count_nonzero(s > tol * s[0]))
-    return np.ascontiguousarray((u[:, :q] * s[None, :q]).T), np.ascontiguousarray(vh[:q].T)
-
-
 # ---------------------------------------------------------------------------- helpers
 def _window(meta_epochs: list[int], cols: Sequence[int] | str | None) -> list[int]:
     if cols is None or isinstance(cols, str):
@@ -346,38 +219,6 @@ def _compute(
 ) -> list[Any]:
     with using(run, runtime) as r:
         return r.compute(tasks, desc, labels)
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else None
-
-
-def _block_rows(grid: ChunkGrid, n_cols: int, block_rows: int | None) -> int:
-    if block_rows is not None:
-        if block_rows < 1:
-            raise PipelineError("block_rows must be at least 1")
-        return block_rows
-    return fit_block_rows(
-        grid.chunk_rows, n_cols, raw=grid.local_root is not None, target_bytes=FIT_BLOCK_BYTES
-    )
-
-
-def _eigh_desc(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, tiny negatives clipped to 0) and eigenvectors of symmetric a."""
-    lam, vec = np.linalg.eigh((a + a.T) / 2)
-    order = np.argsort(lam)[::-1]
-    return np.clip(lam[order], 0.0, None), vec[:, order]
-
-
-def gram_sqrt(g: np.ndarray) -> np.ndarray:
-    """A T x T ``L`` with ``L^T L = G`` (``diag(sqrt(lambda)) V^T`` from ``eigh``).
-
-    For any coefficient matrix C, ``||W C||_F = ||L C||_F``: least-squares problems and error
-    norms of W's column space are solved on L (T rows) at the condition number of W, not of
-    its square.
-    """
-    lam, vec = _eigh_desc(g)
-    return np.sqrt(lam)[:, None] * vec.T
 
 
 # ---------------------------------------------------------------------------- Gram pass
@@ -415,25 +256,10 @@ def gram(
     if not cols_list:
         raise PipelineError("the window holds no epochs")
     grid = st.chunk_grid()
-    rows = _block_rows(grid, len(cols_list), block_rows)
-    c = np.asarray(cols_list, dtype=np.int64)
-    cols_d = delayed(c, traverse=False)
-    spans = list(blocks(meta.n_rows, rows))
-    tasks = [
-        delayed(gram_task, pure=False)(grid, r0, r1, cols_d, dask_key_name=f"gram-{i}")
-        for i, (r0, r1) in enumerate(spans)
-    ]
-    labels = [f"gram block {i}: rows {r0}-{r1}" for i, (r0, r1) in enumerate(spans)]
+    rows = gram_block_rows(grid, len(cols_list), block_rows)
+    tasks, labels = build_gram_tasks(grid, meta.n_rows, rows, cols_list)
     results = _compute(tasks, "gram", labels, run, runtime)
-    t = len(cols_list)
-    g = np.zeros((t, t))
-    n_bad = 0
-    nbytes = 0
-    for part, bad, nb in results:
-        g += part
-        n_bad += int(bad)
-        nbytes += int(nb)
-    g = (g + g.T) / 2  # exactly symmetric
+    g, n_bad, nbytes = combine_gram(results, len(cols_list))
     return GramResult(
         store=st.url,
         cols=cols_list,
@@ -444,7 +270,7 @@ def gram(
         n_nonfinite=n_bad,
         n_total_rows=meta.n_rows,
         block_rows=rows,
-        n_blocks=len(spans),
+        n_blocks=len(tasks),
         bytes_read=nbytes,
         seconds=time.perf_counter() - t0,
     )
@@ -466,10 +292,10 @@ def pod_errors(g: GramResult, ranks: Sequence[int]) -> list[dict[str, Any]]:
     U Sigma (N x r) and V (T x r), with r the effective rank ``min(rank, T, N)``.
     """
     t0 = time.perf_counter()
-    lam, _vec = _eigh_desc(g.matrix)
+    lam, _vec = eigh_desc(g.matrix)
     t = g.n_epochs
     n = g.n_rows
-    tail = np.concatenate([np.cumsum(lam[::-1])[::-1], [0.0]])  # tail[r] = sum_{k >= r} lam_k
+    tail = eigen_tail(lam)  # tail[r] = sum_{k >= r} lam_k
     dt = time.perf_counter() - t0
     out = []
     for r in ranks:
@@ -537,24 +363,9 @@ def cmd_errors(
     if rows < 1:
         raise PipelineError("block_rows must be at least 1")
     grid = st.chunk_grid()
-    cols_d = delayed(cols, traverse=False)
-    refs_d = delayed(refs, traverse=False)
-    spans = list(blocks(meta.n_rows, rows))
-    tasks = [
-        delayed(cmd_error_task, pure=False)(
-            grid, st.url, ag.path, r0, r1, cols_d, refs_d, dask_key_name=f"cmd-error-{i}"
-        )
-        for i, (r0, r1) in enumerate(spans)
-    ]
-    labels = [f"cmd error block {i}: rows {r0}-{r1}" for i, (r0, r1) in enumerate(spans)]
+    tasks, labels = build_cmd_error_tasks(grid, st.url, name, meta.n_rows, rows, cols, refs)
     results = _compute(tasks, f"cmd error {name}", labels, run, runtime)
-    sums = np.zeros(3)
-    n_bad = 0
-    nbytes = 0
-    for part, bad, nb in results:
-        sums += part
-        n_bad += int(bad)
-        nbytes += int(nb)
+    sums, n_bad, nbytes = combine_errors(results, 3)
     res32, res64, energy = (float(v) for v in sums)
     n = meta.n_rows - n_bad
     m, t = refs.shape
@@ -581,51 +392,6 @@ def cmd_errors(
 
 
 # ---------------------------------------------------------------------------- DMD
-@dataclass
-class _DMDModel:
-    rank: int
-    effective_rank: int
-    lam: np.ndarray  # (r,) complex eigenvalues
-    b: np.ndarray  # (r,) complex amplitudes
-    k: np.ndarray  # (T-1, T) real: reconstruction = X2 @ k
-    residual_gram: float
-
-
-def _dmd_model(g: np.ndarray, lsq: np.ndarray, rank: int, rcond: float) -> _DMDModel:
-    """Exact DMD of rank ``rank`` from the Gram G (T x T) and its square root ``lsq``.
-
-    X1 = W[:, :-1] = U S V^T: V, S^2 from eigh(X1^T X1 = G[:-1, :-1]), zero singular values
-    dropped; Atilde = U^T X2 V S^-1 = S^-1 V^T (X1^T X2) V S^-1 with X1^T X2 = G[:-1, 1:];
-    eig(Atilde) = (Lambda, W_e); modes Phi = X2 M, M = V S^-1 W_e ((T-1) x r). The
-    amplitudes b = argmin ||Phi b - x_0|| = argmin ||W (E2 M b - e_0)||, solved on L
-    (L^T L = G) as lstsq(L[:, 1:] M, L[:, 0]): the normal equations (Phi^H Phi =
-    M^H G[1:, 1:] M, Phi^H x_0 = M^H G[1:, 0]) in a form that does not square Phi's
-    condition number. Reconstruction x_t = Phi diag(Lambda^t) b, so Re(recon) = X2 K with
-    K = Re(M D), D = b Lambda^t (r x T); its squared error is ||L (I - E2 K)||_F^2.
-    """
-    t = g.shape[0]
-    lam1, v1 = _eigh_desc(g[:-1, :-1])
-    ok = int(np.count_nonzero(lam1 > rcond * lam1[0])) if lam1[0] > 0 else 0
-    r = min(rank, t - 1, ok)
-    if r == 0:
-        k = np.zeros((t - 1, t))
-        return _DMDModel(
-            rank, 0, np.zeros(0, complex), np.zeros(0, complex), k, float(np.sum(lsq**2))
-        )
-    v = v1[:, :r]
-    s = np.sqrt(lam1[:r])
-    atilde = (v.T @ g[:-1, 1:] @ v) / s[:, None] / s[None, :]
-    lam, we = np.linalg.eig(atilde)
-    m = (v / s[None, :]) @ we  # (T-1, r)
-    b = np.linalg.lstsq(lsq[:, 1:] @ m, lsq[:, 0].astype(complex), rcond=None)[0]
-    d = b[:, None] * lam[:, None] ** np.arange(t)[None, :]
-    k = (m @ d).real
-    p = np.eye(t)
-    p[1:, :] -= k
-    lp = lsq @ p
-    return _DMDModel(rank, r, lam, b, k, float(np.sum(lp * lp)))
-
-
 def dmd_errors(
     url: str | os.PathLike[str],
     g: GramResult,
@@ -641,7 +407,7 @@ def dmd_errors(
     """Rank-r exact DMD (Tu et al. 2014) of W, out of core, and its reconstruction error.
 
     Snapshots X1 = W[:, :-1], X2 = W[:, 1:] (the window's columns in order). Everything r x r
-    comes from the Gram ``g`` (see :func:`_dmd_model`); the reconstruction is
+    comes from the Gram ``g`` (see :func:`pipeline.kernels.baselines.dmd_model`); the reconstruction is
     ``x_t = Re(Phi diag(Lambda^t) b)``, t = 0..T-1. Ranks are capped at T - 1, and singular
     values of X1 with sigma^2 <= ``rcond`` sigma_1^2 are dropped (``effective_rank``).
 
@@ -649,7 +415,7 @@ def dmd_errors(
     measures ``||W - recon||_F^2`` for every requested rank at once, each byte read once:
     per block, ``Phi_block = X2_block V S^-1 W_e`` and ``Re(Phi_block (b Lambda^t))`` are
     folded into real products ``X2_block A B`` with ``A B = Re(M D)`` (see
-    :func:`dmd_error_task`), in float64 from the float32 rows. ``relative_error_gram`` is the same
+    :func:`pipeline.kernels.baselines.dmd_block_errors`), in float64 from the float32 rows. ``relative_error_gram`` is the same
     error predicted from the Gram alone (exact in exact arithmetic; its squared error is
     only known to about T 1e-16 ||W||_F^2); with ``error_pass=False`` no pass is made and it
     is the reported error.
@@ -671,7 +437,7 @@ def dmd_errors(
             raise PipelineError(f"DMD rank must be at least 1, got {r}")
     gm = g.matrix
     lsq = gram_sqrt(gm)
-    models = [_dmd_model(gm, lsq, int(r), rcond) for r in ranks]
+    models = [dmd_model(gm, lsq, int(r), rcond) for r in ranks]
     residuals = np.array([m.residual_gram for m in models])
     nbytes = 0
     t_pass = 0.0
@@ -679,22 +445,8 @@ def dmd_errors(
         tp = time.perf_counter()
         grid = st.chunk_grid()
         rows = block_rows or g.block_rows
-        c = np.asarray(cols_list, dtype=np.int64)
-        factors = [_factor(m.k) for m in models]
-        offsets = tuple(int(o) for o in np.cumsum([0] + [f[0].shape[0] for f in factors]))
-        at = np.ascontiguousarray(np.concatenate([f[0] for f in factors]))  # (Q, T-1)
-        bt = np.ascontiguousarray(np.concatenate([f[1] for f in factors], axis=1))  # (T, Q)
-        cols_d = delayed(c, traverse=False)
-        at_d = delayed(at, traverse=False)
-        bt_d = delayed(bt, traverse=False)
-        spans = list(blocks(meta.n_rows, rows))
-        tasks = [
-            delayed(dmd_error_task, pure=False)(
-                grid, r0, r1, cols_d, at_d, bt_d, offsets, dask_key_name=f"dmd-error-{i}"
-            )
-            for i, (r0, r1) in enumerate(spans)
-        ]
-        labels = [f"dmd error block {i}: rows {r0}-{r1}" for i, (r0, r1) in enumerate(spans)]
+        at, bt, offsets = dmd_factors(models)
+        tasks, labels = build_dmd_error_tasks(grid, meta.n_rows, rows, cols_list, at, bt, offsets)
         results = _compute(tasks, "dmd error", labels, run, runtime)
         residuals = np.zeros(len(models))
         for part, nb in results:

@@ -11,7 +11,8 @@ noisy), and written to ``OUT/results.json`` (raw), ``OUT/results.md`` (tables) a
 4. **Beyond RAM** (``--beyond-ram N``; not in ``--quick``): ingest and fit a trajectory larger
    than memory; time, throughput, peak RSS of the whole process tree.
 5. **Baselines** on the same trajectories (a synthetic planted-mode store and a real recorded
-   digits CNN run): CMD with M = 1..50 against POD/truncated SVD and exact DMD at rank r,
+   digits CNN run, trained by the workflow :data:`REAL_WORKFLOW` found at run time through
+   the entry points of :data:`pipeline.ops.evaluate.WORKFLOW_GROUP`): CMD with M = 1..50 against POD/truncated SVD and exact DMD at rank r,
    relative error against stored bytes (a Pareto chart), time and peak memory; and the
    research code's in-memory algorithm (time, peak RSS, and the N at which it would run out
    of memory, extrapolated from its measured bytes per parameter).
@@ -52,7 +53,11 @@ from pipeline.errors import PipelineWarning
 from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store.analysis import AnalysisGroup
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["REAL_WORKFLOW", "BenchOptions", "run_bench"]
+
+#: the workflow recording the real trajectory of the baselines (an installed workflow name or
+#: ``module:function``); its module provides ``TrainConfig`` and ``train_and_record``
+REAL_WORKFLOW = "digits"
 
 
 @dataclass
@@ -269,10 +274,12 @@ def baselines(o: BenchOptions, rt: Runner, main_store: str) -> dict[str, Any]:
 
     assert o.workdir is not None and o.real_epochs is not None
     # a real trajectory: the digits CNN, recorded
-    from workflows.digits import TrainConfig, train_and_record
+    from pipeline.ops.evaluate import workflow_module
 
+    wf = workflow_module(REAL_WORKFLOW)
     run_dir = o.workdir / "digits-run"
-    train_and_record(run_dir, TrainConfig(model="cnn", epochs=o.real_epochs, seed=0, batch_size=64), overwrite=True)
+    config = wf.TrainConfig(model="cnn", epochs=o.real_epochs, seed=0, batch_size=64)
+    wf.train_and_record(run_dir, config, overwrite=True)
     real = str(o.workdir / "digits.zarr")
     shutil.rmtree(real, ignore_errors=True)
     pipeline.ingest([str(run_dir)], real, run=rt)

@@ -9,7 +9,7 @@ operator, and its eigenvalues are the Koopman eigenvalues. Two runs are compared
 matching (``scipy.optimize.linear_sum_assignment``).
 
 Everything here is small (d x T); the only pass over the N x T trajectory is the Gram matrix
-(:func:`pipeline.bench.baselines.gram`).
+(:func:`pipeline.graph.baselines.build_gram_tasks`).
 """
 
 from __future__ import annotations

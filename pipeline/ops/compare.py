@@ -4,7 +4,8 @@ Each run (a study in a store) is reduced to a few coordinates over its window:
 
 - ``refs``: the study's M reference profiles (CMD's own data-driven reduction), or
 - ``pcs``: the top-d principal time courses of the trajectory, from its T x T Gram matrix,
-  computed by one Dask pass over row blocks (no N x T matrix is ever held).
+  computed by one Dask pass over row blocks (:mod:`pipeline.graph.baselines`; no N x T
+  matrix is ever held).
 
 The Koopman eigenvalues of each run are the exact-DMD eigenvalues of a time-delay (Hankel)
 embedding of those coordinates (:mod:`pipeline.kernels.koopman`). Two runs are at the
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.graph.baselines import build_gram_tasks, combine_gram, gram_block_rows
 from pipeline.kernels.koopman import koopman_eigenvalues, pc_coordinates, wasserstein
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup, complete_study
@@ -101,11 +103,14 @@ def run_coordinates(
     refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
     if source == "refs":
         return refs, epochs
-    from pipeline.bench.baselines import gram
-
     cols = [meta.column_of(e) for e in epochs]
-    g = gram(st.url, cols=cols, run=run, runtime=runtime)
-    return pc_coordinates(np.asarray(g.matrix), d or refs.shape[0]), epochs
+    grid = st.chunk_grid()
+    rows = gram_block_rows(grid, len(cols), None)
+    tasks, labels = build_gram_tasks(grid, meta.n_rows, rows, cols)
+    with using(run, runtime) as r:
+        parts = r.compute(tasks, "gram", labels)
+    g, _n_bad, _nbytes = combine_gram(parts, len(cols))
+    return pc_coordinates(g, d or refs.shape[0]), epochs
 
 
 def _spectrum(y: np.ndarray, delays: int, rank: int | None) -> np.ndarray:

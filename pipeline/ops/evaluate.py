@@ -8,14 +8,19 @@ each (the paper's Figures 5-7). Results go into the study's attributes (``evalua
 into ``analyses/<name>/report/evaluation.json``, with the evaluation figures.
 
 A *workflow* turns a training run's folder (holding ``run.json``) into a function mapping a
-state_dict to ``(test loss, test accuracy)``: ``digits`` and ``minilm`` are built in, and any
-``module:function`` with that signature works (see :func:`resolve_workflow`).
+state_dict to ``(test loss, test accuracy)``. Which one is found (see :func:`resolve_workflow`)
+from, in order: the ``--workflow`` given, the ``evaluator`` (``module:function``) that
+``run.json`` records, or its ``workflow`` name (older runs record only the name). A name is
+looked up in the installed entry points of the group ``cmd_pipeline.workflows`` (``digits``
+and ``minilm`` are declared by this package's pyproject.toml); any ``module:function`` with
+that signature works as well. The library itself never imports the examples (``workflows``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.metadata
 import json
 import math
 import os
@@ -25,6 +30,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -39,22 +45,23 @@ from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = [
     "DEFAULT_SWEEP_MODES",
-    "WORKFLOWS",
+    "WORKFLOW_GROUP",
     "EvaluationResult",
     "evaluate",
     "find_run_dir",
+    "known_workflows",
     "resolve_workflow",
     "sweep_name",
+    "workflow_module",
 ]
 
 #: state_dict -> (mean test loss, test accuracy)
 EvalFn = Callable[[dict[str, Any]], tuple[float, float]]
 
-#: Built-in workflows: name -> ``module:function`` taking the run folder, returning an EvalFn.
-WORKFLOWS = {
-    "digits": "workflows.digits:evaluator",
-    "minilm": "workflows.minilm:evaluator",
-}
+#: The entry-point group of the installed workflows: name -> ``module:function`` taking the run
+#: folder, returning an EvalFn (the function's module also defines ``TrainConfig`` and
+#: ``train_and_record``).
+WORKFLOW_GROUP = "cmd_pipeline.workflows"
 #: The numbers of modes of the paper's accuracy-against-M figures.
 DEFAULT_SWEEP_MODES = (1, 2, 5, 10, 20)
 SWEEP_SEP = "~"
@@ -65,15 +72,31 @@ def sweep_name(name: str, modes: int, samples: int, seed: int) -> str:
     return f"{name}{SWEEP_SEP}m{modes}-k{samples}-s{seed}"
 
 
+def known_workflows() -> dict[str, str]:
+    """The installed workflows: name -> ``module:function``, from the entry points of the group
+    :data:`WORKFLOW_GROUP`."""
+    eps = importlib.metadata.entry_points(group=WORKFLOW_GROUP)
+    return {ep.name: ep.value for ep in sorted(eps, key=lambda ep: ep.name)}
+
+
+def _known_list() -> str:
+    return ", ".join(known_workflows()) or "none installed"
+
+
+def _target(spec: str) -> str:
+    """``module:function`` of a workflow name or ``module:function``."""
+    if ":" in spec:
+        return spec
+    known = known_workflows()
+    if spec not in known:
+        raise InputError(f"unknown workflow {spec!r}: use one of {_known_list()} or module:function")
+    return known[spec]
+
+
 def resolve_workflow(spec: str) -> Callable[[Path], EvalFn]:
-    """The evaluator factory of a workflow: a built-in name or ``module:function``."""
-    target = WORKFLOWS.get(spec, spec)
-    if ":" not in target:
-        raise InputError(
-            f"unknown workflow {spec!r}: use one of {', '.join(sorted(WORKFLOWS))} "
-            "or module:function"
-        )
-    mod_name, attr = target.split(":", 1)
+    """The evaluator factory of a workflow: an installed name (entry point group
+    :data:`WORKFLOW_GROUP`) or ``module:function``, imported now."""
+    mod_name, attr = _target(spec).split(":", 1)
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as e:
@@ -82,6 +105,16 @@ def resolve_workflow(spec: str) -> Callable[[Path], EvalFn]:
     if not callable(fn):
         raise InputError(f"workflow {spec!r}: {mod_name} has no function {attr!r}")
     return fn
+
+
+def workflow_module(spec: str) -> ModuleType:
+    """The module of a workflow (an installed name or ``module:function``), imported: where
+    its ``TrainConfig`` and ``train_and_record`` are."""
+    mod_name = _target(spec).split(":", 1)[0]
+    try:
+        return importlib.import_module(mod_name)
+    except ImportError as e:
+        raise InputError(f"workflow {spec!r}: cannot import {mod_name}: {e}") from e
 
 
 def find_run_dir(meta: StoreMeta) -> Path | None:
@@ -192,7 +225,7 @@ def _mean_std(v: Sequence[float | None]) -> tuple[float | None, float | None]:
 def read_run_json(run_dir: Path) -> dict[str, Any]:
     """The training run's ``run.json``, checked where :func:`evaluate` reads it.
 
-    ``workflow`` (a string), ``config`` (an object) and ``epochs`` (a list of objects with an
+    ``workflow`` and ``evaluator`` (strings), ``config`` (an object) and ``epochs`` (a list of objects with an
     integer ``epoch`` and numeric ``test_accuracy``/``test_loss``) are optional, but when
     present they must have these types. Raises :class:`InputError` naming the file.
     """
@@ -211,7 +244,11 @@ def read_run_json(run_dir: Path) -> dict[str, Any]:
 
     if not isinstance(run, dict):
         raise bad(f"is not a JSON object (a {type(run).__name__})")
-    for key, typ, name in (("workflow", str, "a string"), ("config", dict, "an object")):
+    for key, typ, name in (
+        ("workflow", str, "a string"),
+        ("evaluator", str, "a string"),
+        ("config", dict, "an object"),
+    ):
         if key in run and not isinstance(run[key], typ):
             raise bad(f"{key!r} is a {type(run[key]).__name__}, not {name}")
     epochs = run.get("epochs", [])
@@ -282,8 +319,10 @@ def evaluate(
     store, name
         The store and a complete study (``cmd-pipeline fit``).
     workflow
-        ``digits``, ``minilm`` or ``module:function`` (a function of the run folder returning
-        ``state_dict -> (loss, accuracy)``); default: the ``workflow`` recorded in run.json.
+        An installed workflow's name (``digits``, ``minilm``: entry point group
+        ``cmd_pipeline.workflows``) or ``module:function`` (a function of the run folder
+        returning ``state_dict -> (loss, accuracy)``); default: the ``evaluator`` recorded in
+        run.json, or its ``workflow`` name.
     run_dir
         The training run's folder (with run.json); default: found beside the ingested
         checkpoints.
@@ -324,17 +363,19 @@ def evaluate(
                 "with --run"
             )
         run_info = read_run_json(rdir)
-        wf = workflow or run_info.get("workflow")
+        wf = workflow or run_info.get("workflow") or run_info.get("evaluator")
         if wf is None:
             raise InputError(
                 f"{rdir / 'run.json'} names no workflow: pass --workflow "
-                f"({', '.join(sorted(WORKFLOWS))} or module:function)"
+                f"({_known_list()} or module:function)"
             )
-        factory = resolve_workflow(wf)
-        if wf in WORKFLOWS and "config" not in run_info:
+        # the evaluator recorded by the run, unless another workflow is asked for
+        spec = run_info.get("evaluator", wf) if workflow is None else wf
+        factory = resolve_workflow(spec)
+        if ":" not in wf and "config" not in run_info:
             raise InputError(
                 f"lacks 'config', the training configuration the {wf} workflow rebuilds its "
-                f"model and test set from: record the run with python -m workflows.{wf}, or "
+                f"model and test set from: record the run with python -m {factory.__module__}, or "
                 "add the configuration it was trained with",
                 path=str(rdir / "run.json"),
             )
