@@ -67,6 +67,11 @@ class CompareResult:
     groups: list[str] | None = None
     p_apart: float | None = None
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``table()`` is the
+        same text)."""
+        return self.table()
+
     def table(self) -> str:
         names = [f"{r['name']}@{os.path.basename(r['store'].rstrip('/'))}" for r in self.runs]
         w = max(len(n) for n in names)

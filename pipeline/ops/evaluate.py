@@ -140,6 +140,11 @@ class EvaluationResult:
     evaluation: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``table()`` is the
+        same text)."""
+        return self.table()
+
     def table(self) -> str:
         """The GD vs CMD table: per epoch, then the sweep over M.
 

@@ -62,6 +62,11 @@ class FitResult:
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary_text()`` is the
+        same text)."""
+        return self.summary_text()
+
     def summary_text(self) -> str:
         s = self.summary
         head = (

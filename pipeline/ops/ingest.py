@@ -47,6 +47,11 @@ class IngestResult:
     nonfinite: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary()`` is the
+        same text)."""
+        return self.summary()
+
     def summary(self) -> str:
         nan = sum(self.nonfinite.values())
         parts = [

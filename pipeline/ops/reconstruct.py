@@ -35,6 +35,11 @@ class ReconstructResult:
     blocks_written: int
     blocks_kept: int
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary()`` is the
+        same text)."""
+        return self.summary()
+
     def summary(self) -> str:
         return (
             f"analysis {self.name!r}: reconstructed ({self.shape[0]:,} x {self.shape[1]}) float32; "

@@ -41,6 +41,11 @@ class ReportResult:
     copy: str | None  # the copy written to ``out``
     figures: dict[str, str] = field(default_factory=dict)
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary()`` is the
+        same text)."""
+        return self.summary()
+
     def summary(self) -> str:
         where = self.copy or self.html
         return f"report of {self.name!r}: {where} ({len(self.figures)} figures)"

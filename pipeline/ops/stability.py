@@ -130,6 +130,11 @@ class StabilityResult:
         """JSON-serialisable (no NaN: missing values are None)."""
         return asdict(self)
 
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary()`` is the
+        same text)."""
+        return self.summary()
+
     def summary(self) -> str:
         lines = [
             f"basis stability over epochs {self.epochs[0]}..{self.epochs[-1]} "
@@ -255,6 +260,11 @@ class StabilityStudy:
         if self.mode_changes is not None:
             saved["mode_changes"] = self.mode_changes.to_dict()
         return saved
+
+    def text(self) -> str:
+        """The result in words (every result type has this method; ``summary()`` is the
+        same text)."""
+        return self.summary()
 
     def summary(self) -> str:
         lines = [self.result.summary()]

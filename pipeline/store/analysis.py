@@ -56,7 +56,6 @@ ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
 ANALYSIS_VERSION = 1
 #: the study's figures, evaluation results and HTML report: ``analyses/<name>/report/``
 REPORT = "report"
-PER_ROW = ("mode", "a", "b", "corr", "residual", "flags")
 
 
 def mode_dtype(n_modes: int) -> np.dtype[Any]:
