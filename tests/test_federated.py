@@ -21,13 +21,12 @@ from workflows.federated import (
     EmbedUpdate,
     FedConfig,
     Federation,
-    _decode_new,
-    _encode_new,
     get_flat,
     main,
     partition,
     run_experiment,
 )
+from workflows.federated.messages import _decode_new, _encode_new
 
 TINY = FedConfig(
     clients=3, rounds=10, warmup=3, embed_every=2, embed_fraction=0.3, hidden=16, modes=4,

@@ -35,6 +35,7 @@ from workflows.minilm import (
 TINY = TrainConfig(epochs=2, batch_size=12, max_length=32, limit=48, seed=0)
 RUN_KEYS = {
     "workflow",
+    "evaluator",
     "config",
     "model_class",
     "n_params",

@@ -30,6 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workflows.cli_args import (
+    Option,
+    add_recording_arguments,
+    config_from_args,
+)
 from workflows.recording import (
     CHECKPOINT_SUFFIX,
     checkpoint_path,
@@ -459,6 +464,14 @@ def train_and_record(
 # ----------------------------------------------------------------------------- CLI
 
 
+#: Command-line help and special forms of the :class:`TrainConfig` fields.
+CLI_OPTIONS: dict[str, Option] = {
+    "augment": Option(help="random 1-pixel shifts"),
+    "batchnorm": Option(help="BatchNorm2d (CNN only)"),
+    "record_initial": Option(flag="--no-initial", help="do not save the untrained weights as epoch 0"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: ``python -m workflows.digits --out DIR [options]``.
 
@@ -472,47 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         Exit status, 0 on success.
     """
-    defaults = TrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m workflows.digits",
         description="Train a small model on the scikit-learn digits and save one "
         "checkpoint per epoch.",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--model", choices=("cnn", "mlp"), default=defaults.model)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--momentum", type=float, default=defaults.momentum)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--augment", action="store_true", help="random 1-pixel shifts")
-    parser.add_argument("--batchnorm", action="store_true", help="BatchNorm2d (CNN only)")
-    parser.add_argument("--hidden", type=int, default=defaults.hidden)
-    parser.add_argument("--fmt", choices=("pt", "safetensors"), default=defaults.fmt)
-    parser.add_argument(
-        "--no-initial", action="store_true", help="do not save the untrained weights as epoch 0"
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace checkpoints already in --out"
-    )
+    add_recording_arguments(parser, TrainConfig, options=CLI_OPTIONS)
     args = parser.parse_args(argv)
-
-    try:
-        config = TrainConfig(
-            model=args.model,
-            epochs=args.epochs,
-            lr=args.lr,
-            momentum=args.momentum,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            augment=args.augment,
-            batchnorm=args.batchnorm,
-            hidden=args.hidden,
-            fmt=args.fmt,
-            record_initial=not args.no_initial,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
+    config = config_from_args(parser, TrainConfig, args)
 
     def log(rec: dict[str, Any]) -> None:
         print(

@@ -39,6 +39,7 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.online import EmbeddedCMD, OnlineCMD
+from workflows.cli_args import Option, add_config_arguments, config_from_args
 from workflows.digits import TrainConfig, build_model, evaluate, load_digits_split, random_shift
 
 METHODS = ("sgd", "online_cmd", "ema", "swa", "embedded_cmd")
@@ -183,15 +184,17 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: The digits :class:`TrainConfig` fields on this command line differ from the workflow's
+#: defaults in the number of epochs only.
+TRAIN_OPTIONS: dict[str, Option] = {"epochs": Option(default=100)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workflows.online_compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("cnn", "mlp"), default="cnn")
-    ap.add_argument("--epochs", type=int, default=100)
+    add_config_arguments(ap, TrainConfig, options=TRAIN_OPTIONS, only=("model", "epochs"))
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--augment", action="store_true")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--batch-size", type=int, default=64)
+    add_config_arguments(ap, TrainConfig, only=("augment", "lr", "batch_size"))
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--modes", type=int, default=10)
     ap.add_argument("--samples", type=int, default=1000)
@@ -206,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds_out = []
     t0 = time.perf_counter()
     for seed in [int(s) for s in a.seeds.split(",")]:
-        cfg = TrainConfig(model=a.model, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
-                          seed=seed, augment=a.augment)
+        cfg = config_from_args(ap, TrainConfig, a, seed=seed)
         res = run_a(cfg, cmd_args, a.ema_decay)
         res["curves"]["swa"] = run_swa(cfg, max(1, round(a.swa_start * a.epochs)), a.swa_lr)
         res["curves"]["embedded_cmd"] = run_embedded(cfg, cmd_args, a.embed_every, a.embed_fraction)

@@ -33,7 +33,6 @@ import argparse
 import collections.abc
 import importlib
 import json
-import re
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 
 import pipeline
 from pipeline.errors import InputError, PipelineError
+from pipeline.ops.evaluate import known_workflows, workflow_module
 from pipeline.runtime import RuntimeOptions, runner
 
 __all__ = ["format_table", "main", "run_study", "summarise_seeds"]
@@ -162,16 +162,20 @@ def _load_config(path: Path) -> dict[str, Any]:
 
 
 def _workflow_module(name: str, path: Path) -> Any:
-    """``workflows.<name>``, which must define ``TrainConfig`` and ``train_and_record``."""
-    defines = re.compile(r"^class TrainConfig\b.*^def train_and_record\b", re.M | re.S)
-    known = sorted(
-        p.stem for p in Path(__file__).parent.glob("*.py") if defines.search(p.read_text("utf-8"))
-    )
+    """The module of the installed workflow ``name`` (entry point group
+    ``cmd_pipeline.workflows``), which must define ``TrainConfig`` and ``train_and_record``."""
+    known = known_workflows()
     if name not in known:
         raise InputError(
             f"unknown workflow {name!r} (workflows: {', '.join(known)})", path=str(path)
         )
-    return importlib.import_module(f"workflows.{name}")
+    mod = workflow_module(name)
+    if not (hasattr(mod, "TrainConfig") and callable(getattr(mod, "train_and_record", None))):
+        raise InputError(
+            f"workflow {name!r} ({mod.__name__}) defines no TrainConfig and train_and_record",
+            path=str(path),
+        )
+    return mod
 
 
 def _recorded(run_dir: Path, want: dict[str, Any]) -> dict[str, Any] | None:
