@@ -9,7 +9,7 @@ processes (each a nanny and a worker process) on loopback, driven through the CL
   task and its rows; everything else stays, and the re-run completes the store;
 - a client interrupted with SIGINT exits with 130; the re-run completes the store.
 
-Faults are injected with worker plugins (``cluster_helpers.py``) registered from this process.
+Faults are injected with worker plugins (``dask_cluster_helpers.py``) registered from this process.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster_helpers import (
+from dask_cluster_helpers import (
     LOOPBACK,
     Cluster,
     CrashOnTask,
