@@ -37,7 +37,7 @@ def check_cut(modes: int | None, threshold: float | None) -> None:
     if (modes is None) == (threshold is None):
         raise ValueError("give exactly one of modes or threshold")
     if modes is not None and modes < 1:
-        raise ValueError("modes must be >= 1")
+        raise ValueError("modes must be at least 1")
     if threshold is not None and not 0 <= threshold <= 1:
         raise ValueError("threshold is a distance 1 - |corr| in [0, 1]")
 
