@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from pipeline.errors import SchemaVersionError, StoreError
+from pipeline.store import keys
 from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import ANALYSES
 
@@ -116,7 +116,7 @@ class AnalysisGroup:
         """Remove this analysis only (its siblings and the trajectory stay)."""
         if self.exists():
             root = self._root()
-            sync(root.store.delete_dir(self.path))
+            keys.delete_dir(root.store, self.path)
 
     # ------------------------------------------------------------------ creation
     def create(
@@ -188,12 +188,7 @@ class AnalysisGroup:
 
     def _list(self, prefix: str) -> list[str]:
         """The store keys under ``prefix`` (a path below the store's root)."""
-        root = self._root()
-
-        async def _ls() -> list[str]:
-            return [k async for k in root.store.list_prefix(prefix)]
-
-        return sync(_ls())
+        return keys.list_prefix(self._root().store, prefix)
 
     def written_chunks(self, array: str) -> set[str]:
         """The chunk keys (``"i/j"``) of the result array ``array`` that exist in the store."""
@@ -216,12 +211,7 @@ class AnalysisGroup:
         place; a killed task leaves the temporary file, which no later run would overwrite.
         Call before resuming; returns how many were deleted.
         """
-        stray = [k for k in self._list(f"{self.path}/") if k.endswith(".partial")]
-        if stray:
-            store = self._root().store
-            for k in stray:
-                sync(store.delete(k))
-        return len(stray)
+        return keys.remove_partials(self._root().store, f"{self.path}/")
 
     def array(self, name: str) -> Any:
         return self.group()[name]
@@ -241,15 +231,13 @@ class AnalysisGroup:
             g.create_group(REPORT, attributes={ANALYSIS_ATTR + "_files": "report files"})
         key = f"{self.path}/{REPORT}/{relpath}"
         buf = default_buffer_prototype().buffer.from_bytes(data)
-        sync(self._root().store.set(key, buf))
+        keys.put(self._root().store, key, buf)
         return self.location(relpath)
 
     def read_file(self, relpath: str) -> bytes | None:
         """A file written by :meth:`write_file`, or None."""
-        from zarr.core.buffer import default_buffer_prototype
-
         key = f"{self.path}/{REPORT}/{relpath}"
-        buf = sync(self._root().store.get(key, prototype=default_buffer_prototype()))
+        buf = keys.get(self._root().store, key)
         return None if buf is None else buf.to_bytes()
 
     def location(self, relpath: str) -> str:
@@ -292,7 +280,7 @@ def write_result_chunk(
         data = full
     raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
     key = f"{ANALYSES}/{name}/{array}/c/" + "/".join(str(c) for c in chunk)
-    sync(_store_of(url).set(key, Buffer.from_array_like(raw)))
+    keys.put(_store_of(url), key, Buffer.from_array_like(raw))
 
 
 def _create_result_array(

@@ -10,7 +10,16 @@ from typing import Any
 
 from zarr.core.sync import sync
 
-__all__ = ["delete", "delete_dir", "list_dir", "list_prefix", "put", "remove_partials", "size"]
+__all__ = [
+    "delete",
+    "delete_dir",
+    "get",
+    "list_dir",
+    "list_prefix",
+    "put",
+    "remove_partials",
+    "size",
+]
 
 
 def list_prefix(store: Any, prefix: str) -> list[str]:
@@ -60,3 +69,10 @@ def size(store: Any, prefix: str = "") -> int:
 def put(store: Any, key: str, data: Any) -> None:
     """Write one whole value (a zarr ``Buffer``) at ``key``."""
     sync(store.set(key, data))
+
+
+def get(store: Any, key: str) -> Any:
+    """The value at ``key`` (a zarr ``Buffer``), or None when there is none."""
+    from zarr.core.buffer import default_buffer_prototype
+
+    return sync(store.get(key, prototype=default_buffer_prototype()))
