@@ -3,8 +3,8 @@
 Importing the package is cheap: it imports neither torch nor cupy.
 
 >>> import pipeline
->>> sorted(pipeline.__all__)[:3]
-['ConfigMismatchError', 'FitResult', 'IngestResult']
+>>> pipeline.fit.__module__, pipeline.ingest.__module__
+('pipeline.ops.fit', 'pipeline.ops.ingest')
 """
 
 from pipeline._version import __version__
