@@ -134,15 +134,16 @@ def _sample(
     cols: np.ndarray,
     k: int,
     seed: int,
-    scan_plans: list[BlockPlan],
+    scan_plans: Callable[[], list[BlockPlan]],
     runner_of: Callable[[], Runner],
 ) -> Sample:
     """K usable samples (not constant, finite over the window): by rejection, and when that
     falls short, from one pass over the window that finds every varying row."""
 
     def scan() -> tuple[list[Pool], int]:
-        tasks = build_scan_tasks(grid, scan_plans, cols, k, seed)
-        labels = [f"scan block {p.index}: rows {p.r0}-{p.r1}" for p in scan_plans]
+        plans = scan_plans()  # only when the scan is needed
+        tasks = build_scan_tasks(grid, plans, cols, k, seed)
+        labels = [f"scan block {p.index}: rows {p.r0}-{p.r1}" for p in plans]
         found = runner_of().compute(tasks, "sampling: finding the varying parameters", labels)
         return [p for pools, _nb in found for p in pools], sum(nb for _p, nb in found)
 
@@ -353,17 +354,15 @@ def fit(
             none = np.empty(0, dtype=np.int64)
             drawn = _sample(
                 grid, layout, cols, samples, seed,
-                _plans(meta.n_rows, s_rows, layout, none, none), runner_of,
+                lambda: _plans(meta.n_rows, s_rows, layout, none, none), runner_of,
             )
             sample_index, profiles, nbytes = drawn.index, drawn.profiles, drawn.bytes_read
             notes = []
-            if sample_index.size < samples and drawn.n_varying is not None:
+            if sample_index.size < samples:  # then the scan ran and counted them
                 notes.append(
                     f"only {drawn.n_varying:,} parameters vary over the window (finite, not "
                     f"constant): {sample_index.size:,} sampled of the {samples:,} asked"
                 )
-            elif sample_index.size < samples:
-                notes.append(f"{sample_index.size:,} parameters sampled of the {samples:,} asked")
             if sample_index.size < 2:
                 raise PipelineError(
                     "fewer than 2 parameters vary over the window: nothing to decompose"

@@ -154,7 +154,7 @@ def ingest(
         "time_chunk": time_chunk,
         "codec": codec,
     }
-    with using(run, runtime, cpu_only="ingest") as r:
+    with using(run, runtime) as r:
         return _ingest(specs, st, requested, force, r, t_start)
 
 

@@ -27,7 +27,6 @@ from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.plan import RowLayout, blocks
 from pipeline.report.figures import StudyData, evaluation_figures, study_figures
 from pipeline.store.analysis import AnalysisGroup, complete_study
-from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReportResult", "load_study_data", "report"]
@@ -104,7 +103,7 @@ def report(
     st = TrajectoryStore.open(store, writable=True)
     data = load_study_data(st.url, name)
     ag = AnalysisGroup(st.url, name)
-    attrs = check_study_attrs(ag.attrs(), name)
+    attrs = ag.attrs()  # checked by load_study_data (complete_study)
     evaluation = attrs.get("evaluation")
     figs = study_figures(data)
     if evaluation:
