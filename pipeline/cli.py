@@ -15,7 +15,14 @@ import click
 
 from pipeline._version import __version__
 from pipeline.config import (
+    CODECS,
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_CODEC,
+    DEFAULT_FLOAT_BUFFERS,
+    DEFAULT_NONFINITE,
     DEFAULT_SAMPLES,
+    DEFAULT_TIME_CHUNK,
+    NONFINITE_POLICIES,
     STABILITY_MAX_EXACT,
     STABILITY_MODES,
     STABILITY_RANK,
@@ -166,6 +173,54 @@ def _verbosity() -> int:
     return int(ctx.find_root().params.get("verbose") or 0) if ctx is not None else 0
 
 
+def _current_flags() -> dict[str, str]:
+    ctx = click.get_current_context(silent=True)
+    return flag_names(ctx.command) if ctx is not None else {}
+
+
+def flag_names(command: click.Command) -> dict[str, str]:
+    """The command's options by parameter name: the click name and the name its long flag
+    spells (``run_dir`` and ``run`` -> ``--run``; ``epoch_spec`` and ``epochs`` -> ``--epochs``)."""
+    out: dict[str, str] = {}
+    for p in command.params:
+        longs = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+        if not isinstance(p, click.Option) or not longs:
+            continue
+        if p.name:
+            out[p.name] = longs[0]
+        for o in longs:
+            out.setdefault(o[2:].replace("-", "_"), longs[0])
+    return out
+
+
+_PARAM = re.compile(r"\b([a-z][a-z0-9_]*)=(True|'[^']*'|\"[^\"]*\"|[^\s,;)]+)|`([a-z][a-z0-9_]*)`")
+
+
+def as_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message speaks of parameters (``force=True``, ``epochs='0:5'``, or a name in
+    backquotes); the CLI says the flags of the running command instead (``--force``,
+    ``--epochs 0:5``, ``--epochs``). Names that are not the command's options stay as they are.
+
+    >>> as_flags("pass force=True to rebuild", {"force": "--force"})
+    'pass --force to rebuild'
+    >>> as_flags("give a.pt b.pt epochs='0,1'; seed=3 stays", {"epochs": "--epochs"})
+    'give a.pt b.pt --epochs 0,1; seed=3 stays'
+    >>> as_flags("leave out `epochs`", {"epochs": "--epochs"})
+    'leave out --epochs'
+    """
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(3) is not None:
+            return flags.get(m.group(3), m.group(0))
+        flag = flags.get(m.group(1))
+        if flag is None:
+            return m.group(0)
+        value = m.group(2)
+        return flag if value == "True" else f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    return _PARAM.sub(sub, message)
+
+
 def _handle_errors(f: F) -> F:
     """Errors become one line on stderr (``error: ...``) and the documented exit code.
 
@@ -178,7 +233,7 @@ def _handle_errors(f: F) -> F:
         try:
             return f(*args, **kwargs)
         except PipelineError as e:
-            click.echo(f"error: {_one_line(str(e))}", err=True)
+            click.echo(f"error: {_one_line(as_flags(str(e), _current_flags()))}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo(
@@ -259,28 +314,33 @@ def main(verbose: int) -> None:
 @click.option(
     "--float-buffers/--no-float-buffers",
     default=None,
-    help="Store floating-point buffers (BatchNorm running statistics) [default: store them].",
+    help="Store floating-point buffers (BatchNorm running statistics) "
+    f"[default: {'store' if DEFAULT_FLOAT_BUFFERS else 'leave out'} them].",
 )
 @click.option(
     "--nonfinite",
-    type=click.Choice(["keep", "error"]),
+    type=click.Choice(list(NONFINITE_POLICIES)),
     default=None,
-    help="NaN/Inf: keep them verbatim and count them, or refuse the checkpoint [default: keep].",
+    help="NaN/Inf: keep them verbatim and count them, or refuse the checkpoint "
+    f"[default: {DEFAULT_NONFINITE}].",
 )
 @click.option(
     "--chunk-rows",
     type=click.IntRange(min=1),
     default=None,
-    help="Rows per chunk [default: 8 MiB chunks].",
+    help=f"Rows per chunk [default: {DEFAULT_CHUNK_BYTES // 2**20} MiB chunks].",
 )
 @click.option(
     "--time-chunk",
     type=click.IntRange(min=1),
     default=None,
-    help="Epochs per chunk [default: 1, so appends never rewrite a chunk].",
+    help=f"Epochs per chunk [default: {DEFAULT_TIME_CHUNK}; 1: appends never rewrite a chunk].",
 )
 @click.option(
-    "--codec", type=click.Choice(["none", "lz4"]), default=None, help="Chunk codec [default: none]."
+    "--codec",
+    type=click.Choice(list(CODECS)),
+    default=None,
+    help=f"Chunk codec [default: {DEFAULT_CODEC}].",
 )
 @click.option(
     "--force",
@@ -445,7 +505,9 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise click.BadParameter(f"comma-separated integers, got {value!r}", param_hint=param) from None
+        raise click.BadParameter(
+            f"comma-separated integers, got {value!r}", param_hint=param
+        ) from None
 
 
 @main.command()
@@ -473,7 +535,11 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
     help="Numbers of modes of the sweep ('' for no sweep).",
 )
 @click.option(
-    "--sweep-seeds", default="0,1,2", show_default=True, metavar="S,S,...", help="Sampling seeds of the sweep."
+    "--sweep-seeds",
+    default="0,1,2",
+    show_default=True,
+    metavar="S,S,...",
+    help="Sampling seeds of the sweep.",
 )
 @click.option(
     "--sweep-samples",
@@ -548,11 +614,19 @@ def report(store: str, name: str, out: str | None) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--quick", is_flag=True, help="Small sizes: a few minutes.")
 @click.option(
-    "--sizes", default=None, metavar="N,N,...", help="N of the growth sweep [quick: 1e5..3e6; full: 1e5..1e8]."
+    "--sizes",
+    default=None,
+    metavar="N,N,...",
+    help="N of the growth sweep [quick: 1e5..3e6; full: 1e5..1e8].",
 )
-@click.option("--epochs", type=click.IntRange(min=2), default=50, show_default=True, help="T of the stores.")
 @click.option(
-    "--main-n", type=float, default=None, help="N of the throughput store and the baselines [quick 2e6, full 1e7]."
+    "--epochs", type=click.IntRange(min=2), default=50, show_default=True, help="T of the stores."
+)
+@click.option(
+    "--main-n",
+    type=float,
+    default=None,
+    help="N of the throughput store and the baselines [quick 2e6, full 1e7].",
 )
 @click.option(
     "--beyond-ram",
@@ -567,7 +641,12 @@ def report(store: str, name: str, out: str | None) -> None:
     show_default=True,
     help="Which sections to run (the hardware limits always run).",
 )
-@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where the stores go [OUT/work].")
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the stores go [OUT/work].",
+)
 @click.option("--keep", is_flag=True, help="Keep the stores.")
 @_runtime_options(gpu=False)
 @_handle_errors
@@ -593,7 +672,9 @@ def bench(
         try:
             size_list = [int(float(v)) for v in sizes.split(",") if v.strip()]
         except ValueError:
-            raise click.BadParameter(f"comma-separated numbers, got {sizes!r}", param_hint="--sizes") from None
+            raise click.BadParameter(
+                f"comma-separated numbers, got {sizes!r}", param_hint="--sizes"
+            ) from None
     opts = BenchOptions(
         out=Path(out),
         quick=quick,
@@ -608,7 +689,9 @@ def bench(
     )
     known = {"throughput", "numerics", "growth", "beyond-ram", "baselines"}
     if unknown := set(opts.sections) - known:
-        raise click.BadParameter(f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}", param_hint="--sections")
+        raise click.BadParameter(
+            f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}", param_hint="--sections"
+        )
     run_bench(opts)
     click.echo((Path(out) / "results.md").read_text())
 
@@ -631,10 +714,26 @@ def bench(
     show_default=True,
     help="Coordinates: the study's reference profiles, or the trajectory's top principal components.",
 )
-@click.option("--pcs", "d", type=click.IntRange(min=1), default=None, help="Principal components [M].")
-@click.option("--delays", type=click.IntRange(min=1), default=2, show_default=True, help="Time delays (Hankel).")
-@click.option("--shuffles", type=click.IntRange(min=1), default=100, show_default=True, help="Time-shuffle controls per pair.")
-@click.option("--group", "groups", multiple=True, help="A group label per run, in order (permutation test).")
+@click.option(
+    "--pcs", "d", type=click.IntRange(min=1), default=None, help="Principal components [M]."
+)
+@click.option(
+    "--delays",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Time delays (Hankel).",
+)
+@click.option(
+    "--shuffles",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Time-shuffle controls per pair.",
+)
+@click.option(
+    "--group", "groups", multiple=True, help="A group label per run, in order (permutation test)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--save/--no-save",
@@ -692,7 +791,13 @@ def compare(
     default=None,
     help="A study: use its window and keep the result with it (report/stability.json) for `report`.",
 )
-@click.option("--epochs", "window", default=None, metavar="START:END[:STEP]", help="Window [the study's, or all].")
+@click.option(
+    "--epochs",
+    "window",
+    default=None,
+    metavar="START:END[:STEP]",
+    help="Window [the study's, or all].",
+)
 @click.option(
     "--threshold", type=click.FloatRange(0, 1), default=STABILITY_THRESHOLD, show_default=True
 )
@@ -703,7 +808,12 @@ def compare(
     show_default=True,
     help="Layers with more elements get a randomised SVD.",
 )
-@click.option("--rank", type=click.IntRange(min=1), default=None, help=f"Rank of the randomised SVD [{STABILITY_RANK}].")
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"Rank of the randomised SVD [{STABILITY_RANK}].",
+)
 @click.option(
     "--stride",
     type=click.IntRange(min=1),
@@ -751,7 +861,9 @@ def stability(
         try:
             width, step = (int(v) for v in mode_windows.split(":"))
         except ValueError:
-            raise click.BadParameter("WIDTH:STEP, e.g. 20:10", param_hint="--mode-windows") from None
+            raise click.BadParameter(
+                "WIDTH:STEP, e.g. 20:10", param_hint="--mode-windows"
+            ) from None
         windows = (width, step)
     result = stability_study(
         store,

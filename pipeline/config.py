@@ -35,6 +35,8 @@ DEFAULT_TIME_CHUNK = 1
 
 #: Codec of the trajectory: "none" (raw little-endian float32, fastest) or "lz4"
 #: (Blosc lz4 with byte shuffle, ~1.2x smaller on float32 weights).
+#: the codecs a trajectory can use
+CODECS = ("none", "lz4")
 DEFAULT_CODEC = "none"
 
 #: Whether floating-point buffers (BatchNorm running statistics, ...) go into the trajectory.
@@ -42,6 +44,7 @@ DEFAULT_FLOAT_BUFFERS = True
 
 #: What ingest does with NaN/Inf: "keep" stores them verbatim and counts them,
 #: "error" refuses the checkpoint.
+NONFINITE_POLICIES = ("keep", "error")
 DEFAULT_NONFINITE = "keep"
 
 #: Tensors left out of the trajectory (integer buffers) are kept inline in the epoch metadata

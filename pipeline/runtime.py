@@ -299,8 +299,8 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
         opts = _outside_script_import(opts)
     if opts.performance_report and not address and opts.mode != "local":
         raise PipelineError(
-            "--performance-report needs the distributed scheduler (the default LocalCluster or "
-            "--scheduler), not --threads or --sync"
+            "performance_report=FILE needs the distributed scheduler (the default LocalCluster "
+            "or scheduler=ADDRESS), not the threaded or synchronous one"
         )
     if address:
         from distributed import Client
@@ -313,7 +313,7 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
             hint = ""
             if address.startswith("tls://"):
                 hint = (
-                    " (a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key, or "
+                    " (a tls:// scheduler needs tls_ca_file=PEM, tls_cert=PEM and tls_key=PEM, or "
                     "dask's distributed.comm.tls.* config)"
                 )
             raise PipelineError(f"cannot connect to the scheduler at {address}: {e}{hint}") from e
@@ -374,7 +374,7 @@ def _require_cupy() -> None:
         import cupy  # noqa: F401
     except ImportError as e:
         raise PipelineError(
-            f"--gpu needs CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
+            f"gpu=True needs CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
         ) from None
 
 
@@ -386,7 +386,7 @@ def _local_cluster(opts: RuntimeOptions) -> Iterator[Any]:
             from dask_cuda import LocalCUDACluster
         except ImportError as e:
             raise PipelineError(
-                f"--gpu needs dask-cuda and CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
+                f"gpu=True needs dask-cuda and CuPy (pip install 'cmd-pipeline[gpu]'): {e}"
             ) from None
         _require_cupy()
         try:

@@ -1,5 +1,5 @@
 """A real Dask cluster (a scheduler and worker processes started with the ``dask`` CLI) and
-fault-injection worker plugins, for ``tests/test_dask_cluster.py``.
+fault-injection worker plugins, for ``tests/slow/test_dask_cluster.py``.
 
 Workers import this module to unpickle the plugins (``PYTHONPATH`` holds ``tests/``), so it
 imports nothing heavy at module level: no torch, no ``helpers``.

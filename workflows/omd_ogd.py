@@ -17,7 +17,7 @@ run, OGD on ``x`` itself (no reparametrisation, projected to ``x >= 0``), follow
 Each run is recorded as safetensors checkpoints (one per epoch = one pass over the rows), so
 the whole pipeline (ingest, fit, compare) runs on it.
 
-What it shows here (``tests/test_omd_ogd.py``): OMD's x stays within 3e-4 of OGD's u^2, and
+What it shows here (``tests/unit/test_omd_ogd.py``): OMD's x stays within 3e-4 of OGD's u^2, and
 the Koopman spectra from the top principal components put the conjugate pair at about a sixth
 of the distance of either to projected OGD on x. That distance is small, but not zero: DMD on a
 few linear observables approximates the Koopman spectrum differently for ``u`` and ``u^2``.

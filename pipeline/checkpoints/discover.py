@@ -33,7 +33,7 @@ _GENERIC_WORDS = frozenset(
     {"epoch", "ep", "step", "iter", "checkpoint", "ckpt", "model", "weights", "weight", "state",
      "dict", "params", "net", "network"}
 )
-_IN_ORDER = "list the files in epoch order and pass --epochs"
+_IN_ORDER = "list the files in epoch order and give their epochs (`epochs`)"
 
 
 def _natural_key(s: str) -> list[object]:
@@ -148,7 +148,7 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
     ints = [[int(x) for x in t[1::2]] for t in tokens]
     nfields = len(ints[0])
     if nfields == 0:
-        raise InputError(f"cannot parse an epoch number from {names[0]!r}: pass --epochs")
+        raise InputError(f"cannot parse an epoch number from {names[0]!r}: give the epochs (`epochs`)")
     varying = [i for i in range(nfields) if len({v[i] for v in ints}) > 1]
     if len(varying) == 1:
         field = varying[0]
@@ -204,10 +204,10 @@ def discover(
         numbers = list(epochs)
         if len(numbers) != len(found):
             raise InputError(
-                f"--epochs names {len(numbers)} epochs but {len(found)} checkpoints were found"
+                f"`epochs` names {len(numbers)} epochs but {len(found)} checkpoints were found"
             )
         if len(set(numbers)) != len(numbers):
-            raise InputError("--epochs repeats an epoch number")
+            raise InputError("`epochs` repeats an epoch number")
         _check_order(found, numbers)
     specs = [
         CheckpointSpec(f.spec.format, tuple(os.path.abspath(x) for x in f.spec.files), e)
@@ -272,7 +272,7 @@ def _epochs_from_names(found: list[_Found]) -> list[int]:
             f"{' and '.join(repr(f.name) for f in ends)} may be a copy of the last numbered "
             f"checkpoint ({last.name!r}) or the state after it, so its epoch is unclear; "
             f"either leave it out: give {_inputs_text(keep)}; or list every file in epoch "
-            f"order: give {_inputs_text(every)} --epochs {_spec_text(assigned)}"
+            f"order: give {_inputs_text(every)} with epochs='{_spec_text(assigned)}'"
         )
     out = []
     it = iter(nums)
@@ -344,7 +344,7 @@ def _check_order(found: list[_Found], epochs: list[int]) -> None:
     i, j = clash
     relation = "before" if known[i] < known[j] else "after"
     text = (
-        "--epochs assigns epochs in the order the inputs expand to (a folder: natural sort "
+        "`epochs` assigns epochs in the order the inputs expand to (a folder: natural sort "
         f"order), which here is not the order of their names: {Path(found[i].path).name} would "
         f"be epoch {epochs[i]} but its name puts it {relation} {Path(found[j].path).name} "
         f"(epoch {epochs[j]})"
@@ -357,10 +357,10 @@ def _check_order(found: list[_Found], epochs: list[int]) -> None:
         text += f". By their names the order is {', '.join(shown)}: "
         try:
             named = sorted(_epochs_from_names(found))
-            text += f"leave out --epochs (the names give epochs {_ranges(named)}), or "
+            text += f"leave out `epochs` (the names give epochs {_ranges(named)}), or "
         except InputError:
             pass
-        text += f"give the files in that order: {_inputs_text(order)} (with the same --epochs)"
+        text += f"give the files in that order: {_inputs_text(order)} (with the same `epochs`)"
     else:
         text += f"; {_IN_ORDER}"
     raise InputError(text)

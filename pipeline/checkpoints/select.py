@@ -52,7 +52,7 @@ def build_index(
         else:
             out.append(TensorEntry(info.name, info.shape, info.dtype, kind, -1))
     if offset == 0:
-        raise InputError("no floating-point tensor is selected: check --include/--exclude")
+        raise InputError("no floating-point tensor is selected: check `include` and `exclude`")
     return tuple(out), offset
 
 

@@ -8,7 +8,7 @@ result array, and finally its row of ``block_stats``, which marks the block fini
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 
 import numpy as np
 from dask import delayed
@@ -25,79 +25,11 @@ from pipeline.kernels.cmd import (
     varying_rows,
 )
 from pipeline.kernels.sampling import Pool
+from pipeline.plan.fit import BlockPlan, StatsLayout
 from pipeline.store.analysis import mode_dtype, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 
-__all__ = ["BlockPlan", "StatsLayout", "build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
-
-
-@dataclass(frozen=True)
-class StatsLayout:
-    """Where each sum sits in a row of ``block_stats`` (layout version :data:`VERSION`).
-
-    A row holds the ids of the layers (stored tensors) the block touches, ``-1`` past the
-    last (empty tensors hold no rows, so a block's ids need not be consecutive); then
-    :data:`PER` sums per mode and per layer; then the residual, energy and centred energy
-    ("spread") per epoch of the window.
-    """
-
-    n_modes: int
-    n_epochs: int
-    max_layers: int
-
-    #: count, valid, sum |corr|, residual, energy, NaN/Inf rows, spread
-    PER = 7
-    #: written into the study's attributes as ``stats_layout``; a study interrupted under
-    #: another layout is refitted from the start instead of resumed
-    VERSION = 2
-
-    @property
-    def width(self) -> int:
-        return self.max_layers + self.PER * (self.n_modes + self.max_layers) + 3 * self.n_epochs
-
-    @property
-    def layer_ids(self) -> slice:
-        return slice(0, self.max_layers)
-
-    @property
-    def modes(self) -> slice:
-        s = self.max_layers
-        return slice(s, s + self.PER * self.n_modes)
-
-    @property
-    def layers(self) -> slice:
-        s = self.max_layers + self.PER * self.n_modes
-        return slice(s, s + self.PER * self.max_layers)
-
-    def _epoch_section(self, k: int) -> slice:
-        s = self.max_layers + self.PER * (self.n_modes + self.max_layers) + k * self.n_epochs
-        return slice(s, s + self.n_epochs)
-
-    @property
-    def residual_t(self) -> slice:
-        return self._epoch_section(0)
-
-    @property
-    def energy_t(self) -> slice:
-        return self._epoch_section(1)
-
-    @property
-    def spread_t(self) -> slice:
-        return self._epoch_section(2)
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """One task's rows and what it must know about them."""
-
-    index: int
-    r0: int
-    r1: int
-    layers: tuple[tuple[int, int, int], ...]  # (layer id, first row, stop row), block-relative
-    ref_pos: tuple[int, ...]  # block-relative rows that are references
-    ref_ids: tuple[int, ...]
-    sample_pos: tuple[int, ...]  # block-relative sampled rows
-    chunk_rows: int | None = None  # the result arrays' chunk length (the last block may be shorter)
+__all__ = ["build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
 
 
 def _time_major(n_cols: int, n_rows: int) -> np.ndarray:
@@ -186,7 +118,9 @@ def fit_task(
     return stats
 
 
-def _fit_on_gpu(x: np.ndarray, refs: References, ref_rows: tuple[np.ndarray, np.ndarray]) -> BlockFit:
+def _fit_on_gpu(
+    x: np.ndarray, refs: References, ref_rows: tuple[np.ndarray, np.ndarray]
+) -> BlockFit:
     import cupy
 
     xd = cupy.asarray(x)  # (Tw, rows) time-major, as read

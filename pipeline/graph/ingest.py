@@ -8,32 +8,22 @@ idempotent: a task that runs twice (a worker died after it finished) writes the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 from dask import delayed
 
 from pipeline.buffers import scratch
-from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo, cached_reader, digest_file
+from pipeline.checkpoints.readers import CheckpointSpec, cached_reader, digest_file
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
-from pipeline.plan import Segment
+from pipeline.plan import EpochInspection, Segment
 from pipeline.store.schema import InlineTensor, SourceFile
 from pipeline.store.trajectory import ChunkGrid, open_array, read_block
 
-__all__ = ["EpochInspection", "count_chunk", "inspect_epoch", "write_chunk"]
+__all__ = ["count_chunk", "inspect_epoch", "write_chunk"]
 
 Counts = tuple[tuple[tuple[str, int], ...], ...]  # per epoch of the block: ((tensor, n), ...)
-
-
-@dataclass(frozen=True)
-class EpochInspection:
-    """What one epoch's checkpoint holds: its tensors, file digests and inline tensors."""
-
-    spec: CheckpointSpec
-    tensors: tuple[TensorInfo, ...]
-    files: tuple[SourceFile, ...]
-    inline: tuple[InlineTensor, ...]
 
 
 def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:

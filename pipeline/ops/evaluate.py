@@ -365,13 +365,13 @@ def evaluate(
         if rdir is None:
             raise InputError(
                 "no run.json beside the ingested checkpoints: give the training run's folder "
-                "with --run"
+                "with run_dir=DIR"
             )
         run_info = read_run_json(rdir)
         wf = workflow or run_info.get("workflow") or run_info.get("evaluator")
         if wf is None:
             raise InputError(
-                f"{rdir / 'run.json'} names no workflow: pass --workflow "
+                f"{rdir / 'run.json'} names no workflow: pass workflow=NAME "
                 f"({_known_list()} or module:function)"
             )
         # the evaluator recorded by the run, unless another workflow is asked for
@@ -522,11 +522,11 @@ def _sweep_epochs(spec: str, window: list[int]) -> list[int]:
     try:
         want = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"--sweep-epochs: 'last', 'all' or epoch numbers, got {spec!r}") from None
+        raise InputError(f"sweep_epochs={spec!r}: expected 'last', 'all' or epoch numbers") from None
     bad = [e for e in want if e not in window]
     if bad or not want:
         raise InputError(
-            f"--sweep-epochs {spec!r}: epoch(s) {bad} are not in the study's window "
+            f"sweep_epochs={spec!r}: epoch(s) {bad} are not in the study's window "
             f"({window[0]}..{window[-1]})"
         )
     return want

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
 import time
@@ -24,25 +22,23 @@ from typing import Any
 import numpy as np
 
 from pipeline._version import __version__
-from pipeline.config import DEFAULT_SAMPLES, DRAW_ROUNDS, FIT_BLOCK_BYTES, MIN_EPOCHS
+from pipeline.config import DEFAULT_SAMPLES, DRAW_ROUNDS
 from pipeline.errors import (
     PipelineError,
     PipelineWarning,
     StoreError,
 )
-from pipeline.graph.fit import BlockPlan, StatsLayout, build_fit_tasks, build_scan_tasks
+from pipeline.graph.fit import build_fit_tasks, build_scan_tasks
 from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
 from pipeline.kernels.sampling import Pool, Sample, draw_samples
-from pipeline.plan import RowLayout, blocks, fit_block_rows, parse_window
+from pipeline.plan import BlockPlan, RowLayout, StatsLayout, plan_fit
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
-from pipeline.store.schema import StoreMeta
 from pipeline.store.study import reconcile
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = ["FitResult", "fit", "summarise"]
-
 
 
 @dataclass
@@ -118,16 +114,6 @@ def _ratio(num: float, den: float) -> float | None:
     return math.sqrt(num / den) if den > 0 else None
 
 
-def _fingerprint(meta: StoreMeta, cols: list[int]) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(meta.settings.content_fields(), sort_keys=True).encode())
-    h.update(str(meta.n_rows).encode())
-    for c in cols:
-        e = meta.epochs[c]
-        h.update(f"{e.epoch}:{','.join(f.sha256 for f in e.files)};".encode())
-    return h.hexdigest()
-
-
 def _sample(
     grid: ChunkGrid,
     layout: RowLayout,
@@ -148,35 +134,14 @@ def _sample(
         return [p for pools, _nb in found for p in pools], sum(nb for _p, nb in found)
 
     return draw_samples(
-        layout.offsets, layout.sizes, k, seed, lambda rows: grid.read_scattered(rows, cols),
-        rounds=DRAW_ROUNDS, scan=scan,
+        layout.offsets,
+        layout.sizes,
+        k,
+        seed,
+        lambda rows: grid.read_scattered(rows, cols),
+        rounds=DRAW_ROUNDS,
+        scan=scan,
     )
-
-
-def _plans(
-    n_rows: int, block_rows: int, layout: RowLayout, ref_index: np.ndarray, sample_index: np.ndarray
-) -> list[BlockPlan]:
-    names = {n: i for i, n in enumerate(layout.names)}
-    plans = []
-    for b, (r0, r1) in enumerate(blocks(n_rows, block_rows)):
-        layers = tuple(
-            (names[s.name], s.out, s.out + s.stop - s.start) for s in layout.segments(r0, r1)
-        )
-        in_ref = (ref_index >= r0) & (ref_index < r1)
-        in_smp = (sample_index >= r0) & (sample_index < r1)
-        plans.append(
-            BlockPlan(
-                b,
-                r0,
-                r1,
-                layers,
-                tuple(int(i - r0) for i in ref_index[in_ref]),
-                tuple(int(m) for m in np.flatnonzero(in_ref)),
-                tuple(int(i - r0) for i in sample_index[in_smp]),
-                min(block_rows, n_rows),
-            )
-        )
-    return plans
 
 
 def summarise(
@@ -284,43 +249,25 @@ def fit(
     t0 = time.perf_counter()
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
-    try:
-        cols_list = parse_window(epochs, meta.epoch_numbers)
-    except ValueError as e:
-        raise PipelineError(str(e)) from None
-    if len(cols_list) < MIN_EPOCHS:
-        raise PipelineError(
-            f"the window {epochs or ':'} holds {len(cols_list)} stored epoch(s); CMD needs at "
-            f"least {MIN_EPOCHS} (over 2 epochs every varying profile correlates perfectly "
-            "with every other)"
-        )
     grid = st.chunk_grid()
-    s_rows = block_rows or fit_block_rows(
-        grid.chunk_rows,
-        len(cols_list),
+    plan = plan_fit(
+        meta,
+        name,
+        chunk_rows=grid.chunk_rows,
         raw=grid.local_root is not None,
-        target_bytes=FIT_BLOCK_BYTES,
+        modes=modes,
+        threshold=threshold,
+        samples=samples,
+        seed=seed,
+        window=epochs,
+        block_rows=block_rows,
     )
-    if grid.chunk_rows % s_rows and s_rows % grid.chunk_rows:
-        raise PipelineError(
-            f"block rows {s_rows} must divide the chunk rows {grid.chunk_rows} (or be a multiple)"
-        )
-    window_epochs = [meta.epochs[c].epoch for c in cols_list]
-    config = {
-        "modes": modes,
-        "threshold": threshold,
-        "samples": samples,
-        "seed": seed,
-        "window": epochs or ":",
-        "epochs": window_epochs,
-        "block_rows": s_rows,
-    }
-    fingerprint = _fingerprint(meta, cols_list)
+    config = plan.config()
+    window_epochs = list(plan.epochs)
     ag = AnalysisGroup(st.url, name)
-    stored = meta.stored_tensors()
-    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
-    cols = np.asarray(cols_list, dtype=np.int64)
-    state = reconcile(ag, config, fingerprint, force=force, stats_layout=StatsLayout.VERSION)
+    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in meta.stored_tensors()])
+    cols = np.asarray(plan.cols, dtype=np.int64)
+    state = reconcile(ag, config, plan.fingerprint, force=force, stats_layout=StatsLayout.VERSION)
     if state.action == "unchanged":
         assert state.attrs is not None
         return FitResult(
@@ -353,8 +300,13 @@ def fit(
         else:
             none = np.empty(0, dtype=np.int64)
             drawn = _sample(
-                grid, layout, cols, samples, seed,
-                lambda: _plans(meta.n_rows, s_rows, layout, none, none), runner_of,
+                grid,
+                layout,
+                cols,
+                samples,
+                seed,
+                lambda: plan.block_plans(layout, none, none),
+                runner_of,
             )
             sample_index, profiles, nbytes = drawn.index, drawn.profiles, drawn.bytes_read
             notes = []
@@ -374,13 +326,13 @@ def fit(
             notes += _mode_notes(modes, n_modes, int(sample_index.size))
             for note in notes:
                 warnings.warn(f"analysis {name!r}: {note}", PipelineWarning, stacklevel=2)
-        plans = _plans(meta.n_rows, s_rows, layout, ref_index, sample_index)
-        stats_layout = StatsLayout(n_modes, len(cols_list), max(len(p.layers) for p in plans))
+        plans = plan.block_plans(layout, ref_index, sample_index)
+        stats_layout = StatsLayout(n_modes, len(plan.cols), max(len(p.layers) for p in plans))
         if not resume:
             ag.create(
                 n_rows=meta.n_rows,
                 n_modes=n_modes,
-                block_rows=s_rows,
+                block_rows=plan.block_rows,
                 n_blocks=len(plans),
                 stats_width=stats_layout.width,
                 small={
@@ -394,7 +346,7 @@ def fit(
             )
             ag.set_attrs(
                 config=config,
-                trajectory_fingerprint=fingerprint,
+                trajectory_fingerprint=plan.fingerprint,
                 package_version=__version__,
                 status="running",
                 n_modes=n_modes,

@@ -7,23 +7,16 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 from pipeline._version import __version__
 from pipeline.checkpoints.discover import discover
 from pipeline.checkpoints.readers import CheckpointSpec
-from pipeline.checkpoints.select import build_index, check_same_tensors
-from pipeline.config import (
-    DEFAULT_CODEC,
-    DEFAULT_FLOAT_BUFFERS,
-    DEFAULT_NONFINITE,
-    DEFAULT_TIME_CHUNK,
-)
-from pipeline.errors import ConfigMismatchError, InputError
-from pipeline.graph.ingest import EpochInspection, build_chunk_tasks, build_inspect_tasks
-from pipeline.plan import RowLayout, blocks, default_chunk_rows
+from pipeline.errors import InputError
+from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
+from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
-from pipeline.store.schema import EpochEntry, IngestSettings, StoreMeta, TensorEntry
+from pipeline.store.schema import EpochEntry
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["IngestResult", "ingest"]
@@ -67,44 +60,11 @@ class IngestResult:
         return "; ".join(parts)
 
 
-def _resolve_settings(
-    requested: Mapping[str, object], stored: IngestSettings | None, force: bool
-) -> tuple[IngestSettings, bool]:
-    """Merge requested settings with the store's; return (settings, must_rebuild)."""
-    given = {k: v for k, v in requested.items() if v is not None}
-    if stored is None:
-        base = {
-            "float_buffers": DEFAULT_FLOAT_BUFFERS,
-            "nonfinite": DEFAULT_NONFINITE,
-            "time_chunk": DEFAULT_TIME_CHUNK,
-            "codec": DEFAULT_CODEC,
-        }
-        base.update(given)
-        return IngestSettings(**base), False  # type: ignore[arg-type]
-    current = stored.to_dict()
-    diffs = {k: (current[k], v) for k, v in given.items() if k != "chunk_rows" or v != current[k]}
-    diffs = {k: ov for k, ov in diffs.items() if _norm(ov[0]) != _norm(ov[1])}
-    if diffs and not force:
-        desc = ", ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in diffs.items())
-        raise ConfigMismatchError(
-            f"the store was ingested with other settings ({desc}); pass --force to rebuild the trajectory"
-        )
-    merged = {**current, **given}
-    kw = {f.name: merged[f.name] for f in fields(IngestSettings)}
-    for k in ("include", "exclude", "buffer_patterns"):
-        kw[k] = tuple(kw[k])
-    return IngestSettings(**kw), bool(diffs)
-
-
-def _norm(v: object) -> object:
-    return tuple(v) if isinstance(v, list | tuple) else v
-
-
 def ingest(
     inputs: Sequence[str | os.PathLike[str]],
     store: str | os.PathLike[str],
     *,
-    epochs: Sequence[int] | None = None,
+    epochs: Sequence[int] | str | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     buffer_patterns: Sequence[str] | None = None,
@@ -132,7 +92,8 @@ def ingest(
     store
         Local path or fsspec URL of the Zarr store.
     epochs
-        Epoch numbers of the inputs in order (default: parsed from the file names).
+        Epoch numbers of the inputs in order, or their spec (``"0:50"``, ``"0,5,10"``);
+        default: parsed from the file names.
     runtime, run
         Where to compute: options for a new runtime, or an open :class:`~pipeline.runtime.Runner`.
 
@@ -141,6 +102,11 @@ def ingest(
     IngestResult
     """
     t_start = time.perf_counter()
+    if isinstance(epochs, str):
+        try:
+            epochs = parse_epoch_spec(epochs)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     specs = discover(inputs, epochs)
     refuse_gpu("ingest", run, runtime)  # before the store is created
     st = TrajectoryStore.open_or_create(store)
@@ -166,94 +132,36 @@ def _ingest(
     run: Runner,
     t_start: float,
 ) -> IngestResult:
-    meta = st.meta
-    settings, rebuild = _resolve_settings(requested, meta.settings if meta else None, force)
-
     # 1. Inspect every checkpoint: hash (one sequential read, CRC-checked for zips) + header.
     inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs), "inspect")
-    first = inspections[0]
-    index, n_rows = build_index(first.tensors, settings)
-    same_index = meta is None or [t.to_dict() for t in index] == [t.to_dict() for t in meta.tensors]
-    if meta is not None and not rebuild and not same_index:
-        if not force:
-            _explain_index_change(meta.tensors, first)
-            raise ConfigMismatchError(
-                "the checkpoints' tensors differ from the store's; pass --force to rebuild"
-            )
-        rebuild = True
-    for ins in inspections:
-        check_same_tensors(index, ins.spec, ins.tensors)
-    if (meta is None or rebuild) and requested["chunk_rows"] is None:
-        settings = replace(settings, chunk_rows=default_chunk_rows(n_rows, settings.time_chunk))
-    entries = [EpochEntry(_epoch_of(i.spec), i.files, inline=i.inline) for i in inspections]
-
-    # 2. Reconcile with what the store already holds.
-    committed: tuple[EpochEntry, ...] = () if (meta is None or rebuild) else meta.epochs
-    by_epoch = {e.epoch: e for e in committed}
-    new: list[EpochEntry] = []
-    already: list[int] = []
-    for e in entries:
-        old = by_epoch.get(e.epoch)
-        if old is None:
-            new.append(e)
-        elif old.same_source(e):
-            already.append(e.epoch)
-        elif force:
-            rebuild, committed, by_epoch = True, (), {}
-            new, already = list(entries), []
-            break
-        else:
-            raise ConfigMismatchError(
-                f"epoch {e.epoch} is already stored from other files "
-                f"({old.files[0].path}, sha256 {old.files[0].sha256[:12]}...); pass --force to rebuild"
-            )
-    if committed and new and new[0].epoch < committed[-1].epoch:
-        raise InputError(
-            f"epoch {new[0].epoch} comes before the last stored epoch {committed[-1].epoch}: "
-            "epochs can only be appended"
-        )
-    pending = None if (meta is None or rebuild) else meta.pending
-    resumed = False
-    if pending is not None:
-        same = len(pending) == len(new) and all(
-            p.same_source(n) for p, n in zip(pending, new, strict=False)
-        )
-        if same:
-            resumed = True
-        elif not force:
-            raise ConfigMismatchError(
-                f"an interrupted ingest of epochs {[p.epoch for p in pending]} is pending in this store; "
-                "re-run it with the same inputs to resume, or pass --force to discard it"
-            )
-    if settings.time_chunk > 1 and committed and new and len(committed) % settings.time_chunk:
-        raise ConfigMismatchError(
-            f"the store holds {len(committed)} epochs in time chunks of {settings.time_chunk}: appending "
-            "would rewrite its last chunk column. Append only to stores made with --time-chunk 1, or "
-            "re-ingest everything into a new store"
-        )
-
+    # 2. Plan: reconcile the inputs with what the store holds (raises before any write).
+    meta = st.meta
+    plan = plan_ingest(meta, inspections, requested, force)
     result = IngestResult(
-        st.url, n_rows, len(committed) + len(new), [e.epoch for e in new], already, resumed
+        st.url,
+        plan.n_rows,
+        len(plan.committed) + len(plan.new),
+        [e.epoch for e in plan.new],
+        list(plan.already),
+        plan.resume,
     )
-    if not new:
-        result.n_epochs = len(committed)
-        log.info("nothing to ingest: all %d epoch(s) already stored", len(already))
+    if not plan.new:
+        log.info("nothing to ingest: all %d epoch(s) already stored", len(plan.already))
         return result
 
     # 3. Declare the pending columns (client side), then write every chunk (workers).
-    base = StoreMeta(settings, index, n_rows, committed, tuple(new), __version__)
-    # --force discards an interrupted ingest it does not resume
-    st.begin_append(base, rebuild=rebuild, discard_pending=pending is not None and not resumed)
-    existing = st.existing_chunks() if resumed else set()
-
-    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in index if t.stored])
+    base = plan.base_meta(__version__)
+    st.begin_append(base, rebuild=plan.rebuild, discard_pending=plan.discard_pending)
+    existing = st.existing_chunks() if plan.resume else set()
+    layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in plan.index if t.stored])
     grid = st.chunk_grid()
-    row_blocks = [(r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(n_rows, grid.chunk_rows)]
-    c0 = len(committed)
-    specs_new = [next(i.spec for i in inspections if i.spec.epoch == e.epoch) for e in new]
-    col_blocks = [
-        (c0 + a, specs_new[a:b]) for a, b in _time_blocks(c0, len(new), settings.time_chunk)
+    row_blocks = [
+        (r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(plan.n_rows, grid.chunk_rows)
     ]
+    c0 = len(plan.committed)
+    spec_of = {i.epoch: i.spec for i in inspections}
+    specs_new = [spec_of[e.epoch] for e in plan.new]
+    col_blocks = [(c0 + a, specs_new[a:b]) for a, b in plan.time_blocks()]
     tasks, where = build_chunk_tasks(
         grid,
         row_blocks,
@@ -261,7 +169,7 @@ def _ingest(
         existing,
         grid.chunk_rows,
         grid.time_chunk,
-        settings.nonfinite,
+        plan.settings.nonfinite,
     )
     # the same order as the tasks: epochs outer, rows inner
     labels = [
@@ -287,8 +195,7 @@ def _ingest(
     per_epoch: dict[int, dict[str, int]] = defaultdict(dict)
     for (_i, j, _w), block_counts in zip(where, counts, strict=True):
         for k, found in enumerate(block_counts):
-            col = j * settings.time_chunk + k
-            ep = new[col - c0].epoch
+            ep = plan.new[j * plan.settings.time_chunk + k - c0].epoch
             for name, n in found:
                 per_epoch[ep][name] = per_epoch[ep].get(name, 0) + n
     done = tuple(
@@ -299,57 +206,12 @@ def _ingest(
             tuple(sorted(per_epoch[e.epoch].items())),
             e.inline,
         )
-        for e in new
+        for e in plan.new
     )
     st.commit(base, done)
     result.chunks_written = sum(1 for w in where if w[2])
     result.chunks_kept = len(where) - result.chunks_written
     result.nonfinite = {e.epoch: e.nonfinite for e in done if e.nonfinite}
-    result.bytes_in = sum(f.size for e in new for f in e.files)
+    result.bytes_in = sum(f.size for e in plan.new for f in e.files)
     result.seconds = time.perf_counter() - t_start
     return result
-
-
-def _epoch_of(spec: CheckpointSpec) -> int:
-    assert spec.epoch is not None, "discover() assigns every epoch"
-    return spec.epoch
-
-
-def _time_blocks(c0: int, n_new: int, tc: int) -> list[tuple[int, int]]:
-    """Offsets (relative to the first new column) of the time blocks the new columns fill."""
-    out = []
-    a = 0
-    while a < n_new:
-        end_col = ((c0 + a) // tc + 1) * tc
-        b = min(n_new, end_col - c0)
-        out.append((a, b))
-        a = b
-    return out
-
-
-def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection) -> None:
-    got = {t.name: t for t in first.tensors}
-    for t in stored:
-        g = got.get(t.name)
-        if g is None:
-            raise InputError(
-                "key missing (present in the store)",
-                path=first.spec.label,
-                epoch=first.spec.epoch,
-                key=t.name,
-            )
-        if g.shape != t.shape or g.dtype != t.dtype:
-            raise InputError(
-                f"shape/dtype {g.shape}/{g.dtype} differ from the store's {t.shape}/{t.dtype}",
-                path=first.spec.label,
-                epoch=first.spec.epoch,
-                key=t.name,
-            )
-    extra = [n for n in got if n not in {t.name for t in stored}]
-    if extra:
-        raise InputError(
-            "key not present in the store",
-            path=first.spec.label,
-            epoch=first.spec.epoch,
-            key=extra[0],
-        )

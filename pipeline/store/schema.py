@@ -16,6 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import (
+    CODECS,
+    DEFAULT_CODEC,
+    DEFAULT_FLOAT_BUFFERS,
+    DEFAULT_NONFINITE,
+    DEFAULT_TIME_CHUNK,
+    NONFINITE_POLICIES,
+)
 from pipeline.errors import SchemaVersionError, StoreError
 
 __all__ = [
@@ -38,8 +46,6 @@ SCHEMA_VERSION = 1
 #: dtypes a trajectory row can come from, stored as float32. fp32/fp16/bf16 are exact;
 #: float64 is rounded to nearest float32 (recorded, and restored on export as float64).
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-NONFINITE_POLICIES = ("keep", "error")
-CODECS = ("none", "lz4")
 KINDS = ("parameter", "buffer")
 
 
@@ -251,17 +257,18 @@ class EpochEntry:
 class IngestSettings:
     """Settings that decide the trajectory's content and layout.
 
-    A re-run or an append must use the same settings (or ``--force``).
+    A re-run or an append must use the same settings (or ``force=True``). The defaults are
+    those of :mod:`pipeline.config`.
     """
 
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     buffer_patterns: tuple[str, ...] = ()
-    float_buffers: bool = True
-    nonfinite: str = "keep"
+    float_buffers: bool = DEFAULT_FLOAT_BUFFERS
+    nonfinite: str = DEFAULT_NONFINITE
     chunk_rows: int = 1
-    time_chunk: int = 1
-    codec: str = "none"
+    time_chunk: int = DEFAULT_TIME_CHUNK
+    codec: str = DEFAULT_CODEC
 
     def __post_init__(self) -> None:
         if self.nonfinite not in NONFINITE_POLICIES:

@@ -63,7 +63,7 @@ def reconcile(
         if not force:
             raise StoreError(
                 f"analyses/{name} exists but is not a cmd-pipeline analysis; "
-                "pass --force to replace it"
+                "pass force=True to replace it"
             ) from None
         ag.delete()
         return Reconciled("create")
@@ -92,7 +92,7 @@ def reconcile(
         else:
             desc = "trajectory (re-ingested since)"
         raise ConfigMismatchError(
-            f"analysis {name!r} exists with another {desc}; pass --force to replace it"
+            f"analysis {name!r} exists with another {desc}; pass force=True to replace it"
         )
     ag.delete()
     return Reconciled("create")

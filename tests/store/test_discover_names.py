@@ -43,7 +43,7 @@ def _epochs_by_name(specs: list) -> dict[str, int]:
 def _hint_inputs(message: str, marker: str) -> list[str]:
     """The inputs the error suggests after ``marker``, as the shell passes them on (a quoted
     glob stays a glob, which cmd-pipeline expands in natural order)."""
-    tail = re.split(r";| --| \(", message.split(marker, 1)[1])[0]
+    tail = re.split(r";| --| with | \(", message.split(marker, 1)[1])[0]
     return shlex.split(tail)
 
 
@@ -112,7 +112,7 @@ def test_epochs_on_a_folder_with_init_is_refused_with_the_order_of_the_names(
     assert "init.pt would be epoch 12" in msg and "\n" not in msg
     assert "init.pt, epoch_001.pt, epoch_002.pt, ..., epoch_012.pt" in msg
     # way out 1: no epochs: the names give them
-    assert "leave out --epochs (the names give epochs 0-12)" in msg
+    assert "leave out `epochs` (the names give epochs 0-12)" in msg
     assert [s.epoch for s in discover([tmp_path])] == list(range(13))
     # way out 2: the files in that order, with the same epochs
     inputs = _hint_inputs(msg, "give the files in that order: ")

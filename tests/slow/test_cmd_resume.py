@@ -153,7 +153,7 @@ def test_fit_never_replaces_a_foreign_group_without_force(tmp_path: Path) -> Non
     store = _small_store(tmp_path)
     add_study(store, "study1")  # written by someone else, with zarr directly
     state = snapshot_mtimes(store)
-    with pytest.raises(pipeline.StoreError, match="not a cmd-pipeline analysis; pass --force"):
+    with pytest.raises(pipeline.StoreError, match="not a cmd-pipeline analysis; pass force=True"):
         pipeline.fit(str(store), "study1", modes=3, samples=100, runtime=SYNC)
     assert snapshot_mtimes(store) == state
     res = pipeline.fit(str(store), "study1", modes=3, samples=100, force=True, runtime=SYNC)

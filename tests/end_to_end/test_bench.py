@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from helpers import read_trajectory
-from test_bench_baselines import dense_cmd_residual, dense_dmd_error
+from references import dense_cmd_residual, dense_dmd_error
 
 from pipeline.cli import main
 

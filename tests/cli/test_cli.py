@@ -209,7 +209,8 @@ def test_ingest_errors(run5: Run, tmp_path: Path) -> None:
     mismatch = _ingest([run5.root], store, "--codec", "lz4")
     assert mismatch.exit_code == 4
     line = _one_error_line(mismatch)
-    assert "codec: stored 'none', requested 'lz4'" in line and "--force" in line
+    assert "codec: stored 'none', requested 'lz4'" in line and "pass --force to" in line
+    assert "force=True" not in line  # the library's wording, mapped to the flag
     forced = _ingest([run5.root], store, "--codec", "lz4", "--force")
     assert forced.exit_code == 0 and pipeline.info(store)["codec"] == "lz4"
     assert _ingest([run5.root], store, "--codec", "zstd").exit_code == 2  # not a choice
@@ -299,7 +300,9 @@ def test_an_unexpected_exception_is_one_line_and_vv_shows_it(
     assert isinstance(r.exception, RuntimeError) and r.exit_code == 1
 
 
-def test_multi_line_error_messages_become_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_line_error_messages_become_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.ops.info
 
     def fail(store: str) -> None:
@@ -335,3 +338,27 @@ def test_stability_help_shows_the_defaults() -> None:
     for want in ("--threshold", "default: 0.9;", "default: 4000000;", "--mode-windows", "--stride"):
         assert want in text, want
     assert "default: 1000;" in " ".join(_cli("fit", "--help").output.split())
+
+
+def test_errors_name_the_commands_flags_where_the_api_names_parameters(tmp_path: Path) -> None:
+    """The library's messages speak of parameters (``epochs``, ``time_chunk=1``); the CLI
+    prints the running command's flags instead (``--epochs``, ``--time-chunk 1``)."""
+    from pipeline.cli import as_flags, flag_names
+    from pipeline.cli import ingest as ingest_command
+
+    for name in ("final.pt", "best.pt"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(pipeline.InputError) as err:
+        pipeline.ingest([tmp_path / "final.pt", tmp_path / "best.pt"], tmp_path / "s.zarr")
+    assert "`epochs`" in str(err.value) and "--epochs" not in str(err.value)
+    line = _one_error_line(
+        _ingest([tmp_path / "final.pt", tmp_path / "best.pt"], tmp_path / "s.zarr")
+    )
+    assert "--epochs" in line and "`epochs`" not in line
+    flags = flag_names(ingest_command)
+    assert flags["time_chunk"] == "--time-chunk" and flags["epochs"] == "--epochs"
+    text = "stores made with time_chunk=1, or a new one; seed=3 is not an ingest option"
+    assert (
+        as_flags(text, flags)
+        == "stores made with --time-chunk 1, or a new one; seed=3 is not an ingest option"
+    )

@@ -111,7 +111,7 @@ def test_tls_scheduler(tmp_path: Path, run5) -> None:
         # without the client certificate the connection is refused, with a hint
         with (
             dask.config.set({"distributed.comm.timeouts.connect": "2s"}),
-            pytest.raises(PipelineError, match=r"cannot connect.*--tls-ca-file"),
+            pytest.raises(PipelineError, match=r"cannot connect.*tls_ca_file=PEM"),
             runner(RuntimeOptions(scheduler=address, progress=False)),
         ):
             pass

@@ -107,7 +107,7 @@ def test_ambiguous_names_ask_for_epochs(tmp_path: Path, names: list[str], messag
     _touch(tmp_path, *names)
     with pytest.raises(pipeline.InputError, match=message) as err:
         discover([tmp_path])
-    assert "--epochs" in str(err.value)
+    assert "`epochs`" in str(err.value)
     # explicit epochs resolve it, in the order the inputs expand to
     epochs = list(range(100, 100 + len(names)))
     specs = discover([tmp_path], epochs=epochs)
@@ -169,7 +169,7 @@ def test_ingest_uses_explicit_epochs(tmp_path: Path) -> None:
         p = save_checkpoint(tmp_path / "tmp", 0, sd, "safetensors")
         paths.append(p.rename(tmp_path / f"{name}.safetensors"))
     store = tmp_path / "s.zarr"
-    with pytest.raises(pipeline.InputError, match="--epochs"):
+    with pytest.raises(pipeline.InputError, match="`epochs`"):
         pipeline.ingest(paths, store, runtime=SYNC)
     result = pipeline.ingest(paths, store, epochs=[20, 10, 0], runtime=SYNC)
     assert result.added == [0, 10, 20]

@@ -112,7 +112,7 @@ def test_changed_checkpoint_needs_force(run5: Run, tmp_path: Path, how: str) -> 
         pipeline.ConfigMismatchError, match="epoch 1 is already stored from other files"
     ) as err:
         pipeline.ingest([run5.root], store, runtime=SYNC)
-    assert "--force" in str(err.value) and str(run5.paths[1]) in str(err.value)
+    assert "force=True" in str(err.value) and str(run5.paths[1]) in str(err.value)
     assert snapshot(store) == before
 
     result = pipeline.ingest([run5.root], store, runtime=SYNC, force=True)
@@ -149,7 +149,7 @@ def test_changed_settings_need_force(run5: Run, tmp_path: Path, change: str) -> 
 
     with pytest.raises(pipeline.ConfigMismatchError, match="other settings") as err:
         pipeline.ingest([run5.root], store, runtime=SYNC, **kw)  # type: ignore[arg-type]
-    assert change in str(err.value) and "--force" in str(err.value)
+    assert change in str(err.value) and "force=True" in str(err.value)
     # an append with other settings is refused just the same
     extra = save_checkpoint(run5.root, 5, net_state_dicts(6)[5], "pt")
     with pytest.raises(pipeline.ConfigMismatchError):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import SYNC, THREADS, planted_rows, rows_to_state_dicts, write_safetensors_run
+from references import assert_p_apart, exact_p_apart
 
 import pipeline
 from pipeline.cli import main
@@ -20,41 +21,6 @@ from pipeline.errors import PipelineError
 from pipeline.ops.compare import _permutation_p, compare
 
 T = 30
-
-
-def permutation_stat(dist: np.ndarray, labels: np.ndarray) -> float:
-    """Between-group mean distance minus within-group mean (pairs of distinct runs)."""
-    same = labels[:, None] == labels[None, :]
-    off = ~np.eye(len(labels), dtype=bool)
-    return float(dist[~same].mean() - dist[same & off].mean())
-
-
-def exact_p_apart(dist: np.ndarray, groups: list[str], tol: float = 1e-12) -> tuple[float, float]:
-    """The permutation test's exact p by enumeration: the fraction of all distinct relabellings
-    (every one equally likely under exchangeable labels) whose statistic is at least the
-    observed one (the observed labelling included). Tie-aware: statistics within tol * scale
-    of the observed one but not equal to it may count or not, so this returns (p without
-    them, p with them); without near-ties the two are equal."""
-    labels = np.asarray(groups)
-    d = np.asarray(dist, dtype=np.float64)
-    obs = permutation_stat(d, labels)
-    stats = np.array(
-        [permutation_stat(d, np.asarray(p)) for p in sorted(set(itertools.permutations(groups)))]
-    )
-    eps = tol * max(float(np.abs(d).max()), 1e-300)
-    above = (stats >= obs + eps) | (stats == obs)
-    return float(np.mean(above)), float(np.mean(above | (stats >= obs - eps)))
-
-
-def assert_p_apart(p: float, exact: tuple[float, float], n: int) -> None:
-    """``p = (hits + 1) / (n + 1)`` from ``n`` random relabellings (the observed labelling
-    counted once more: p is never 0) estimates the exact p: within its Monte Carlo error
-    (6 standard deviations, plus the +1 of the estimator)."""
-    hits = p * (n + 1) - 1
-    assert 0 <= round(hits) <= n and abs(hits - round(hits)) < 1e-6, (p, n)
-    lo, hi = exact
-    sd = max(np.sqrt(q * (1 - q) / n) for q in (lo, hi))
-    assert lo - 6 * sd - 1 / (n + 1) <= p <= hi + 6 * sd + 1 / (n + 1), (p, exact, n)
 
 
 def _profiles(kind: str) -> np.ndarray:
@@ -91,8 +57,14 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_conjugate_copy_is_equivalent_and_other_dynamics_are_not(stores) -> None:
-    res = compare([(stores["a"], "s"), (stores["a_conj"], "s"), (stores["osc1"], "s")],
-                  source="pcs", d=4, delays=2, shuffles=30, runtime=THREADS)
+    res = compare(
+        [(stores["a"], "s"), (stores["a_conj"], "s"), (stores["osc1"], "s")],
+        source="pcs",
+        d=4,
+        delays=2,
+        shuffles=30,
+        runtime=THREADS,
+    )
     d = np.asarray(res.distances)
     assert d[0, 1] < 1e-6  # same Gram up to rounding: same spectrum
     assert d[0, 2] > 100 * max(d[0, 1], 1e-9)
@@ -104,9 +76,18 @@ def test_conjugate_copy_is_equivalent_and_other_dynamics_are_not(stores) -> None
 
 
 def test_refs_source_and_groups(stores) -> None:
-    runs = [(stores[f"decay{s}"], "s") for s in (1, 2, 3, 4)] + [(stores[f"osc{s}"], "s") for s in (1, 2, 3, 4)]
-    res = compare(runs, source="refs", delays=2, shuffles=10, groups=["decay"] * 4 + ["osc"] * 4,
-                  permutations=1000, runtime=SYNC)
+    runs = [(stores[f"decay{s}"], "s") for s in (1, 2, 3, 4)] + [
+        (stores[f"osc{s}"], "s") for s in (1, 2, 3, 4)
+    ]
+    res = compare(
+        runs,
+        source="refs",
+        delays=2,
+        shuffles=10,
+        groups=["decay"] * 4 + ["osc"] * 4,
+        permutations=1000,
+        runtime=SYNC,
+    )
     d = np.asarray(res.distances)
     grp = np.array([0] * 4 + [1] * 4)
     within = d[(grp[:, None] == grp[None, :]) & ~np.eye(8, dtype=bool)]
@@ -126,8 +107,9 @@ def _random_distances(rng: np.random.Generator, k: int) -> np.ndarray:
     return np.sqrt(((x[:, None] - x[None, :]) ** 2).sum(axis=-1))
 
 
-@pytest.mark.parametrize("groups", [["a"] * 3 + ["b"] * 3, ["a"] * 2 + ["b"] * 4,
-                                    ["a", "b", "a", "b", "b", "a", "b"]])
+@pytest.mark.parametrize(
+    "groups", [["a"] * 3 + ["b"] * 3, ["a"] * 2 + ["b"] * 4, ["a", "b", "a", "b", "b", "a", "b"]]
+)
 def test_permutation_p_matches_exact_enumeration(groups: list[str]) -> None:
     """The permutation test against the exact p by enumeration, on distance matrices whose
     exact p is known: random points (several different p), two separated clusters (the
@@ -168,12 +150,29 @@ def test_errors_and_cli(stores) -> None:
         compare([(stores["a"], "s"), (stores["osc1"], "s")], groups=["x"])
     r = CliRunner().invoke(
         main,
-        ["compare", "--store", stores["a"], "--name", "s", "--with", f"{stores['osc1']}:s",
-         "--with", f"{stores['a_conj']}:s", "--source", "pcs", "--shuffles", "5", "--threads", "--no-progress"],
+        [
+            "compare",
+            "--store",
+            stores["a"],
+            "--name",
+            "s",
+            "--with",
+            f"{stores['osc1']}:s",
+            "--with",
+            f"{stores['a_conj']}:s",
+            "--source",
+            "pcs",
+            "--shuffles",
+            "5",
+            "--threads",
+            "--no-progress",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "1-Wasserstein" in r.output and "p_close" in r.output
-    r = CliRunner().invoke(main, ["compare", "--store", stores["a"], "--name", "s", "--with", "nocolon"])
+    r = CliRunner().invoke(
+        main, ["compare", "--store", stores["a"], "--name", "s", "--with", "nocolon"]
+    )
     assert r.exit_code != 0 and "STORE:NAME" in r.output
 
 
@@ -181,13 +180,38 @@ def test_saved_with_the_study_and_reported(stores, tmp_path: Path) -> None:
     """compare and stability results kept with a study appear in its report."""
     r = CliRunner().invoke(
         main,
-        ["compare", "--store", stores["decay1"], "--name", "s", "--with", f"{stores['osc1']}:s",
-         "--shuffles", "5", "--sync", "--no-progress"],
+        [
+            "compare",
+            "--store",
+            stores["decay1"],
+            "--name",
+            "s",
+            "--with",
+            f"{stores['osc1']}:s",
+            "--shuffles",
+            "5",
+            "--sync",
+            "--no-progress",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "saved with the first study" in r.output
-    r = CliRunner().invoke(main, ["stability", "--store", stores["decay1"], "--name", "s", "--mode-windows", "10:10",
-                                  "--modes", "3", "--sync", "--no-progress"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "stability",
+            "--store",
+            stores["decay1"],
+            "--name",
+            "s",
+            "--mode-windows",
+            "10:10",
+            "--modes",
+            "3",
+            "--sync",
+            "--no-progress",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "saved with study 's'" in r.output and "0:10 -> 10:20: overall" in r.output
     rep = pipeline.report(stores["decay1"], "s", out=tmp_path / "r.html")

@@ -17,12 +17,11 @@ from helpers import (
     THREADS,
     mode_profiles,
     planted_rows,
-    read_analysis,
     read_trajectory,
     rows_to_state_dicts,
-    window_of,
     write_safetensors_run,
 )
+from references import dense_cmd_residual, dense_dmd_error
 
 import pipeline
 from pipeline.bench.baselines import GramResult, cmd_errors, dmd_errors, gram, pod_errors
@@ -71,20 +70,6 @@ def _finite(store: Path, cols: list[int] | None = None) -> tuple[np.ndarray, int
         w = w[:, cols]
     ok = np.isfinite(w).all(axis=1)
     return w[ok].astype(np.float64), int((~ok).sum())
-
-
-def dense_dmd_error(w: np.ndarray, r: int) -> float:
-    """Squared error of rank-r exact DMD (Tu et al. 2014) on the dense matrix, written plainly."""
-    x1, x2 = w[:, :-1], w[:, 1:]
-    u, s, vh = np.linalg.svd(x1, full_matrices=False)
-    u, s, v = u[:, :r], s[:r], vh[:r].T
-    atilde = u.T @ x2 @ v / s[None, :]
-    lam, we = np.linalg.eig(atilde)
-    phi = (x2 @ v / s[None, :]) @ we
-    b = np.linalg.lstsq(phi, w[:, 0].astype(complex), rcond=None)[0]
-    t = np.arange(w.shape[1])
-    recon = (phi @ (b[:, None] * lam[:, None] ** t[None, :])).real
-    return float(((w - recon) ** 2).sum())
 
 
 # ------------------------------------------------------------------------------- Gram
@@ -221,18 +206,6 @@ def test_dmd_drops_zero_singular_values(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- CMD
-def dense_cmd_residual(store: Path, name: str, coeff_dtype: type) -> tuple[float, float]:
-    """Squared error of a study's model ``a r_mode + b`` with a and b cast to ``coeff_dtype``
-    (then computed in float64), and ``||W||^2``, over the rows finite in its window."""
-    w = window_of(store, name).astype(np.float64)
-    an = read_analysis(store, name)
-    ok = np.isfinite(w).all(axis=1)
-    a = an["a"].astype(coeff_dtype).astype(np.float64)
-    b = an["b"].astype(coeff_dtype).astype(np.float64)
-    recon = a[:, None] * an["refs"][an["mode"].astype(np.int64)] + b[:, None]
-    return float(((w - recon)[ok] ** 2).sum()), float((w[ok] ** 2).sum())
-
-
 def test_cmd_error_is_measured_with_float32_a_and_b(tmp_path: Path) -> None:
     """The CMD point of the equal-bytes comparison counts a and b as float32 (9 B per
     parameter): its error must be that of float32 a and b, not of the study's float64 ones.
@@ -242,8 +215,9 @@ def test_cmd_error_is_measured_with_float32_a_and_b(tmp_path: Path) -> None:
     rng = np.random.default_rng(11)
     p = mode_profiles(T)
     rows = planted_rows(900, p, rng, noise=0.0, b_scale=100.0).clean
-    store = _ingest(tmp_path, {"w.weight": ((32, 25), rows[:800]), "v.bias": ((100,), rows[800:])},
-                    nan=True)
+    store = _ingest(
+        tmp_path, {"w.weight": ((32, 25), rows[:800]), "v.bias": ((100,), rows[800:])}, nan=True
+    )
     fit = pipeline.fit(str(store), "m", modes=4, samples=300, runtime=SYNC)
     got = cmd_errors(str(store), "m", block_rows=100, runtime=SYNC)
     res32, energy = dense_cmd_residual(store, "m", np.float32)

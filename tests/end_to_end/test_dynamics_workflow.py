@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_compare import assert_p_apart, exact_p_apart
+from references import assert_p_apart, exact_p_apart
 
 from pipeline.errors import PipelineWarning
 from pipeline.ops.compare import compare

@@ -1,4 +1,5 @@
-"""Planning math: how rows and epochs split into chunks and tasks. Pure numpy, no I/O, no dask."""
+"""Where rows and epochs sit: the tensors' row layout, row blocks, chunk sizes, epoch specs
+and windows. Pure Python values, no I/O, no dask."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ from dataclasses import dataclass
 
 from pipeline.config import DEFAULT_CHUNK_BYTES
 
-__all__ = ["RowLayout", "Segment", "blocks", "default_chunk_rows", "parse_epoch_spec"]
+__all__ = [
+    "RowLayout",
+    "Segment",
+    "blocks",
+    "default_chunk_rows",
+    "parse_epoch_spec",
+    "parse_window",
+]
 
 
 def default_chunk_rows(n_rows: int, time_chunk: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -94,34 +102,6 @@ def parse_epoch_spec(spec: str) -> list[int]:
         raise ValueError(
             f"cannot parse epochs {spec!r}: use START:END[:STEP] or a comma list"
         ) from None
-
-
-def fit_block_rows(chunk_rows: int, n_window: int, *, raw: bool, target_bytes: int) -> int:
-    """Rows per fit task: a divisor of ``chunk_rows`` whose (rows x window) float32 block is
-    at most ``target_bytes``, so tasks never straddle chunks and each byte is read once.
-
-    Compressed stores are read whole chunk by whole chunk, so there a block is one chunk.
-
-    >>> fit_block_rows(2**21, 50, raw=True, target_bytes=16 * 2**20)
-    65536
-    >>> fit_block_rows(1000, 10, raw=True, target_bytes=16 * 2**20)
-    1000
-    """
-    if not raw:
-        return chunk_rows
-    limit = max(1, target_bytes // (4 * max(n_window, 1)))
-    if chunk_rows <= limit:
-        return chunk_rows
-    best = 1
-    d = 1
-    while d * d <= chunk_rows:
-        if chunk_rows % d == 0:
-            for c in (d, chunk_rows // d):
-                if c <= limit:
-                    best = max(best, c)
-        d += 1
-    # a prime-ish chunk size would give tiny blocks: then take whole chunks
-    return best if best * 64 >= limit else chunk_rows
 
 
 def parse_window(spec: str | None, epochs: Sequence[int]) -> list[int]:

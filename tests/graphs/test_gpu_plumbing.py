@@ -1,7 +1,7 @@
 """The ``--gpu`` path without a GPU: a stand-in ``cupy`` module (numpy arrays of a subclass)
 proves that fit moves each block to the "device", runs the kernel there and brings every
 result back, bit-identical to the CPU path. Without CuPy, ``--gpu`` fails with a clear error.
-(On a real GPU, tests/test_cmd_gpu.py compares the CuPy kernels with numpy.)"""
+(On a real GPU, tests/unit/test_cmd_gpu.py compares the CuPy kernels with numpy.)"""
 
 from __future__ import annotations
 

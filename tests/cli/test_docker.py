@@ -28,7 +28,7 @@ from packaging.requirements import Requirement
 import pipeline
 from pipeline.cli import main as cli_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 CONSTRAINTS = DOCKER / "constraints.txt"
@@ -296,7 +296,7 @@ def test_dockerignore_sends_the_sources_and_nothing_else(dockerfile: Path) -> No
         ".mypy_cache/3.11/x.json",
         ".ruff_cache/CACHEDIR.TAG",
         ".hypothesis/examples/x",
-        "tests/test_cli.py",
+        "tests/cli/test_cli.py",
         "notebooks/walkthrough.ipynb",
     ):
         assert _ignored(rel, rules), f"{ignore.name} sends {rel} to the build"

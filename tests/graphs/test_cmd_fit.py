@@ -482,7 +482,7 @@ def test_other_configuration_needs_force(base_store: Path, tmp_path: Path) -> No
         {"epochs": "0:10"},
     ):
         kw = {**FIT, **change}
-        with pytest.raises(pipeline.ConfigMismatchError, match="--force"):
+        with pytest.raises(pipeline.ConfigMismatchError, match="force=True"):
             _fit(store, "base", **kw)
     assert snapshot_mtimes(store) == state
     res = _fit(store, "base", modes=3, samples=150, seed=1, force=True)

@@ -1,0 +1,279 @@
+"""The fit's plan: every decision made before a row is read, as frozen values.
+
+- :class:`FitPlan`: the study's configuration (cut, K, seed, window), the window's columns and
+  epochs, the rows per task and the trajectory's fingerprint. It round-trips through
+  :meth:`FitPlan.to_dict` / :meth:`FitPlan.from_dict`; :meth:`FitPlan.config` is what the study
+  stores and compares on a re-run.
+- :class:`BlockPlan`: one task's rows, the layers they cross, the references and samples among
+  them.
+- :class:`StatsLayout`: where each sum sits in a row of the study's ``block_stats``.
+
+:func:`plan_fit` makes a :class:`FitPlan` from the store's metadata and checks it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import FIT_BLOCK_BYTES, MIN_EPOCHS
+from pipeline.errors import PipelineError
+from pipeline.plan.layout import RowLayout, blocks, parse_window
+from pipeline.store.schema import StoreMeta
+
+__all__ = ["BlockPlan", "FitPlan", "StatsLayout", "fit_block_rows", "plan_fit"]
+
+
+def fit_block_rows(chunk_rows: int, n_window: int, *, raw: bool, target_bytes: int) -> int:
+    """Rows per fit task: a divisor of ``chunk_rows`` whose (rows x window) float32 block is
+    at most ``target_bytes``, so tasks never straddle chunks and each byte is read once.
+
+    Compressed stores are read whole chunk by whole chunk, so there a block is one chunk.
+
+    >>> fit_block_rows(2**21, 50, raw=True, target_bytes=16 * 2**20)
+    65536
+    >>> fit_block_rows(1000, 10, raw=True, target_bytes=16 * 2**20)
+    1000
+    """
+    if not raw:
+        return chunk_rows
+    limit = max(1, target_bytes // (4 * max(n_window, 1)))
+    if chunk_rows <= limit:
+        return chunk_rows
+    best = 1
+    d = 1
+    while d * d <= chunk_rows:
+        if chunk_rows % d == 0:
+            for c in (d, chunk_rows // d):
+                if c <= limit:
+                    best = max(best, c)
+        d += 1
+    # a prime-ish chunk size would give tiny blocks: then take whole chunks
+    return best if best * 64 >= limit else chunk_rows
+
+
+@dataclass(frozen=True)
+class StatsLayout:
+    """Where each sum sits in a row of ``block_stats`` (layout version :data:`VERSION`).
+
+    A row holds the ids of the layers (stored tensors) the block touches, ``-1`` past the
+    last (empty tensors hold no rows, so a block's ids need not be consecutive); then
+    :data:`PER` sums per mode and per layer; then the residual, energy and centred energy
+    ("spread") per epoch of the window.
+    """
+
+    n_modes: int
+    n_epochs: int
+    max_layers: int
+
+    #: count, valid, sum |corr|, residual, energy, NaN/Inf rows, spread
+    PER = 7
+    #: written into the study's attributes as ``stats_layout``; a study interrupted under
+    #: another layout is refitted from the start instead of resumed
+    VERSION = 2
+
+    @property
+    def width(self) -> int:
+        return self.max_layers + self.PER * (self.n_modes + self.max_layers) + 3 * self.n_epochs
+
+    @property
+    def layer_ids(self) -> slice:
+        return slice(0, self.max_layers)
+
+    @property
+    def modes(self) -> slice:
+        s = self.max_layers
+        return slice(s, s + self.PER * self.n_modes)
+
+    @property
+    def layers(self) -> slice:
+        s = self.max_layers + self.PER * self.n_modes
+        return slice(s, s + self.PER * self.max_layers)
+
+    def _epoch_section(self, k: int) -> slice:
+        s = self.max_layers + self.PER * (self.n_modes + self.max_layers) + k * self.n_epochs
+        return slice(s, s + self.n_epochs)
+
+    @property
+    def residual_t(self) -> slice:
+        return self._epoch_section(0)
+
+    @property
+    def energy_t(self) -> slice:
+        return self._epoch_section(1)
+
+    @property
+    def spread_t(self) -> slice:
+        return self._epoch_section(2)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """One task's rows and what it must know about them."""
+
+    index: int
+    r0: int
+    r1: int
+    layers: tuple[tuple[int, int, int], ...]  # (layer id, first row, stop row), block-relative
+    ref_pos: tuple[int, ...]  # block-relative rows that are references
+    ref_ids: tuple[int, ...]
+    sample_pos: tuple[int, ...]  # block-relative sampled rows
+    chunk_rows: int | None = None  # the result arrays' chunk length (the last block may be shorter)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (:meth:`from_dict` gives the plan back).
+
+        >>> b = BlockPlan(0, 0, 4, ((0, 0, 4),), (1,), (0,), (1, 3), 4)
+        >>> BlockPlan.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+        True
+        """
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlockPlan:
+        return cls(
+            d["index"],
+            d["r0"],
+            d["r1"],
+            tuple(tuple(x) for x in d["layers"]),
+            tuple(d["ref_pos"]),
+            tuple(d["ref_ids"]),
+            tuple(d["sample_pos"]),
+            d.get("chunk_rows"),
+        )
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """What a fit will do, decided before it reads a row (see :func:`plan_fit`).
+
+    >>> p = FitPlan("s", 10, 2, None, 100, 0, ":", (0, 1, 2), (0, 1, 2), 10, "f00d")
+    >>> FitPlan.from_dict(p.to_dict()) == p
+    True
+    >>> p.config()["epochs"]
+    [0, 1, 2]
+    """
+
+    name: str
+    n_rows: int
+    modes: int | None
+    threshold: float | None
+    samples: int
+    seed: int
+    window: str  # the window as given (``":"``: every stored epoch)
+    cols: tuple[int, ...]  # the trajectory's columns in the window
+    epochs: tuple[int, ...]  # their epoch numbers
+    block_rows: int  # rows per task
+    fingerprint: str  # of the stored trajectory's settings, size and window's source files
+
+    def config(self) -> dict[str, Any]:
+        """The study's configuration as stored in its attributes (compared on a re-run)."""
+        return {
+            "modes": self.modes,
+            "threshold": self.threshold,
+            "samples": self.samples,
+            "seed": self.seed,
+            "window": self.window,
+            "epochs": list(self.epochs),
+            "block_rows": self.block_rows,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cols"], d["epochs"] = list(self.cols), list(self.epochs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitPlan:
+        return cls(**{**d, "cols": tuple(d["cols"]), "epochs": tuple(d["epochs"])})
+
+    def block_plans(
+        self, layout: RowLayout, ref_index: np.ndarray, sample_index: np.ndarray
+    ) -> list[BlockPlan]:
+        """One :class:`BlockPlan` per task, in row order."""
+        names = {n: i for i, n in enumerate(layout.names)}
+        plans = []
+        for b, (r0, r1) in enumerate(blocks(self.n_rows, self.block_rows)):
+            layers = tuple(
+                (names[s.name], s.out, s.out + s.stop - s.start) for s in layout.segments(r0, r1)
+            )
+            in_ref = (ref_index >= r0) & (ref_index < r1)
+            in_smp = (sample_index >= r0) & (sample_index < r1)
+            plans.append(
+                BlockPlan(
+                    b,
+                    r0,
+                    r1,
+                    layers,
+                    tuple(int(i - r0) for i in ref_index[in_ref]),
+                    tuple(int(m) for m in np.flatnonzero(in_ref)),
+                    tuple(int(i - r0) for i in sample_index[in_smp]),
+                    min(self.block_rows, self.n_rows),
+                )
+            )
+        return plans
+
+
+def fingerprint(meta: StoreMeta, cols: Sequence[int]) -> str:
+    """sha256 of what a study's results depend on in the trajectory: the content settings,
+    the number of rows and the source files (by digest) of the window's epochs."""
+    h = hashlib.sha256()
+    h.update(json.dumps(meta.settings.content_fields(), sort_keys=True).encode())
+    h.update(str(meta.n_rows).encode())
+    for c in cols:
+        e = meta.epochs[c]
+        h.update(f"{e.epoch}:{','.join(f.sha256 for f in e.files)};".encode())
+    return h.hexdigest()
+
+
+def plan_fit(
+    meta: StoreMeta,
+    name: str,
+    *,
+    chunk_rows: int,
+    raw: bool,
+    modes: int | None,
+    threshold: float | None,
+    samples: int,
+    seed: int,
+    window: str | None,
+    block_rows: int | None = None,
+) -> FitPlan:
+    """The fit's plan for a store (``chunk_rows``: its row chunk; ``raw``: uncompressed chunks
+    that can be read in parts). Raises :class:`~pipeline.errors.PipelineError` on a window
+    shorter than :data:`~pipeline.config.MIN_EPOCHS` or block rows that straddle chunks."""
+    try:
+        cols = parse_window(window, meta.epoch_numbers)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    if len(cols) < MIN_EPOCHS:
+        raise PipelineError(
+            f"the window {window or ':'} holds {len(cols)} stored epoch(s); CMD needs at "
+            f"least {MIN_EPOCHS} (over 2 epochs every varying profile correlates perfectly "
+            "with every other)"
+        )
+    rows = block_rows or fit_block_rows(
+        chunk_rows, len(cols), raw=raw, target_bytes=FIT_BLOCK_BYTES
+    )
+    if chunk_rows % rows and rows % chunk_rows:
+        raise PipelineError(
+            f"block rows {rows} must divide the chunk rows {chunk_rows} (or be a multiple)"
+        )
+    return FitPlan(
+        name,
+        meta.n_rows,
+        modes,
+        threshold,
+        samples,
+        seed,
+        window or ":",
+        tuple(cols),
+        tuple(meta.epochs[c].epoch for c in cols),
+        rows,
+        fingerprint(meta, cols),
+    )

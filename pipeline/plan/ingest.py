@@ -1,0 +1,244 @@
+"""The ingest's plan: what the inputs hold against what the store holds, decided before a chunk
+is written.
+
+:func:`plan_ingest` takes the store's metadata (or ``None`` for a new store), the inspected
+checkpoints and the requested settings, and returns an :class:`IngestPlan`: the settings to
+use, the row index, the stored epochs kept, the new epochs, and whether the ingest appends,
+resumes an interrupted one or rebuilds the trajectory. It raises
+:class:`~pipeline.errors.ConfigMismatchError` (changed inputs or settings without ``force``)
+and :class:`~pipeline.errors.InputError` (bad inputs) before anything is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo
+from pipeline.checkpoints.select import build_index, check_same_tensors
+from pipeline.errors import ConfigMismatchError, InputError
+from pipeline.plan.layout import default_chunk_rows
+from pipeline.store.schema import (
+    EpochEntry,
+    IngestSettings,
+    InlineTensor,
+    SourceFile,
+    StoreMeta,
+    TensorEntry,
+)
+
+__all__ = ["EpochInspection", "IngestPlan", "plan_ingest", "resolve_settings"]
+
+
+@dataclass(frozen=True)
+class EpochInspection:
+    """What one epoch's checkpoint holds: its tensors, file digests and inline tensors."""
+
+    spec: CheckpointSpec
+    tensors: tuple[TensorInfo, ...]
+    files: tuple[SourceFile, ...]
+    inline: tuple[InlineTensor, ...]
+
+    @property
+    def epoch(self) -> int:
+        assert self.spec.epoch is not None, "discover() assigns every epoch"
+        return self.spec.epoch
+
+    def entry(self) -> EpochEntry:
+        """The epoch's entry in the store's metadata, before its chunks are counted."""
+        return EpochEntry(self.epoch, self.files, inline=self.inline)
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """What an ingest will do (see :func:`plan_ingest`)."""
+
+    settings: IngestSettings
+    index: tuple[TensorEntry, ...]
+    n_rows: int
+    committed: tuple[EpochEntry, ...]  # stored epochs that stay
+    new: tuple[EpochEntry, ...]  # epochs to write, in order
+    already: tuple[int, ...]  # epochs of the inputs already stored from the same files
+    rebuild: bool  # the trajectory is rebuilt from the inputs alone
+    resume: bool  # an interrupted ingest of exactly these epochs is finished
+    discard_pending: bool  # an interrupted ingest of other epochs is dropped (force)
+
+    def base_meta(self, version: str) -> StoreMeta:
+        """The store's metadata with the new epochs pending."""
+        return StoreMeta(self.settings, self.index, self.n_rows, self.committed, self.new, version)
+
+    def time_blocks(self) -> list[tuple[int, int]]:
+        """``(a, b)``: the new epochs ``new[a:b]`` that fill one time chunk column each.
+
+        >>> from pipeline.store.schema import IngestSettings
+        >>> s = IngestSettings(chunk_rows=4, time_chunk=4)
+        >>> new = tuple(EpochEntry(e, ()) for e in range(6))
+        >>> IngestPlan(s, (), 0, new[:2], new[2:], (), False, False, False).time_blocks()
+        [(0, 2), (2, 4)]
+        """
+        c0, n_new, tc = len(self.committed), len(self.new), self.settings.time_chunk
+        out = []
+        a = 0
+        while a < n_new:
+            b = min(n_new, ((c0 + a) // tc + 1) * tc - c0)
+            out.append((a, b))
+            a = b
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_dict(),
+            "index": [t.to_dict() for t in self.index],
+            "n_rows": self.n_rows,
+            "committed": [e.to_dict() for e in self.committed],
+            "new": [e.to_dict() for e in self.new],
+            "already": list(self.already),
+            "rebuild": self.rebuild,
+            "resume": self.resume,
+            "discard_pending": self.discard_pending,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> IngestPlan:
+        return cls(
+            IngestSettings.from_dict(d["settings"]),
+            tuple(TensorEntry.from_dict(t) for t in d["index"]),
+            int(d["n_rows"]),
+            tuple(EpochEntry.from_dict(e) for e in d["committed"]),
+            tuple(EpochEntry.from_dict(e) for e in d["new"]),
+            tuple(d["already"]),
+            bool(d["rebuild"]),
+            bool(d["resume"]),
+            bool(d["discard_pending"]),
+        )
+
+
+def resolve_settings(
+    requested: Mapping[str, object], stored: IngestSettings | None, force: bool
+) -> tuple[IngestSettings, bool]:
+    """Merge requested settings (``None``: not given) with the store's; return
+    ``(settings, must_rebuild)``. A new store takes the defaults of :mod:`pipeline.config`."""
+    given = {k: v for k, v in requested.items() if v is not None}
+    if stored is None:
+        return IngestSettings(**given), False  # type: ignore[arg-type]
+    current = stored.to_dict()
+    diffs = {k: (current[k], v) for k, v in given.items() if k != "chunk_rows" or v != current[k]}
+    diffs = {k: ov for k, ov in diffs.items() if _norm(ov[0]) != _norm(ov[1])}
+    if diffs and not force:
+        desc = ", ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in diffs.items())
+        raise ConfigMismatchError(
+            f"the store was ingested with other settings ({desc}); pass force=True to rebuild "
+            "the trajectory"
+        )
+    merged = {**current, **given}
+    kw = {f.name: merged[f.name] for f in fields(IngestSettings)}
+    for k in ("include", "exclude", "buffer_patterns"):
+        kw[k] = tuple(kw[k])
+    return IngestSettings(**kw), bool(diffs)
+
+
+def _norm(v: object) -> object:
+    return tuple(v) if isinstance(v, list | tuple) else v
+
+
+def plan_ingest(
+    meta: StoreMeta | None,
+    inspections: Sequence[EpochInspection],
+    requested: Mapping[str, object],
+    force: bool,
+) -> IngestPlan:
+    """Reconcile the inspected inputs with the store (``meta``; ``None`` for a new store)."""
+    settings, rebuild = resolve_settings(requested, meta.settings if meta else None, force)
+    first = inspections[0]
+    index, n_rows = build_index(first.tensors, settings)
+    same_index = meta is None or [t.to_dict() for t in index] == [t.to_dict() for t in meta.tensors]
+    if meta is not None and not rebuild and not same_index:
+        if not force:
+            _explain_index_change(meta.tensors, first)
+            raise ConfigMismatchError(
+                "the checkpoints' tensors differ from the store's; pass force=True to rebuild"
+            )
+        rebuild = True
+    for ins in inspections:
+        check_same_tensors(index, ins.spec, ins.tensors)
+    if (meta is None or rebuild) and requested.get("chunk_rows") is None:
+        settings = replace(settings, chunk_rows=default_chunk_rows(n_rows, settings.time_chunk))
+    entries = [i.entry() for i in inspections]
+
+    committed: tuple[EpochEntry, ...] = () if (meta is None or rebuild) else meta.epochs
+    by_epoch = {e.epoch: e for e in committed}
+    new: list[EpochEntry] = []
+    already: list[int] = []
+    for e in entries:
+        old = by_epoch.get(e.epoch)
+        if old is None:
+            new.append(e)
+        elif old.same_source(e):
+            already.append(e.epoch)
+        elif force:
+            rebuild, committed = True, ()
+            new, already = list(entries), []
+            break
+        else:
+            raise ConfigMismatchError(
+                f"epoch {e.epoch} is already stored from other files "
+                f"({old.files[0].path}, sha256 {old.files[0].sha256[:12]}...); pass force=True "
+                "to rebuild"
+            )
+    if committed and new and new[0].epoch < committed[-1].epoch:
+        raise InputError(
+            f"epoch {new[0].epoch} comes before the last stored epoch {committed[-1].epoch}: "
+            "epochs can only be appended"
+        )
+    pending = None if (meta is None or rebuild) else meta.pending
+    resume = False
+    if pending is not None:
+        if len(pending) == len(new) and all(
+            p.same_source(n) for p, n in zip(pending, new, strict=False)
+        ):
+            resume = True
+        elif not force:
+            raise ConfigMismatchError(
+                f"an interrupted ingest of epochs {[p.epoch for p in pending]} is pending in "
+                "this store; re-run it with the same inputs to resume, or pass force=True to "
+                "discard it"
+            )
+    if settings.time_chunk > 1 and committed and new and len(committed) % settings.time_chunk:
+        raise ConfigMismatchError(
+            f"the store holds {len(committed)} epochs in time chunks of {settings.time_chunk}: "
+            "appending would rewrite its last chunk column. Append only to stores made with "
+            "time_chunk=1, or re-ingest everything into a new store"
+        )
+    return IngestPlan(
+        settings,
+        tuple(index),
+        n_rows,
+        committed,
+        tuple(new),
+        tuple(already),
+        rebuild,
+        resume,
+        pending is not None and not resume,
+    )
+
+
+def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection) -> None:
+    got = {t.name: t for t in first.tensors}
+    label, epoch = first.spec.label, first.spec.epoch
+    for t in stored:
+        g = got.get(t.name)
+        if g is None:
+            raise InputError(
+                "key missing (present in the store)", path=label, epoch=epoch, key=t.name
+            )
+        if g.shape != t.shape or g.dtype != t.dtype:
+            raise InputError(
+                f"shape/dtype {g.shape}/{g.dtype} differ from the store's {t.shape}/{t.dtype}",
+                path=label,
+                epoch=epoch,
+                key=t.name,
+            )
+    extra = [n for n in got if n not in {t.name for t in stored}]
+    if extra:
+        raise InputError("key not present in the store", path=label, epoch=epoch, key=extra[0])
