@@ -15,7 +15,12 @@ import click
 
 from pipeline._version import __version__
 from pipeline.config import (
+    BENCH_EPOCHS,
+    BENCH_SECTIONS,
     CODECS,
+    COMPARE_DELAYS,
+    COMPARE_SHUFFLES,
+    COMPARE_SOURCE,
     DEFAULT_CHUNK_BYTES,
     DEFAULT_CODEC,
     DEFAULT_FLOAT_BUFFERS,
@@ -27,6 +32,9 @@ from pipeline.config import (
     STABILITY_MODES,
     STABILITY_RANK,
     STABILITY_THRESHOLD,
+    SWEEP_EPOCHS,
+    SWEEP_MODES,
+    SWEEP_SEEDS,
 )
 from pipeline.errors import PipelineError
 
@@ -529,14 +537,14 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
 )
 @click.option(
     "--sweep-modes",
-    default="1,2,5,10,20",
+    default=",".join(map(str, SWEEP_MODES)),
     show_default=True,
     metavar="M,M,...",
     help="Numbers of modes of the sweep ('' for no sweep).",
 )
 @click.option(
     "--sweep-seeds",
-    default="0,1,2",
+    default=",".join(map(str, SWEEP_SEEDS)),
     show_default=True,
     metavar="S,S,...",
     help="Sampling seeds of the sweep.",
@@ -549,7 +557,7 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
 )
 @click.option(
     "--sweep-epochs",
-    default="last",
+    default=SWEEP_EPOCHS,
     show_default=True,
     help="Epochs at which each sweep fit is evaluated: last, all, or a comma list.",
 )
@@ -620,7 +628,11 @@ def report(store: str, name: str, out: str | None) -> None:
     help="N of the growth sweep [quick: 1e5..3e6; full: 1e5..1e8].",
 )
 @click.option(
-    "--epochs", type=click.IntRange(min=2), default=50, show_default=True, help="T of the stores."
+    "--epochs",
+    type=click.IntRange(min=2),
+    default=BENCH_EPOCHS,
+    show_default=True,
+    help="T of the stores.",
 )
 @click.option(
     "--main-n",
@@ -637,7 +649,7 @@ def report(store: str, name: str, out: str | None) -> None:
 )
 @click.option(
     "--sections",
-    default="throughput,numerics,growth,beyond-ram,baselines",
+    default=",".join(BENCH_SECTIONS),
     show_default=True,
     help="Which sections to run (the hardware limits always run).",
 )
@@ -687,7 +699,7 @@ def bench(
         runtime=_make_runtime(kw),
         sections=tuple(x.strip() for x in sections.split(",") if x.strip()),
     )
-    known = {"throughput", "numerics", "growth", "beyond-ram", "baselines"}
+    known = set(BENCH_SECTIONS)
     if unknown := set(opts.sections) - known:
         raise click.BadParameter(
             f"unknown section(s) {sorted(unknown)}; known: {sorted(known)}", param_hint="--sections"
@@ -710,7 +722,7 @@ def bench(
 @click.option(
     "--source",
     type=click.Choice(["refs", "pcs"]),
-    default="refs",
+    default=COMPARE_SOURCE,
     show_default=True,
     help="Coordinates: the study's reference profiles, or the trajectory's top principal components.",
 )
@@ -720,14 +732,14 @@ def bench(
 @click.option(
     "--delays",
     type=click.IntRange(min=1),
-    default=2,
+    default=COMPARE_DELAYS,
     show_default=True,
     help="Time delays (Hankel).",
 )
 @click.option(
     "--shuffles",
     type=click.IntRange(min=1),
-    default=100,
+    default=COMPARE_SHUFFLES,
     show_default=True,
     help="Time-shuffle controls per pair.",
 )

@@ -89,3 +89,20 @@ STABILITY_MAX_EXACT = 4_000_000
 STABILITY_RANK = 64
 #: M of the sliding-window fits of ``stability --mode-windows``
 STABILITY_MODES = 10
+
+#: ``evaluate``'s sweep: numbers of modes, sampling seeds, and the epochs each fit is
+#: evaluated at ("last", "all" or a comma list)
+SWEEP_MODES = (1, 2, 5, 10, 20)
+SWEEP_SEEDS = (0, 1, 2)
+SWEEP_EPOCHS = "last"
+
+#: ``compare``: coordinates ("refs": the studies' reference profiles; "pcs": principal
+#: components), Hankel delays, time-shuffle controls per pair, permutations of the group test
+COMPARE_SOURCE = "refs"
+COMPARE_DELAYS = 2
+COMPARE_SHUFFLES = 100
+COMPARE_PERMUTATIONS = 2000
+
+#: ``cmd-pipeline bench``: T of its stores, and its sections
+BENCH_EPOCHS = 50
+BENCH_SECTIONS = ("throughput", "numerics", "growth", "beyond-ram", "baselines")

@@ -49,6 +49,7 @@ from pipeline.bench.common import (
     raw_write_bandwidth,
     synthetic_store,
 )
+from pipeline.config import BENCH_EPOCHS
 from pipeline.errors import PipelineWarning
 from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store.analysis import AnalysisGroup
@@ -67,7 +68,7 @@ class BenchOptions:
     out: Path
     quick: bool = False
     sizes: list[int] | None = None  # N of the growth sweep
-    epochs: int = 50
+    epochs: int = BENCH_EPOCHS
     epoch_sweep: list[int] | None = None
     mode_sweep: list[int] | None = None
     main_n: int | None = None  # N of the throughput store and of the baselines

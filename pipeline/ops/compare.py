@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import COMPARE_DELAYS, COMPARE_PERMUTATIONS, COMPARE_SHUFFLES, COMPARE_SOURCE
 from pipeline.errors import PipelineError
 from pipeline.graph.baselines import build_gram_tasks, combine_gram, gram_block_rows
 from pipeline.kernels.koopman import koopman_eigenvalues, pc_coordinates, wasserstein
@@ -93,7 +94,7 @@ class CompareResult:
 def run_coordinates(
     store: str | os.PathLike[str],
     name: str,
-    source: str = "refs",
+    source: str = COMPARE_SOURCE,
     d: int | None = None,
     run: Runner | None = None,
     runtime: RuntimeOptions | None = None,
@@ -125,14 +126,14 @@ def _spectrum(y: np.ndarray, delays: int, rank: int | None) -> np.ndarray:
 def compare(
     runs: Sequence[tuple[str | os.PathLike[str], str]],
     *,
-    source: str = "refs",
+    source: str = COMPARE_SOURCE,
     d: int | None = None,
-    delays: int = 2,
+    delays: int = COMPARE_DELAYS,
     rank: int | None = None,
-    shuffles: int = 100,
+    shuffles: int = COMPARE_SHUFFLES,
     seed: int = 0,
     groups: list[str] | None = None,
-    permutations: int = 2000,
+    permutations: int = COMPARE_PERMUTATIONS,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> CompareResult:

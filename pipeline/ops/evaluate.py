@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import SWEEP_EPOCHS, SWEEP_MODES, SWEEP_SEEDS
 from pipeline.errors import InputError, PipelineError, PipelineWarning, StoreError
 from pipeline.ops.export import state_dict
 from pipeline.ops.fit import fit
@@ -44,7 +45,6 @@ from pipeline.store.schema import StoreMeta, check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = [
-    "DEFAULT_SWEEP_MODES",
     "WORKFLOW_GROUP",
     "EvaluationResult",
     "evaluate",
@@ -63,7 +63,6 @@ EvalFn = Callable[[dict[str, Any]], tuple[float, float]]
 #: ``train_and_record``).
 WORKFLOW_GROUP = "cmd_pipeline.workflows"
 #: The numbers of modes of the paper's accuracy-against-M figures.
-DEFAULT_SWEEP_MODES = (1, 2, 5, 10, 20)
 SWEEP_SEP = "~"
 
 
@@ -308,10 +307,10 @@ def evaluate(
     *,
     workflow: str | None = None,
     run_dir: str | os.PathLike[str] | None = None,
-    sweep_modes: Iterable[int] | None = DEFAULT_SWEEP_MODES,
-    sweep_seeds: Iterable[int] = (0, 1, 2),
+    sweep_modes: Iterable[int] | None = SWEEP_MODES,
+    sweep_seeds: Iterable[int] = SWEEP_SEEDS,
     sweep_samples: Iterable[int] | None = None,
-    sweep_epochs: str = "last",
+    sweep_epochs: str = SWEEP_EPOCHS,
     keep_sweep: bool = False,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,

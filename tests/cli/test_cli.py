@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import torch
 import zarr
@@ -362,3 +363,38 @@ def test_errors_name_the_commands_flags_where_the_api_names_parameters(tmp_path:
         as_flags(text, flags)
         == "stores made with --time-chunk 1, or a new one; seed=3 is not an ingest option"
     )
+
+
+def test_cli_defaults_are_the_apis() -> None:
+    """Defaults live once (pipeline/config.py): every option the CLI shares with its API
+    function by name has the same default."""
+    import inspect
+
+    from pipeline.ops.compare import compare
+    from pipeline.ops.evaluate import evaluate
+    from pipeline.ops.fit import fit
+    from pipeline.ops.ingest import ingest
+    from pipeline.ops.stability import stability_study
+
+    def norm(v: object) -> object:
+        return ",".join(map(str, v)) if isinstance(v, tuple | list) else v
+
+    checked = 0
+    for command, function in [
+        ("ingest", ingest),
+        ("fit", fit),
+        ("evaluate", evaluate),
+        ("compare", compare),
+        ("stability", stability_study),
+    ]:
+        api = inspect.signature(function).parameters
+        for p in main.commands[command].params:
+            if not isinstance(p, click.Option) or p.name not in api or p.is_flag:
+                continue
+            default = api[p.name].default
+            given = isinstance(p.default, str | int | float | tuple | list)  # not None or unset
+            if not given or default is inspect.Parameter.empty:
+                continue
+            assert norm(p.default) == norm(default), (command, p.name, p.default, default)
+            checked += 1
+    assert checked >= 8, checked
