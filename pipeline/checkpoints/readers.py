@@ -1,4 +1,4 @@
-"""Checkpoint readers: the only module that imports torch and safetensors.
+"""Checkpoint readers: the only module that reads checkpoint files (torch and safetensors).
 
 Every reader exposes the same small interface (:class:`CheckpointReader`): the tensors of the
 state_dict in order, and flat element ranges of one tensor converted to float32 into a
