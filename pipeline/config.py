@@ -106,3 +106,11 @@ COMPARE_PERMUTATIONS = 2000
 #: ``cmd-pipeline bench``: T of its stores, and its sections
 BENCH_EPOCHS = 50
 BENCH_SECTIONS = ("throughput", "numerics", "growth", "beyond-ram", "baselines")
+
+#: Online and Embedded CMD: warm-up epochs (the post-hoc fit that fixes the modes) and modes
+ONLINE_WARMUP = 20
+ONLINE_MODES = 10
+#: Embedded CMD: embed every this many epochs after the warm-up, this share of the
+#: parameters still trained each time
+EMBED_EVERY = 10
+EMBED_FRACTION = 0.1

@@ -13,6 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.config import (
+    DEFAULT_SAMPLES,
+    EMBED_EVERY,
+    EMBED_FRACTION,
+    ONLINE_MODES,
+    ONLINE_WARMUP,
+)
 from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.online.memory import OnlineCMD, named_float_params
 
@@ -40,13 +47,13 @@ class EmbeddedCMD(OnlineCMD):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         *,
-        warmup: int = 20,
-        modes: int | None = 10,
+        warmup: int = ONLINE_WARMUP,
+        modes: int | None = ONLINE_MODES,
         threshold: float | None = None,
-        samples: int = 1000,
+        samples: int = DEFAULT_SAMPLES,
         seed: int = 0,
-        embed_every: int = 10,
-        embed_fraction: float = 0.1,
+        embed_every: int = EMBED_EVERY,
+        embed_fraction: float = EMBED_FRACTION,
     ) -> None:
         super().__init__(
             model, warmup=warmup, modes=modes, threshold=threshold, samples=samples, seed=seed

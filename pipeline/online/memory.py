@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import DRAW_ROUNDS, MIN_EPOCHS
+from pipeline.config import DEFAULT_SAMPLES, DRAW_ROUNDS, MIN_EPOCHS, ONLINE_MODES, ONLINE_WARMUP
 from pipeline.errors import PipelineError, PipelineWarning
 from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import (
@@ -78,10 +78,10 @@ class OnlineCMD:
         self,
         model: nn.Module,
         *,
-        warmup: int = 20,
-        modes: int | None = 10,
+        warmup: int = ONLINE_WARMUP,
+        modes: int | None = ONLINE_MODES,
         threshold: float | None = None,
-        samples: int = 1000,
+        samples: int = DEFAULT_SAMPLES,
         seed: int = 0,
         store: str | None = None,
         runtime: RuntimeOptions | None = None,
