@@ -11,7 +11,9 @@ This module owns the one way a workflow turns its frozen configuration dataclass
 - :func:`config_from_args` builds the dataclass back from the parsed namespace, turning the
   dataclass's own validation errors (``ValueError``) into ``parser.error`` (exit status 2).
 - :func:`add_recording_arguments` adds, around those, the ``--out`` and ``--overwrite``
-  options shared by the workflows that record a checkpoint trajectory.
+  options shared by the workflows that record a checkpoint trajectory, and
+  :func:`run_recording_cli` is the whole command of such a workflow: parse, train with a
+  progress line per epoch, print a summary.
 
 Nothing here knows about a particular workflow; the workflows keep their defaults in their
 dataclasses only.
@@ -21,14 +23,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-__all__ = ["Option", "add_config_arguments", "add_recording_arguments", "config_from_args"]
+__all__ = [
+    "Option",
+    "add_config_arguments",
+    "add_recording_arguments",
+    "config_from_args",
+    "run_recording_cli",
+]
 
 C = TypeVar("C")
 
@@ -205,3 +214,70 @@ def add_recording_arguments(
     parser.add_argument(
         "--overwrite", action="store_true", help="replace checkpoints already in --out"
     )
+
+
+def run_recording_cli(
+    parser: argparse.ArgumentParser,
+    config_cls: type[C],
+    train_and_record: Callable[..., dict[str, Any]],
+    argv: Sequence[str] | None = None,
+    *,
+    options: Mapping[str, Option] | None = None,
+    epoch_seconds: bool = False,
+    sizes_unit: str | None = None,
+) -> int:
+    """Run the command line of a recording workflow; return the exit status (0).
+
+    Adds :func:`add_recording_arguments` to ``parser``, parses ``argv`` (default:
+    ``sys.argv[1:]``), builds ``config_cls`` and calls ``train_and_record(out, config,
+    on_epoch=..., overwrite=...)``, printing one line per recorded epoch and a summary
+    (``run.json``'s ``model_class``, ``n_params``, checkpoints, wall time and final test
+    metrics). Checkpoints already in ``--out`` without ``--overwrite`` are a
+    ``parser.error`` (exit status 2).
+
+    Parameters
+    ----------
+    epoch_seconds : bool, default False
+        Show on each epoch line the seconds since the previous line.
+    sizes_unit : str, optional
+        Show in the summary ``n_train`` and ``n_test`` of this unit (``"texts"``).
+    """
+    add_recording_arguments(parser, config_cls, options=options)
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, config_cls, args)
+
+    last = [time.perf_counter()]
+
+    def log(rec: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        timing = f"({now - last[0]:.1f} s) " if epoch_seconds else ""
+        print(
+            f"epoch {rec['epoch']:4d}  train_loss {rec['train_loss']:.4f}  "
+            f"test_loss {rec['test_loss']:.4f}  test_acc {rec['test_accuracy']:.4f}  "
+            f"{timing}-> {rec['checkpoint']}",
+            flush=True,
+        )
+        last[0] = now
+
+    t0 = time.perf_counter()
+    try:
+        result = train_and_record(args.out, config, on_epoch=log, overwrite=args.overwrite)
+    except FileExistsError as exc:
+        parser.error(str(exc))
+    elapsed = time.perf_counter() - t0
+    final = result["epochs"][-1] if result["epochs"] else None
+    sizes = (
+        f", {result['n_train']} train / {result['n_test']} test {sizes_unit}"
+        if sizes_unit is not None
+        else ""
+    )
+    summary = (
+        f"done: {result['model_class']} ({result['n_params']} params{sizes}), "
+        f"{len(result['checkpoints'])} checkpoints in {args.out}, {elapsed:.2f} s"
+    )
+    if final is not None:
+        summary += (
+            f", final test_acc {final['test_accuracy']:.4f} test_loss {final['test_loss']:.4f}"
+        )
+    print(summary, flush=True)
+    return 0

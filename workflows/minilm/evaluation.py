@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from workflows.minilm.config import TrainConfig
 from workflows.minilm.data import EncodedSplit, prepare_data
 from workflows.minilm.model import build_model
-from workflows.recording import deterministic_torch
+from workflows.recording import deterministic_torch, eval_mode
 
 __all__ = ["EVAL_BATCH_SIZE", "evaluate", "evaluator"]
 
@@ -47,22 +47,18 @@ def evaluate(model: nn.Module, data: EncodedSplit) -> tuple[float, float]:
     accuracy : float
         Fraction of correct argmax predictions, in ``[0, 1]``.
     """
-    was_training = model.training
-    model.eval()
     n = len(data)
     # Batches of similar lengths waste less compute on padding; the order is a fixed
     # function of the data, so the result is reproducible.
     order = torch.argsort(data.attention_mask.sum(dim=1), stable=True)
     loss_sum = 0.0
     correct = 0
-    try:
+    with eval_mode(model):
         for start in range(0, n, EVAL_BATCH_SIZE):
             ids, mask, y = data.batch(order[start : start + EVAL_BATCH_SIZE])
             logits = model(ids, mask)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == y).sum())
-    finally:
-        model.train(was_training)
     return float(loss_sum / max(n, 1)), float(correct / max(n, 1))
 
 

@@ -37,7 +37,7 @@ class MiniLMClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int, dropout: float = 0.1) -> None:
         super().__init__()
         self.encoder = encoder
-        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr]
+        hidden = int(encoder.config.hidden_size)  # type: ignore[union-attr, arg-type]
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, n_classes)
 

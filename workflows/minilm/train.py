@@ -1,7 +1,8 @@
 """The recorded MiniLM fine-tuning: one checkpoint per epoch and a ``run.json``.
 
-Owns the optimiser set-up (:func:`_param_groups`) and the seeded, deterministic training
-loop (:func:`train_and_record`).
+Owns what is particular to the MiniLM run (tokenised data, the pretrained model, optional
+frozen embeddings, AdamW with its parameter groups, :func:`_param_groups`); the seeded,
+deterministic checkpoint-per-epoch loop itself is :func:`workflows.recording.record_run`.
 """
 
 from __future__ import annotations
@@ -12,19 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from workflows.minilm.config import TrainConfig
 from workflows.minilm.data import prepare_data
 from workflows.minilm.evaluation import evaluate
 from workflows.minilm.model import MiniLMClassifier, build_model
-from workflows.recording import (
-    checkpoint_path,
-    deterministic_torch,
-    prepare_out_dir,
-    save_checkpoint,
-    write_run_json,
-)
+from workflows.recording import BatchLoss, prepare_out_dir, record_run
 
 __all__ = ["train_and_record"]
 
@@ -96,51 +91,28 @@ def train_and_record(
     out = prepare_out_dir(out_dir, overwrite)
 
     train, test = prepare_data(config)
-    n_train = len(train)
 
-    records: list[dict[str, Any]] = []
-    checkpoints: list[str] = []
-
-    def record(epoch: int, model: nn.Module, train_loss: float) -> None:
-        path = checkpoint_path(out, epoch, config.fmt)
-        save_checkpoint(model, path, config.fmt)
-        test_loss, test_acc = evaluate(model, test)
-        rec: dict[str, Any] = {
-            "epoch": epoch,
-            "checkpoint": path.name,
-            "train_loss": train_loss,
-            "test_loss": test_loss,
-            "test_accuracy": test_acc,
-        }
-        records.append(rec)
-        checkpoints.append(path.name)
-        if on_epoch is not None:
-            on_epoch(rec)
-
-    with torch.random.fork_rng(devices=[]), deterministic_torch():
-        torch.manual_seed(config.seed)
+    def setup() -> tuple[nn.Module, torch.optim.Optimizer, BatchLoss]:
         model = build_model(config, pretrained=True)
         if config.freeze_embeddings:
-            for param in model.encoder.embeddings.parameters():
+            for param in model.encoder.embeddings.parameters():  # type: ignore[union-attr]
                 param.requires_grad_(False)
         optimizer = torch.optim.AdamW(_param_groups(model, config))
-        shuffle_gen = torch.Generator().manual_seed(config.seed)
 
-        if config.record_initial:
-            record(0, model, evaluate(model, train)[0])
+        def batch_loss(idx: Tensor) -> Tensor:
+            ids, mask, yb = train.batch(idx)
+            return F.cross_entropy(model(ids, mask), yb)
 
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            order = torch.randperm(n_train, generator=shuffle_gen)
-            loss_sum = 0.0
-            for start in range(0, n_train, config.batch_size):
-                idx = order[start : start + config.batch_size]
-                ids, mask, yb = train.batch(idx)
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(ids, mask), yb)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.item() * int(idx.numel())
-            record(epoch, model, loss_sum / n_train)
+        return model, optimizer, batch_loss
 
-    return write_run_json(out, "minilm", config, model, n_train, len(test), checkpoints, records)
+    return record_run(
+        out,
+        "minilm",
+        config,
+        setup,
+        n_train=len(train),
+        n_test=len(test),
+        initial_train_loss=lambda model: evaluate(model, train)[0],
+        test_metrics=lambda model: evaluate(model, test),
+        on_epoch=on_epoch,
+    )
