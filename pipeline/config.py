@@ -114,3 +114,10 @@ ONLINE_MODES = 10
 #: parameters still trained each time
 EMBED_EVERY = 10
 EMBED_FRACTION = 0.1
+
+#: The fit's CPU kernel: "auto" (the fused numba kernel when numba imports, else numpy),
+#: "numba" or "numpy" (:func:`pipeline.kernels.cmd.fit_block`, also the CuPy kernel). The
+#: environment variable ``CMD_PIPELINE_FIT_KERNEL`` overrides it (workers inherit it).
+FIT_KERNEL = "auto"
+FIT_KERNEL_ENV = "CMD_PIPELINE_FIT_KERNEL"
+

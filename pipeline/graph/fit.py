@@ -1,7 +1,8 @@
 """Task functions and graph builder of the CMD pass over all N parameters.
 
 One task per row block: it reads the block's rows at the window's epochs (each trajectory
-byte once), runs :func:`pipeline.kernels.cmd.fit_block`, writes its whole chunk of every
+byte once), runs the fused kernel :func:`pipeline.kernels.cmd_numba.fit_block_fused` (or
+:func:`pipeline.kernels.cmd.fit_block`: numpy without numba, CuPy with ``gpu``), writes its whole chunk of every
 result array, and finally its row of ``block_stats``, which marks the block finished.
 """
 
@@ -77,7 +78,7 @@ def fit_task(
     x = _time_major(len(cols), rows)
     grid.read_rows(plan.r0, plan.r1, cols, x)
     ref_rows = (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64))
-    fit = _fit_on_gpu(x, refs, ref_rows) if gpu else fit_block(x.T, refs, ref_rows)
+    fit = _fit_on_gpu(x, refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
@@ -116,6 +117,18 @@ def fit_task(
     # last: the block's statistics row marks the block finished
     write_result_chunk(url, name, "block_stats", (plan.index, 0), stats[None, :], (1, layout.width))
     return stats
+
+
+def _fit_on_cpu(
+    x: np.ndarray, refs: References, ref_rows: tuple[np.ndarray, np.ndarray]
+) -> BlockFit:
+    """The fused numba kernel on the time-major block as read, or the numpy kernel
+    (:data:`pipeline.config.FIT_KERNEL`)."""
+    from pipeline.kernels import cmd_numba
+
+    if cmd_numba.use_fused():
+        return cmd_numba.fit_block_fused(x, refs, ref_rows)
+    return fit_block(x.T, refs, ref_rows)
 
 
 def _fit_on_gpu(

@@ -144,6 +144,15 @@ def _sample(
     )
 
 
+def _compile_kernel() -> None:
+    """Compile the fused CPU kernel here once (or load it from numba's disk cache), so that
+    worker processes on this machine load it instead of each compiling it."""
+    from pipeline.kernels import cmd_numba
+
+    if cmd_numba.use_fused():
+        cmd_numba.warm_up(("float32",))
+
+
 def summarise(
     stats: np.ndarray,
     layout: StatsLayout,
@@ -363,6 +372,8 @@ def fit(
         todo = [p for p in plans if p.index not in done]
         refs = References.from_profiles(refs_raw)
         gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
+        if not gpu and todo:
+            _compile_kernel()
         tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
         labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
         try:

@@ -199,3 +199,29 @@ def test_fit_matrix_matches_dense_and_sync(
             same = np.array_equal(got[k], want[k])
         assert same, (k, np.flatnonzero(np.ravel(got[k] != want[k]))[:10])
     assert got["attrs"]["summary"] == want["attrs"]["summary"]
+
+
+# --------------------------------------------------------------------------- the kernels
+@pytest.mark.parametrize("kernel", ["numpy", "numba"])
+@pytest.mark.parametrize("layout", ["div120-t1-raw", "ragged100-t5-lz4"])
+def test_both_cpu_kernels_match_dense(
+    stores: dict[str, Path], layout: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit's two CPU kernels (the fused numba one, the default, and numpy's) through the
+    whole pass: each against the dense reference, and each other's floats to rounding."""
+    from pipeline.config import FIT_KERNEL_ENV
+
+    store = stores[layout]
+    monkeypatch.setenv(FIT_KERNEL_ENV, kernel)
+    got = _fit(store, layout, f"kernel-{kernel}", None, runtime=SYNC)
+    dense, w = _dense_for(store, f"kernel-{kernel}", got)
+    assert_matches_dense(got, dense, w)
+    monkeypatch.setenv(FIT_KERNEL_ENV, "numpy" if kernel == "numba" else "numba")
+    other = _fit(store, layout, f"kernel-other-{kernel}", None, runtime=SYNC)
+    for k in ("flags", "sample_index", "ref_index"):
+        assert np.array_equal(got[k], other[k]), k
+    for k in ("a", "b", "corr", "residual"):
+        ok = np.isfinite(got[k])
+        assert np.array_equal(ok, np.isfinite(other[k])), k
+        scale = float(np.abs(got[k][ok]).max()) or 1.0
+        np.testing.assert_allclose(got[k][ok], other[k][ok], rtol=1e-6, atol=1e-9 * scale, err_msg=k)

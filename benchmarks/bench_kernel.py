@@ -1,0 +1,116 @@
+"""Per-block CMD kernel benchmark: numpy ``fit_block`` against numba ``fit_block_fused``.
+
+On one time-major float32 block (Tw, S) of planted modes plus noise, single-threaded
+(``threadpoolctl.threadpool_limits(1)``), warm (compiled, buffers touched), median of
+``--repeat`` runs each, interleaved so that both see the same machine load:
+
+- ``read``: ``xt.sum()`` of the block (a plain read: the memory baseline);
+- ``numpy``: :func:`pipeline.kernels.cmd.fit_block` of ``xt.T``;
+- ``fused``: :func:`pipeline.kernels.cmd_numba.fit_block_fused` of ``xt``.
+
+Throughput is float32 input bytes (Tw x S x 4) per second, from the median wall time and from
+the median CPU time of the calling thread (``time.thread_time``: what a loaded machine, where
+other jobs share the cores, does not inflate). Usage::
+
+    .venv/bin/python benchmarks/bench_kernel.py                 # T = 100 and 50, M = 10
+    .venv/bin/python benchmarks/bench_kernel.py --epochs 100 --modes 10 --rows 65536 --repeat 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from pipeline.kernels.cmd import References, fit_block
+from pipeline.kernels.cmd_numba import fit_block_fused, warm_up
+
+
+def _block(n_t: int, n_s: int, n_m: int, seed: int = 0) -> tuple[np.ndarray, References]:
+    rng = np.random.default_rng(seed)
+    refs = np.cumsum(rng.standard_normal((n_m, n_t)), axis=1) * 1e-2 + 1.0
+    m = rng.integers(0, n_m, n_s)
+    a = rng.standard_normal(n_s)
+    b = rng.standard_normal(n_s)
+    x = a[None, :] * refs[m].T + b[None, :] + 1e-3 * rng.standard_normal((n_t, n_s))
+    return np.ascontiguousarray(x, dtype=np.float32), References.from_profiles(refs)
+
+
+def _time(fn) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one call."""
+    w0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    return time.perf_counter() - w0, time.thread_time() - c0
+
+
+def run(n_t: int, n_s: int, n_m: int, repeat: int) -> dict[str, float]:
+    xt, refs = _block(n_t, n_s, n_m)
+    gb = xt.nbytes / 1e9
+    fns = {
+        "read": lambda: xt.sum(),
+        "numpy": lambda: fit_block(xt.T, refs),
+        "fused": lambda: fit_block_fused(xt, refs),
+    }
+    for fn in fns.values():  # warm: compiled, scratch buffers allocated and touched
+        fn()
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):  # interleaved: each round sees the same load on every kernel
+        for k, fn in fns.items():
+            w, c = _time(fn)
+            wall[k].append(w)
+            cpu[k].append(c)
+    res: dict[str, float] = {"epochs": n_t, "rows": n_s, "modes": n_m, "gb": gb}
+    for k in fns:
+        res[f"{k}_s"] = statistics.median(wall[k])
+        res[f"{k}_cpu_s"] = statistics.median(cpu[k])
+        res[f"{k}_gbps"] = gb / res[f"{k}_s"]
+        res[f"{k}_cpu_gbps"] = gb / res[f"{k}_cpu_s"]
+    res["fused_over_numpy"] = res["numpy_s"] / res["fused_s"]
+    res["fused_over_numpy_cpu"] = res["numpy_cpu_s"] / res["fused_cpu_s"]
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--epochs", type=int, nargs="+", default=[100, 50])
+    ap.add_argument("--rows", type=int, default=65536)
+    ap.add_argument("--modes", type=int, default=10)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--json", action="store_true", help="print one JSON line per case")
+    a = ap.parse_args(argv)
+    with threadpool_limits(1):
+        warm_up()
+        for n_t in a.epochs:
+            r = run(n_t, a.rows, a.modes, a.repeat)
+            if a.json:
+                print(json.dumps(r))
+                continue
+            print(
+                f"T={n_t} M={a.modes} S={a.rows} ({r['gb'] * 1e3:.1f} MB float32), 1 thread, "
+                f"median of {a.repeat}:        wall               thread CPU"
+            )
+            for k, label in (
+                ("read", "read  (xt.sum)       "),
+                ("numpy", "numpy fit_block      "),
+                ("fused", "numba fit_block_fused"),
+            ):
+                print(
+                    f"  {label} {r[f'{k}_s'] * 1e3:8.2f} ms {r[f'{k}_gbps']:6.2f} GB/s"
+                    f"   {r[f'{k}_cpu_s'] * 1e3:8.2f} ms {r[f'{k}_cpu_gbps']:6.2f} GB/s"
+                )
+            print(
+                f"  fused / numpy speed-up: {r['fused_over_numpy']:.2f}x wall, "
+                f"{r['fused_over_numpy_cpu']:.2f}x CPU"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,560 @@
+"""The CMD per-block kernel fused into a few cache-resident passes (numba).
+
+:func:`fit_block_fused` computes what :func:`pipeline.kernels.cmd.fit_block` computes (same
+fields, flags, tie rule and conventions for constant, non-finite and reference rows), from the
+*time-major* block ``xt`` (Tw, S) the fit task holds, without a float64 copy of the block.
+
+The rows are processed in sub-blocks of :data:`SUB_ROWS` columns of ``xt``: the sub-block's
+Tw x rows input values stay in L1/L2 across three passes, and every hot loop has the row index
+innermost (unit stride, vectorised by LLVM, no selects):
+
+1. per row: float64 sum (in epoch order, as numpy's ``sum(axis=0)``: the same mean bits) and
+   ``sum |x - x(0)|`` (zero iff the row is constant); ``finite = isfinite(sum)``;
+2. per epoch: ``xc = x - mean`` (constant rows: ``x - x(0) = 0``; NaN/Inf rows are zeroed in a
+   copy of the sub-block, made only when there are any), per row ``|xc|^2`` and the M
+   projections ``unit_m . xc`` on the unit centred references (four epochs per step), per
+   epoch ``sum xc^2`` (spread_t) and ``sum x^2`` over finite rows (energy_t);
+   then per row: argmax of ``|proj|`` (ties to the lowest id), a, b, corr, residual, flags and
+   the reference-row overrides, exactly the formulas of ``fit_block``;
+3. per epoch: ``A_mt = sum_(i in m) a_i xc_it`` (one dot product per mode, four epochs per
+   step) and ``C_m = sum_(i in m) a_i^2``; at the end, as in ``fit_block``,
+   ``residual_t = max(spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m, 0)``.
+
+All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the four
+small sum-over-rows helpers (``_rsum``, ``_rsum_sq``, ``_rdot``, ``_rdot4``), so that LLVM
+keeps vector partial sums; their order is fixed by the compiled code, so a run is bit-for-bit
+deterministic. The floats agree with ``fit_block`` to rounding (sums taken in another order).
+float16 and bfloat16 blocks (bfloat16 as its ``uint16`` bit pattern with
+``dtype_code="bfloat16"``) are upcast exactly to float32 one sub-block at a time.
+
+Import this module only where the numba kernel is wanted; :func:`available` says whether numba
+can be imported at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import FIT_KERNEL, FIT_KERNEL_ENV
+from pipeline.kernels.cmd import (
+    FLAG_CONSTANT,
+    FLAG_NONFINITE,
+    FLAG_REFERENCE,
+    BlockFit,
+    References,
+)
+
+try:  # numba is optional: the numpy kernel is the fallback
+    import numba
+    from llvmlite import ir as _ir
+    from numba.core import types as _types
+    from numba.extending import intrinsic as _intrinsic
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None  # type: ignore[assignment]
+    _HAVE_NUMBA = False
+
+__all__ = ["SUB_ROWS", "available", "fit_block_fused", "use_fused", "warm_up"]
+
+#: rows (columns of the time-major block) per sub-block: at Tw = 100, 512 float32 rows are
+#: 200 KB of input (L2) and the M = 10 projection accumulators 40 KB
+SUB_ROWS = 512
+_TB = 4  # epochs per projection step (register blocking of the M accumulators)
+
+_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
+
+
+def available() -> bool:
+    """Whether numba can be imported (the fused kernel can run)."""
+    return _HAVE_NUMBA
+
+
+def use_fused() -> bool:
+    """Whether the fit runs this kernel on the CPU: :data:`pipeline.config.FIT_KERNEL`, or the
+    environment variable it names (``auto``: when numba imports; ``numba``; ``numpy``)."""
+    choice = os.environ.get(FIT_KERNEL_ENV, FIT_KERNEL).strip().lower() or FIT_KERNEL
+    if choice not in ("auto", "numba", "numpy"):
+        raise ValueError(f"{FIT_KERNEL_ENV}={choice!r}: expected auto, numba or numpy")
+    if choice == "numba" and not _HAVE_NUMBA:
+        raise RuntimeError(f"{FIT_KERNEL_ENV}=numba but numba is not installed")
+    return _HAVE_NUMBA and choice != "numpy"
+
+
+if _HAVE_NUMBA:
+
+    @_intrinsic
+    def _bits_to_f32(typingctx, bits):
+        """Reinterpret a uint32 bit pattern as float32."""
+        sig = _types.float32(_types.uint32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.FloatType())
+
+        return sig, codegen
+
+    _jit = numba.njit(cache=True, nogil=True)
+
+    @_jit
+    def _f16_to_f32(h):
+        """Exact float16 (as uint16 bits) to float32."""
+        hu = np.uint32(h)
+        sign = (hu & np.uint32(0x8000)) << np.uint32(16)
+        e = (hu >> np.uint32(10)) & np.uint32(0x1F)
+        man = hu & np.uint32(0x3FF)
+        if e == np.uint32(0x1F):  # Inf / NaN (payload kept)
+            return _bits_to_f32(sign | np.uint32(0x7F800000) | (man << np.uint32(13)))  # type: ignore[call-arg]
+        if e == np.uint32(0):  # zero / subnormal: man * 2**-24, exact in float32
+            v = np.float32(man) * np.float32(5.960464477539063e-08)
+            return -v if sign else v
+        return _bits_to_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (man << np.uint32(13)))  # type: ignore[call-arg]
+
+    @_jit
+    def _upcast_tile(src, s0, n, code, dst):
+        """Columns [s0, s0 + n) of a uint16 block (float16 or bfloat16 bits) into ``dst``."""
+        n_t = src.shape[0]
+        if code == 3:
+            for t in range(n_t):
+                for j in range(n):
+                    dst[t, j] = _bits_to_f32(np.uint32(src[t, s0 + j]) << np.uint32(16))  # type: ignore[call-arg]
+        else:
+            for t in range(n_t):
+                for j in range(n):
+                    dst[t, j] = _f16_to_f32(src[t, s0 + j])
+
+    # The only fastmath flag in this module: reassociation of the sums over rows, so that LLVM
+    # keeps vector partial sums. The order is fixed by the compiled code: deterministic.
+    _jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
+
+    @_jit_sum
+    def _rsum(buf):
+        """Sum of a 1-D float64 buffer (vectorised; reassociated)."""
+        s = 0.0
+        for j in range(buf.shape[0]):
+            s += buf[j]
+        return s
+
+    @_jit_sum
+    def _rsum_sq(buf):
+        """Sum of squares of a 1-D float64 buffer (vectorised; reassociated)."""
+        s = 0.0
+        for j in range(buf.shape[0]):
+            s += buf[j] * buf[j]
+        return s
+
+    @_jit_sum
+    def _rdot(u, v):
+        """Dot product of two 1-D float64 buffers (vectorised; reassociated)."""
+        s = 0.0
+        for j in range(u.shape[0]):
+            s += u[j] * v[j]
+        return s
+
+    @_jit_sum
+    def _rdot4(u, v0, v1, v2, v3):
+        """Four dot products of ``u`` with ``v0..v3`` (vectorised; reassociated)."""
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        for j in range(u.shape[0]):
+            w = u[j]
+            s0 += w * v0[j]
+            s1 += w * v1[j]
+            s2 += w * v2[j]
+            s3 += w * v3[j]
+        return s0, s1, s2, s3
+
+    @_jit
+    def _sub_block(
+        x, c0, o0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
+        mode, a, b, corr, residual, energy, spread, flags,
+        energy_t, spread_t,
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, clean,
+    ):  # fmt: skip
+        """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
+
+        Every hot loop indexes 1-D contiguous views with the loop variable only and has no
+        branch or select (numba's negative-index handling, and the masked loads/stores LLVM
+        makes of selects, would stop or slow the vectorisation). Rows with NaN/Inf are zeroed
+        in a copy of the sub-block (``clean``) instead, only when there are any."""
+        n_t = x.shape[0]
+        n_m = unit.shape[0]
+        c1 = c0 + n
+        md = mode[o0 : o0 + n]
+        av = a[o0 : o0 + n]
+        sp = spread[o0 : o0 + n]
+        tv = tot[:n]
+        dv = dif[:n]
+        mv = mm[:n]
+        kv = kind[:n]
+        ev = erow[:n]
+        bv = bestv[:n]
+        # ---- pass 1: sum (in epoch order, as numpy), and sum |x - x(0)| (zero iff constant)
+        x0 = x[0, c0:c1]
+        for j in range(n):
+            tv[j] = np.float64(x0[j])
+            dv[j] = 0.0
+        for t in range(1, n_t):
+            xr = x[t, c0:c1]
+            for j in range(n):
+                v = np.float64(xr[j])
+                tv[j] += v
+                dv[j] += abs(v - np.float64(x0[j]))
+        # per row: the value subtracted to centre. Varying finite rows: their mean; constant
+        # rows: their value (centred values exactly 0, x^2 its square); NaN/Inf rows: 0 (their
+        # values are zeroed in ``clean``)
+        inv = np.float64(n_t)
+        dirty = False
+        for j in range(n):
+            if not np.isfinite(tv[j]):
+                kv[j] = 2
+                mv[j] = 0.0
+                dirty = True
+            elif dv[j] == 0.0:
+                kv[j] = 1
+                mv[j] = np.float64(x0[j])
+            else:
+                kv[j] = 0
+                mv[j] = tv[j] / inv
+        if dirty:
+            for t in range(n_t):
+                xr = x[t, c0:c1]
+                cr = clean[t, :n]
+                for j in range(n):
+                    cr[j] = 0 if kv[j] == 2 else xr[j]
+            x = clean
+            c0 = 0
+            c1 = n
+        for j in range(n):
+            sp[j] = 0.0
+        for m in range(n_m):
+            pr = proj[m, :n]
+            for j in range(n):
+                pr[j] = 0.0
+        # ---- pass 2: centred squares, projections, per-epoch spread and energy
+        t0 = 0
+        while t0 < n_t:
+            nb = min(_TB, n_t - t0)
+            for k in range(nb):
+                xr = x[t0 + k, c0:c1]
+                xk = xrow[k, :n]
+                for j in range(n):
+                    v = np.float64(xr[j])
+                    xk[j] = v - mv[j]
+                    ev[j] = v * v
+                spread_t[t0 + k] += _rsum_sq(xk)
+                energy_t[t0 + k] += _rsum(ev)
+            if nb == _TB:
+                x0_ = xrow[0, :n]
+                x1_ = xrow[1, :n]
+                x2_ = xrow[2, :n]
+                x3_ = xrow[3, :n]
+                for j in range(n):
+                    sp[j] += (x0_[j] * x0_[j] + x1_[j] * x1_[j]) + (
+                        x2_[j] * x2_[j] + x3_[j] * x3_[j]
+                    )
+                for m in range(n_m):
+                    u0 = unit[m, t0]
+                    u1 = unit[m, t0 + 1]
+                    u2 = unit[m, t0 + 2]
+                    u3 = unit[m, t0 + 3]
+                    pr = proj[m, :n]
+                    for j in range(n):
+                        pr[j] += (u0 * x0_[j] + u1 * x1_[j]) + (u2 * x2_[j] + u3 * x3_[j])
+            else:
+                for k in range(nb):
+                    xk = xrow[k, :n]
+                    for j in range(n):
+                        sp[j] += xk[j] * xk[j]
+                    for m in range(n_m):
+                        u = unit[m, t0 + k]
+                        pr = proj[m, :n]
+                        for j in range(n):
+                            pr[j] += u * xk[j]
+            t0 += nb
+        # ---- per row: argmax |proj| (ties: lowest id), a, b, corr, residual, flags
+        pr = proj[0, :n]
+        for j in range(n):
+            bv[j] = pr[j]
+            md[j] = 0
+        for m in range(1, n_m):
+            pr = proj[m, :n]
+            for j in range(n):
+                p = pr[j]
+                q = bv[j]
+                c = abs(p) > abs(q)
+                bv[j] = p if c else q
+                old = md[j]
+                md[j] = old + (m - old) * np.int64(c)  # (no select: it would be a masked store)
+        for j in range(n):
+            i = o0 + j
+            ssx = sp[j]
+            kj = kv[j]
+            if kj == 0:
+                k = md[j]
+                pm = bv[j]
+                a_s = pm / rnorm[k]
+                av[j] = a_s
+                b[i] = mv[j] - a_s * rmean[k]
+                nrm = np.sqrt(ssx)
+                corr[i] = pm / nrm if nrm > 0 else 0.0
+                residual[i] = max(ssx - pm * pm, 0.0)
+                energy[i] = ssx + n_t * (mv[j] * mv[j])
+                flags[i] = 0
+            else:
+                md[j] = 0
+                av[j] = 0.0
+                corr[i] = 0.0
+                residual[i] = 0.0
+                if kj == 1:
+                    b[i] = mv[j]
+                    energy[i] = ssx + n_t * (mv[j] * mv[j])
+                    flags[i] = FLAG_CONSTANT
+                else:
+                    b[i] = np.nan
+                    energy[i] = ssx
+                    flags[i] = FLAG_NONFINITE
+        for r in range(ref_pos.shape[0]):  # rows that are references (the last one wins)
+            p = ref_pos[r]
+            if p >= o0 and p < o0 + n:
+                mode[p] = ref_ids[r]
+                a[p] = 1.0
+                b[p] = 0.0
+                corr[p] = 1.0
+                residual[p] = 0.0
+                flags[p] |= FLAG_REFERENCE
+        # ---- pass 3: per-epoch residual, expanded per mode as in fit_block:
+        # sum_i (xc_it - a_i rc_(m_i)t)^2 = sum_i xc_it^2 - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m
+        # with A_mt = sum_(i in m) a_i xc_it and C_m = sum_(i in m) a_i^2, accumulated over the
+        # call (the caller combines them): one dot product per mode and epoch, no gather
+        for m in range(n_m):
+            wr = wmat[m, :n]
+            for j in range(n):
+                wr[j] = 0.0
+        for j in range(n):
+            k = md[j]
+            wmat[k, j] = av[j]
+            csum[k] += av[j] * av[j]
+        t0 = 0
+        while t0 < n_t:
+            nb = min(_TB, n_t - t0)
+            for k in range(nb):
+                xr = x[t0 + k, c0:c1]
+                xk = xrow[k, :n]
+                for j in range(n):
+                    xk[j] = np.float64(xr[j]) - mv[j]
+            if nb == _TB:  # four epochs at a time: each weight loaded once for all four
+                for m in range(n_m):
+                    d0, d1, d2, d3 = _rdot4(
+                        wmat[m, :n], xrow[0, :n], xrow[1, :n], xrow[2, :n], xrow[3, :n]
+                    )
+                    amat[m, t0] += d0
+                    amat[m, t0 + 1] += d1
+                    amat[m, t0 + 2] += d2
+                    amat[m, t0 + 3] += d3
+            else:
+                for k in range(nb):
+                    for m in range(n_m):
+                        amat[m, t0 + k] += _rdot(wmat[m, :n], xrow[k, :n])
+            t0 += nb
+
+    @_jit
+    def _finish_residual_t(amat, csum, rct, spread_t, residual_t):
+        """residual_t from the call's sums (as fit_block: clamped at 0 against rounding)."""
+        n_t, n_m = rct.shape
+        for t in range(n_t):
+            cross = 0.0
+            quad = 0.0
+            for m in range(n_m):
+                r = rct[t, m]
+                cross += r * amat[m, t]
+                quad += r * r * csum[m]
+            residual_t[t] += max(spread_t[t] - 2 * cross + quad, 0.0)
+
+    @_jit
+    def _fit_direct(
+        xt, sub, unit, rnorm, rmean, rct, ref_pos, ref_ids,
+        mode, a, b, corr, residual, energy, spread, flags, residual_t, energy_t, spread_t,
+    ):  # fmt: skip
+        """All sub-blocks of a float32/float64 ``xt``; work buffers allocated once per call."""
+        n_t, n_s = xt.shape
+        n_m = unit.shape[0]
+        w = max(1, min(sub, n_s))
+        tot = np.empty(w)
+        dif = np.empty(w)
+        mm = np.empty(w)
+        kind = np.empty(w, dtype=np.uint8)
+        wmat = np.empty((n_m, w))
+        amat = np.zeros((n_m, n_t))
+        csum = np.zeros(n_m)
+        proj = np.empty((n_m, w))
+        xrow = np.empty((_TB, w))
+        erow = np.empty(w)
+        bestv = np.empty(w)
+        clean = np.empty((n_t, w), dtype=xt.dtype)
+        for s0 in range(0, n_s, w):
+            n = min(w, n_s - s0)
+            _sub_block(
+                xt, s0, s0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
+                mode, a, b, corr, residual, energy, spread, flags,
+                energy_t, spread_t,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, clean,
+            )  # fmt: skip
+        _finish_residual_t(amat, csum, rct, spread_t, residual_t)
+
+    @_jit
+    def _fit_upcast(
+        xt, code, sub, unit, rnorm, rmean, rct, ref_pos, ref_ids,
+        mode, a, b, corr, residual, energy, spread, flags, residual_t, energy_t, spread_t,
+    ):  # fmt: skip
+        """All sub-blocks of a float16/bfloat16 (uint16 bits) ``xt``, each upcast to float32."""
+        n_t, n_s = xt.shape
+        n_m = unit.shape[0]
+        w = max(1, min(sub, n_s))
+        tot = np.empty(w)
+        dif = np.empty(w)
+        mm = np.empty(w)
+        kind = np.empty(w, dtype=np.uint8)
+        wmat = np.empty((n_m, w))
+        amat = np.zeros((n_m, n_t))
+        csum = np.zeros(n_m)
+        proj = np.empty((n_m, w))
+        xrow = np.empty((_TB, w))
+        erow = np.empty(w)
+        bestv = np.empty(w)
+        tile = np.empty((n_t, w), dtype=np.float32)
+        for s0 in range(0, n_s, w):
+            n = min(w, n_s - s0)
+            _upcast_tile(xt, s0, n, code, tile)
+            _sub_block(
+                tile, 0, s0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
+                mode, a, b, corr, residual, energy, spread, flags,
+                energy_t, spread_t,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, tile,
+            )  # fmt: skip
+        _finish_residual_t(amat, csum, rct, spread_t, residual_t)
+
+
+def _as_kernel_input(xt: Any, dtype_code: str | None) -> tuple[np.ndarray, int]:
+    """The C-contiguous (Tw, S) array the kernel reads, and its dtype code."""
+    x = np.asarray(xt)
+    if x.ndim != 2:
+        raise ValueError(f"xt must be a 2-D time-major block (Tw, S), got shape {x.shape}")
+    if dtype_code is None:
+        if x.dtype.name == "bfloat16":  # ml_dtypes / torch-numpy bfloat16
+            dtype_code = "bfloat16"
+        elif x.dtype in (np.float32, np.float64, np.float16):
+            dtype_code = x.dtype.name
+        else:
+            raise TypeError(
+                f"unsupported block dtype {x.dtype}; bfloat16 bits as uint16 need "
+                'dtype_code="bfloat16"'
+            )
+    if dtype_code not in _CODES:
+        raise ValueError(f"dtype_code must be one of {sorted(_CODES)}, got {dtype_code!r}")
+    code = _CODES[dtype_code]
+    if code >= 2:
+        if x.dtype.itemsize != 2:
+            raise TypeError(f"{dtype_code} block must hold 2-byte values, got {x.dtype}")
+        x = x.view(np.uint16)
+    elif x.dtype != np.dtype(dtype_code):
+        raise TypeError(f"dtype_code {dtype_code!r} does not match the block dtype {x.dtype}")
+    if x.shape[0] < 1:
+        raise ValueError("the window must hold at least one epoch")
+    return np.ascontiguousarray(x), code
+
+
+def fit_block_fused(
+    xt: Any, refs: References, ref_rows: Any = None, *, dtype_code: str | None = None
+) -> BlockFit:
+    """:func:`pipeline.kernels.cmd.fit_block` of ``xt.T``, fused (see the module docstring).
+
+    Parameters
+    ----------
+    xt
+        The time-major block (Tw, S): float32, float64, float16, or bfloat16 given as its
+        ``uint16`` bit pattern with ``dtype_code="bfloat16"`` (an ``ml_dtypes`` bfloat16 array
+        is recognised by itself). A non-contiguous block is copied first.
+    refs
+        The mode references (numpy arrays).
+    ref_rows
+        Optional ``(row positions, mode ids)`` of rows that are references themselves.
+    dtype_code
+        ``"float32"``, ``"float64"``, ``"float16"`` or ``"bfloat16"``; inferred when omitted.
+
+    Returns
+    -------
+    BlockFit
+        The same fields and semantics as :func:`~pipeline.kernels.cmd.fit_block`. The floats
+        agree with it to rounding (the sums are taken in another order); flags are equal and
+        modes too, except where two modes' |corr| are equal to rounding.
+    """
+    if not _HAVE_NUMBA:
+        raise RuntimeError("numba is not installed: use pipeline.kernels.cmd.fit_block")
+    x, code = _as_kernel_input(xt, dtype_code)
+    n_t, n_s = x.shape
+    unit = np.ascontiguousarray(refs.unit, dtype=np.float64)
+    if unit.ndim != 2 or unit.shape[1] != n_t or unit.shape[0] < 1:
+        raise ValueError(f"references of shape {unit.shape} do not fit a window of {n_t} epochs")
+    rnorm = np.ascontiguousarray(refs.norm, dtype=np.float64)
+    rmean = np.ascontiguousarray(refs.mean, dtype=np.float64)
+    rct = np.ascontiguousarray(np.asarray(refs.centred, dtype=np.float64).T)
+    if ref_rows is None:
+        ref_pos = np.zeros(0, dtype=np.int64)
+        ref_ids = np.zeros(0, dtype=np.int64)
+    else:
+        ref_pos = np.ascontiguousarray(ref_rows[0], dtype=np.int64).ravel()
+        ref_ids = np.ascontiguousarray(ref_rows[1], dtype=np.int64).ravel()
+        if ref_pos.shape != ref_ids.shape:
+            raise ValueError("ref_rows: positions and mode ids differ in length")
+        # positions outside [0, S) are ignored, as fit_block (which matches them per sub-block)
+        if ref_ids.size and (ref_ids.min() < 0 or ref_ids.max() >= unit.shape[0]):
+            raise IndexError("ref_rows mode id out of range")
+    out = BlockFit(
+        mode=np.empty(n_s, dtype=np.int64),
+        a=np.empty(n_s),
+        b=np.empty(n_s),
+        corr=np.empty(n_s),
+        residual=np.empty(n_s),
+        energy=np.empty(n_s),
+        spread=np.empty(n_s),
+        flags=np.zeros(n_s, dtype=np.uint8),
+        residual_t=np.zeros(n_t),
+        energy_t=np.zeros(n_t),
+        spread_t=np.zeros(n_t),
+    )
+    outs = (
+        out.mode, out.a, out.b, out.corr, out.residual, out.energy, out.spread, out.flags,
+        out.residual_t, out.energy_t, out.spread_t,
+    )  # fmt: skip
+    if code >= 2:
+        _fit_upcast(x, code, SUB_ROWS, unit, rnorm, rmean, rct, ref_pos, ref_ids, *outs)
+    else:
+        _fit_direct(x, SUB_ROWS, unit, rnorm, rmean, rct, ref_pos, ref_ids, *outs)
+    return out
+
+
+def warm_up(dtypes: tuple[str, ...] = tuple(_CODES)) -> None:
+    """Compile (or load from numba's cache) the kernel for ``dtypes`` on a tiny block.
+
+    The first compilation takes tens of seconds and is cached on disk (numba's cache: beside
+    this module, or ``NUMBA_CACHE_DIR``); later processes load it in about a second.
+    """
+    if not _HAVE_NUMBA:
+        return
+    refs = References.from_profiles(np.array([[0.0, 1.0, 3.0], [2.0, 1.0, 0.5]]))
+    x64 = np.array([[1.0, 2.0, 5.0, 1.0], [0.0, 2.0, 1.0, 1.0], [2.0, 2.0, -1.0, 1.0]])
+    rows = (np.array([0]), np.array([1]))
+    if "float64" in dtypes:
+        fit_block_fused(x64, refs, rows)
+    if "float32" in dtypes:
+        fit_block_fused(x64.astype(np.float32), refs, rows)
+    if "float16" in dtypes:
+        fit_block_fused(x64.astype(np.float16), refs, rows)
+    if "bfloat16" in dtypes:
+        bf = (x64.astype(np.float32).view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+        fit_block_fused(bf, refs, rows, dtype_code="bfloat16")

@@ -1,0 +1,305 @@
+"""The fused numba kernel (:func:`fit_block_fused`) against the numpy kernel (:func:`fit_block`)
+and against direct float64 formulas written from the paper, on random and planted blocks with
+the traps of ALGORITHM.md (NaN/Inf rows, constant rows, a row of zeros, reference rows, weights
+near 1.0 moving by 1e-4), several sub-blocks with a short last one, float16/bfloat16 inputs and
+run-to-run determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import F_CONSTANT, F_NONFINITE, F_REFERENCE
+
+pytest.importorskip("numba")
+
+from pipeline.kernels import cmd_numba
+from pipeline.kernels.cmd import BlockFit, References, fit_block
+from pipeline.kernels.cmd_numba import SUB_ROWS, fit_block_fused
+
+FIELDS = ("mode", "a", "b", "corr", "residual", "energy", "spread", "flags")
+PER_EPOCH = ("residual_t", "energy_t", "spread_t")
+#: |corr| of a row's best two modes this close (relative) are a float tie: either is right
+TIE = 1e-9
+RTOL = 1e-10
+
+
+# --------------------------------------------------------------------------- blocks
+def planted_block(
+    n_t: int, n_s: int, n_m: int, dtype=np.float32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """A time-major block (Tw, S) and its M reference profiles (float64 of the block's values).
+
+    Rows: affine images of a reference plus noise, pure noise, the precision trap (near 1.0,
+    moving by 1e-4), NaN / +Inf / -Inf rows, constant rows, a row of zeros, and one row per
+    reference holding that reference (given back as ``ref_rows``)."""
+    rng = np.random.default_rng(seed)
+    refs = np.cumsum(rng.standard_normal((n_m, n_t)), axis=1) + rng.standard_normal((n_m, 1))
+    mode = rng.integers(0, n_m, n_s)
+    a = rng.standard_normal(n_s) * 2.0
+    b = rng.standard_normal(n_s)
+    x = a[:, None] * refs[mode] + b[:, None] + 1e-2 * rng.standard_normal((n_s, n_t))
+    noise = rng.random(n_s) < 0.2
+    x[noise] = rng.standard_normal((int(noise.sum()), n_t)) * 3.0
+    trap = rng.random(n_s) < 0.1  # weights near 1.0 moving by 1e-4
+    x[trap] = 1.0 + 1e-4 * (
+        rng.choice([-1.0, 1.0], (int(trap.sum()), 1)) * refs[mode[trap]]
+        + 0.05 * rng.standard_normal((int(trap.sum()), n_t))
+    )
+    x = x.astype(dtype)
+    special = rng.choice(n_s, size=min(n_s, 8 + n_m), replace=False)
+    nan_r, pinf_r, ninf_r, const_r, zero_r, late_nan = special[:6]
+    x[nan_r, rng.integers(n_t)] = np.nan
+    x[pinf_r, rng.integers(n_t)] = np.inf
+    x[ninf_r, rng.integers(n_t)] = -np.inf
+    x[const_r] = dtype(0.3)
+    x[zero_r] = 0
+    x[late_nan, -1] = np.nan
+    ref_pos = special[6 : 6 + n_m].astype(np.int64)
+    ref_ids = rng.permutation(n_m).astype(np.int64)[: ref_pos.size]
+    for p, j in zip(ref_pos, ref_ids, strict=True):
+        x[p] = refs[j].astype(dtype)
+        refs[j] = x[p].astype(np.float64)  # the reference as the block holds it
+    return np.ascontiguousarray(x.T), refs, (ref_pos, ref_ids)
+
+
+def corr_all(xt: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """|corr| of every row with every reference (rows x M), dense float64; 0 for flagged rows."""
+    x = xt.T.astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xc = x - x.mean(axis=1, keepdims=True)
+        rc = refs - refs.mean(axis=1, keepdims=True)
+        c = (xc @ rc.T) / np.sqrt((xc * xc).sum(axis=1))[:, None] / np.sqrt((rc * rc).sum(axis=1))
+    return np.abs(np.nan_to_num(c, nan=0.0, posinf=0.0, neginf=0.0))
+
+
+def assert_same_fit(got: BlockFit, want: BlockFit, xt: np.ndarray, refs: np.ndarray) -> None:
+    """``got`` equals ``want`` (the numpy kernel) to rounding, flags exactly, modes up to ties."""
+    assert got.mode.dtype == np.int64 and got.flags.dtype == np.uint8
+    for f in FIELDS + PER_EPOCH:
+        assert getattr(got, f).shape == getattr(want, f).shape, f
+        assert getattr(got, f).dtype == getattr(want, f).dtype, f
+    np.testing.assert_array_equal(got.flags, want.flags)
+    # modes: equal, except where the top two |corr| are a float tie
+    ac = corr_all(xt, refs)
+    top2 = np.sort(ac, axis=1)[:, -2:] if ac.shape[1] > 1 else np.concatenate([ac, ac * 0], 1)
+    tie = (top2[:, 1] - top2[:, 0]) <= TIE * top2[:, 1]
+    differ = got.mode != want.mode
+    assert not np.any(differ & ~tie), np.flatnonzero(differ & ~tie)
+    same = ~differ
+    x = xt.T.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        xc = x - x.mean(axis=1, keepdims=True)
+    ssx = np.nan_to_num((xc * xc).sum(axis=1), nan=0.0, posinf=0.0)
+    mean = np.nan_to_num(x.mean(axis=1), nan=0.0, posinf=0.0, neginf=0.0)
+    rc = refs - refs.mean(axis=1, keepdims=True)
+    ssr = (rc * rc).sum(axis=1)
+    m = want.mode
+    scale_a = np.sqrt(ssx / ssr[m])
+    close = {
+        "a": 1e-12 * scale_a,
+        "b": 1e-12 * (np.abs(mean) + scale_a * np.abs(refs.mean(axis=1)[m])),
+        "corr": np.full(len(m), 1e-12),
+        "residual": 1e-12 * ssx,  # ssx (1 - corr^2): rounding of ssx
+        "energy": np.zeros(len(m)),
+        "spread": np.zeros(len(m)),
+    }
+    for f, atol in close.items():
+        g, w, tol = getattr(got, f)[same], getattr(want, f)[same], atol[same]
+        nan = np.isnan(w)
+        np.testing.assert_array_equal(np.isnan(g), nan, err_msg=f)
+        err = np.abs(g[~nan] - w[~nan])
+        bound = RTOL * np.abs(w[~nan]) + tol[~nan]
+        assert np.all(err <= bound), (f, np.flatnonzero(same)[~nan][err > bound], err.max())
+    # a tie that flipped a mode changes that row's per-epoch residual: compare it only without
+    per_epoch = PER_EPOCH if not np.any(differ) else ("energy_t", "spread_t")
+    for f in per_epoch:
+        g, w = getattr(got, f), getattr(want, f)
+        # the numpy kernel expands the squares of the per-epoch residual: it is exact to
+        # rounding of the epoch's centred energy, not of the residual itself
+        tol = 1e-12 * want.spread_t if f == "residual_t" else 0.0
+        err = np.abs(g - w)
+        assert np.all(err <= RTOL * np.abs(w) + tol), (f, err.max())
+    assert np.all(got.residual_t >= 0)
+
+
+# --------------------------------------------------------------------------- against numpy
+@pytest.mark.parametrize("n_t", [3, 17, 100])
+@pytest.mark.parametrize("n_m", [1, 2, 10])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_equals_numpy_kernel(n_t: int, n_m: int, dtype) -> None:
+    n_s = 2 * SUB_ROWS + 37  # two full sub-blocks and a short one
+    xt, refs, ref_rows = planted_block(n_t, n_s, n_m, dtype, seed=n_t * 31 + n_m)
+    r = References.from_profiles(refs)
+    want = fit_block(xt.T, r, ref_rows)
+    got = fit_block_fused(xt, r, ref_rows)
+    assert_same_fit(got, want, xt, refs)
+    # the planted special rows are flagged as the numpy kernel flags them
+    assert np.count_nonzero(got.flags & F_NONFINITE) >= 4
+    assert np.count_nonzero(got.flags & F_CONSTANT) >= 2
+    pos, ids = ref_rows
+    assert np.all(got.flags[pos] & F_REFERENCE)
+    assert np.array_equal(got.mode[pos], ids)
+    assert np.all(got.a[pos] == 1.0) and np.all(got.b[pos] == 0.0)
+    assert np.all(got.corr[pos] == 1.0) and np.all(got.residual[pos] == 0.0)
+    # without ref_rows too
+    assert_same_fit(fit_block_fused(xt, r), fit_block(xt.T, r), xt, refs)
+
+
+@pytest.mark.parametrize("n_s", [1, 5, SUB_ROWS - 1, SUB_ROWS, SUB_ROWS + 1])
+def test_fused_equals_numpy_kernel_small_and_edge_sizes(n_s: int) -> None:
+    rng = np.random.default_rng(n_s)
+    n_t, n_m = 9, 3
+    refs = rng.standard_normal((n_m, n_t))
+    xt = rng.standard_normal((n_t, n_s)).astype(np.float32)
+    if n_s > 3:
+        xt[:, 1] = np.float32(-2.5)  # constant
+        xt[4 % n_t, 2] = np.nan
+    r = References.from_profiles(refs)
+    assert_same_fit(fit_block_fused(xt, r), fit_block(xt.T, r), xt, refs)
+
+
+def test_reference_rows_on_flagged_rows_and_duplicates() -> None:
+    """ref_rows naming a NaN row, a constant row, a row twice (the last id wins) and a position
+    outside the block (ignored): as the numpy kernel."""
+    rng = np.random.default_rng(9)
+    n_t, n_s, n_m = 6, SUB_ROWS + 20, 3
+    refs = rng.standard_normal((n_m, n_t))
+    xt = rng.standard_normal((n_t, n_s))
+    xt[2, 3] = np.nan
+    xt[:, SUB_ROWS + 4] = 1.5
+    pos = np.array([3, SUB_ROWS + 4, 7, 7, n_s + 5])
+    ids = np.array([1, 2, 0, 2, 1])
+    r = References.from_profiles(refs)
+    got = fit_block_fused(xt, r, (pos, ids))
+    want = fit_block(xt.T, r, (pos, ids))
+    assert_same_fit(got, want, xt, refs)
+    assert got.flags[3] == F_NONFINITE | F_REFERENCE and got.mode[7] == 2
+    assert got.flags[SUB_ROWS + 4] == F_CONSTANT | F_REFERENCE
+
+
+def test_precision_trap_weights_near_one() -> None:
+    """Weights near 1.0 moving by 1e-4 (float32): |corr| of 0.994, not 0.58 / inf / 1.73."""
+    rng = np.random.default_rng(3)
+    n_t = 50
+    ref = np.sin(np.linspace(0, 3, n_t))
+    noise = rng.standard_normal((200, n_t)) * 0.11
+    x = (1.0 + 1e-4 * (ref[None, :] + noise)).astype(np.float32)
+    r = References.from_profiles(ref[None, :])
+    got = fit_block_fused(np.ascontiguousarray(x.T), r)
+    want = fit_block(x, r)
+    assert_same_fit(got, want, np.ascontiguousarray(x.T), ref[None, :])
+    assert np.all(np.abs(got.corr) <= 1.0) and np.median(np.abs(got.corr)) > 0.9
+
+
+def test_exact_ties_go_to_the_lowest_mode() -> None:
+    """Two identical references (and one negated): every row takes the lowest id."""
+    rng = np.random.default_rng(5)
+    ref = rng.standard_normal(12)
+    refs = np.stack([rng.standard_normal(12), ref, ref, -ref])
+    xt = np.ascontiguousarray(2.0 * ref[:, None] + rng.standard_normal((12, 700)) * 1e-3)
+    got = fit_block_fused(xt, References.from_profiles(refs))
+    assert np.all(got.mode == 1)
+
+
+# --------------------------------------------------------------------------- direct formulas
+def test_fused_equals_direct_dense_formulas() -> None:
+    """a, b, corr, residual, energy, spread and the per-epoch sums, from the paper's formulas
+    with a full reconstruction (ALGORITHM.md step 5), row by row in float64."""
+    rng = np.random.default_rng(11)
+    n_t, n_s, n_m = 7, 40, 3
+    refs = rng.standard_normal((n_m, n_t)) * np.array([[1.0], [5.0], [0.1]]) + 2.0
+    x = rng.standard_normal((n_s, n_t))
+    x[:20] = rng.standard_normal((20, 1)) * refs[rng.integers(0, n_m, 20)] + 0.01 * x[:20]
+    got = fit_block_fused(np.ascontiguousarray(x.T), References.from_profiles(refs))
+    res_t = np.zeros(n_t)
+    for i in range(n_s):
+        w = x[i]
+        wc = w - w.mean()
+        cs = []
+        for r in refs:
+            rcj = r - r.mean()
+            cs.append(np.dot(wc, rcj) / np.sqrt(np.dot(wc, wc) * np.dot(rcj, rcj)))
+        k = int(np.argmax(np.abs(cs)))
+        assert got.mode[i] == k
+        rk = refs[k]
+        rck = rk - rk.mean()
+        a = np.dot(wc, rck) / np.dot(rck, rck)
+        b = w.mean() - a * rk.mean()
+        rec = a * rk + b
+        assert got.a[i] == pytest.approx(a, rel=1e-12, abs=1e-14)
+        assert got.b[i] == pytest.approx(b, rel=1e-12, abs=1e-13)
+        assert got.corr[i] == pytest.approx(cs[k], rel=1e-12, abs=1e-14)
+        res = np.sum((w - rec) ** 2)
+        assert got.residual[i] == pytest.approx(res, rel=1e-9, abs=1e-12 * np.dot(wc, wc))
+        assert got.energy[i] == pytest.approx(np.dot(w, w), rel=1e-12)
+        assert got.spread[i] == pytest.approx(np.dot(wc, wc), rel=1e-12)
+        res_t += (w - rec) ** 2
+    np.testing.assert_allclose(got.residual_t, res_t, rtol=1e-9, atol=1e-12 * got.spread.sum())
+    np.testing.assert_allclose(got.energy_t, (x * x).sum(axis=0), rtol=1e-12)
+    xc = x - x.mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(got.spread_t, (xc * xc).sum(axis=0), rtol=1e-12)
+    assert not got.flags.any()
+
+
+# --------------------------------------------------------------------------- float16 / bfloat16
+def _bf16_bits(x32: np.ndarray) -> np.ndarray:
+    return (x32.view(np.uint32) >> np.uint32(16)).astype(np.uint16)
+
+
+def _bf16_upcast(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _assert_bits_equal(got: BlockFit, want: BlockFit) -> None:
+    for f in FIELDS + PER_EPOCH:
+        g, w = getattr(got, f), getattr(want, f)
+        assert g.dtype == w.dtype, f
+        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), f
+
+
+@pytest.mark.parametrize("n_t", [3, 40])
+def test_float16_and_bfloat16_equal_float32_of_the_upcast(n_t: int) -> None:
+    xt32, refs, ref_rows = planted_block(n_t, SUB_ROWS + 300, 4, np.float32, seed=n_t)
+    xt32[0, 5] = np.float32(3e-6)  # a float16 subnormal
+    r = References.from_profiles(refs)
+    f16 = xt32.astype(np.float16)
+    _assert_bits_equal(
+        fit_block_fused(f16, r, ref_rows), fit_block_fused(f16.astype(np.float32), r, ref_rows)
+    )
+    bits = _bf16_bits(xt32)
+    _assert_bits_equal(
+        fit_block_fused(bits, r, ref_rows, dtype_code="bfloat16"),
+        fit_block_fused(_bf16_upcast(bits), r, ref_rows),
+    )
+    with pytest.raises(TypeError):
+        fit_block_fused(bits, r)  # uint16 needs dtype_code="bfloat16"
+
+
+def test_half_upcasts_are_exact_for_every_bit_pattern() -> None:
+    bits = np.arange(65536, dtype=np.uint16)[None, :]
+    out = np.empty((1, 65536), dtype=np.float32)
+    for code, want in (
+        (2, bits.view(np.float16).astype(np.float32)),
+        (3, _bf16_upcast(bits)),
+    ):
+        cmd_numba._upcast_tile(bits, 0, 65536, code, out)
+        nan = np.isnan(want)
+        np.testing.assert_array_equal(np.isnan(out), nan)
+        np.testing.assert_array_equal(out[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+# --------------------------------------------------------------------------- determinism, input
+def test_deterministic_and_layout_independent() -> None:
+    xt, refs, ref_rows = planted_block(100, 3 * SUB_ROWS + 11, 10, np.float32, seed=2)
+    r = References.from_profiles(refs)
+    first = fit_block_fused(xt, r, ref_rows)
+    _assert_bits_equal(fit_block_fused(xt, r, ref_rows), first)
+    # a non-contiguous (Fortran-ordered) block gives the same bits
+    _assert_bits_equal(fit_block_fused(np.asfortranarray(xt), r, ref_rows), first)
+    # the input is left untouched (NaN rows are zeroed in a copy, not in place)
+    assert np.isnan(xt).any()
+
+
+def test_available_and_warm_up() -> None:
+    assert cmd_numba.available()
+    cmd_numba.warm_up()
