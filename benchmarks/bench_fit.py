@@ -5,15 +5,21 @@ store API; default N = 2e7, T = 50: 4 GB of float32 on disk):
 
 1. ``read``: one plain read of every row block through the same I/O path and runtime as the
    fit (the embedded LocalCluster, 2 single-threaded worker processes);
-2. ``fit``: ``pipeline.fit`` (sampling, clustering, the pass over all rows, summaries);
+2. ``fit-numba`` / ``fit-numpy``: ``pipeline.fit`` (sampling, clustering, the pass over all
+   rows, summaries) with each CPU kernel (``--kernels``; the fused numba kernel is the
+   default one), each a new study, deleted after it is timed;
 3. ``in-memory``: the straightforward version of the paper's algorithm as the research code
    writes it: the whole N x T float32 matrix in RAM and float32 one-pass raw-moment statistics
-   (run in a separate process so that its peak RSS is its own).
+   (run in a separate process so that its peak RSS is its own; skipped when the matrix would
+   not fit in half the RAM, or with ``--no-baseline``).
+
+1-2 are interleaved ``--repeat`` times (read, each kernel, read, ...); the table reports the
+medians. With N x T larger than the page cache the reads come from the disk.
 
 Peak RSS of 1-2 is the summed RSS of the client, scheduler and workers (sampled every 20 ms);
 of 3, the process's ``ru_maxrss``. Usage::
 
-    .venv/bin/python benchmarks/bench_fit.py --n 2e7 --epochs 50 --modes 10
+    .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --modes 10 --repeat 3
 """
 
 from __future__ import annotations
@@ -28,12 +34,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 from dask import delayed
 
 import pipeline
 from pipeline.bench.common import PeakRSS, in_memory_baseline, synthetic_store
+from pipeline.config import FIT_KERNEL_ENV
 from pipeline.plan import blocks, fit_block_rows
 from pipeline.runtime import RuntimeOptions, runner
+from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 
@@ -52,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", default="bench-output/fit-store.zarr")
     ap.add_argument("--out", default="bench-output/fit.json")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic store")
+    ap.add_argument("--kernels", default="numba,numpy", help="CPU kernels of the fit, comma list")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory algorithm")
     ap.add_argument("--baseline", metavar="URL", help=argparse.SUPPRESS)  # internal: run the baseline
     a = ap.parse_args(argv)
     if a.baseline:
@@ -71,22 +83,47 @@ def main(argv: list[str] | None = None) -> int:
         grid = st.chunk_grid()
         cols = np.arange(a.epochs)
         s_rows = fit_block_rows(grid.chunk_rows, a.epochs, raw=True, target_bytes=16 * 2**20)
+        kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
+        runs: dict[str, list[dict]] = {"read": [], **{f"fit-{k}": [] for k in kernels}}
         with runner(RuntimeOptions(workers=a.workers, progress=False)) as run:
+            assert run.client is not None
             tasks = [delayed(_read_task, pure=False)(grid, r0, r1, cols) for r0, r1 in blocks(n, s_rows)]
-            with PeakRSS() as rss:
+            if "numba" in kernels:  # compile once here; workers load it from numba's disk cache
+                from pipeline.kernels.cmd_numba import warm_up
+
                 t = time.perf_counter()
-                nbytes = sum(run.compute(tasks, "read"))
-                rows["read"] = {"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9, "bytes": nbytes}
-            with PeakRSS() as rss:
-                t = time.perf_counter()
-                res = pipeline.fit(url, "bench", modes=a.modes, samples=a.samples, run=run)
-                rows["fit"] = {"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9,
-                               "sampling_bytes": res.bytes_sampled, "modes_found": res.n_modes,
-                               "dynamics_error": res.summary["dynamics_error"],
-                               "relative_error": res.summary["relative_error"]}
-        out = subprocess.run([sys.executable, __file__, "--baseline", url, "--modes", str(a.modes), "--samples", str(a.samples)],
-                             capture_output=True, text=True, check=True)
-        rows["in-memory"] = json.loads(out.stdout.strip().splitlines()[-1])
+                warm_up(("float32",))
+                run.client.run(warm_up, ("float32",))
+                rows["kernel_load_seconds"] = time.perf_counter() - t
+                print(f"  numba kernel compiled or loaded: {rows['kernel_load_seconds']:.2f} s", flush=True)
+            for i in range(a.repeat):
+                with PeakRSS() as rss:
+                    t = time.perf_counter()
+                    nbytes = sum(run.compute(tasks, "read"))
+                    runs["read"].append({"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9, "bytes": nbytes})
+                print(f"  read {i}: {runs['read'][-1]['seconds']:.2f} s", flush=True)
+                for k in kernels:
+                    os.environ[FIT_KERNEL_ENV] = k  # the client compiles it, the workers run it
+                    run.client.run(os.environ.__setitem__, FIT_KERNEL_ENV, k)
+                    name = f"bench-{k}-{i}"
+                    with PeakRSS() as rss:
+                        t = time.perf_counter()
+                        res = pipeline.fit(url, name, modes=a.modes, samples=a.samples, run=run)
+                        runs[f"fit-{k}"].append({"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9,
+                                                 "sampling_bytes": res.bytes_sampled, "modes_found": res.n_modes,
+                                                 "dynamics_error": res.summary["dynamics_error"],
+                                                 "relative_error": res.summary["relative_error"]})
+                    AnalysisGroup(url, name).delete()
+                    print(f"  fit {k} {i}: {runs[f'fit-{k}'][-1]['seconds']:.2f} s", flush=True)
+        os.environ.pop(FIT_KERNEL_ENV, None)
+        for key, rs in runs.items():
+            med = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
+            rows[key] = {**med, "all_seconds": [r["seconds"] for r in rs], "peak_rss_GB": max(r["peak_rss_GB"] for r in rs)}
+        fits_in_ram = gb * 1e9 < 0.5 * psutil.virtual_memory().total
+        if not a.no_baseline and fits_in_ram:
+            out = subprocess.run([sys.executable, __file__, "--baseline", url, "--modes", str(a.modes), "--samples", str(a.samples)],
+                                 capture_output=True, text=True, check=True)
+            rows["in-memory"] = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         if not a.keep:
             shutil.rmtree(url, ignore_errors=True)
@@ -94,14 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(f"N={n:.3g}, T={a.epochs}, {gb:.2f} GB float32, M={a.modes}, K={a.samples}")
-    print("| run | time s | GB/s | peak RSS GB |")
-    print("|---|---|---|---|")
-    for k in ("read", "fit", "in-memory"):
-        r = rows[k]
-        print(f"| {k} | {r['seconds']:.2f} | {gb / r['seconds']:.2f} | {r['peak_rss_GB']:.2f} |")
-    f, rd, im = rows["fit"], rows["read"], rows["in-memory"]
-    print(f"fit / read time: {f['seconds'] / rd['seconds']:.2f}; in-memory / fit time: {im['seconds'] / f['seconds']:.2f}; "
-          f"fit / in-memory peak RSS: {f['peak_rss_GB'] / im['peak_rss_GB']:.3f}")
+    print("| run | time s (median) | GB/s | time / read | peak RSS GB |")
+    print("|---|---|---|---|---|")
+    rd = rows["read"]
+    for k, r in rows.items():
+        if not isinstance(r, dict):
+            continue
+        print(f"| {k} | {r['seconds']:.2f} | {gb / r['seconds']:.2f} | {r['seconds'] / rd['seconds']:.2f} | {r['peak_rss_GB']:.2f} |")
+    fits = [k for k in rows if k.startswith("fit-")]
+    if len(fits) == 2:
+        print(f"{fits[1]} / {fits[0]} time: {rows[fits[1]]['seconds'] / rows[fits[0]]['seconds']:.2f}")
+    f = rows[fits[0]]
+    if "in-memory" in rows:
+        im = rows["in-memory"]
+        print(f"in-memory / {fits[0]} time: {im['seconds'] / f['seconds']:.2f}; "
+              f"{fits[0]} / in-memory peak RSS: {f['peak_rss_GB'] / im['peak_rss_GB']:.3f}")
     print(f"sampling read {f['sampling_bytes'] / 1e6:.2f} MB ({f['sampling_bytes'] / (gb * 1e9):.2e} of the trajectory); "
           f"modes found {f['modes_found']}, error relative to the dynamics {f['dynamics_error']:.4f} "
           f"(to ‖W‖: {f['relative_error']:.4f})")
