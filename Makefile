@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint pytest venv bench-ingest clean
+.PHONY: demo test lint pytest venv bench-ingest gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed (python3.11 or python3 on PATH)"; exit 1; }
@@ -32,6 +32,13 @@ pytest: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
+
+# the tests marked gpu and the GPU benchmark into gpu-check/ (benchmarks/gpu_check.sh). Needs no
+# venv and no network (on a bare GPU image it installs .whl/, see ../shared/gpu/README.md);
+# STAND_IN=1 (or no GPU found) runs it on the CPU with a stand-in cupy (not GPU figures).
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	PYTHON="$(GPU_PYTHON)" bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache demo-output

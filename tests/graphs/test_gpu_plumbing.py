@@ -59,7 +59,12 @@ def _store(tmp_path: Path, run5) -> Path:
 
 
 def test_gpu_fit_equals_cpu_fit(tmp_path: Path, run5, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.config import FIT_KERNEL_ENV
+
     store = _store(tmp_path, run5)
+    # the GPU path runs the array kernel (numpy's code on CuPy): compare it with that kernel
+    # on the CPU, bit for bit (the fused numba kernel agrees to rounding, tested elsewhere)
+    monkeypatch.setenv(FIT_KERNEL_ENV, "numpy")
     pipeline.fit(str(store), "cpu", modes=3, samples=50, runtime=SYNC)
     calls: list[str] = []
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls))
