@@ -6,6 +6,9 @@ a private module of zarr-python 3.1: if it moves, only this module changes).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import uuid
 from typing import Any
 
 from zarr.core.sync import sync
@@ -67,8 +70,42 @@ def size(store: Any, prefix: str = "") -> int:
 
 
 def put(store: Any, key: str, data: Any) -> None:
-    """Write one whole value (a zarr ``Buffer``) at ``key``."""
-    sync(store.set(key, data))
+    """Write one whole value (a zarr ``Buffer``) at ``key``.
+
+    On a local store the file is written here, as zarr's local store writes it (a
+    ``<key>.<uuid>.partial`` file renamed into place), without a round trip through zarr's
+    event-loop thread: tasks write many small result chunks, and that wait cost about 1.5 ms
+    per write. Other stores go through zarr.
+    """
+    root = _local_root(store)
+    if root is None:
+        sync(store.set(key, data))
+        return
+    path = os.path.join(root, *key.split("/"))
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    raw = memoryview(data.as_numpy_array()).cast("B")
+    try:
+        f = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(tmp, "wb")  # noqa: SIM115
+    try:
+        with f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _local_root(store: Any) -> str | None:
+    """The folder of a writable zarr ``LocalStore``, else None."""
+    from zarr.storage import LocalStore
+
+    if isinstance(store, LocalStore) and not store.read_only:
+        return str(store.root)
+    return None
 
 
 def get(store: Any, key: str) -> Any:

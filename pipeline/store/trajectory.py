@@ -352,25 +352,27 @@ class ChunkGrid:
             )
             return out, nchunks * self.chunk_rows * self.time_chunk * 4
         tc = self.time_chunk
-        fds: dict[str, int] = {}
-        one = np.empty(1, dtype=np.float32)
+        row_list = rows.tolist()
+        chunk_of = [divmod(r, self.chunk_rows) for r in row_list]  # (row chunk, row in it)
+        fds: dict[tuple[int, int], int] = {}
         try:
             for k, c in enumerate(cols.tolist()):
                 j, jj = divmod(c, tc)
-                for q, r in enumerate(rows.tolist()):
-                    i, ii = divmod(r, self.chunk_rows)
-                    path = os.path.join(root, str(i), str(j))
-                    fd = fds.get(path)
+                values = []
+                for i, ii in chunk_of:
+                    fd = fds.get((i, j))
                     if fd is None:
                         try:
-                            fd = fds[path] = os.open(path, os.O_RDONLY)
+                            fd = fds[i, j] = os.open(os.path.join(root, str(i), str(j)), os.O_RDONLY)
                         except FileNotFoundError as e:
                             raise StoreError(
                                 f"trajectory chunk {i}/{j} is missing (unfinished ingest?)"
                             ) from e
-                    if os.preadv(fd, [memoryview(one.view(np.uint8))], (ii * tc + jj) * 4) != 4:  # type: ignore[arg-type]
+                    got = os.pread(fd, 4, (ii * tc + jj) * 4)
+                    if len(got) != 4:
                         raise StoreError(f"trajectory chunk {i}/{j} is truncated")
-                    out[q, k] = one[0]
+                    values.append(got)
+                out[:, k] = np.frombuffer(b"".join(values), dtype="<f4")
         finally:
             for fd in fds.values():
                 os.close(fd)
