@@ -376,6 +376,15 @@ if _HAVE_NUMBA:
             residual_t[t] += max(spread_t[t] - 2 * cross + quad, 0.0)
 
     @_jit
+    def _workspace(n_m, n_t, w):
+        """The per-call work buffers of :func:`_sub_block` for sub-blocks of ``w`` rows."""
+        return (
+            np.empty(w), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint8),
+            np.empty((n_m, w)), np.zeros((n_m, n_t)), np.zeros(n_m), np.empty((n_m, w)),
+            np.empty((_TB, w)), np.empty(w), np.empty(w),
+        )  # fmt: skip
+
+    @_jit
     def _fit_direct(
         xt, sub, unit, rnorm, rmean, rct, ref_pos, ref_ids,
         mode, a, b, corr, residual, energy, spread, flags, residual_t, energy_t, spread_t,
@@ -384,17 +393,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot = np.empty(w)
-        dif = np.empty(w)
-        mm = np.empty(w)
-        kind = np.empty(w, dtype=np.uint8)
-        wmat = np.empty((n_m, w))
-        amat = np.zeros((n_m, n_t))
-        csum = np.zeros(n_m)
-        proj = np.empty((n_m, w))
-        xrow = np.empty((_TB, w))
-        erow = np.empty(w)
-        bestv = np.empty(w)
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv = _workspace(n_m, n_t, w)
         clean = np.empty((n_t, w), dtype=xt.dtype)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
@@ -415,17 +414,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot = np.empty(w)
-        dif = np.empty(w)
-        mm = np.empty(w)
-        kind = np.empty(w, dtype=np.uint8)
-        wmat = np.empty((n_m, w))
-        amat = np.zeros((n_m, n_t))
-        csum = np.zeros(n_m)
-        proj = np.empty((n_m, w))
-        xrow = np.empty((_TB, w))
-        erow = np.empty(w)
-        bestv = np.empty(w)
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv = _workspace(n_m, n_t, w)
         tile = np.empty((n_t, w), dtype=np.float32)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
