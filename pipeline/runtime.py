@@ -295,6 +295,21 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
     """Start (or connect to) the runtime described by ``options``; close what it started."""
     opts = options or RuntimeOptions()
     address = opts.address
+    active = _active_client() if not address and opts.mode == "local" else None
+    if active is not None:
+        if opts.workers is not None or opts.memory_limit not in (None, "auto"):
+            raise PipelineError(
+                f"a Dask client is already active in this process (scheduler "
+                f"{active.scheduler.address}); workers= and memory_limit= size the embedded "
+                "cluster, which is not started: leave them out, or close that client"
+            )
+        _announce(
+            f"using the Dask client active in this process (scheduler {active.scheduler.address}); "
+            f"dashboard: {active.dashboard_link}"
+        )
+        with _report(opts):
+            yield Runner(opts, active)  # the user's client: used, never closed
+        return
     if not address and opts.mode == "local":
         opts = _outside_script_import(opts)
     if opts.performance_report and not address and opts.mode != "local":
@@ -319,7 +334,7 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
             raise PipelineError(f"cannot connect to the scheduler at {address}: {e}{hint}") from e
         with client:
             _register_malloc_tuning(client)
-            _say(f"connected to scheduler {address}; dashboard: {client.dashboard_link}", opts)
+            _announce(f"connected to scheduler {address}; dashboard: {client.dashboard_link}")
             with _report(opts):
                 yield Runner(opts, client)
         return
@@ -335,7 +350,7 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
         _register_malloc_tuning(client)
         kind = "LocalCUDACluster" if opts.gpu else "LocalCluster"
         n = len(cluster.workers)
-        _say(f"{kind} with {n} worker(s); dashboard: {client.dashboard_link}", opts)
+        _announce(f"{kind} with {n} worker(s); dashboard: {client.dashboard_link}")
         with _report(opts):
             yield Runner(opts, client)
 
@@ -539,6 +554,26 @@ def _report(opts: RuntimeOptions) -> Iterator[None]:
     with performance_report(filename=path):
         yield
     _say(f"performance report: {path}", opts)
+
+
+def _active_client() -> Any:
+    """The ``distributed.Client`` the user has open in this process (their LocalCluster,
+    SLURMCluster, Coiled or gateway client), or None. Cheap when distributed was never imported."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:  # no client
+        return None
+    return client if client.status == "running" else None
+
+
+def _announce(msg: str) -> None:
+    """Where the work runs, and its dashboard: printed whenever a cluster is used, with or
+    without progress bars."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _say(msg: str, opts: RuntimeOptions) -> None:
