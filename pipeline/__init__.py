@@ -23,7 +23,7 @@ from pipeline.ops.info import info
 from pipeline.ops.ingest import IngestResult, ingest
 from pipeline.ops.reconstruct import ReconstructResult, reconstruct
 from pipeline.ops.report import ReportResult, load_study_data, report
-from pipeline.runtime import RuntimeOptions
+from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store import TrajectoryStore, trajectory_dask
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "PipelineWarning",
     "ReconstructResult",
     "ReportResult",
+    "Runner",
     "RuntimeOptions",
     "SchemaVersionError",
     "StoreError",
@@ -50,6 +51,7 @@ __all__ = [
     "open_store",
     "reconstruct",
     "report",
+    "runner",
     "state_dict",
     "trajectory_dask",
 ]
