@@ -1,14 +1,13 @@
 """Key-level access to a Zarr store: listing, deletion and partial-file cleanup.
 
-The one place that drives zarr's async store API from synchronous code (``zarr.core.sync``,
-a private module of zarr-python 3.1: if it moves, only this module changes).
+The one place that uses zarr's private modules (zarr-python 3.1: if they move, only this
+module changes): ``zarr.core.sync`` drives the async store API from synchronous code, and
+``zarr.storage._local._put`` writes whole values to local stores in the calling thread.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
+from pathlib import Path
 from typing import Any
 
 from zarr.core.sync import sync
@@ -72,31 +71,18 @@ def size(store: Any, prefix: str = "") -> int:
 def put(store: Any, key: str, data: Any) -> None:
     """Write one whole value (a zarr ``Buffer``) at ``key``.
 
-    On a local store the file is written here, as zarr's local store writes it (a
-    ``<key>.<uuid>.partial`` file renamed into place), without a round trip through zarr's
-    event-loop thread: tasks write many small result chunks, and that wait cost about 1.5 ms
-    per write. Other stores go through zarr.
+    On a local store the file is written here, in the calling thread, by zarr's own local
+    writer (``<key>.<uuid>.partial`` renamed into place), without the round trip through zarr's
+    event-loop thread that ``store.set`` makes: tasks write many small result chunks, and that
+    wait cost about 1.5 ms per write. Other stores go through zarr.
     """
     root = _local_root(store)
     if root is None:
         sync(store.set(key, data))
         return
-    path = os.path.join(root, *key.split("/"))
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    raw = memoryview(data.as_numpy_array()).cast("B")
-    try:
-        f = open(tmp, "wb")  # noqa: SIM115 - closed below, before the rename
-    except FileNotFoundError:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        f = open(tmp, "wb")  # noqa: SIM115
-    try:
-        with f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from zarr.storage import _local
+
+    _local._put(Path(root, *key.split("/")), data)
 
 
 def _local_root(store: Any) -> str | None:
