@@ -163,15 +163,6 @@ def _pinned(cupy: Any, key: str, nbytes: int) -> np.ndarray | None:
     return buf[:nbytes]
 
 
-def _device_buffer(cupy: Any, key: str, n: int, dtype: Any) -> Any:
-    """A reused device array of ``n`` elements owned by the calling thread."""
-    state = _gpu_state(cupy)
-    buf = state.get(key)
-    if buf is None or buf.dtype != np.dtype(dtype) or buf.size < n:
-        buf = state[key] = cupy.empty(max(n, 1), dtype=dtype)
-    return buf[:n]
-
-
 def _stream(cupy: Any) -> Any:
     """The calling thread's non-blocking CUDA stream, or None without stream support."""
     make = getattr(getattr(cupy, "cuda", None), "Stream", None)
@@ -230,7 +221,7 @@ def _fit_on_gpu(
             host = staging.view(np.float32).reshape(x.shape)
             np.copyto(host, x)
             t_stage = time.perf_counter() - t0
-            xd = _device_buffer(cupy, "fit-block-device", x.size, np.float32).reshape(x.shape)
+            xd = scratch("fit-block-device", x.size, np.float32, cupy).reshape(x.shape)
             if events:
                 events[0].record(stream)
             xd.set(host, stream=stream)  # async: the source is page-locked
