@@ -7,6 +7,13 @@ from this module.
 from __future__ import annotations
 
 __all__ = [
+    "BENCH_EPOCHS",
+    "BENCH_SECTIONS",
+    "CODECS",
+    "COMPARE_DELAYS",
+    "COMPARE_PERMUTATIONS",
+    "COMPARE_SHUFFLES",
+    "COMPARE_SOURCE",
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_CODEC",
     "DEFAULT_FLOAT_BUFFERS",
@@ -14,15 +21,25 @@ __all__ = [
     "DEFAULT_SAMPLES",
     "DEFAULT_TIME_CHUNK",
     "DRAW_ROUNDS",
+    "EMBED_EVERY",
+    "EMBED_FRACTION",
     "FIT_BLOCK_BYTES",
+    "FIT_KERNEL",
+    "FIT_KERNEL_ENV",
     "INLINE_TENSOR_MAX_ELEMENTS",
     "KNOWN_BUFFER_SUFFIXES",
     "MIN_EPOCHS",
+    "NONFINITE_POLICIES",
+    "ONLINE_MODES",
+    "ONLINE_WARMUP",
     "READ_BLOCK_BYTES",
     "STABILITY_MAX_EXACT",
     "STABILITY_MODES",
     "STABILITY_RANK",
     "STABILITY_THRESHOLD",
+    "SWEEP_EPOCHS",
+    "SWEEP_MODES",
+    "SWEEP_SEEDS",
 ]
 
 #: Target size of one trajectory chunk. 4-16 MB chunks read fastest from the page cache with
