@@ -163,8 +163,13 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def _fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """``c, p`` of ``y = c x^p`` by least squares in log-log; a cost never falls as the size
+    grows, so a negative exponent (timing noise over a small range) is taken as 0 (a constant:
+    the mean)."""
     lx, ly = np.log(xs), np.log(ys)
     p, lc = np.polyfit(lx, ly, 1)
+    if p < 0:
+        return float(np.exp(ly.mean())), 0.0
     return float(math.exp(lc)), float(p)
 
 

@@ -25,6 +25,8 @@ from pipeline.ops.reconstruct import ReconstructResult, reconstruct
 from pipeline.ops.report import ReportResult, load_study_data, report
 from pipeline.runtime import Runner, RuntimeOptions, runner
 from pipeline.store import TrajectoryStore, trajectory_dask
+from pipeline.store.dataset import open_dataset
+from pipeline.store.trajectory import upgrade
 
 __all__ = [
     "ConfigMismatchError",
@@ -48,12 +50,14 @@ __all__ = [
     "info",
     "ingest",
     "load_study_data",
+    "open_dataset",
     "open_store",
     "reconstruct",
     "report",
     "runner",
     "state_dict",
     "trajectory_dask",
+    "upgrade",
 ]
 
 

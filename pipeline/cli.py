@@ -26,12 +26,14 @@ from pipeline.config import (
     DEFAULT_FLOAT_BUFFERS,
     DEFAULT_NONFINITE,
     DEFAULT_SAMPLES,
+    DEFAULT_STORE_DTYPE,
     DEFAULT_TIME_CHUNK,
     NONFINITE_POLICIES,
     STABILITY_MAX_EXACT,
     STABILITY_MODES,
     STABILITY_RANK,
     STABILITY_THRESHOLD,
+    STORE_DTYPE_CHOICES,
     SWEEP_EPOCHS,
     SWEEP_MODES,
     SWEEP_SEEDS,
@@ -351,6 +353,15 @@ def main(verbose: int) -> None:
     help=f"Chunk codec [default: {DEFAULT_CODEC}].",
 )
 @click.option(
+    "--store-dtype",
+    type=click.Choice(list(STORE_DTYPE_CHOICES)),
+    default=None,
+    help=(
+        f"Trajectory dtype [default: {DEFAULT_STORE_DTYPE}: the smallest that holds every "
+        "stored tensor exactly, e.g. bfloat16 for a bf16 run]."
+    ),
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Rebuild the trajectory when inputs or settings differ from the store's.",
@@ -385,6 +396,24 @@ def info(store: str, as_json: bool) -> None:
 
     d = get_info(store)
     click.echo(json.dumps(d, indent=2) if as_json else format_info(d))
+
+
+@main.command()
+@click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
+@_handle_errors
+def upgrade(store: str) -> None:
+    """Migrate a store written by an earlier release to the current schema, in place.
+
+    Only metadata is rewritten (chunks and studies are kept byte for byte); older stores are
+    readable without it, but ingest refuses to write to them until they are upgraded.
+    """
+    from pipeline.store.trajectory import upgrade as run_upgrade
+
+    old, new = run_upgrade(store)
+    if old == new:
+        click.echo(f"{store}: already at store schema version {new}")
+    else:
+        click.echo(f"{store}: upgraded from store schema version {old} to {new}")
 
 
 @main.command()

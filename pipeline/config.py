@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_FLOAT_BUFFERS",
     "DEFAULT_NONFINITE",
     "DEFAULT_SAMPLES",
+    "DEFAULT_STORE_DTYPE",
     "DEFAULT_TIME_CHUNK",
     "DRAW_ROUNDS",
     "EMBED_EVERY",
@@ -37,6 +38,7 @@ __all__ = [
     "STABILITY_MODES",
     "STABILITY_RANK",
     "STABILITY_THRESHOLD",
+    "STORE_DTYPE_CHOICES",
     "SWEEP_EPOCHS",
     "SWEEP_MODES",
     "SWEEP_SEEDS",
@@ -55,6 +57,12 @@ DEFAULT_TIME_CHUNK = 1
 #: the codecs a trajectory can use
 CODECS = ("none", "lz4")
 DEFAULT_CODEC = "none"
+
+#: The trajectory's dtype: "auto" (the smallest of float32/float16/bfloat16 that holds every
+#: stored tensor exactly: bf16 and fp16 runs are stored at 2 bytes a value, anything else as
+#: float32), or one of them (refused when it cannot hold a stored tensor exactly).
+STORE_DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_STORE_DTYPE = "auto"
 
 #: Whether floating-point buffers (BatchNorm running statistics, ...) go into the trajectory.
 DEFAULT_FLOAT_BUFFERS = True

@@ -219,8 +219,10 @@ def expected_trajectory(
 
 
 def read_trajectory(store: Path | str) -> np.ndarray:
-    """The committed trajectory of a store, read through the public API."""
-    return np.asarray(pipeline.trajectory_dask(pipeline.open_store(str(store))).compute())
+    """The committed trajectory of a store, read through the public API, as float32 (16-bit
+    stores upcast exactly)."""
+    arr = np.asarray(pipeline.trajectory_dask(pipeline.open_store(str(store))).compute())
+    return arr if arr.dtype == np.float32 else arr.astype(np.float32)
 
 
 def assert_same_bits(got: np.ndarray, want: np.ndarray) -> None:
@@ -304,7 +306,7 @@ def add_study(store: Path, name: str = "study1") -> np.ndarray:
     """Create ``analyses/<name>`` with one array, with zarr directly (as a later stage would)."""
     import zarr
 
-    root = zarr.open_group(str(store), mode="a")
+    root = zarr.open_group(str(store), mode="a", use_consolidated=False)
     group = root.require_group("analyses").require_group(name)
     data = np.arange(12, dtype=np.float64).reshape(3, 4)
     arr = group.create_array("modes", shape=data.shape, dtype=data.dtype, chunks=(2, 2))
@@ -502,7 +504,7 @@ def read_analysis(store: Path | str, name: str) -> dict[str, Any]:
     """Every array of ``analyses/<name>`` as numpy (``attrs`` holds the analysis attribute)."""
     import zarr
 
-    g = zarr.open_group(str(store), mode="r")[f"analyses/{name}"]
+    g = zarr.open_group(str(store), mode="r", use_consolidated=False)[f"analyses/{name}"]
     out: dict[str, Any] = {k: np.asarray(g[k][...]) for k in g.array_keys()}
     out["attrs"] = dict(g.attrs)["cmd_pipeline_analysis"]
     return out

@@ -37,9 +37,9 @@ from pipeline.store.trajectory import ChunkGrid
 __all__ = ["build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
 
 
-def _time_major(n_cols: int, n_rows: int) -> np.ndarray:
-    """The task's reused (window epochs, rows) float32 input buffer."""
-    return scratch("fit-block", n_cols * n_rows).reshape(n_cols, n_rows)
+def _time_major(n_cols: int, n_rows: int, dtype: Any = np.float32) -> np.ndarray:
+    """The task's reused (window epochs, rows) input buffer (float32, or the store's dtype)."""
+    return scratch("fit-block", n_cols * n_rows, dtype).reshape(n_cols, n_rows)
 
 
 def _sums(
@@ -79,10 +79,11 @@ def fit_task(
     come back to the host for the (small) sums and the writes.
     """
     rows = plan.r1 - plan.r0
-    x = _time_major(len(cols), rows)
+    # a 16-bit trajectory is read as stored (half the bytes) and upcast inside the kernel
+    x = _time_major(len(cols), rows, grid.np_dtype)
     grid.read_rows(plan.r0, plan.r1, cols, x)
     ref_rows = (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64))
-    fit = _fit_on_gpu(x, refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
+    fit = _fit_on_gpu(_as_float32(x), refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
@@ -132,7 +133,16 @@ def _fit_on_cpu(
 
     if cmd_numba.use_fused():
         return cmd_numba.fit_block_fused(x, refs, ref_rows)
-    return fit_block(x.T, refs, ref_rows)
+    return fit_block(_as_float32(x).T, refs, ref_rows)
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 (16-bit values upcast exactly, into a reused buffer)."""
+    if x.dtype == np.float32:
+        return x
+    out = scratch("fit-block-f32", x.size).reshape(x.shape)
+    out[...] = x
+    return out
 
 
 _gpu_local = threading.local()

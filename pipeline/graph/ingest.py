@@ -114,7 +114,7 @@ def count_chunk(
     url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int
 ) -> Counts:
     """NaN/Inf counts of a chunk written by an earlier (interrupted) run."""
-    block = read_block(open_array(url), r0, r1, col0, col0 + cols)
+    block = read_block(open_array(url, min_cols=col0 + cols), r0, r1, col0, col0 + cols)
     return tuple(_count_nonfinite(np.ascontiguousarray(block[:, j]), segments) for j in range(cols))
 
 

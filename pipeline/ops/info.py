@@ -21,7 +21,9 @@ def info(store: str | os.PathLike[str]) -> dict[str, Any]:
     chunks = tuple(int(c) for c in arr.chunks)
     return {
         "store": st.url,
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": meta.version,
+        "current_schema_version": SCHEMA_VERSION,
+        "store_dtype": meta.store_dtype,
         "package_version": meta.package_version,
         "n_rows": meta.n_rows,
         "n_epochs": meta.n_epochs,
@@ -33,7 +35,7 @@ def info(store: str | os.PathLike[str]) -> dict[str, Any]:
         "buffers": len(meta.tensors) - len(params),
         "not_stored": [t.name for t in meta.tensors if not t.stored],
         "chunk_shape": chunks,
-        "chunk_mb": chunks[0] * chunks[1] * 4 / 1e6,
+        "chunk_mb": chunks[0] * chunks[1] * st.chunk_grid().itemsize / 1e6,
         "n_chunks": int(arr.nchunks),
         "codec": meta.settings.codec,
         "settings": meta.settings.to_dict(),
@@ -96,7 +98,8 @@ def format_info(d: dict[str, Any]) -> str:
         f"not stored:   {', '.join(d['not_stored'][:8]) or '-'}"
         + (" ..." if len(d["not_stored"]) > 8 else ""),
         f"chunking:     {d['chunk_shape'][0]:,} rows x {d['chunk_shape'][1]} epoch(s) "
-        f"= {d['chunk_mb']:.2f} MB per chunk, {d['n_chunks']} chunks, codec {d['codec']}",
+        f"= {d['chunk_mb']:.2f} MB per chunk, {d['n_chunks']} chunks, codec {d['codec']}, "
+        f"values {d['store_dtype']}",
         f"settings:     include={s['include']} exclude={s['exclude']} float_buffers={s['float_buffers']} "
         f"nonfinite={s['nonfinite']}",
         f"NaN/Inf:      {d['nonfinite']} value(s)",

@@ -73,6 +73,7 @@ def ingest(
     chunk_rows: int | None = None,
     time_chunk: int | None = None,
     codec: str | None = None,
+    store_dtype: str | None = None,
     force: bool = False,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
@@ -94,6 +95,9 @@ def ingest(
     epochs
         Epoch numbers of the inputs in order, or their spec (``"0:50"``, ``"0,5,10"``);
         default: parsed from the file names.
+    store_dtype
+        ``"auto"`` (default: the smallest of float32, float16, bfloat16 holding every stored
+        tensor exactly), or one of those three.
     runtime, run
         Where to compute: options for a new runtime, or an open :class:`~pipeline.runtime.Runner`.
 
@@ -119,6 +123,7 @@ def ingest(
         "chunk_rows": chunk_rows,
         "time_chunk": time_chunk,
         "codec": codec,
+        "store_dtype": store_dtype,
     }
     with using(run, runtime) as r:
         return _ingest(specs, st, requested, force, r, t_start)

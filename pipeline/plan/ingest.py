@@ -66,7 +66,15 @@ class IngestPlan:
 
     def base_meta(self, version: str) -> StoreMeta:
         """The store's metadata with the new epochs pending."""
-        return StoreMeta(self.settings, self.index, self.n_rows, self.committed, self.new, version)
+        return StoreMeta(
+            self.settings,
+            self.index,
+            self.n_rows,
+            self.committed,
+            self.new,
+            version,
+            store_dtype=resolve_store_dtype(self.settings.store_dtype, self.index),
+        )
 
     def time_blocks(self) -> list[tuple[int, int]]:
         """``(a, b)``: the new epochs ``new[a:b]`` that fill one time chunk column each.
@@ -142,6 +150,30 @@ def _norm(v: object) -> object:
     return tuple(v) if isinstance(v, list | tuple) else v
 
 
+def resolve_store_dtype(requested: str, index: Sequence[TensorEntry]) -> str:
+    """The trajectory's dtype for the setting ``requested`` ("auto" or a dtype); an explicit
+    dtype that cannot hold a stored tensor exactly is refused (nothing is rounded silently).
+
+    >>> t = TensorEntry("w", (2,), "bfloat16", "parameter", 0)
+    >>> resolve_store_dtype("auto", [t]), resolve_store_dtype("float32", [t])
+    ('bfloat16', 'float32')
+    """
+    from pipeline.store.dtypes import smallest_exact_dtype
+
+    dtypes = [t.dtype for t in index if t.stored]
+    if requested == "auto":
+        return smallest_exact_dtype(dtypes)
+    if requested == "float32":
+        return requested
+    for t in index:
+        if t.stored and t.dtype != requested:
+            raise ConfigMismatchError(
+                f"store_dtype={requested!r} cannot hold tensor {t.name!r} ({t.dtype}) exactly; "
+                "use store_dtype='auto' or 'float32'"
+            )
+    return requested
+
+
 def plan_ingest(
     meta: StoreMeta | None,
     inspections: Sequence[EpochInspection],
@@ -162,8 +194,13 @@ def plan_ingest(
         rebuild = True
     for ins in inspections:
         check_same_tensors(index, ins.spec, ins.tensors)
+    store_dtype = resolve_store_dtype(settings.store_dtype, index)  # refuses before any write
     if (meta is None or rebuild) and requested.get("chunk_rows") is None:
-        settings = replace(settings, chunk_rows=default_chunk_rows(n_rows, settings.time_chunk))
+        itemsize = 2 if store_dtype in ("float16", "bfloat16") else 4
+        settings = replace(
+            settings,
+            chunk_rows=default_chunk_rows(n_rows, settings.time_chunk, itemsize=itemsize),
+        )
     entries = [i.entry() for i in inspections]
 
     committed: tuple[EpochEntry, ...] = () if (meta is None or rebuild) else meta.epochs

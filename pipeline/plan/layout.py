@@ -19,9 +19,11 @@ __all__ = [
 ]
 
 
-def default_chunk_rows(n_rows: int, time_chunk: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Rows per chunk so that one float32 chunk is about ``chunk_bytes``."""
-    rows = max(1, chunk_bytes // (4 * time_chunk))
+def default_chunk_rows(
+    n_rows: int, time_chunk: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES, itemsize: int = 4
+) -> int:
+    """Rows per chunk so that one chunk of ``itemsize``-byte values is about ``chunk_bytes``."""
+    rows = max(1, chunk_bytes // (itemsize * time_chunk))
     return max(1, min(rows, n_rows))
 
 

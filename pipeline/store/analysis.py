@@ -18,7 +18,9 @@ Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples):
     reconstructed (N, Tw) float32  a * r_mode(t) + b, written by ``reconstruct`` (optional;
                                     NaN where not yet written)
 
-Every array is made by one helper (uncompressed, writing even all-fill chunks).
+Every array is made by one helper (uncompressed, writing even all-fill chunks) and carries
+``dimension_names`` (:func:`result_dims`): ``param`` (the trajectory's rows), ``window`` (the
+window's epochs), ``mode_id``, ``sample``, ``block``, ``stat``.
 
 Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration, the package
 version, the trajectory's fingerprint, the status (``creating`` while the group is being made,
@@ -34,6 +36,7 @@ import zarr
 
 from pipeline.errors import SchemaVersionError, StoreError
 from pipeline.store import keys
+from pipeline.store.meta_arrays import consolidate, open_root
 from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import ANALYSES
 
@@ -47,6 +50,7 @@ __all__ = [
     "open_result",
     "read_result",
     "read_result_rows",
+    "result_dims",
     "write_result_chunk",
     "write_result_rows",
 ]
@@ -56,6 +60,37 @@ ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
 ANALYSIS_VERSION = 1
 #: the study's figures, evaluation results and HTML report: ``analyses/<name>/report/``
 REPORT = "report"
+
+#: the dimension names of a study's arrays (xarray and other labelled readers); an array not
+#: listed gets ``param`` first and ``dim_<k>`` after
+RESULT_DIMS: dict[str, tuple[str, ...]] = {
+    "mode": ("param",),
+    "a": ("param",),
+    "b": ("param",),
+    "corr": ("param",),
+    "residual": ("param",),
+    "flags": ("param",),
+    "reconstructed": ("param", "window"),
+    "refs": ("mode_id", "window"),
+    "ref_index": ("mode_id",),
+    "sample_index": ("sample",),
+    "sample_mode": ("sample",),
+    "sample_order": ("sample",),
+    "epochs": ("window",),
+    "block_stats": ("block", "stat"),
+}
+
+
+def result_dims(name: str, ndim: int) -> tuple[str, ...]:
+    """The dimension names of the study array ``name`` with ``ndim`` dimensions.
+
+    >>> result_dims("refs", 2), result_dims("something_new", 2)
+    (('mode_id', 'window'), ('param', 'dim_1'))
+    """
+    dims = RESULT_DIMS.get(name, ())
+    if len(dims) == ndim:
+        return dims
+    return ("param", *(f"dim_{k}" for k in range(1, ndim)))[:ndim]
 
 
 def mode_dtype(n_modes: int) -> np.dtype[Any]:
@@ -78,7 +113,7 @@ class AnalysisGroup:
 
     # ------------------------------------------------------------------ state
     def _root(self) -> Any:
-        return zarr.open_group(self.url, mode="r+")
+        return open_root(self.url, "r+")
 
     def exists(self) -> bool:
         root = self._root()
@@ -111,12 +146,14 @@ class AnalysisGroup:
         cur = dict(g.attrs.get(ANALYSIS_ATTR) or {})
         cur.update(fields, schema=ANALYSIS_SCHEMA, version=ANALYSIS_VERSION)
         g.attrs[ANALYSIS_ATTR] = cur
+        consolidate(self.url)
 
     def delete(self) -> None:
         """Remove this analysis only (its siblings and the trajectory stay)."""
         if self.exists():
             root = self._root()
             keys.delete_dir(root.store, self.path)
+            consolidate(self.url)
 
     # ------------------------------------------------------------------ creation
     def create(
@@ -167,6 +204,7 @@ class AnalysisGroup:
                 g, name, shape=arr.shape, chunks=arr.shape or (1,), dtype=arr.dtype, fill_value=0
             )
             a[...] = arr
+        consolidate(self.url)
 
     def require_array(
         self,
@@ -184,6 +222,7 @@ class AnalysisGroup:
             _create_result_array(
                 g, name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value
             )
+            consolidate(self.url)
         return g[name]
 
     def _list(self, prefix: str) -> list[str]:
@@ -229,6 +268,7 @@ class AnalysisGroup:
         g = self.group()
         if REPORT not in g.group_keys():
             g.create_group(REPORT, attributes={ANALYSIS_ATTR + "_files": "report files"})
+            consolidate(self.url)
         key = f"{self.path}/{REPORT}/{relpath}"
         buf = default_buffer_prototype().buffer.from_bytes(data)
         keys.put(self._root().store, key, buf)
@@ -303,6 +343,7 @@ def _create_result_array(
         fill_value=fill_value,
         compressors=None,
         config={"write_empty_chunks": True},
+        dimension_names=result_dims(name, len(shape)),
     )
 
 

@@ -36,6 +36,7 @@ import zarr
 from pipeline.errors import SchemaVersionError, StoreError
 from pipeline.plan import blocks
 from pipeline.store.analysis import mode_dtype
+from pipeline.store.meta_arrays import consolidate, open_root
 from pipeline.store.trajectory import ANALYSES
 
 __all__ = [
@@ -167,7 +168,7 @@ class OnlineGroup:
         return zarr.open_array(self.url, path=f"{ONLINE_GROUP}/{name}", mode=mode)
 
     def _group(self) -> Any:
-        root = zarr.open_group(self.url, mode="r+")
+        root = open_root(self.url, "r+")
         try:
             return root[ONLINE_GROUP]
         except KeyError as e:
@@ -176,11 +177,11 @@ class OnlineGroup:
     # ------------------------------------------------------------------ group
     def exists(self) -> bool:
         """Whether the store has an ``online/`` group."""
-        return ONLINE_GROUP in zarr.open_group(self.url, mode="r").group_keys()
+        return ONLINE_GROUP in open_root(self.url, "r").group_keys()
 
     def create(self, n_rows: int, block_rows: int, n_modes: int) -> None:
         """Create the arrays (zero-filled; every chunk written, even an empty one)."""
-        g = zarr.open_group(self.url, mode="r+").require_group(ONLINE_GROUP)
+        g = open_root(self.url, "r+").require_group(ONLINE_GROUP)
         chunks = (block_rows,)
         for name, dt in (
             ("current", "float32"),
@@ -199,11 +200,14 @@ class OnlineGroup:
                 fill_value=0,
                 compressors=None,
                 config={"write_empty_chunks": True},
+                dimension_names=("param",),
             )
+        consolidate(self.url)
 
     def commit(self, meta: OnlineMeta) -> None:
         """Write ``meta`` as the group's attribute (the sums it describes are complete)."""
         self._group().attrs[ONLINE_ATTR] = meta.to_dict()
+        consolidate(self.url)
 
     def meta(self) -> OnlineMeta:
         """The committed state, of any readable version (:meth:`OnlineMeta.from_dict`)."""

@@ -2,8 +2,12 @@
 
 The schema is written into the root group's attributes under :data:`ATTR_KEY`. Its layout is
 part of the public interface (see README, "Store layout"); any change to it bumps
-:data:`SCHEMA_VERSION`, and a store of another version fails to open with
-:class:`~pipeline.errors.SchemaVersionError`.
+:data:`SCHEMA_VERSION`. Version 1 stores (root attributes holding every epoch and tensor)
+are still read (:data:`READ_VERSIONS`) and are migrated by ``cmd-pipeline upgrade``; a store of
+any other version fails to open with :class:`~pipeline.errors.SchemaVersionError`.
+
+Version 2 keeps the root attributes small (:meth:`StoreMeta.root_attrs`): the tensor table and
+the per-epoch entries live in arrays (see :mod:`pipeline.store.trajectory`).
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from pipeline.config import (
     DEFAULT_CODEC,
     DEFAULT_FLOAT_BUFFERS,
     DEFAULT_NONFINITE,
+    DEFAULT_STORE_DTYPE,
     DEFAULT_TIME_CHUNK,
     NONFINITE_POLICIES,
+    STORE_DTYPE_CHOICES,
 )
 from pipeline.errors import SchemaVersionError, StoreError
 
 __all__ = [
     "ATTR_KEY",
+    "READ_VERSIONS",
     "SCHEMA_NAME",
     "SCHEMA_VERSION",
     "EpochEntry",
@@ -41,10 +48,13 @@ __all__ = [
 
 ATTR_KEY = "cmd_pipeline"
 SCHEMA_NAME = "cmd-pipeline.store"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions this release opens (1: read in place, migrated by ``cmd-pipeline upgrade``)
+READ_VERSIONS = (1, 2)
 
-#: dtypes a trajectory row can come from, stored as float32. fp32/fp16/bf16 are exact;
-#: float64 is rounded to nearest float32 (recorded, and restored on export as float64).
+#: dtypes a trajectory row can come from. The trajectory is stored as the smallest of
+#: float32/float16/bfloat16 holding every stored tensor exactly (``store_dtype``); float64 is
+#: rounded to nearest float32 (recorded, and restored on export as float64).
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 KINDS = ("parameter", "buffer")
 
@@ -218,6 +228,9 @@ class EpochEntry:
     nonfinite: int = 0
     nonfinite_by_tensor: tuple[tuple[str, int], ...] = ()
     inline: tuple[InlineTensor, ...] = ()
+    #: per stored tensor (in index order), a digest of its stored values at this epoch; empty
+    #: when unknown (epochs ingested by schema 1)
+    digests: tuple[str, ...] = ()
 
     def same_source(self, other: EpochEntry) -> bool:
         """True when both entries name the same epoch read from byte-identical files."""
@@ -232,6 +245,7 @@ class EpochEntry:
             "nonfinite": self.nonfinite,
             "nonfinite_by_tensor": {k: v for k, v in self.nonfinite_by_tensor},
             "inline": [t.to_dict() for t in self.inline],
+            "digests": list(self.digests),
         }
 
     @classmethod
@@ -250,6 +264,7 @@ class EpochEntry:
             nonfinite=nonfinite,
             nonfinite_by_tensor=tuple((str(k), int(v)) for k, v in nbt.items()),
             inline=tuple(InlineTensor.from_dict(t) for t in _get(d, "inline", list, w)),
+            digests=tuple(_get_list(d, "digests", str, w)) if "digests" in d else (),
         )
 
 
@@ -269,8 +284,13 @@ class IngestSettings:
     chunk_rows: int = 1
     time_chunk: int = DEFAULT_TIME_CHUNK
     codec: str = DEFAULT_CODEC
+    store_dtype: str = DEFAULT_STORE_DTYPE
 
     def __post_init__(self) -> None:
+        if self.store_dtype not in STORE_DTYPE_CHOICES:
+            raise ValueError(
+                f"store_dtype must be one of {STORE_DTYPE_CHOICES}, got {self.store_dtype!r}"
+            )
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}"
@@ -281,9 +301,9 @@ class IngestSettings:
             raise ValueError("chunk_rows and time_chunk must be positive")
 
     def content_fields(self) -> dict[str, Any]:
-        """The settings that change what is stored (not how it is chunked)."""
+        """The settings that change what is stored (not how it is chunked or encoded)."""
         d = self.to_dict()
-        for k in ("chunk_rows", "time_chunk", "codec"):
+        for k in ("chunk_rows", "time_chunk", "codec", "store_dtype"):
             d.pop(k)
         return d
 
@@ -297,6 +317,7 @@ class IngestSettings:
             "chunk_rows": self.chunk_rows,
             "time_chunk": self.time_chunk,
             "codec": self.codec,
+            "store_dtype": self.store_dtype,
         }
 
     @classmethod
@@ -312,6 +333,8 @@ class IngestSettings:
                 chunk_rows=_get(d, "chunk_rows", int, w),
                 time_chunk=_get(d, "time_chunk", int, w),
                 codec=_get(d, "codec", str, w),
+                # schema 1 stores had no such setting: they hold float32
+                store_dtype=_get(d, "store_dtype", str, w) if "store_dtype" in d else "float32",
             )
         except ValueError as e:
             raise StoreError(f"invalid store metadata: {e}") from e
@@ -331,6 +354,10 @@ class StoreMeta:
     epochs: tuple[EpochEntry, ...] = ()
     pending: tuple[EpochEntry, ...] | None = None
     package_version: str = ""
+    #: the trajectory's dtype (float32, float16 or bfloat16; schema 1 stores are float32)
+    store_dtype: str = "float32"
+    #: the schema version the store was read from (written stores are always the current one)
+    version: int = SCHEMA_VERSION
 
     @property
     def n_epochs(self) -> int:
@@ -356,14 +383,26 @@ class StoreMeta:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything, as one JSON object (plans and tests; the store splits it, see
+        :meth:`root_attrs`)."""
+        return {
+            **self.root_attrs(),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "epochs": [e.to_dict() for e in self.epochs],
+        }
+
+    def root_attrs(self) -> dict[str, Any]:
+        """What schema 2 keeps in the root group's attributes: small at any number of epochs
+        and tensors (the pending entries of a running ingest are few and short-lived)."""
         return {
             "schema": SCHEMA_NAME,
             "version": SCHEMA_VERSION,
             "package_version": self.package_version,
             "settings": self.settings.to_dict(),
+            "store_dtype": self.store_dtype,
             "n_rows": self.n_rows,
-            "tensors": [t.to_dict() for t in self.tensors],
-            "epochs": [e.to_dict() for e in self.epochs],
+            "n_tensors": len(self.tensors),
+            "n_epochs": len(self.epochs),
             "pending": None if self.pending is None else [e.to_dict() for e in self.pending],
         }
 
@@ -375,10 +414,11 @@ class StoreMeta:
                 f"not a cmd-pipeline store (schema {d.get('schema')!r}, expected {SCHEMA_NAME!r})"
             )
         version = d.get("version")
-        if version != SCHEMA_VERSION:
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise SchemaVersionError(
                 f"store schema version {version!r} is not supported by this cmd-pipeline "
-                f"(it reads version {SCHEMA_VERSION}); use the cmd-pipeline release that wrote it"
+                f"(it reads versions {', '.join(map(str, READ_VERSIONS))}); use the "
+                "cmd-pipeline release that wrote it"
             )
         w = "store"
         pending = d.get("pending")
@@ -392,6 +432,8 @@ class StoreMeta:
             epochs=tuple(EpochEntry.from_dict(e) for e in _get(d, "epochs", list, w)),
             pending=None if pending is None else tuple(EpochEntry.from_dict(e) for e in pending),
             package_version=str(d.get("package_version", "")),
+            store_dtype=_get(d, "store_dtype", str, w) if version >= 2 else "float32",
+            version=int(version),
         )
         meta.validate()
         return meta
@@ -409,6 +451,15 @@ class StoreMeta:
         _require(
             offset == self.n_rows, f"tensor sizes add up to {offset}, not n_rows={self.n_rows}"
         )
+        from pipeline.store.dtypes import STORE_DTYPES
+
+        _require(self.store_dtype in STORE_DTYPES, f"store_dtype {self.store_dtype!r}")
+        n_stored = len(self.stored_tensors())
+        for e in (*self.epochs, *(self.pending or ())):
+            _require(
+                len(e.digests) in (0, n_stored),
+                f"epoch {e.epoch} has {len(e.digests)} tensor digests for {n_stored} tensors",
+            )
         numbers = self.epoch_numbers + [e.epoch for e in self.pending or ()]
         _require(
             all(a < b for a, b in itertools.pairwise(numbers)),

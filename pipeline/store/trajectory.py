@@ -2,16 +2,33 @@
 ingest transaction (:meth:`TrajectoryStore.begin_append`, :meth:`~TrajectoryStore.commit`,
 :meth:`~TrajectoryStore.rollback`).
 
-Layout (Zarr v3 group at the store's URL)::
+Layout, schema 2 (Zarr v3 group at the store's URL; every array has ``dimension_names``)::
 
-    /                      root group; attributes["cmd_pipeline"] = StoreMeta.to_dict()
-    /trajectory            float32 (N, T), chunks (chunk_rows, time_chunk), fill NaN
-    /analyses/<name>/...   studies (written by later stages), never touched by ingest
+    /                  attributes["cmd_pipeline"] = StoreMeta.root_attrs() (small)
+    /trajectory        (param, epoch)   float32|float16|bfloat16, chunks (chunk_rows, time_chunk)
+    /epoch             (epoch,)         int64   the committed epochs' numbers (coordinate)
+    /tensor_id         (param,)         int32   each row's tensor: an index into /tensor
+    /tensor            (tensor,)        string  the state_dict's names (coordinate)
+    /tensor_offset     (tensor,)        int64   first row, -1 for tensors not in the trajectory
+    /tensor_size, /tensor_shape (JSON), /tensor_dtype, /tensor_kind      (tensor,)
+    /meta/sources      (epoch,)         string  JSON list of the epoch's files {path,size,sha256}
+    /meta/nonfinite    (epoch, tensor)  int64   NaN/Inf counts
+    /meta/digest       (epoch, tensor)  string  digest of each stored tensor's values ("" unknown)
+    /buffers/t<k>      (epoch, ...)     the integer buffers kept out of the trajectory
+    /analyses/<name>/  studies (written by later stages), never touched by ingest
+
+Only committed epochs are inside the arrays' shapes: the columns of an ingest that is still
+running are written beyond the trajectory's shape (invisible to any Zarr client) and the
+arrays grow when it commits. The consolidated metadata in the root ``zarr.json`` is rewritten
+after every change (xarray opens the store from it); this package itself never reads it.
 
 The root is only ever opened with ``mode="a"`` or ``"r"`` (never ``"w"``), so siblings of
 ``trajectory`` survive every operation. Chunks are written whole, by one task each, with
 ``write_empty_chunks=True``: a chunk key exists if and only if that chunk was completely
 written (zarr >= 3.1.3 renames a temporary file into place).
+
+Schema 1 stores (everything in the root attributes, float32, pending columns inside the shape)
+are read in place; writing to them is refused until ``cmd-pipeline upgrade`` (:func:`upgrade`).
 """
 
 from __future__ import annotations
@@ -29,9 +46,28 @@ from zarr.core.buffer.cpu import Buffer
 
 from pipeline.errors import StoreError
 from pipeline.store import keys
-from pipeline.store.schema import ATTR_KEY, EpochEntry, IngestSettings, StoreMeta
+from pipeline.store.dtypes import narrow, numpy_dtype, register_bfloat16
+from pipeline.store.meta_arrays import consolidate, open_root, read_tables, resize, write_tables
+from pipeline.store.schema import (
+    ATTR_KEY,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    EpochEntry,
+    IngestSettings,
+    StoreMeta,
+)
 
-__all__ = ["ANALYSES", "TRAJECTORY", "TrajectoryStore", "open_array", "read_block", "write_block"]
+register_bfloat16()
+
+__all__ = [
+    "ANALYSES",
+    "TRAJECTORY",
+    "TrajectoryStore",
+    "open_array",
+    "read_block",
+    "upgrade",
+    "write_block",
+]
 
 TRAJECTORY = "trajectory"
 ANALYSES = "analyses"
@@ -80,7 +116,7 @@ class TrajectoryStore:
         """Open an existing store; fail clearly if it is missing or of another schema."""
         u = _normalise_url(url)
         try:
-            root = zarr.open_group(u, mode="r+" if writable else "r")
+            root = open_root(u, "r+" if writable else "r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as e:
             raise StoreError(f"no cmd-pipeline store at {u}") from e
         except ValueError as e:  # a zarr.json that is not JSON (json.JSONDecodeError)
@@ -90,29 +126,49 @@ class TrajectoryStore:
             raise StoreError(
                 f"{u} is a Zarr group but not a cmd-pipeline store (no {ATTR_KEY!r} attribute)"
             )
-        if not isinstance(raw, dict):
-            raise StoreError(f"{u}: the {ATTR_KEY!r} attribute is not an object")
-        return cls(u, root, StoreMeta.from_dict(raw))
+        return cls(u, root, _read_meta(root, raw, u))
 
     @classmethod
     def open_or_create(cls, url: str | os.PathLike[str]) -> TrajectoryStore:
         """Open a store for writing, creating an empty group when nothing is there."""
         u = _normalise_url(url)
         try:
-            root = zarr.open_group(u, mode="a")
+            root = open_root(u, "a")
         except OSError as e:  # a file in the way, no permission, ...
             raise StoreError(f"cannot open or create a store at {u}: {e}") from e
         raw = root.attrs.get(ATTR_KEY)
-        if raw is not None and not isinstance(raw, dict):
-            raise StoreError(f"{u}: the {ATTR_KEY!r} attribute is not an object")
-        return cls(u, root, None if raw is None else StoreMeta.from_dict(raw))
+        return cls(u, root, None if raw is None else _read_meta(root, raw, u))
 
     # ------------------------------------------------------------------ metadata
     def write_meta(self, meta: StoreMeta) -> None:
-        """Validate and write the metadata (client side only; workers never write attributes)."""
+        """Validate and write the metadata (client side only; workers never write attributes).
+
+        The metadata arrays first, then the trajectory's shape (the committed epochs), then the
+        root attributes, which say how many epochs are committed; last the consolidated
+        metadata. A schema 1 store must be upgraded first (:func:`upgrade`).
+        """
+        self.require_current()
         meta.validate()
-        self.root.attrs[ATTR_KEY] = meta.to_dict()
+        meta = meta.with_(version=SCHEMA_VERSION)
+        chunk_rows = meta.settings.chunk_rows
+        if self.has_trajectory():
+            chunk_rows = int(self.trajectory().chunks[0])
+        write_tables(self.root, meta, self.meta, chunk_rows)
+        if self.has_trajectory():
+            arr = self.trajectory()
+            resize(arr, (int(arr.shape[0]), meta.n_epochs))
+        self.root.attrs[ATTR_KEY] = meta.root_attrs()
         self.meta = meta
+        consolidate(self.url)
+
+    def require_current(self) -> None:
+        """Refuse to change the trajectory of a store of an older schema (it reads fine)."""
+        if self.meta is not None and self.meta.version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.url} has store schema version {self.meta.version}; upgrade it before "
+                f"writing to it: `cmd-pipeline upgrade --store {self.url}` "
+                "(or pipeline.upgrade(store))"
+            )
 
     def require_meta(self) -> StoreMeta:
         if self.meta is None:
@@ -128,18 +184,16 @@ class TrajectoryStore:
         epochs (so an interruption is seen and resumed), the array gets their columns, and
         temporary files of writes an earlier interruption cut off are removed.
         """
+        self.require_current()
         settings = base.settings
         committed = len(base.epochs)
         if rebuild:
             self.delete_trajectory()
         elif discard_pending:
             self.delete_chunk_columns(committed // settings.time_chunk)
+        if not self.has_trajectory():
+            self.create_trajectory(base.n_rows, committed, settings, base.store_dtype)
         self.write_meta(base)
-        n_cols = committed + len(base.pending or ())
-        if self.has_trajectory():
-            self.resize_columns(n_cols)
-        else:
-            self.create_trajectory(base.n_rows, n_cols, settings)
         self.remove_partials()
 
     def commit(self, base: StoreMeta, done: tuple[EpochEntry, ...]) -> StoreMeta:
@@ -159,11 +213,14 @@ class TrajectoryStore:
         committed = base.epochs
         if before is None or not committed:
             self.delete_trajectory()
+            for name in _META_NODES:
+                if name in self.root.array_keys() or name in self.root.group_keys():
+                    keys.delete_dir(self.root.store, name)
+            self.root = open_root(self.url, "a")
             self.root.attrs.__delitem__(ATTR_KEY)
             self.meta = None
             return
         self.delete_chunk_columns(-(-len(committed) // base.settings.time_chunk))
-        self.resize_columns(len(committed))
         self.write_meta(before.with_(pending=None) if committed == before.epochs else before)
 
     # ------------------------------------------------------------------ the array
@@ -171,41 +228,49 @@ class TrajectoryStore:
         return TRAJECTORY in self.root.array_keys()
 
     def trajectory(self) -> Any:
-        """The raw zarr array (N, T_total) including any pending columns."""
+        """The raw zarr array (N, T) of the committed epochs (schema 1: and pending columns)."""
         try:
             return self.root[TRAJECTORY]
         except KeyError as e:
             raise StoreError(f"{self.url} has no {TRAJECTORY!r} array") from e
 
-    def create_trajectory(self, n_rows: int, n_cols: int, settings: IngestSettings) -> Any:
-        """Create the trajectory array (fails if one exists: use :meth:`delete_trajectory`)."""
+    def create_trajectory(
+        self, n_rows: int, n_cols: int, settings: IngestSettings, dtype: str = "float32"
+    ) -> Any:
+        """Create the trajectory array (fails if one exists: use :meth:`delete_trajectory`).
+
+        ``n_cols`` is the committed epochs' count; columns written beyond it stay invisible
+        until :meth:`write_meta` commits them."""
         if self.has_trajectory():
             raise StoreError(f"{self.url} already has a trajectory")
-        return self.root.create_array(
+        dt = numpy_dtype(dtype)
+        arr = self.root.create_array(
             TRAJECTORY,
             shape=(n_rows, n_cols),
             chunks=(min(settings.chunk_rows, max(n_rows, 1)), settings.time_chunk),
-            dtype="float32",
-            fill_value=np.float32("nan"),
+            dtype=dt,
+            fill_value=float("nan"),
             config={"write_empty_chunks": True},
+            dimension_names=("param", "epoch"),
             **_codecs(settings.codec),
         )
+        arr.attrs["coordinates"] = _COORDINATES
+        arr.attrs["description"] = "parameter values: one row per parameter, one column per epoch"
+        return arr
 
     def delete_trajectory(self) -> None:
         if self.has_trajectory():
             keys.delete_dir(self.root.store, TRAJECTORY)
-            self.root = zarr.open_group(self.url, mode="a")
+            self.root = open_root(self.url, "a")
 
     def chunk_grid(self) -> ChunkGrid:
-        """The trajectory's chunk geometry, for tasks that write whole chunks."""
+        """The trajectory's chunk geometry, for tasks that read or write whole chunks."""
         arr = self.trajectory()
         meta = self.require_meta()
         rows, cols = (int(c) for c in arr.chunks)
-        return ChunkGrid(self.url, int(arr.shape[0]), rows, cols, meta.settings.codec)
-
-    def resize_columns(self, n_cols: int) -> None:
-        arr = self.trajectory()
-        arr.resize((arr.shape[0], n_cols))
+        return ChunkGrid(
+            self.url, int(arr.shape[0]), rows, cols, meta.settings.codec, meta.store_dtype
+        )
 
     # ------------------------------------------------------------------ chunks
     def _chunk_keys(self) -> list[str]:
@@ -250,15 +315,123 @@ class TrajectoryStore:
         return keys.size(self.root.store)
 
 
+#: the trajectory's non-index coordinates, for xarray (CF ``coordinates`` attribute)
+_COORDINATES = "tensor_id tensor_offset tensor_size tensor_shape tensor_dtype tensor_kind"
+
+#: the metadata nodes of schema 2 beside the trajectory (deleted with it on a rollback)
+_META_NODES = (
+    "epoch",
+    "tensor",
+    "tensor_id",
+    "tensor_offset",
+    "tensor_size",
+    "tensor_shape",
+    "tensor_dtype",
+    "tensor_kind",
+    "meta",
+    "buffers",
+)
+
+
+def _read_meta(root: Any, raw: Any, url: str) -> StoreMeta:
+    """The store's metadata from its root attributes (schema 1) or from them and the metadata
+    arrays (schema 2)."""
+    if not isinstance(raw, dict):
+        raise StoreError(f"{url}: the {ATTR_KEY!r} attribute is not an object")
+    if raw.get("version") == SCHEMA_VERSION and raw.get("schema") == SCHEMA_NAME:
+        return StoreMeta.from_dict(read_tables(root, raw))
+    return StoreMeta.from_dict(raw)
+
+
+def upgrade(url: str | os.PathLike[str]) -> tuple[int, int]:
+    """Migrate a store to the current schema in place; returns (old version, new version).
+
+    Schema 1 -> 2 rewrites metadata only (the trajectory's chunks and the studies are kept
+    byte for byte): the metadata arrays and the tensor ids are written, every array gets
+    ``dimension_names``, the trajectory's shape drops any pending columns (an interrupted
+    ingest resumes as before: its chunks stay), and the root attributes are replaced last, so
+    an interrupted upgrade leaves a schema 1 store that upgrades again.
+    """
+    st = TrajectoryStore.open(url, writable=True)
+    meta = st.require_meta()
+    old = meta.version
+    if old == SCHEMA_VERSION:
+        return old, old
+    for path, dims in _dims_to_add(st):
+        _set_dimension_names(st.root.store, path, dims)
+    st.root = open_root(st.url, "a")
+    st.meta = None  # write_meta below writes every table afresh
+    chunk_rows = int(st.trajectory().chunks[0]) if st.has_trajectory() else 1
+    new = meta.with_(version=SCHEMA_VERSION)
+    new.validate()
+    write_tables(st.root, new, None, chunk_rows)
+    if st.has_trajectory():
+        arr = st.trajectory()
+        arr.attrs.update(
+            {
+                "coordinates": _COORDINATES,
+                "description": "parameter values: one row per parameter, one column per epoch",
+            }
+        )
+        resize(arr, (int(arr.shape[0]), new.n_epochs))
+    st.root.attrs[ATTR_KEY] = new.root_attrs()
+    consolidate(st.url)
+    return old, SCHEMA_VERSION
+
+
+def _dims_to_add(st: TrajectoryStore) -> list[tuple[str, tuple[str, ...]]]:
+    """(array path, dimension names) for the arrays a schema 1 store holds."""
+    from pipeline.store.analysis import result_dims
+
+    out: list[tuple[str, tuple[str, ...]]] = []
+    if st.has_trajectory():
+        out.append((TRAJECTORY, ("param", "epoch")))
+    for name in st.analyses():
+        g = st.root[f"{ANALYSES}/{name}"]
+        for arr_name in g.array_keys():
+            out.append((f"{ANALYSES}/{name}/{arr_name}", result_dims(arr_name, g[arr_name].ndim)))
+    if "online" in st.root.group_keys():
+        for arr_name in st.root["online"].array_keys():
+            out.append((f"online/{arr_name}", ("param",)))
+    return out
+
+
+def _set_dimension_names(store: Any, path: str, dims: tuple[str, ...]) -> None:
+    """Add ``dimension_names`` to one array's ``zarr.json`` (its chunks are not touched)."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    key = f"{path}/zarr.json"
+    buf = keys.get(store, key)
+    if buf is None:
+        return
+    doc = json.loads(buf.to_bytes())
+    if doc.get("dimension_names") and len(doc["dimension_names"]) == len(doc["shape"]):
+        return
+    doc["dimension_names"] = list(dims[: len(doc["shape"])])
+    data = json.dumps(doc, indent=2).encode()
+    keys.put(store, key, default_buffer_prototype().buffer.from_bytes(data))
+
+
 # ---------------------------------------------------------------------- task-side helpers
-def open_array(url: str, path: str = TRAJECTORY, *, writable: bool = False) -> Any:
+def open_array(
+    url: str, path: str = TRAJECTORY, *, writable: bool = False, min_cols: int = 0
+) -> Any:
     """Open one array of a store inside a task (cheap: reads one small JSON document).
 
     Writable arrays get ``write_empty_chunks=True``: zarr does not persist that setting, and
     without it an all-NaN chunk would silently not be written, so a chunk's existence would no
-    longer mean that it is finished.
+    longer mean that it is finished. ``min_cols`` widens the task's view of a 2-D array (not
+    the stored shape) to reach the pending columns beyond the committed ones.
     """
     arr = zarr.open_array(url, path=path, mode="r+" if writable else "r")
+    if arr.ndim == 2 and arr.shape[1] < min_cols:
+        from dataclasses import replace as _replace
+
+        a = arr._async_array
+        wide = _replace(a.metadata, shape=(arr.shape[0], min_cols))
+        arr = zarr.Array(zarr.AsyncArray(metadata=wide, store_path=a.store_path, config=a.config))
     return arr.with_config({"write_empty_chunks": True}) if writable else arr
 
 
@@ -280,7 +453,9 @@ class ChunkGrid:
     For uncompressed stores (``codec == "none"``) a whole chunk is written straight to the
     store as its little-endian bytes: exactly what zarr's ``bytes`` codec would write (edge
     chunks padded to the full chunk shape with the NaN fill value), minus zarr's encoding
-    copy and indexing. Compressed stores go through zarr.
+    copy and indexing. Compressed stores go through zarr. ``dtype`` is the stored dtype
+    (float32, float16 or bfloat16); reads into a buffer of another dtype convert (exactly,
+    for float32 buffers).
     """
 
     url: str
@@ -288,6 +463,15 @@ class ChunkGrid:
     chunk_rows: int
     time_chunk: int
     codec: str
+    dtype: str = "float32"
+
+    @property
+    def np_dtype(self) -> np.dtype[Any]:
+        return numpy_dtype(self.dtype)
+
+    @property
+    def itemsize(self) -> int:
+        return self.np_dtype.itemsize
 
     def key(self, r0: int, col0: int) -> str:
         return f"{TRAJECTORY}/c/{r0 // self.chunk_rows}/{col0 // self.time_chunk}"
@@ -311,7 +495,14 @@ class ChunkGrid:
             arr = open_array(self.url)
             out[:] = np.asarray(arr.get_orthogonal_selection((slice(r0, r1), cols))).T
             return self._zarr_bytes(r0, r1, cols)
-        cr, tc = self.chunk_rows, self.time_chunk
+        if out.dtype != self.np_dtype:  # read the stored values, then convert
+            from pipeline.buffers import scratch as _scratch
+
+            native = _scratch("read-native", out.size, self.np_dtype).reshape(out.shape)
+            nbytes = self.read_rows(r0, r1, cols, native)
+            out[...] = native
+            return nbytes
+        cr, tc, isz = self.chunk_rows, self.time_chunk, self.itemsize
         nbytes = 0
         scratch: np.ndarray | None = None
         for c0 in range(r0 - r0 % cr, r1, cr):
@@ -324,13 +515,13 @@ class ChunkGrid:
                 path = os.path.join(root, str(i), str(j))
                 if tc == 1:
                     dest = out[ks[0], lo - r0 : hi - r0]
-                    _pread_exact(path, dest, (lo - c0) * 4)
+                    _pread_exact(path, dest, (lo - c0) * isz)
                     nbytes += dest.nbytes
                     continue
                 if scratch is None or scratch.shape[0] < hi - lo:
-                    scratch = np.empty((hi - lo, tc), dtype=np.float32)
+                    scratch = np.empty((hi - lo, tc), dtype=self.np_dtype)
                 part = scratch[: hi - lo]
-                _pread_exact(path, part, (lo - c0) * tc * 4)
+                _pread_exact(path, part, (lo - c0) * tc * isz)
                 nbytes += part.nbytes
                 for k in ks:
                     out[k, lo - r0 : hi - r0] = part[:, int(cols[k]) % tc]
@@ -339,19 +530,21 @@ class ChunkGrid:
     def read_scattered(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int]:
         """Profiles of a few rows: (len(rows), len(cols)) float32, and the bytes read.
 
-        Local raw stores read exactly 4 bytes per value (the rows of a sample, never the
-        whole trajectory); other stores read the chunks holding the rows through zarr.
+        Local raw stores read exactly one value's bytes per value (the rows of a sample, never
+        the whole trajectory); other stores read the chunks holding the rows through zarr.
         """
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
         root = self.local_root
+        isz = self.itemsize
         if root is None:
             arr = open_array(self.url)
             out[:] = np.asarray(arr.get_orthogonal_selection((rows, cols)))
             nchunks = len({int(r) // self.chunk_rows for r in rows}) * len(
                 {int(c) // self.time_chunk for c in cols}
             )
-            return out, nchunks * self.chunk_rows * self.time_chunk * 4
+            return out, nchunks * self.chunk_rows * self.time_chunk * isz
         tc = self.time_chunk
+        le = self.np_dtype.newbyteorder("<") if isz > 1 and self.dtype != "bfloat16" else self.np_dtype
         row_list = rows.tolist()
         chunk_of = [divmod(r, self.chunk_rows) for r in row_list]  # (row chunk, row in it)
         fds: dict[tuple[int, int], int] = {}
@@ -368,37 +561,42 @@ class ChunkGrid:
                             raise StoreError(
                                 f"trajectory chunk {i}/{j} is missing (unfinished ingest?)"
                             ) from e
-                    got = os.pread(fd, 4, (ii * tc + jj) * 4)
-                    if len(got) != 4:
+                    got = os.pread(fd, isz, (ii * tc + jj) * isz)
+                    if len(got) != isz:
                         raise StoreError(f"trajectory chunk {i}/{j} is truncated")
                     values.append(got)
-                out[:, k] = np.frombuffer(b"".join(values), dtype="<f4")
+                out[:, k] = np.frombuffer(b"".join(values), dtype=le)
         finally:
             for fd in fds.values():
                 os.close(fd)
-        return out, out.size * 4
+        return out, out.size * isz
 
     def _zarr_bytes(self, r0: int, r1: int, cols: np.ndarray) -> int:
         n_row_chunks = (r1 - 1) // self.chunk_rows - r0 // self.chunk_rows + 1
         n_col_chunks = len({int(c) // self.time_chunk for c in cols})
-        return n_row_chunks * n_col_chunks * self.chunk_rows * self.time_chunk * 4
+        return n_row_chunks * n_col_chunks * self.chunk_rows * self.time_chunk * self.itemsize
 
     def write(self, r0: int, col0: int, block: np.ndarray) -> None:
-        """Write ``block`` (rows, cols), which must be one whole chunk of the grid."""
+        """Write ``block`` (rows, cols), which must be one whole chunk of the grid (its values
+        must be exact in the stored dtype: ingest chose it so), beyond the committed columns
+        as well."""
         if self.codec != "none":
-            write_block(open_array(self.url, writable=True), r0, col0, block)
+            arr = open_array(self.url, writable=True, min_cols=col0 + block.shape[1])
+            write_block(arr, r0, col0, narrow(block, self.dtype))
             return
         full = block
-        if block.shape != (self.chunk_rows, self.time_chunk):
-            full = np.full((self.chunk_rows, self.time_chunk), np.nan, dtype=np.float32)
-            full[: block.shape[0], : block.shape[1]] = block
-        data = np.ascontiguousarray(full, dtype="<f4").reshape(-1).view(np.uint8)
+        if block.shape != (self.chunk_rows, self.time_chunk) or block.dtype != self.np_dtype:
+            full = np.full((self.chunk_rows, self.time_chunk), np.nan, dtype=self.np_dtype)
+            narrow(block, self.dtype, full[: block.shape[0], : block.shape[1]])
+        data = np.ascontiguousarray(full).reshape(-1).view(np.uint8)
         keys.put(_store_of(self.url), self.key(r0, col0), Buffer.from_array_like(data))
 
 
 def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:
-    """Rows ``[r0, r1)`` and columns ``[t0, t1)`` of a zarr array."""
-    return np.asarray(array[r0:r1, t0:t1])
+    """Rows ``[r0, r1)`` and columns ``[t0, t1)`` of a zarr array, as float32 (16-bit
+    trajectories upcast exactly)."""
+    block = np.asarray(array[r0:r1, t0:t1])
+    return block.astype(np.float32) if block.dtype.itemsize == 2 and block.dtype.kind in "fV" else block
 
 
 def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:

@@ -308,36 +308,10 @@ ROOT = [
         "settings.chunk_rows has type bool",
     ),
     ("codec-unknown", _set(("settings", "codec"), "zstd"), "codec must be one of"),
-    ("tensors-object", _set(("tensors",), {}), "store.tensors has type dict"),
-    ("shape-str", _set(("tensors", 0, "shape"), ["a"]), "tensor entry.shape holds an item"),
-    ("dtype-unknown", _set(("tensors", 0, "dtype"), "float99"), "dtype 'float99' is not a known"),
-    ("offset-wrong", _set(("tensors", 1, "offset"), 7), "offset 7 != 54"),
-    ("n-rows-negative", _set(("n_rows",), -1), "n_rows -1 is negative"),
-    ("epoch-str", _set(("epochs", 0, "epoch"), "0"), "epoch entry.epoch has type str"),
-    ("files-str", _set(("epochs", 0, "files"), "x"), "epoch entry.files has type str"),
-    ("sha-int", _set(("epochs", 0, "files", 0, "sha256"), 5), "source file.sha256 has type int"),
-    (
-        "nonfinite-count-str",
-        _set(("epochs", 0, "nonfinite_by_tensor"), {"fc.bias": "x"}),
-        "nonfinite_by_tensor holds a count",
-    ),
-    (
-        "inline-shape-str",
-        _set(("epochs", 0, "inline", 0, "shape"), ["x"]),
-        "inline tensor.shape holds",
-    ),
-    (
-        "inline-data-garbage",
-        _set(("epochs", 0, "inline", 0, "data"), "!!!"),
-        "its data is not base64",
-    ),
-    ("inline-data-short", _set(("epochs", 0, "inline", 0, "data"), "AAAA"), "3 bytes of data"),
+    ("n-epochs-str", _set(("n_epochs",), "x"), "invalid store metadata"),
+    ("n-epochs-too-many", _set(("n_epochs",), 99), "hold fewer than 99 epochs"),
+    ("store-dtype-unknown", _set(("store_dtype",), "int8"), "store_dtype 'int8'"),
     ("pending-str", _set(("pending",), "x"), "pending is neither null nor a list"),
-    (
-        "epochs-unordered",
-        lambda d: _set(("epochs",), d["epochs"][::-1])(d),
-        "not strictly increasing",
-    ),
 ]
 
 
@@ -374,6 +348,58 @@ def test_commands_on_malformed_store_attributes(
 ) -> None:
     run, store = _copy(base, tmp_path)
     _edit_attrs(store / "zarr.json", "cmd_pipeline", mutate)
+    for name, args in _store_commands(run, store, tmp_path).items():
+        r = _cli(*args)
+        try:
+            _assert_one_line(r, 3, expect)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+
+def _array_set(path: str, index: Any, value: Any) -> Callable[[Path], None]:
+    def mutate(store: Path) -> None:
+        import zarr
+
+        arr = zarr.open_array(str(store), path=path, mode="r+")
+        if index is None:
+            arr[:] = value(arr[:])
+        else:
+            arr[index] = value
+    return mutate
+
+
+def _array_del(path: str) -> Callable[[Path], None]:
+    def mutate(store: Path) -> None:
+        shutil.rmtree(store / path)
+    return mutate
+
+
+#: schema 2 keeps the tensor table and the epochs in arrays: each corrupted the same way
+ARRAYS = [
+    ("shape-str", _array_set("tensor_shape", 0, '["a"]'), "tensor entry.shape holds an item"),
+    ("shape-not-json", _array_set("tensor_shape", 0, "[1,"), "invalid store metadata"),
+    ("dtype-unknown", _array_set("tensor_dtype", 0, "float99"), "dtype 'float99' is not a known"),
+    ("offset-wrong", _array_set("tensor_offset", 1, 7), "offset 7 != 54"),
+    ("kind-unknown", _array_set("tensor_kind", 0, "weights"), "tensor kind 'weights'"),
+    ("files-str", _array_set("meta/sources", 0, '"x"'), "epoch entry.files has type str"),
+    ("files-not-json", _array_set("meta/sources", 0, "[{"), "invalid store metadata"),
+    (
+        "sha-int",
+        _array_set("meta/sources", 0, '[{"path": "a", "size": 1, "sha256": 5}]'),
+        "source file.sha256 has type int",
+    ),
+    ("epochs-unordered", _array_set("epoch", None, lambda a: a[::-1]), "not strictly increasing"),
+    ("tensor-table-missing", _array_del("tensor_dtype"), "a metadata array is missing"),
+    ("epoch-array-missing", _array_del("meta/nonfinite"), "a metadata array is missing"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "expect"), [c[1:] for c in ARRAYS], ids=[c[0] for c in ARRAYS])
+def test_commands_on_malformed_metadata_arrays(
+    base: Path, tmp_path: Path, mutate: Callable[[Path], None], expect: str
+) -> None:
+    run, store = _copy(base, tmp_path)
+    mutate(store)
     for name, args in _store_commands(run, store, tmp_path).items():
         r = _cli(*args)
         try:

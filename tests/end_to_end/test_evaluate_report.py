@@ -108,7 +108,7 @@ def test_sweep_records_m_seeds_k_and_cleans_up(digits_store) -> None:
     # the sweep's own studies are gone, the study and its siblings stay
     assert pipeline.open_store(str(store)).analyses() == before
     # results are stored with the study and as JSON beside it
-    attrs = zarr.open_group(str(store), mode="r")["analyses/s5"].attrs["cmd_pipeline_analysis"]
+    attrs = zarr.open_group(str(store), mode="r", use_consolidated=False)["analyses/s5"].attrs["cmd_pipeline_analysis"]
     assert attrs["evaluation"]["sweep"]["by_modes"] == sw["by_modes"]
     on_disk = json.loads(Path(ev.files["evaluation.json"]).read_text())
     assert on_disk["final"] == ev.evaluation["final"]
@@ -166,7 +166,7 @@ def test_report_figures_and_html(digits_store, tmp_path: Path) -> None:
     # the report group keeps the study's listing clean (no unknown-object warnings)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        g = zarr.open_group(str(store), mode="r")["analyses/rep"]
+        g = zarr.open_group(str(store), mode="r", use_consolidated=False)["analyses/rep"]
         assert {"mode", "a", "b", "refs"} <= set(g.array_keys())
         assert "report" in set(g.group_keys())
     # deleting the study removes its report too
@@ -192,7 +192,7 @@ def test_study_data_layer_counts(digits_store) -> None:
     store, _, _ = digits_store
     pipeline.fit(str(store), "lc", modes=3, samples=200, runtime=THREADS)
     d = pipeline.load_study_data(str(store), "lc")
-    g = zarr.open_group(str(store), mode="r")["analyses/lc"]
+    g = zarr.open_group(str(store), mode="r", use_consolidated=False)["analyses/lc"]
     mode, flags = np.asarray(g["mode"][...]), np.asarray(g["flags"][...])
     meta = pipeline.open_store(str(store)).meta
     assert meta is not None

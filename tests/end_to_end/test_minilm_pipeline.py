@@ -24,7 +24,7 @@ def errors_of_movement(store: Path, name: str, block_rows: int = 1 << 20) -> dic
     st = pipeline.open_store(str(store))
     meta = st.require_meta()
     traj = st.trajectory()
-    g = zarr.open_group(str(store), mode="r")[f"analyses/{name}"]
+    g = zarr.open_group(str(store), mode="r", use_consolidated=False)[f"analyses/{name}"]
     refs = np.asarray(g["refs"][...], dtype=np.float64)
     cols = [meta.column_of(int(e)) for e in np.asarray(g["epochs"][...])]
     res = centred = moved = energy = 0.0

@@ -366,7 +366,7 @@ def test_indices_above_2_24(tmp_path: Path) -> None:
     assert res.n_modes == 2
     import zarr
 
-    g = zarr.open_group(str(store), mode="r")
+    g = zarr.open_group(str(store), mode="r", use_consolidated=False)
     an = g["analyses/hi"]
     smp, refi = an["sample_index"][...], an["ref_index"][...]
     assert smp.dtype == np.int64 and refi.dtype == np.int64

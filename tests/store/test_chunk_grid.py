@@ -22,7 +22,7 @@ def test_raw_chunk_write_matches_zarr_bytes(
     x[0, 0] = np.nan
     stores = [tmp_path / "zarr.zarr", tmp_path / "raw.zarr"]
     for p in stores:
-        g = zarr.open_group(p, mode="a")
+        g = zarr.open_group(p, mode="a", use_consolidated=False)
         g.create_array(
             "trajectory",
             shape=shape,

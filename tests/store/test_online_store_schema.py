@@ -65,7 +65,7 @@ def _coefficients(group: OnlineGroup, n_rows: int) -> tuple[np.ndarray, np.ndarr
 def test_written_group_is_versioned(tmp_path) -> None:
     url = str(tmp_path / "online.zarr")
     cmd = _run(url)
-    raw = zarr.open_group(url, mode="r")[ONLINE_GROUP].attrs[ONLINE_ATTR]
+    raw = zarr.open_group(url, mode="r", use_consolidated=False)[ONLINE_GROUP].attrs[ONLINE_ATTR]
     assert raw["schema"] == ONLINE_SCHEMA and raw["version"] == ONLINE_VERSION == 2
     meta = OnlineGroup(url).meta()
     assert meta.version == ONLINE_VERSION and meta.n == cmd.epoch == 7
@@ -89,7 +89,7 @@ def test_previous_release_group_is_read_as_version_1(tmp_path, drop_flags: bool)
     group = OnlineGroup(url)
     a_new, b_new = _coefficients(group, cmd.n_params)
     flags_new = group.read_flags(0, cmd.n_params)
-    g = zarr.open_group(url, mode="r+")[ONLINE_GROUP]
+    g = zarr.open_group(url, mode="r+", use_consolidated=False)[ONLINE_GROUP]
     assert cmd.store is not None and cmd.store.mean_r is not None and cmd.store.m2_r is not None
     g.attrs[ONLINE_ATTR] = {
         "n": cmd.store.count,
@@ -121,7 +121,7 @@ def test_unknown_version_or_schema_fails_clearly(tmp_path) -> None:
     _run(url)
     group = OnlineGroup(url)
     good = group.meta().to_dict()
-    g = zarr.open_group(url, mode="r+")[ONLINE_GROUP]
+    g = zarr.open_group(url, mode="r+", use_consolidated=False)[ONLINE_GROUP]
     g.attrs[ONLINE_ATTR] = {**good, "version": 3}
     with pytest.raises(
         SchemaVersionError, match=r"schema version 3; this cmd-pipeline reads versions 1, 2"
@@ -149,7 +149,7 @@ def test_malformed_metadata_is_a_store_error(raw: object, match: str) -> None:
 
 def test_missing_group_or_attribute(tmp_path) -> None:
     url = str(tmp_path / "plain.zarr")
-    root = zarr.open_group(url, mode="w")
+    root = zarr.open_group(url, mode="w", use_consolidated=False)
     group = OnlineGroup(url)
     assert not group.exists()
     with pytest.raises(StoreError, match="no Online CMD running sums"):

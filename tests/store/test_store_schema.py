@@ -49,7 +49,7 @@ def _meta(**changes: object) -> StoreMeta:
 def test_meta_round_trips_through_json() -> None:
     meta = _meta()
     d = json.loads(json.dumps(meta.to_dict()))
-    assert d["schema"] == SCHEMA_NAME and d["version"] == SCHEMA_VERSION == 1
+    assert d["schema"] == SCHEMA_NAME and d["version"] == SCHEMA_VERSION == 2
     back = StoreMeta.from_dict(d)
     assert back == meta
     assert back.to_dict() == meta.to_dict()
@@ -97,7 +97,7 @@ def test_other_versions_and_schemas_are_refused() -> None:
         SchemaVersionError, match="store schema version 999 is not supported"
     ) as err:
         StoreMeta.from_dict({**d, "version": 999})
-    assert "reads version 1" in str(err.value)
+    assert "reads versions 1, 2" in str(err.value)
     with pytest.raises(SchemaVersionError, match="not a cmd-pipeline store"):
         StoreMeta.from_dict({**d, "schema": "something.else"})
     assert issubclass(SchemaVersionError, StoreError)
@@ -143,16 +143,32 @@ def test_input_error_fields_and_pickling() -> None:
 def test_on_disk_layout(run5: Run, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     pipeline.ingest([run5.root], store, runtime=SYNC, chunk_rows=50, time_chunk=2)
-    root = zarr.open_group(str(store), mode="r")
+    root = zarr.open_group(str(store), mode="r", use_consolidated=False)
     assert root.metadata.zarr_format == 3
     attrs = root.attrs[ATTR_KEY]
-    assert attrs["schema"] == "cmd-pipeline.store" and attrs["version"] == 1
+    assert attrs["schema"] == "cmd-pipeline.store" and attrs["version"] == 2
     assert attrs["package_version"] == pipeline.__version__
-    assert attrs["pending"] is None and [e["epoch"] for e in attrs["epochs"]] == [0, 1, 2, 3, 4]
+    assert attrs["pending"] is None and attrs["n_epochs"] == 5 and attrs["store_dtype"] == "float32"
+    # schema 2: the root attributes stay small; epochs and tensors live in arrays
+    assert "epochs" not in attrs and "tensors" not in attrs
+    assert root["epoch"][:].tolist() == [0, 1, 2, 3, 4]
+    assert root["epoch"].metadata.dimension_names == ("epoch",)
+    names = root["tensor"][:].tolist()
+    assert names == [t.name for t in pipeline.open_store(str(store)).meta.tensors]
+    ids = root["tensor_id"][:]
+    offsets = root["tensor_offset"][:]
+    for k, off in enumerate(offsets):
+        if off >= 0:
+            assert (ids[off : off + root["tensor_size"][k]] == k).all()
+    assert root["meta/nonfinite"].shape == (5, len(names))
     arr = root["trajectory"]
     assert arr.shape == (NET_ROWS, 5) and arr.chunks == (50, 2)
+    assert arr.metadata.dimension_names == ("param", "epoch")
     assert arr.dtype == np.float32 and np.isnan(arr.fill_value)
     assert arr.compressors == ()
+    # consolidated metadata (what xarray opens) is current
+    consolidated = zarr.open_group(str(store), mode="r").metadata.consolidated_metadata
+    assert consolidated is not None and consolidated.metadata["trajectory"].shape == (NET_ROWS, 5)
     # chunk keys: 3 row blocks x 3 time blocks, nothing else under trajectory/c
     keys = sorted(
         str(p.relative_to(store / "trajectory" / "c"))
@@ -169,7 +185,7 @@ def test_on_disk_layout(run5: Run, tmp_path: Path) -> None:
 def test_lz4_codec_layout(run5: Run, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     pipeline.ingest([run5.root], store, runtime=SYNC, codec="lz4")
-    arr = zarr.open_group(str(store), mode="r")["trajectory"]
+    arr = zarr.open_group(str(store), mode="r", use_consolidated=False)["trajectory"]
     (codec,) = arr.compressors
     assert type(codec).__name__ == "BloscCodec" and codec.cname.value == "lz4"
     assert arr.chunks == (NET_ROWS, 1)  # default: 8 MiB chunks, capped at N rows
@@ -178,7 +194,7 @@ def test_lz4_codec_layout(run5: Run, tmp_path: Path) -> None:
 def test_open_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no cmd-pipeline store at"):
         pipeline.open_store(str(tmp_path / "missing.zarr"))
-    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w", use_consolidated=False)
     with pytest.raises(StoreError, match="not a cmd-pipeline store"):
         pipeline.open_store(str(tmp_path / "plain.zarr"))
     with pytest.raises(StoreError, match="not a cmd-pipeline store"):
@@ -186,7 +202,7 @@ def test_open_store_errors(tmp_path: Path) -> None:
 
 
 def _set_version(store: Path, version: object) -> None:
-    root = zarr.open_group(str(store), mode="r+")
+    root = zarr.open_group(str(store), mode="r+", use_consolidated=False)
     attrs = dict(root.attrs[ATTR_KEY])
     attrs["version"] = version
     root.attrs[ATTR_KEY] = attrs
@@ -202,7 +218,7 @@ def test_schema_version_999_fails_to_open(run5: Run, tmp_path: Path) -> None:
     for op in (lambda: pipeline.info(store), lambda: pipeline.export(store, 0, tmp_path / "e.pt")):
         with pytest.raises(SchemaVersionError, match="999"):
             op()
-    _set_version(store, 1)
+    _set_version(store, 2)
     assert pipeline.open_store(str(store)).meta is not None
 
 

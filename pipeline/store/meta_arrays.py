@@ -1,0 +1,306 @@
+"""Schema 2's metadata arrays: the tensor table and the per-epoch entries of a store, written
+and read beside the trajectory (layout in :mod:`pipeline.store.trajectory`), the consolidated
+metadata, and the migration of schema 1 stores (:func:`upgrade_meta`).
+
+Client side only; tasks never touch these arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.core.sync import sync
+
+from pipeline.errors import StoreError
+from pipeline.store.schema import ATTR_KEY, InlineTensor, StoreMeta
+
+__all__ = [
+    "BUFFERS",
+    "EPOCH",
+    "META",
+    "TENSOR",
+    "TENSOR_ID",
+    "consolidate",
+    "open_root",
+    "read_tables",
+    "resize",
+    "write_tables",
+]
+
+EPOCH = "epoch"
+TENSOR = "tensor"
+TENSOR_ID = "tensor_id"
+META = "meta"
+BUFFERS = "buffers"
+#: the tensor table's columns (besides ``tensor``, the names)
+TENSOR_COLUMNS = ("tensor_offset", "tensor_size", "tensor_shape", "tensor_dtype", "tensor_kind")
+#: rows of a per-epoch array per chunk
+EPOCH_CHUNK = 256
+
+
+def open_root(url: str, mode: Literal["r", "r+", "a"]) -> Any:
+    """The root group, never through the consolidated metadata (which may be stale while an
+    operation runs: it is rewritten at the end of each)."""
+    return zarr.open_group(url, mode=mode, use_consolidated=False)
+
+
+def consolidate(url: str) -> None:
+    """Rewrite the consolidated metadata of a schema 2 store (what xarray opens from).
+
+    Schema 1 stores are left unconsolidated: their root attributes hold every epoch.
+    """
+    root = open_root(url, "r+")
+    raw = root.attrs.get(ATTR_KEY)
+    if not isinstance(raw, dict) or raw.get("version") != 2:
+        return
+    with warnings.catch_warnings():
+        # "Consolidated metadata is currently not part in the Zarr format 3 specification":
+        # known, and what xarray reads
+        warnings.simplefilter("ignore", UserWarning)
+        zarr.consolidate_metadata(root.store)
+
+
+def resize(array: Any, shape: tuple[int, ...]) -> None:
+    """Set ``array``'s shape without deleting chunks outside it (pending columns live there)."""
+    if tuple(array.shape) != tuple(shape):
+        sync(array._async_array.resize(shape, delete_outside_chunks=False))
+
+
+def _create(
+    g: Any,
+    name: str,
+    shape: tuple[int, ...],
+    chunks: tuple[int, ...],
+    dtype: Any,
+    dims: Sequence[str],
+    fill_value: Any = None,
+    compressed: bool = False,
+) -> Any:
+    if name in g.array_keys() or name in g.group_keys():
+        from pipeline.store import keys
+
+        keys.delete_dir(g.store, f"{g.path}/{name}".lstrip("/"))
+    kw: dict[str, Any] = {}
+    if compressed:
+        kw["compressors"] = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return g.create_array(
+        name,
+        shape=shape,
+        chunks=tuple(max(1, c) for c in chunks),
+        dtype=dtype,
+        fill_value=fill_value,
+        dimension_names=tuple(dims),
+        **kw,
+    )
+
+
+def _strings(values: Sequence[str]) -> np.ndarray:
+    return np.array(list(values), dtype=object) if values else np.array([], dtype=object)
+
+
+# ---------------------------------------------------------------------- writing
+def write_tables(root: Any, meta: StoreMeta, old: StoreMeta | None, chunk_rows: int) -> None:
+    """Write the tensor table (when it changed) and the committed epochs' entries.
+
+    Entries ``old`` already holds (a common prefix) are not rewritten; the arrays are then
+    resized to the committed epochs, so a client never sees a pending one.
+    """
+    tables_ok = (
+        old is not None
+        and old.version == 2
+        and old.tensors == meta.tensors
+        and old.n_rows == meta.n_rows
+        and TENSOR in root.array_keys()
+    )
+    if not tables_ok:
+        _write_tensor_table(root, meta, chunk_rows)
+        keep = 0
+    else:
+        assert old is not None
+        keep = 0
+        for a, b in zip(old.epochs, meta.epochs, strict=False):
+            if a != b:
+                break
+            keep += 1
+    _write_epochs(root, meta, keep, fresh=not tables_ok)
+
+
+def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
+    ts = meta.tensors
+    n = len(ts)
+    tab = {
+        TENSOR: (_strings([t.name for t in ts]), str),
+        "tensor_offset": (np.array([t.offset for t in ts], dtype=np.int64), "int64"),
+        "tensor_size": (np.array([t.size for t in ts], dtype=np.int64), "int64"),
+        "tensor_shape": (_strings([json.dumps(list(t.shape)) for t in ts]), str),
+        "tensor_dtype": (_strings([t.dtype for t in ts]), str),
+        "tensor_kind": (_strings([t.kind for t in ts]), str),
+    }
+    for name, (values, dtype) in tab.items():
+        a = _create(root, name, (n,), (max(n, 1),), dtype, (TENSOR,), fill_value="" if dtype is str else 0)
+        if n:
+            a[:] = values
+    rows = max(1, min(chunk_rows, meta.n_rows or 1))
+    ids = _create(
+        root, TENSOR_ID, (meta.n_rows,), (rows,), "int32", ("param",), fill_value=-1, compressed=True
+    )
+    ids.attrs["description"] = "the index into `tensor` of each trajectory row"
+    for k, t in enumerate(ts):
+        if t.stored and t.size:
+            ids[t.offset : t.offset + t.size] = k
+
+
+def _inline_names(meta: StoreMeta) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, dtype, shape) of the inline buffers, the same for every epoch."""
+    if not meta.epochs:
+        return []
+    first = [(t.name, t.dtype, t.shape) for t in meta.epochs[0].inline]
+    for e in meta.epochs[1:]:
+        if [(t.name, t.dtype, t.shape) for t in e.inline] != first:
+            raise StoreError(f"epoch {e.epoch}: its integer buffers differ from epoch 0's")
+    return first
+
+
+def _write_epochs(root: Any, meta: StoreMeta, keep: int, *, fresh: bool) -> None:
+    from pipeline.checkpoints.readers import RAW_NUMPY
+
+    n_t = len(meta.tensors)
+    t = len(meta.epochs)
+    index = {x.name: k for k, x in enumerate(meta.tensors)}
+    stored = [k for k, x in enumerate(meta.tensors) if x.stored]
+    inline = _inline_names(meta)
+    mg = root.require_group(META)
+    if fresh or EPOCH not in root.array_keys():
+        _create(root, EPOCH, (0,), (EPOCH_CHUNK,), "int64", (EPOCH,), fill_value=0)
+        _create(mg, "sources", (0,), (EPOCH_CHUNK,), str, (EPOCH,), fill_value="")
+        _create(mg, "nonfinite", (0, n_t), (EPOCH_CHUNK, n_t), "int64", (EPOCH, TENSOR), 0)
+        _create(mg, "digest", (0, n_t), (EPOCH_CHUNK, n_t), str, (EPOCH, TENSOR), fill_value="")
+        if BUFFERS in root.group_keys():
+            from pipeline.store import keys
+
+            keys.delete_dir(root.store, BUFFERS)
+    bg = root.require_group(BUFFERS)
+    for name, dtype, shape in inline:
+        key = f"t{index[name]}"
+        if key in bg.array_keys():
+            continue
+        if keep:
+            raise StoreError(f"the integer buffer {name!r} is missing from the stored epochs")
+        a = _create(
+            bg,
+            key,
+            (0, *shape),
+            (EPOCH_CHUNK, *shape),
+            RAW_NUMPY[dtype],
+            (EPOCH, *(f"{key}_{d}" for d in range(len(shape)))),
+            fill_value=0,
+        )
+        a.attrs["tensor"] = name
+    arrays = [root[EPOCH], mg["sources"], mg["nonfinite"], mg["digest"]]
+    buf = {name: root[f"{BUFFERS}/t{index[name]}"] for name, _d, _s in inline}
+    new = meta.epochs[keep:]
+    for a in (*arrays, *buf.values()):
+        resize(a, (t, *a.shape[1:]))
+    if not new:
+        return
+    root[EPOCH][keep:] = np.array([e.epoch for e in new], dtype=np.int64)
+    mg["sources"][keep:] = _strings([json.dumps([f.to_dict() for f in e.files]) for e in new])
+    counts = np.zeros((len(new), n_t), dtype=np.int64)
+    digests = np.full((len(new), n_t), "", dtype=object)
+    for i, e in enumerate(new):
+        for name, c in e.nonfinite_by_tensor:
+            if name not in index:
+                raise StoreError(f"epoch {e.epoch}: NaN/Inf count for unknown tensor {name!r}")
+            counts[i, index[name]] = c
+        if e.nonfinite != sum(c for _n, c in e.nonfinite_by_tensor):
+            raise StoreError(f"epoch {e.epoch}: its NaN/Inf count is not the sum of its tensors'")
+        for k, d in zip(stored, e.digests, strict=False):
+            digests[i, k] = d
+    if n_t:
+        mg["nonfinite"][keep:] = counts
+        mg["digest"][keep:] = digests
+    for name, _dtype, shape in inline:
+        values = np.stack(
+            [
+                np.frombuffer(x.to_bytes(), dtype=RAW_NUMPY[x.dtype].newbyteorder("<")).reshape(shape)
+                for e in new
+                for x in e.inline
+                if x.name == name
+            ]
+        )
+        buf[name][keep:] = values
+
+
+# ---------------------------------------------------------------------- reading
+def read_tables(root: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+    """The full metadata dict (:meth:`StoreMeta.from_dict`) of a schema 2 store; a missing or
+    malformed metadata array raises :class:`StoreError` (the dict's own fields are checked by
+    ``from_dict``)."""
+    try:
+        return _read_tables(root, attrs)
+    except StoreError:
+        raise
+    except (KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        what = "missing or bad" if isinstance(e, KeyError) else "malformed"
+        raise StoreError(f"invalid store metadata: a metadata array is {what} ({e})") from e
+
+
+def _read_tables(root: Any, attrs: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.checkpoints.readers import RAW_NUMPY
+
+    n_e = attrs["n_epochs"]
+    if not isinstance(n_e, int) or isinstance(n_e, bool) or n_e < 0:
+        raise StoreError(f"invalid store metadata: n_epochs {n_e!r}")
+    names = [str(x) for x in np.asarray(root[TENSOR][:])]
+    cols = {c: np.asarray(root[c][:]) for c in TENSOR_COLUMNS}
+    tensors = [
+        {
+            "name": names[k],
+            "shape": json.loads(str(cols["tensor_shape"][k])),
+            "dtype": str(cols["tensor_dtype"][k]),
+            "kind": str(cols["tensor_kind"][k]),
+            "offset": int(cols["tensor_offset"][k]),
+        }
+        for k in range(len(names))
+    ]
+    stored = [k for k, t in enumerate(tensors) if t["offset"] >= 0]
+    epochs_arr = np.asarray(root[EPOCH][:n_e])
+    mg = root[META]
+    sources = np.asarray(mg["sources"][:n_e])
+    counts = np.asarray(mg["nonfinite"][:n_e])
+    digests = np.asarray(mg["digest"][:n_e])
+    if len(epochs_arr) != n_e or len(sources) != n_e or len(counts) != n_e:
+        raise StoreError(f"invalid store metadata: the epoch arrays hold fewer than {n_e} epochs")
+    inline: list[tuple[str, str, np.ndarray]] = []
+    if BUFFERS in root.group_keys():
+        bg = root[BUFFERS]
+        for key in sorted(bg.array_keys(), key=lambda s: int(s[1:])):
+            k = int(key[1:])
+            values = np.asarray(bg[key][:n_e])
+            if len(values) != n_e:
+                raise StoreError(f"invalid store metadata: buffers/{key} holds too few epochs")
+            inline.append((names[k], tensors[k]["dtype"], values))
+    epochs = []
+    for i in range(n_e):
+        nbt = {names[k]: int(c) for k, c in enumerate(counts[i]) if c}
+        d = [str(digests[i, k]) for k in stored]
+        epochs.append(
+            {
+                "epoch": int(epochs_arr[i]),
+                "files": json.loads(str(sources[i])),
+                "nonfinite": int(sum(nbt.values())),
+                "nonfinite_by_tensor": dict(sorted(nbt.items())),
+                "inline": [
+                    InlineTensor.from_array(name, dtype, values[i].astype(RAW_NUMPY[dtype])).to_dict()
+                    for name, dtype, values in inline
+                ],
+                "digests": d if d and all(d) else [],
+            }
+        )
+    return {**attrs, "tensors": tensors, "epochs": epochs}
