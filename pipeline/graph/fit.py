@@ -79,11 +79,16 @@ def fit_task(
     come back to the host for the (small) sums and the writes.
     """
     rows = plan.r1 - plan.r0
-    # a 16-bit trajectory is read as stored (half the bytes) and upcast inside the kernel
-    x = _time_major(len(cols), rows, grid.np_dtype)
-    grid.read_rows(plan.r0, plan.r1, cols, x)
-    ref_rows = (np.asarray(plan.ref_pos, dtype=np.int64), np.asarray(plan.ref_ids, dtype=np.int64))
-    fit = _fit_on_gpu(_as_float32(x), refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
+    fit = _fit_frozen(grid, plan, cols) if plan.frozen and not plan.ref_pos else None
+    if fit is None:
+        # a 16-bit trajectory is read as stored (half the bytes) and upcast inside the kernel
+        x = _time_major(len(cols), rows, grid.np_dtype)
+        grid.read_rows(plan.r0, plan.r1, cols, x)
+        ref_rows = (
+            np.asarray(plan.ref_pos, dtype=np.int64),
+            np.asarray(plan.ref_ids, dtype=np.int64),
+        )
+        fit = _fit_on_gpu(_as_float32(x), refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
@@ -122,6 +127,35 @@ def fit_task(
     # last: the block's statistics row marks the block finished
     write_result_chunk(url, name, "block_stats", (plan.index, 0), stats[None, :], (1, layout.width))
     return stats
+
+
+def _fit_frozen(grid: ChunkGrid, plan: BlockPlan, cols: np.ndarray) -> BlockFit | None:
+    """The fit of a block whose tensors never change over the window (their ingest digests are
+    equal at every epoch), from one epoch's values: what the kernel gives a constant row
+    (mode 0, a = 0, b = the value, corr 0, residual 0, flag constant), without reading the
+    other epochs. None when a value is NaN/Inf (then the kernel runs, to flag them as such)."""
+    rows = plan.r1 - plan.r0
+    x0 = _time_major(1, rows)
+    grid.read_rows(plan.r0, plan.r1, cols[:1], x0)
+    if not np.isfinite(x0).all():
+        return None
+    b = x0[0].astype(np.float64)
+    n_t = len(cols)
+    zeros = np.zeros(rows)
+    sq = float(b @ b)
+    return BlockFit(
+        mode=np.zeros(rows, dtype=np.int64),
+        a=zeros,
+        b=b,
+        corr=zeros.copy(),
+        residual=zeros.copy(),
+        energy=n_t * b * b,
+        spread=zeros.copy(),
+        flags=np.full(rows, FLAG_CONSTANT, dtype=np.uint8),
+        residual_t=np.zeros(n_t),
+        energy_t=np.full(n_t, sq),
+        spread_t=np.zeros(n_t),
+    )
 
 
 def _fit_on_cpu(

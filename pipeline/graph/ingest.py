@@ -17,6 +17,7 @@ from pipeline.buffers import scratch
 from pipeline.checkpoints.readers import CheckpointSpec, cached_reader, digest_file
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
+from pipeline.kernels.digests import piece_digest
 from pipeline.plan import EpochInspection, Segment
 from pipeline.store.schema import InlineTensor, SourceFile
 from pipeline.store.trajectory import ChunkGrid, open_array, read_block
@@ -24,6 +25,8 @@ from pipeline.store.trajectory import ChunkGrid, open_array, read_block
 __all__ = ["count_chunk", "inspect_epoch", "write_chunk"]
 
 Counts = tuple[tuple[tuple[str, int], ...], ...]  # per epoch of the block: ((tensor, n), ...)
+#: per epoch of the block: ((tensor, first element, stop element, 16-byte digest), ...)
+Digests = tuple[tuple[tuple[str, int, int, bytes], ...], ...]
 
 
 def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:
@@ -68,6 +71,16 @@ def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tupl
     return tuple(out)
 
 
+def _digest_pieces(
+    col: np.ndarray, segments: Sequence[Segment]
+) -> tuple[tuple[str, int, int, bytes], ...]:
+    """The digest of each tensor piece of one epoch's column (the stored values, float32)."""
+    return tuple(
+        (seg.name, seg.start, seg.stop, piece_digest(col[seg.out : seg.out + seg.stop - seg.start]))
+        for seg in segments
+    )
+
+
 def write_chunk(
     grid: ChunkGrid,
     segments: Sequence[Segment],
@@ -76,11 +89,13 @@ def write_chunk(
     r1: int,
     col0: int,
     nonfinite: str,
-) -> Counts:
-    """Assemble and write the chunk of rows ``[r0, r1)`` x columns ``[col0, col0+len(specs))``."""
+) -> tuple[Counts, Digests]:
+    """Assemble and write the chunk of rows ``[r0, r1)`` x columns ``[col0, col0+len(specs))``;
+    returns each epoch's NaN/Inf counts and the digests of its tensor pieces."""
     rows, cols = r1 - r0, len(specs)
     block = _block_buffer(rows, cols)
     counts = []
+    digests = []
     for j, spec in enumerate(specs):
         col = block[:, 0] if cols == 1 else _column_buffer(rows)
         reader = cached_reader(spec)
@@ -104,18 +119,23 @@ def write_chunk(
                 key=name,
             )
         counts.append(found)
+        digests.append(_digest_pieces(col, segments))
         if cols > 1:
             block[:, j] = col
     grid.write(r0, col0, block)
-    return tuple(counts)
+    return tuple(counts), tuple(digests)
 
 
 def count_chunk(
     url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int
-) -> Counts:
-    """NaN/Inf counts of a chunk written by an earlier (interrupted) run."""
+) -> tuple[Counts, Digests]:
+    """NaN/Inf counts and piece digests of a chunk written by an earlier (interrupted) run."""
     block = read_block(open_array(url, min_cols=col0 + cols), r0, r1, col0, col0 + cols)
-    return tuple(_count_nonfinite(np.ascontiguousarray(block[:, j]), segments) for j in range(cols))
+    columns = [np.ascontiguousarray(block[:, j], dtype=np.float32) for j in range(cols)]
+    return (
+        tuple(_count_nonfinite(c, segments) for c in columns),
+        tuple(_digest_pieces(c, segments) for c in columns),
+    )
 
 
 def build_inspect_tasks(specs: Sequence[CheckpointSpec]) -> list[object]:

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Pool", "Sample", "draw_from_pools", "draw_samples", "sample_varying", "stratified_sample"]
+__all__ = [
+    "Pool",
+    "RowMap",
+    "Sample",
+    "draw_from_pools",
+    "draw_samples",
+    "sample_varying",
+    "stratified_sample",
+]
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,33 @@ class Pool:
     layer: int
     count: int
     candidates: np.ndarray  # int64 row indices
+
+
+class RowMap:
+    """The rows of some layers as one contiguous "virtual" index space, and back: sampling
+    draws in it so that layers left out (frozen tensors) are never drawn.
+
+    >>> m = RowMap([0, 10, 30], [10, 20, 5], keep=[True, False, True])
+    >>> m.offsets, m.sizes, m.to_real(np.array([0, 9, 10, 14])).tolist()
+    ([0, 10], [10, 5], [0, 9, 30, 34])
+    >>> m.to_virtual(np.array([9, 30])).tolist()
+    [9, 10]
+    """
+
+    def __init__(self, offsets: Sequence[int], sizes: Sequence[int], keep: Sequence[bool]):
+        self.real = np.array([o for o, k in zip(offsets, keep, strict=True) if k], dtype=np.int64)
+        kept = [int(s) for s, k in zip(sizes, keep, strict=True) if k]
+        self.sizes = kept
+        self.offsets = [int(x) for x in np.concatenate([[0], np.cumsum(kept)[:-1]])] if kept else []
+        self._virtual = np.asarray(self.offsets, dtype=np.int64)
+
+    def to_real(self, v: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(self._virtual, v, side="right") - 1
+        return (self.real[k] + (v - self._virtual[k])).astype(np.int64)
+
+    def to_virtual(self, r: np.ndarray) -> np.ndarray:
+        k = np.searchsorted(self.real, r, side="right") - 1
+        return (self._virtual[k] + (r - self.real[k])).astype(np.int64)
 
 
 @dataclass(frozen=True)

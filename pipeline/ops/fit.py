@@ -15,8 +15,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from pipeline.errors import (
 from pipeline.graph.fit import build_fit_tasks, build_scan_tasks
 from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
-from pipeline.kernels.sampling import Pool, Sample, draw_samples
+from pipeline.kernels.sampling import Pool, RowMap, Sample, draw_samples
 from pipeline.plan import BlockPlan, RowLayout, StatsLayout, plan_fit
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
@@ -122,35 +122,66 @@ def _sample(
     seed: int,
     scan_plans: Callable[[], list[BlockPlan]],
     runner_of: Callable[[], Runner],
+    frozen: Sequence[int] = (),
 ) -> Sample:
     """K usable samples (not constant, finite over the window): by rejection, and when that
-    falls short, from one pass over the window that finds every varying row."""
+    falls short, from one pass over the window that finds every varying row. Tensors in
+    ``frozen`` (never changing over the window) are never drawn nor scanned."""
+    if frozen:
+        keep = [i not in set(frozen) for i in range(len(layout.sizes))]
+        rmap: RowMap | None = RowMap(layout.offsets, layout.sizes, keep)
+    else:
+        rmap = None
 
     def scan() -> tuple[list[Pool], int]:
-        plans = scan_plans()  # only when the scan is needed
+        plans = [p for p in scan_plans() if not p.frozen]  # only when the scan is needed
         tasks = build_scan_tasks(grid, plans, cols, k, seed)
         labels = [f"scan block {p.index}: rows {p.r0}-{p.r1}" for p in plans]
         found = runner_of().compute(tasks, "sampling: finding the varying parameters", labels)
-        return [p for pools, _nb in found for p in pools], sum(nb for _p, nb in found)
+        pools = [p for pools, _nb in found for p in pools if p.layer not in set(frozen)]
+        if rmap is not None:  # into the sampling's index space
+            pools = [replace(p, candidates=rmap.to_virtual(p.candidates)) for p in pools]
+        return pools, sum(nb for _p, nb in found)
 
-    return draw_samples(
-        layout.offsets,
-        layout.sizes,
+    def read(rows: np.ndarray) -> tuple[np.ndarray, int]:
+        return grid.read_scattered(rows if rmap is None else rmap.to_real(rows), cols)
+
+    drawn = draw_samples(
+        layout.offsets if rmap is None else rmap.offsets,
+        layout.sizes if rmap is None else rmap.sizes,
         k,
         seed,
-        lambda rows: grid.read_scattered(rows, cols),
+        read,
         rounds=DRAW_ROUNDS,
         scan=scan,
     )
+    if rmap is None:
+        return drawn
+    return replace(drawn, index=rmap.to_real(drawn.index))
 
 
-def _compile_kernel() -> None:
-    """Compile the fused CPU kernel here once (or load it from numba's disk cache), so that
-    worker processes on this machine load it instead of each compiling it."""
+def _frozen_share(meta: Any, cols: Sequence[int], frozen: Sequence[int]) -> dict[str, Any]:
+    """How much of the trajectory never changes over the window (by the ingest digests;
+    ``known`` is false when an epoch of the window has none: ingested under schema 1)."""
+    stored = meta.stored_tensors()
+    known = all(meta.epochs[c].digests for c in cols)
+    rows = sum(stored[i].size for i in frozen)
+    return {
+        "known": bool(known),
+        "tensors": [stored[i].name for i in frozen],
+        "rows": int(rows),
+        "share": rows / meta.n_rows if meta.n_rows else 0.0,
+    }
+
+
+def _compile_kernel(dtype: str = "float32") -> None:
+    """Compile the fused CPU kernel for the store's dtype here once (or load it from numba's
+    disk cache), so that worker processes on this machine load it instead of each compiling
+    it."""
     from pipeline.kernels import cmd_numba
 
     if cmd_numba.use_fused():
-        cmd_numba.warm_up(("float32",))
+        cmd_numba.warm_up((dtype,))
 
 
 def summarise(
@@ -316,6 +347,7 @@ def fit(
                 seed,
                 lambda: plan.block_plans(layout, none, none),
                 runner_of,
+                plan.frozen,
             )
             sample_index, profiles, nbytes = drawn.index, drawn.profiles, drawn.bytes_read
             notes = []
@@ -365,6 +397,7 @@ def fit(
                 float_buffers=meta.settings.float_buffers,
                 stats_layout=StatsLayout.VERSION,
                 notes=notes,
+                frozen=_frozen_share(meta, plan.cols, plan.frozen),
             )
         if resume:
             ag.remove_partials()  # temporary files of writes that an interruption cut off
@@ -373,7 +406,7 @@ def fit(
         refs = References.from_profiles(refs_raw)
         gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
         if not gpu and todo:
-            _compile_kernel()
+            _compile_kernel(grid.dtype)
         tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
         labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
         try:

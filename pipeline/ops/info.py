@@ -40,9 +40,29 @@ def info(store: str | os.PathLike[str]) -> dict[str, Any]:
         "codec": meta.settings.codec,
         "settings": meta.settings.to_dict(),
         "nonfinite": sum(e.nonfinite for e in meta.epochs),
+        "frozen": _frozen(meta),
         "analyses": st.analyses(),
         "analysis_details": [_analysis_brief(st.url, n) for n in st.analyses()],
         "bytes_on_disk": st.size_on_disk(),
+    }
+
+
+def _frozen(meta: Any) -> dict[str, Any] | None:
+    """The stored tensors whose values never change over the committed epochs (by their
+    ingest digests); None when the digests are unknown (ingested under schema 1)."""
+    from pipeline.plan.fit import frozen_tensors
+
+    if not meta.epochs or not all(e.digests for e in meta.epochs):
+        return None
+    stored = meta.stored_tensors()
+    idx = frozen_tensors(meta, range(meta.n_epochs))
+    rows = sum(stored[i].size for i in idx)
+    return {
+        "tensors": len(idx),
+        "of_tensors": len(stored),
+        "rows": int(rows),
+        "share": rows / meta.n_rows if meta.n_rows else 0.0,
+        "names": [stored[i].name for i in idx],
     }
 
 
@@ -103,6 +123,7 @@ def format_info(d: dict[str, Any]) -> str:
         f"settings:     include={s['include']} exclude={s['exclude']} float_buffers={s['float_buffers']} "
         f"nonfinite={s['nonfinite']}",
         f"NaN/Inf:      {d['nonfinite']} value(s)",
+        f"frozen:       {_frozen_text(d.get('frozen'))}",
         f"analyses:     {', '.join(d['analyses']) or '-'}",
         *(
             f"  {a['name']}: {a['status']}, {a.get('modes')} mode(s) from {a.get('samples')} samples, "
@@ -122,3 +143,13 @@ def format_info(d: dict[str, Any]) -> str:
         f"size on disk: {d['bytes_on_disk'] / 1e6:,.1f} MB",
     ]
     return "\n".join(lines)
+
+
+def _frozen_text(f: dict[str, Any] | None) -> str:
+    if f is None:
+        return "unknown (epochs ingested before store schema 2 carry no tensor digests)"
+    names = ", ".join(f["names"][:4]) + (" ..." if len(f["names"]) > 4 else "")
+    return (
+        f"{f['share']:.1%} of the parameters never change ({f['tensors']} of "
+        f"{f['of_tensors']} stored tensors{': ' + names if names else ''})"
+    )

@@ -14,6 +14,7 @@ from pipeline.checkpoints.discover import discover
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
 from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
+from pipeline.kernels.digests import combine
 from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
 from pipeline.store.schema import EpochEntry
@@ -198,11 +199,17 @@ def _ingest(
         st.remove_partials()
     # 4. Commit.
     per_epoch: dict[int, dict[str, int]] = defaultdict(dict)
-    for (_i, j, _w), block_counts in zip(where, counts, strict=True):
-        for k, found in enumerate(block_counts):
+    pieces: dict[int, dict[str, list[tuple[int, int, bytes]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for (_i, j, _w), (block_counts, block_digests) in zip(where, counts, strict=True):
+        for k, (found, digests) in enumerate(zip(block_counts, block_digests, strict=True)):
             ep = plan.new[j * plan.settings.time_chunk + k - c0].epoch
             for name, n in found:
                 per_epoch[ep][name] = per_epoch[ep].get(name, 0) + n
+            for name, start, stop, d in digests:
+                pieces[ep][name].append((start, stop, d))
+    stored = [t.name for t in plan.index if t.stored]
     done = tuple(
         EpochEntry(
             e.epoch,
@@ -210,6 +217,7 @@ def _ingest(
             sum(per_epoch[e.epoch].values()),
             tuple(sorted(per_epoch[e.epoch].items())),
             e.inline,
+            tuple(combine(pieces[e.epoch][name]) for name in stored),
         )
         for e in plan.new
     )

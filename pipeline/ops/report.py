@@ -239,6 +239,15 @@ def render_html(
     extra: dict[str, Any] | None = None,
 ) -> str:
     """The self-contained report page."""
+
+    def _frozen_cell(f: Any) -> str:
+        if not isinstance(f, dict) or not f.get("known"):
+            return "unknown (no tensor digests: ingested before store schema 2)"
+        return (
+            f"{len(f['tensors'])} tensors, {f['rows']:,} parameters ({f['share']:.1%}); "
+            "fitted without reading their other epochs"
+        )
+
     cfg = attrs.get("config", {})
     summ = attrs["summary"]
     ev = attrs.get("evaluation")
@@ -262,6 +271,7 @@ def render_html(
                 ["error relative to the weights ‖W−Ŵ‖/‖W‖", _f(summ.get("relative_error"))],
                 ["weight MSE over the window", _f(summ.get("mse"))],
                 ["constant parameters", f"{summ['flags']['constant']:,}"],
+                ["frozen tensors (never change over the window)", _frozen_cell(attrs.get("frozen"))],
                 ["parameters with NaN/Inf", f"{summ['flags']['nonfinite']:,}"],
             ],
         ),

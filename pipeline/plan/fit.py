@@ -124,6 +124,7 @@ class BlockPlan:
     ref_ids: tuple[int, ...]
     sample_pos: tuple[int, ...]  # block-relative sampled rows
     chunk_rows: int | None = None  # the result arrays' chunk length (the last block may be shorter)
+    frozen: bool = False  # every row belongs to a tensor that never changes over the window
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (:meth:`from_dict` gives the plan back).
@@ -145,6 +146,7 @@ class BlockPlan:
             tuple(d["ref_ids"]),
             tuple(d["sample_pos"]),
             d.get("chunk_rows"),
+            bool(d.get("frozen", False)),
         )
 
 
@@ -170,6 +172,9 @@ class FitPlan:
     epochs: tuple[int, ...]  # their epoch numbers
     block_rows: int  # rows per task
     fingerprint: str  # of the stored trajectory's settings, size and window's source files
+    #: stored tensors (their index among the stored ones) whose values are the same at every
+    #: epoch of the window, by their ingest digests (empty when digests are unknown)
+    frozen: tuple[int, ...] = ()
 
     def config(self) -> dict[str, Any]:
         """The study's configuration as stored in its attributes (compared on a re-run)."""
@@ -186,17 +191,26 @@ class FitPlan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["cols"], d["epochs"] = list(self.cols), list(self.epochs)
+        d["frozen"] = list(self.frozen)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitPlan:
-        return cls(**{**d, "cols": tuple(d["cols"]), "epochs": tuple(d["epochs"])})
+        return cls(
+            **{
+                **d,
+                "cols": tuple(d["cols"]),
+                "epochs": tuple(d["epochs"]),
+                "frozen": tuple(d.get("frozen", ())),
+            }
+        )
 
     def block_plans(
         self, layout: RowLayout, ref_index: np.ndarray, sample_index: np.ndarray
     ) -> list[BlockPlan]:
         """One :class:`BlockPlan` per task, in row order."""
         names = {n: i for i, n in enumerate(layout.names)}
+        frozen = set(self.frozen)
         plans = []
         for b, (r0, r1) in enumerate(blocks(self.n_rows, self.block_rows)):
             layers = tuple(
@@ -214,6 +228,7 @@ class FitPlan:
                     tuple(int(m) for m in np.flatnonzero(in_ref)),
                     tuple(int(i - r0) for i in sample_index[in_smp]),
                     min(self.block_rows, self.n_rows),
+                    bool(layers) and all(lid in frozen for lid, _lo, _hi in layers),
                 )
             )
         return plans
@@ -276,4 +291,16 @@ def plan_fit(
         tuple(meta.epochs[c].epoch for c in cols),
         rows,
         fingerprint(meta, cols),
+        frozen_tensors(meta, cols),
     )
+
+
+def frozen_tensors(meta: StoreMeta, cols: Sequence[int]) -> tuple[int, ...]:
+    """The stored tensors (indices among the stored ones) whose digests are equal at every
+    column of ``cols``: they never change over the window. Empty when a digest is unknown
+    (epochs ingested under schema 1)."""
+    from pipeline.kernels.digests import frozen
+
+    n = len(meta.stored_tensors())
+    mask = frozen([meta.epochs[c].digests for c in cols], n)
+    return () if mask is None else tuple(int(i) for i in np.flatnonzero(mask))
