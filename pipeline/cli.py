@@ -29,6 +29,7 @@ from pipeline.config import (
     DEFAULT_STORE_DTYPE,
     DEFAULT_TIME_CHUNK,
     NONFINITE_POLICIES,
+    SCALE_EPOCHS,
     STABILITY_MAX_EXACT,
     STABILITY_MODES,
     STABILITY_RANK,
@@ -689,6 +690,24 @@ def report(store: str, name: str, out: str | None) -> None:
     help="Where the stores go [OUT/work].",
 )
 @click.option("--keep", is_flag=True, help="Keep the stores.")
+@click.option(
+    "--scale",
+    type=float,
+    default=None,
+    metavar="N",
+    help=(
+        "Instead of the suite: a synthetic bf16 language model of about N parameters (e.g. 1e9) "
+        "through ingest, fit, export, info and report, with wall time, bytes, throughput and "
+        "peak RSS per step (OUT/scale.md)."
+    ),
+)
+@click.option(
+    "--scale-epochs",
+    type=click.IntRange(min=3),
+    default=SCALE_EPOCHS,
+    show_default=True,
+    help="T of the --scale run.",
+)
 @_runtime_options(gpu=False)
 @_handle_errors
 def bench(
@@ -701,12 +720,31 @@ def bench(
     sections: str,
     workdir: str | None,
     keep: bool,
+    scale: float | None,
+    scale_epochs: int,
     **kw: Any,
 ) -> None:
-    """Benchmark suite: OUT/results.md, OUT/results.json and plots (ratios within one run)."""
+    """Benchmark suite: OUT/results.md, OUT/results.json and plots (ratios within one run).
+
+    With --scale N, the scale run instead: OUT/scale.md and OUT/scale.json.
+    """
     from pathlib import Path
 
     from pipeline.bench.suite import BenchOptions, run_bench
+
+    if scale is not None:
+        from pipeline.bench.scale import run_scale
+
+        run_scale(
+            scale,
+            Path(out),
+            epochs=scale_epochs,
+            workdir=Path(workdir) if workdir else None,
+            keep=keep,
+            runtime=_make_runtime(kw),
+        )
+        click.echo((Path(out) / "scale.md").read_text())
+        return
 
     size_list = None
     if sizes:

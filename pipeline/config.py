@@ -38,6 +38,7 @@ __all__ = [
     "STABILITY_MODES",
     "STABILITY_RANK",
     "STABILITY_THRESHOLD",
+    "SCALE_EPOCHS",
     "STORE_DTYPE_CHOICES",
     "SWEEP_EPOCHS",
     "SWEEP_MODES",
@@ -57,6 +58,9 @@ DEFAULT_TIME_CHUNK = 1
 #: the codecs a trajectory can use
 CODECS = ("none", "lz4")
 DEFAULT_CODEC = "none"
+
+#: Epochs of the synthetic language model of ``cmd-pipeline bench --scale N``.
+SCALE_EPOCHS = 12
 
 #: The trajectory's dtype: "auto" (the smallest of float32/float16/bfloat16 that holds every
 #: stored tensor exactly: bf16 and fp16 runs are stored at 2 bytes a value, anything else as
