@@ -33,7 +33,7 @@ def write_run(root: Path, n: int, t: int, tensors: int, frozen_share: float, see
     rng = np.random.default_rng(seed)
     sizes = [n // tensors] * tensors
     sizes[-1] += n - sum(sizes)
-    frozen_rows = int(round(frozen_share * n))
+    frozen_rows = round(frozen_share * n)
     tt = np.linspace(0, 1, t)
     profiles = np.stack([np.exp(-3 * tt), np.sin(3 * tt), tt**2, np.tanh(4 * tt - 2)])
     base = [rng.standard_normal(s).astype(np.float32) * 0.1 for s in sizes]

@@ -82,9 +82,9 @@ def lm_shape(n: float) -> LMShape:
     (2112, 16, 1.02)
     """
     layers = 16 if n >= 1e8 else 4 if n >= 1e6 else 2
-    d = math.sqrt(n / (12.25 * layers + 32))
-    d = max(64, int(round(d / 64)) * 64)
-    return LMShape(d, layers, int(round(2.75 * d / 64)) * 64 or 64, 16 * d)
+    width = math.sqrt(n / (12.25 * layers + 32))
+    d = max(64, round(width / 64) * 64)
+    return LMShape(d, layers, round(2.75 * d / 64) * 64 or 64, 16 * d)
 
 
 def _profiles(t: int) -> np.ndarray:
@@ -198,7 +198,10 @@ def run_scale(
     shape = lm_shape(n)
     n_params = shape.n_params
     free = shutil.disk_usage(work).free
-    need = 2 * n_params * epochs * 2 + 26 * n_params + 4 * n_params
+    # bf16 checkpoints and trajectory side by side during ingest; then the trajectory, the
+    # study (26 B a parameter) and the two exports (the checkpoints are deleted unless kept)
+    ckpt_bytes = 2 * n_params * epochs
+    need = max(2 * ckpt_bytes, (2 if keep else 1) * ckpt_bytes + 26 * n_params + 4 * n_params)
     if free < need:
         raise pipeline.PipelineError(
             f"--scale {n:g}: about {need / 1e9:.0f} GB of disk needed in {work}, "
