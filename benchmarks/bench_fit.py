@@ -47,7 +47,7 @@ from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 
 def _read_task(grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray) -> int:
-    out = np.empty((len(cols), r1 - r0), dtype=np.float32)
+    out = np.empty((len(cols), r1 - r0), dtype=grid.np_dtype)  # the stored bytes, as stored
     return grid.read_rows(r0, r1, cols, out)
 
 
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench-output/fit.json")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic store")
     ap.add_argument("--kernels", default="numba,numpy", help="CPU kernels of the fit, comma list")
+    ap.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the synthetic trajectory's dtype (bfloat16: what ingest makes of a bf16 run)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory algorithm")
     ap.add_argument("--baseline", metavar="URL", help=argparse.SUPPRESS)  # internal: run the baseline
@@ -73,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     url = os.path.abspath(a.store)
     shutil.rmtree(url, ignore_errors=True)
     t = time.perf_counter()
-    print(f"writing a synthetic store N={n:.3g} x T={a.epochs} ({n * a.epochs * 4 / 1e9:.1f} GB) ...", flush=True)
-    synthetic_store(url, n, a.epochs, a.modes)
+    isz = 4 if a.store_dtype == "float32" else 2
+    print(f"writing a synthetic {a.store_dtype} store N={n:.3g} x T={a.epochs} ({n * a.epochs * isz / 1e9:.1f} GB) ...", flush=True)
+    synthetic_store(url, n, a.epochs, a.modes, dtype=a.store_dtype)
     print(f"  {time.perf_counter() - t:.1f} s", flush=True)
-    gb = n * a.epochs * 4 / 1e9
+    gb = n * a.epochs * isz / 1e9
     rows = {}
     try:
         st = TrajectoryStore.open(url)
@@ -92,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 from pipeline.kernels.cmd_numba import warm_up
 
                 t = time.perf_counter()
-                warm_up(("float32",))
-                run.client.run(warm_up, ("float32",))
+                warm_up((a.store_dtype,))
+                run.client.run(warm_up, (a.store_dtype,))
                 rows["kernel_load_seconds"] = time.perf_counter() - t
                 print(f"  numba kernel compiled or loaded: {rows['kernel_load_seconds']:.2f} s", flush=True)
             for i in range(a.repeat):
@@ -127,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not a.keep:
             shutil.rmtree(url, ignore_errors=True)
-    result = {"N": n, "T": a.epochs, "GB": gb, "modes": a.modes, "samples": a.samples, **rows}
+    result = {"N": n, "T": a.epochs, "GB": gb, "store_dtype": a.store_dtype, "modes": a.modes,
+              "samples": a.samples, **rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
-    print(f"N={n:.3g}, T={a.epochs}, {gb:.2f} GB float32, M={a.modes}, K={a.samples}")
+    print(f"N={n:.3g}, T={a.epochs}, {gb:.2f} GB {a.store_dtype}, M={a.modes}, K={a.samples}")
     print("| run | time s (median) | GB/s | time / read | peak RSS GB |")
     print("|---|---|---|---|---|")
     rd = rows["read"]

@@ -61,22 +61,34 @@ class PeakRSS:
         self._t.join()
 
 
-def synthetic_store(url: str, n: int, t: int, modes: int, seed: int = 0, layers: int = 8) -> None:
-    """Write a trajectory store with planted modes: w_i(t) = a_i r_m(t) + b_i + noise."""
+def synthetic_store(
+    url: str, n: int, t: int, modes: int, seed: int = 0, layers: int = 8, dtype: str = "float32"
+) -> None:
+    """Write a trajectory store with planted modes: w_i(t) = a_i r_m(t) + b_i + noise.
+
+    ``dtype`` "bfloat16" or "float16" stores the values rounded to that dtype, as a 16-bit
+    trajectory (what ingest makes of a bf16 or fp16 run)."""
+    from pipeline.store.dtypes import numpy_dtype
+
     st = TrajectoryStore.open_or_create(url)
     per = n // layers
     tensors, off = [], 0
     for i in range(layers):
         size = per if i < layers - 1 else n - off
-        tensors.append(TensorEntry(f"layers.{i}.weight", (size,), "float32", "parameter", off))
+        tensors.append(TensorEntry(f"layers.{i}.weight", (size,), dtype, "parameter", off))
         off += size
     epochs = tuple(
         EpochEntry(e, (SourceFile(f"synthetic://seed{seed}/epoch_{e}", 0, hashlib.sha256(f"{seed}:{n}:{e}".encode()).hexdigest()),))
         for e in range(t)
     )
-    settings = IngestSettings(chunk_rows=default_chunk_rows(n, 1), time_chunk=1, codec="none")
-    st.write_meta(StoreMeta(settings, tuple(tensors), n, epochs, None, __version__))
-    st.create_trajectory(n, t, settings)
+    itemsize = numpy_dtype(dtype).itemsize
+    settings = IngestSettings(
+        chunk_rows=default_chunk_rows(n, 1, itemsize=itemsize), time_chunk=1, codec="none"
+    )
+    st.write_meta(
+        StoreMeta(settings, tuple(tensors), n, epochs, None, __version__, store_dtype=dtype)
+    )
+    st.create_trajectory(n, t, settings, dtype)
     grid = st.chunk_grid()
     tt = np.linspace(0, 1, t)
     kinds = [np.exp(-3 * tt), 1 / (1 + np.exp(-10 * (tt - 0.5))), np.sin(3 * tt), tt, np.sqrt(tt), tt**2,
@@ -94,6 +106,8 @@ def synthetic_store(url: str, n: int, t: int, modes: int, seed: int = 0, layers:
             np.multiply(a, profiles[m, e].astype(np.float32), out=x)
             x += b
             x += rng.standard_normal(rows, dtype=np.float32) * np.float32(1e-3)
+            if dtype != "float32":  # round to the 16-bit dtype, then widen exactly
+                x[...] = x.astype(numpy_dtype(dtype)).astype(np.float32)
             grid.write(r0, e, col[:rows])
 
 

@@ -34,7 +34,10 @@ are read in place; writing to them is refused until ``cmd-pipeline upgrade`` (:f
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -157,7 +160,7 @@ class TrajectoryStore:
         if self.has_trajectory():
             arr = self.trajectory()
             resize(arr, (int(arr.shape[0]), meta.n_epochs))
-        self.root.attrs[ATTR_KEY] = meta.root_attrs()
+        self.root.attrs[ATTR_KEY] = _root_attrs(meta)
         self.meta = meta
         consolidate(self.url)
 
@@ -333,13 +336,34 @@ _META_NODES = (
 )
 
 
+#: schema 2 metadata already read in this process, by store URL and root attributes: every
+#: write of the metadata writes a new random generation into the root attributes, last (a
+#: change made to the metadata arrays by hand, outside cmd-pipeline, is not seen by a
+#: process that has read them already)
+_META_CACHE: OrderedDict[tuple[str, str], StoreMeta] = OrderedDict()
+
+
+def _root_attrs(meta: StoreMeta) -> dict[str, Any]:
+    """The root attributes to write: the metadata's, and a new generation."""
+    return {**meta.root_attrs(), "generation": uuid.uuid4().hex}
+
+
 def _read_meta(root: Any, raw: Any, url: str) -> StoreMeta:
     """The store's metadata from its root attributes (schema 1) or from them and the metadata
-    arrays (schema 2)."""
+    arrays (schema 2; those are read once per generation and process)."""
     if not isinstance(raw, dict):
         raise StoreError(f"{url}: the {ATTR_KEY!r} attribute is not an object")
     if raw.get("version") == SCHEMA_VERSION and raw.get("schema") == SCHEMA_NAME:
-        return StoreMeta.from_dict(read_tables(root, raw))
+        key = (url, json.dumps(raw, sort_keys=True)) if "generation" in raw else None
+        if key is not None and key in _META_CACHE:
+            _META_CACHE.move_to_end(key)
+            return _META_CACHE[key]
+        meta = StoreMeta.from_dict(read_tables(root, raw))
+        if key is not None:
+            _META_CACHE[key] = meta
+            while len(_META_CACHE) > 64:
+                _META_CACHE.popitem(last=False)
+        return meta
     return StoreMeta.from_dict(raw)
 
 
@@ -374,7 +398,7 @@ def upgrade(url: str | os.PathLike[str]) -> tuple[int, int]:
             }
         )
         resize(arr, (int(arr.shape[0]), new.n_epochs))
-    st.root.attrs[ATTR_KEY] = new.root_attrs()
+    st.root.attrs[ATTR_KEY] = _root_attrs(new)
     consolidate(st.url)
     return old, SCHEMA_VERSION
 
@@ -398,8 +422,6 @@ def _dims_to_add(st: TrajectoryStore) -> list[tuple[str, tuple[str, ...]]]:
 
 def _set_dimension_names(store: Any, path: str, dims: tuple[str, ...]) -> None:
     """Add ``dimension_names`` to one array's ``zarr.json`` (its chunks are not touched)."""
-    import json
-
     from zarr.core.buffer import default_buffer_prototype
 
     key = f"{path}/zarr.json"
