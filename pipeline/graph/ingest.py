@@ -7,7 +7,8 @@ idempotent: a task that runs twice (a worker died after it finished) writes the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -29,12 +30,30 @@ Counts = tuple[tuple[tuple[str, int], ...], ...]  # per epoch of the block: ((te
 Digests = tuple[tuple[tuple[str, int, int, bytes], ...], ...]
 
 
-def inspect_epoch(spec: CheckpointSpec) -> EpochInspection:
-    """Hash every file of the checkpoint (one sequential read) and parse its header."""
+def inspect_epoch(
+    spec: CheckpointSpec, known: Mapping[str, SourceFile] | None = None
+) -> EpochInspection:
+    """Identify every file of the checkpoint and parse its header.
+
+    A file the store already records (``known``: same path, size and modification time) keeps
+    its recorded sha256 and is not read; any other is hashed (one sequential read, zip CRCs
+    checked on the way).
+    """
     files = []
     for path in spec.files:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=spec.epoch) from e
+        old = (known or {}).get(path)
+        if old is not None and old.mtime_ns >= 0 and (old.size, old.mtime_ns) == (
+            st.st_size,
+            st.st_mtime_ns,
+        ):
+            files.append(old)
+            continue
         size, sha = digest_file(path, spec.epoch)
-        files.append(SourceFile(path, size, sha))
+        files.append(SourceFile(path, size, sha, st.st_mtime_ns))
     # the digests key the reader cache: a file changed since an earlier ingest in this
     # process (a --force rebuild after editing a checkpoint) is opened afresh
     spec = replace(spec, sha256=tuple(f.sha256 for f in files))
@@ -138,11 +157,16 @@ def count_chunk(
     )
 
 
-def build_inspect_tasks(specs: Sequence[CheckpointSpec]) -> list[object]:
-    return [
-        delayed(inspect_epoch, pure=False)(s, dask_key_name=f"inspect-{i}")
-        for i, s in enumerate(specs)
-    ]
+def build_inspect_tasks(
+    specs: Sequence[CheckpointSpec], known: Mapping[str, SourceFile] | None = None
+) -> list[object]:
+    """One :func:`inspect_epoch` task per checkpoint (``known``: the files the store records,
+    by path; each task gets only its own files' records)."""
+    tasks = []
+    for i, s in enumerate(specs):
+        mine = {p: known[p] for p in s.files if known and p in known}
+        tasks.append(delayed(inspect_epoch, pure=False)(s, mine, dask_key_name=f"inspect-{i}"))
+    return tasks
 
 
 def build_chunk_tasks(

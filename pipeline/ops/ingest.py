@@ -138,10 +138,12 @@ def _ingest(
     run: Runner,
     t_start: float,
 ) -> IngestResult:
-    # 1. Inspect every checkpoint: hash (one sequential read, CRC-checked for zips) + header.
-    inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs), "inspect")
-    # 2. Plan: reconcile the inputs with what the store holds (raises before any write).
+    # 1. Inspect every checkpoint: hash (one sequential read, CRC-checked for zips) + header;
+    #    files the store records with the same size and mtime are not read again.
     meta = st.meta
+    known = {f.path: f for e in (*meta.epochs, *(meta.pending or ())) for f in e.files} if meta else {}
+    inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs, known), "inspect")
+    # 2. Plan: reconcile the inputs with what the store holds (raises before any write).
     plan = plan_ingest(meta, inspections, requested, force)
     result = IngestResult(
         st.url,

@@ -149,21 +149,33 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A checkpoint file an epoch was read from."""
+    """A checkpoint file an epoch was read from: its path, size, sha256 and modification time
+    (nanoseconds; -1 when unknown: schema 1). A later ingest that finds the same path with the
+    same size and modification time trusts the recorded sha256 instead of reading the file."""
 
     path: str
     size: int
     sha256: str
+    mtime_ns: int = -1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+        d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
+        if self.mtime_ns >= 0:
+            d["mtime_ns"] = self.mtime_ns
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SourceFile:
         w = "source file"
         size = _get(d, "size", int, w)
         _require(size >= 0, f"{w}.size {size} is negative")
-        return cls(path=_get(d, "path", str, w), size=size, sha256=_get(d, "sha256", str, w))
+        mtime = _get(d, "mtime_ns", int, w) if "mtime_ns" in d else -1
+        return cls(
+            path=_get(d, "path", str, w),
+            size=size,
+            sha256=_get(d, "sha256", str, w),
+            mtime_ns=mtime,
+        )
 
 
 @dataclass(frozen=True)
