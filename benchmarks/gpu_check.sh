@@ -41,7 +41,7 @@ if ! "$PY" -c 'import dask, distributed, zarr, numcodecs' >/dev/null 2>&1; then
         export PYTHONPATH="$site:$PYTHONPATH"
     else
         say "dask/distributed/zarr/numcodecs are missing and there is no .whl/:"
-        fail "run ../shared/gpu/fetch-wheels.sh on a machine with network and bring .whl/ along"
+        fail "run benchmarks/gpu_wheels.sh on a machine with network and bring .whl/ along"
     fi
 fi
 
@@ -71,7 +71,7 @@ else
 fi
 
 # everything the tests and the benchmark import, checked at once for a clear message
-mods="numpy scipy dask distributed zarr numcodecs tqdm psutil click safetensors torch pytest"
+mods="numpy scipy dask distributed zarr numcodecs tqdm psutil click safetensors torch pytest xxhash ml_dtypes"
 [ "$stand_in" = 1 ] || mods="$mods cupy dask_cuda"
 "$PY" - $mods 2>&1 <<'EOF' | tee -a "$LOG"
 import importlib.util, sys
