@@ -34,9 +34,9 @@ are read in place; writing to them is refused until ``cmd-pipeline upgrade`` (:f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -337,15 +337,18 @@ _META_NODES = (
 
 
 #: schema 2 metadata already read in this process, by store URL and root attributes: every
-#: write of the metadata writes a new random generation into the root attributes, last (a
-#: change made to the metadata arrays by hand, outside cmd-pipeline, is not seen by a
+#: write of the metadata writes, last, the root attributes with a ``generation`` that digests
+#: the whole metadata (so equal metadata gives equal bytes, and any change a new generation;
+#: a change made to the metadata arrays by hand, outside cmd-pipeline, is not seen by a
 #: process that has read them already)
 _META_CACHE: OrderedDict[tuple[str, str], StoreMeta] = OrderedDict()
 
 
 def _root_attrs(meta: StoreMeta) -> dict[str, Any]:
-    """The root attributes to write: the metadata's, and a new generation."""
-    return {**meta.root_attrs(), "generation": uuid.uuid4().hex}
+    """The root attributes to write: the metadata's, and its generation (a digest of all of
+    it, tables included)."""
+    full = json.dumps(meta.to_dict(), sort_keys=True).encode()
+    return {**meta.root_attrs(), "generation": hashlib.sha256(full).hexdigest()[:32]}
 
 
 def _read_meta(root: Any, raw: Any, url: str) -> StoreMeta:
