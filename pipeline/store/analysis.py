@@ -204,7 +204,7 @@ class AnalysisGroup:
                 g, name, shape=arr.shape, chunks=arr.shape or (1,), dtype=arr.dtype, fill_value=0
             )
             a[...] = arr
-        consolidate(self.url)
+        # consolidated by the set_attrs that follows (the fit records its configuration next)
 
     def require_array(
         self,

@@ -82,11 +82,7 @@ def _create(
     fill_value: Any = None,
     compressed: bool = False,
 ) -> Any:
-    if name in g.array_keys() or name in g.group_keys():
-        from pipeline.store import keys
-
-        keys.delete_dir(g.store, f"{g.path}/{name}".lstrip("/"))
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = {"overwrite": True}  # an array of that name goes, chunks and all
     if compressed:
         kw["compressors"] = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
     return g.create_array(
@@ -186,9 +182,10 @@ def _write_epochs(root: Any, meta: StoreMeta, keep: int, *, fresh: bool) -> None
 
             keys.delete_dir(root.store, BUFFERS)
     bg = root.require_group(BUFFERS)
+    present = set(bg.array_keys())
     for name, dtype, shape in inline:
         key = f"t{index[name]}"
-        if key in bg.array_keys():
+        if key in present:
             continue
         if keep:
             raise StoreError(f"the integer buffer {name!r} is missing from the stored epochs")

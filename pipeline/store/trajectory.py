@@ -143,7 +143,7 @@ class TrajectoryStore:
         return cls(u, root, None if raw is None else _read_meta(root, raw, u))
 
     # ------------------------------------------------------------------ metadata
-    def write_meta(self, meta: StoreMeta) -> None:
+    def write_meta(self, meta: StoreMeta, *, consolidated: bool = True) -> None:
         """Validate and write the metadata (client side only; workers never write attributes).
 
         The metadata arrays first, then the trajectory's shape (the committed epochs), then the
@@ -162,7 +162,8 @@ class TrajectoryStore:
             resize(arr, (int(arr.shape[0]), meta.n_epochs))
         self.root.attrs[ATTR_KEY] = _root_attrs(meta)
         self.meta = meta
-        consolidate(self.url)
+        if consolidated:
+            consolidate(self.url)
 
     def require_current(self) -> None:
         """Refuse to change the trajectory of a store of an older schema (it reads fine)."""
@@ -196,7 +197,8 @@ class TrajectoryStore:
             self.delete_chunk_columns(committed // settings.time_chunk)
         if not self.has_trajectory():
             self.create_trajectory(base.n_rows, committed, settings, base.store_dtype)
-        self.write_meta(base)
+        # the consolidated metadata keeps showing the committed state until the commit
+        self.write_meta(base, consolidated=False)
         self.remove_partials()
 
     def commit(self, base: StoreMeta, done: tuple[EpochEntry, ...]) -> StoreMeta:
@@ -643,7 +645,8 @@ def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:
 
 
 def trajectory_dask(store: TrajectoryStore) -> Any:
-    """The committed trajectory as a lazy dask array (N, T), one dask chunk per zarr chunk."""
+    """The committed trajectory as a lazy dask array (N, T) in the stored dtype (float32,
+    float16, or ml_dtypes' bfloat16), one dask chunk per zarr chunk."""
     import dask.array as da
 
     meta = store.require_meta()
