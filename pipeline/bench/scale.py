@@ -32,6 +32,7 @@ import numpy as np
 
 import pipeline
 from pipeline.bench.common import PeakRSS
+from pipeline.ops.export import from_float32
 
 __all__ = ["LMShape", "lm_shape", "planted", "run_scale", "write_lm_run"]
 
@@ -106,19 +107,13 @@ def planted(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return m, a, b
 
 
-def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float64 values as bf16 bits (round to nearest even through float32)."""
-    bits = x.astype(np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-
-
 def _values(offset: int, size: int, e: int, prof: np.ndarray, norm: bool) -> Iterator[bytes]:
     for s in range(0, size, BLOCK):
         rows = np.arange(offset + s, offset + min(size, s + BLOCK), dtype=np.int64)
         m, a, b = planted(rows)
         if norm:  # RMS norm weights sit near 1
             b = b + 1.0
-        yield _bf16_bits(a * prof[m, e] + b).tobytes()
+        yield from_float32((a * prof[m, e] + b).astype(np.float32), "bfloat16").tobytes()
 
 
 def write_lm_run(root: Path, shape: LMShape, t: int) -> int:

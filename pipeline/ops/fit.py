@@ -33,6 +33,7 @@ from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
 from pipeline.kernels.sampling import Pool, RowMap, Sample, draw_samples
 from pipeline.plan import BlockPlan, RowLayout, StatsLayout, plan_fit
+from pipeline.plan.fit import frozen_share
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
 from pipeline.store.study import reconcile
@@ -127,8 +128,9 @@ def _sample(
     """K usable samples (not constant, finite over the window): by rejection, and when that
     falls short, from one pass over the window that finds every varying row. Tensors in
     ``frozen`` (never changing over the window) are never drawn nor scanned."""
-    if frozen:
-        keep = [i not in set(frozen) for i in range(len(layout.sizes))]
+    skip = set(frozen)
+    if skip:
+        keep = [i not in skip for i in range(len(layout.sizes))]
         rmap: RowMap | None = RowMap(layout.offsets, layout.sizes, keep)
     else:
         rmap = None
@@ -138,7 +140,7 @@ def _sample(
         tasks = build_scan_tasks(grid, plans, cols, k, seed)
         labels = [f"scan block {p.index}: rows {p.r0}-{p.r1}" for p in plans]
         found = runner_of().compute(tasks, "sampling: finding the varying parameters", labels)
-        pools = [p for pools, _nb in found for p in pools if p.layer not in set(frozen)]
+        pools = [p for pools, _nb in found for p in pools if p.layer not in skip]
         if rmap is not None:  # into the sampling's index space
             pools = [replace(p, candidates=rmap.to_virtual(p.candidates)) for p in pools]
         return pools, sum(nb for _p, nb in found)
@@ -158,20 +160,6 @@ def _sample(
     if rmap is None:
         return drawn
     return replace(drawn, index=rmap.to_real(drawn.index))
-
-
-def _frozen_share(meta: Any, cols: Sequence[int], frozen: Sequence[int]) -> dict[str, Any]:
-    """How much of the trajectory never changes over the window (by the ingest digests;
-    ``known`` is false when an epoch of the window has none: ingested under schema 1)."""
-    stored = meta.stored_tensors()
-    known = all(meta.epochs[c].digests for c in cols)
-    rows = sum(stored[i].size for i in frozen)
-    return {
-        "known": bool(known),
-        "tensors": [stored[i].name for i in frozen],
-        "rows": int(rows),
-        "share": rows / meta.n_rows if meta.n_rows else 0.0,
-    }
 
 
 def _compile_kernel(dtype: str = "float32") -> None:
@@ -397,7 +385,7 @@ def fit(
                 float_buffers=meta.settings.float_buffers,
                 stats_layout=StatsLayout.VERSION,
                 notes=notes,
-                frozen=_frozen_share(meta, plan.cols, plan.frozen),
+                frozen=frozen_share(meta, plan.cols),
             )
         if resume:
             ag.remove_partials()  # temporary files of writes that an interruption cut off

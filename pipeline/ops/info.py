@@ -50,20 +50,14 @@ def info(store: str | os.PathLike[str]) -> dict[str, Any]:
 def _frozen(meta: Any) -> dict[str, Any] | None:
     """The stored tensors whose values never change over the committed epochs (by their
     ingest digests); None when the digests are unknown (ingested under schema 1)."""
-    from pipeline.plan.fit import frozen_tensors
+    from pipeline.plan.fit import frozen_share
 
-    if not meta.epochs or not all(e.digests for e in meta.epochs):
+    if not meta.epochs:
         return None
-    stored = meta.stored_tensors()
-    idx = frozen_tensors(meta, range(meta.n_epochs))
-    rows = sum(stored[i].size for i in idx)
-    return {
-        "tensors": len(idx),
-        "of_tensors": len(stored),
-        "rows": int(rows),
-        "share": rows / meta.n_rows if meta.n_rows else 0.0,
-        "names": [stored[i].name for i in idx],
-    }
+    f = frozen_share(meta, range(meta.n_epochs))
+    if not f["known"]:
+        return None
+    return {**f, "tensors": len(f["tensors"]), "names": f["tensors"]}
 
 
 def _analysis_brief(url: str, name: str) -> dict[str, Any]:

@@ -295,6 +295,22 @@ def plan_fit(
     )
 
 
+def frozen_share(meta: StoreMeta, cols: Sequence[int]) -> dict[str, Any]:
+    """How much of the trajectory never changes over the columns ``cols``, by the ingest
+    digests: ``known`` (false when an epoch has none: ingested under schema 1), the frozen
+    tensors' names, their rows and their share of all rows."""
+    stored = meta.stored_tensors()
+    idx = frozen_tensors(meta, cols)
+    rows = sum(stored[i].size for i in idx)
+    return {
+        "known": all(meta.epochs[c].digests for c in cols),
+        "tensors": [stored[i].name for i in idx],
+        "of_tensors": len(stored),
+        "rows": int(rows),
+        "share": rows / meta.n_rows if meta.n_rows else 0.0,
+    }
+
+
 def frozen_tensors(meta: StoreMeta, cols: Sequence[int]) -> tuple[int, ...]:
     """The stored tensors (indices among the stored ones) whose digests are equal at every
     column of ``cols``: they never change over the window. Empty when a digest is unknown
