@@ -18,6 +18,7 @@ from pipeline.errors import (
 )
 from pipeline.ops.evaluate import EvaluationResult, evaluate
 from pipeline.ops.export import export, state_dict
+from pipeline.ops.export_like import export_hf
 from pipeline.ops.fit import FitResult, fit
 from pipeline.ops.info import info
 from pipeline.ops.ingest import IngestResult, ingest
@@ -46,6 +47,7 @@ __all__ = [
     "__version__",
     "evaluate",
     "export",
+    "export_hf",
     "fit",
     "info",
     "ingest",

@@ -7,18 +7,22 @@ metadata (small integer buffers) or from the original checkpoint files.
 ``.safetensors`` files are streamed: the store is read one chunk at a time and memory stays
 bounded by the chunk size whatever the model's size. ``.pt`` files are built in memory (one
 epoch's state_dict) because ``torch.save`` needs the whole dict.
+
+Shaped like the user's own model instead (a Hugging Face folder, a Lightning ``.ckpt``): see
+:mod:`pipeline.ops.export_like`, which writes through this module's :class:`SafetensorsFile`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.checkpoints.discover import spec_of_files
 from pipeline.checkpoints.readers import (
     RAW_NUMPY,
     ST_TAGS,
@@ -31,7 +35,14 @@ from pipeline.plan import RowLayout, blocks
 from pipeline.store.schema import EpochEntry, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore, read_block
 
-__all__ = ["ColumnSource", "export", "from_float32", "state_dict"]
+__all__ = [
+    "ST_METADATA",
+    "ColumnSource",
+    "SafetensorsFile",
+    "export",
+    "from_float32",
+    "state_dict",
+]
 
 #: A source of one epoch's values: yields ``(row_start, float32 values)`` blocks in row order.
 ColumnSource = Callable[[], Iterator[tuple[int, np.ndarray]]]
@@ -58,7 +69,7 @@ def from_float32(values: np.ndarray, dtype: str) -> np.ndarray:
     raise TypeError(f"cannot write float values as {dtype}")
 
 
-def _spec_of(entry: EpochEntry) -> CheckpointSpec:
+def _spec_of(entry: EpochEntry, strip_prefix: str | None = None) -> CheckpointSpec:
     paths = tuple(f.path for f in entry.files)
     for f in entry.files:
         # same size is not same contents (a re-run of training overwrites its checkpoints):
@@ -74,18 +85,15 @@ def _spec_of(entry: EpochEntry) -> CheckpointSpec:
                 path=f.path,
                 epoch=entry.epoch,
             )
-    if paths[0].endswith(".index.json"):
-        return CheckpointSpec("hf-sharded", paths, entry.epoch)
-    if paths[0].endswith(".safetensors"):
-        return CheckpointSpec("safetensors", paths, entry.epoch)
-    return CheckpointSpec("torch", paths, entry.epoch)
+    return spec_of_files(paths, entry.epoch, strip_prefix)  # the layout ingest found
 
 
-class _Side:
+class SideTensors:
     """Tensors of one epoch that are not in the trajectory."""
 
-    def __init__(self, entry: EpochEntry) -> None:
+    def __init__(self, entry: EpochEntry, strip_prefix: str | None = None) -> None:
         self.entry = entry
+        self.strip_prefix = strip_prefix  # the store's setting: its names are the stripped ones
         self.inline = {t.name: t for t in entry.inline}
         self._reader = None
 
@@ -94,7 +102,7 @@ class _Side:
         if inl is not None:
             return np.frombuffer(inl.to_bytes(), dtype=RAW_NUMPY[t.dtype]).reshape(t.shape)
         if self._reader is None:
-            self._reader = open_checkpoint(_spec_of(self.entry))  # type: ignore[assignment]
+            self._reader = open_checkpoint(_spec_of(self.entry, self.strip_prefix))  # type: ignore[assignment]
         return self._reader.read_raw(t.name)  # type: ignore[attr-defined]
 
 
@@ -117,6 +125,7 @@ def export(
     out: str | os.PathLike[str],
     *,
     analysis: str | None = None,
+    like: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> Path:
     """Write epoch ``epoch`` of the store as a checkpoint; the format follows ``out``'s suffix.
@@ -128,20 +137,51 @@ def export(
     epoch
         An epoch number recorded in the store.
     out
-        Output path ending in ``.safetensors``, ``.pt`` or ``.pth``.
+        Output path ending in ``.safetensors``, ``.pt`` or ``.pth``; or ``.ckpt``, with
+        ``like``: a copy of that Lightning checkpoint with its weights replaced (see
+        :func:`pipeline.ops.export_like.export_ckpt`).
     analysis
         Name of a CMD analysis: export its reconstruction of the epoch instead of the
         recorded weights.
+    like
+        A Lightning checkpoint (``.ckpt``) whose layout a ``.ckpt`` output copies. For a
+        Hugging Face model folder see :func:`pipeline.ops.export_like.export_hf`.
     progress
         Show a progress bar over the rows on stderr.
     """
+    out = Path(out)
+    if out.suffix.lower() == ".ckpt" or like is not None:
+        if like is None:
+            raise InputError(
+                "a .ckpt output is a copy of a Lightning checkpoint with the weights replaced: "
+                "give that checkpoint with like=CKPT",
+                path=str(out),
+            )
+        if out.suffix.lower() != ".ckpt":
+            raise InputError(
+                "like=... shapes a .ckpt output (a Lightning checkpoint) or a Hugging Face "
+                "folder (export_hf); a .safetensors/.pt/.pth output keeps the store's own names",
+                path=str(out),
+            )
+        from pipeline.ops.export_like import export_ckpt
+
+        return export_ckpt(store, epoch, out, like=like, analysis=analysis, progress=progress).path
     st = TrajectoryStore.open(store)
+    meta, entry, source = epoch_source(st, epoch, analysis, progress=progress)
+    return write_checkpoint(meta, entry, source, out)
+
+
+def epoch_source(
+    st: TrajectoryStore, epoch: int, analysis: str | None = None, *, progress: bool = False
+) -> tuple[StoreMeta, EpochEntry, ColumnSource]:
+    """The store's metadata, the epoch's entry and the column source of its weights: the
+    recorded ones, or with ``analysis`` the study's reconstruction."""
     meta = st.require_meta()
     col = meta.column_of(epoch)
     source = _source(st, col, epoch, analysis)
     if progress:
         source = _with_progress(source, meta.n_rows, f"export epoch {epoch}")
-    return write_checkpoint(meta, meta.epochs[col], source, Path(out))
+    return meta, meta.epochs[col], source
 
 
 def _with_progress(source: ColumnSource, n_rows: int, desc: str) -> ColumnSource:
@@ -165,7 +205,8 @@ def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, o
     suffix = out.suffix.lower()
     if suffix not in (".safetensors", ".pt", ".pth"):
         raise InputError(
-            f"unsupported output type {suffix or '(none)'}: use .safetensors, .pt or .pth",
+            f"unsupported output type {suffix or '(none)'}: use .safetensors, .pt or .pth (or "
+            ".ckpt with like=CKPT)",
             path=str(out),
         )
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +223,7 @@ def write_checkpoint(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, o
     return out
 
 
-def _segments_by_block(
+def segments_by_block(
     meta: StoreMeta, source: ColumnSource
 ) -> Iterator[tuple[TensorEntry, int, np.ndarray]]:
     """``(tensor, element offset, float32 values)`` pieces in row order."""
@@ -197,48 +238,125 @@ def _segments_by_block(
 def _write_safetensors(
     meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path
 ) -> None:
-    side = _Side(entry)
-    stored = meta.stored_tensors()
-    others = [t for t in meta.tensors if not t.stored]
-    header: dict[str, object] = {}
-    offset = 0
-    spans: dict[str, tuple[int, int]] = {}
-    for t in stored + others:  # data: stored tensors in row order, then the rest
-        nbytes = t.size * RAW_NUMPY[t.dtype].itemsize
-        spans[t.name] = (offset, offset + nbytes)
-        offset += nbytes
-    for t in meta.tensors:  # header keys in the original state_dict order
-        if t.dtype not in ST_TAGS:
-            raise StoreError(f"cannot write dtype {t.dtype} of {t.name!r} to safetensors")
-        header[t.name] = {
-            "dtype": ST_TAGS[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": list(spans[t.name]),
-        }
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t, _start, vals in _segments_by_block(meta, source):
-            f.write(from_float32(vals, t.dtype).tobytes())
-        for t in others:
-            f.write(
-                np.ascontiguousarray(side.raw(t)).astype(RAW_NUMPY[t.dtype], copy=False).tobytes()
-            )
+    side = SideTensors(entry, meta.settings.strip_prefix)
+    tensors = [(t.name, t.dtype, t.shape) for t in meta.tensors]  # the original order
+    with SafetensorsFile(path, tensors, metadata=ST_METADATA) as f:
+        for t, start, vals in segments_by_block(meta, source):
+            f.write(t.name, start, from_float32(vals, t.dtype))
+        for t in meta.tensors:
+            if not t.stored:
+                f.write(t.name, 0, side.raw(t))
+
+
+#: the ``__metadata__`` of written safetensors files (what ``transformers`` expects)
+ST_METADATA = {"format": "pt"}
+
+
+class SafetensorsFile:
+    """A safetensors file written piece by piece: the header first, then any part of any
+    tensor, in any order (memory: the piece being written).
+
+    Header keys follow ``tensors``; the data is laid out largest item size first (stable), so
+    every tensor starts at a multiple of its item size, as the ``safetensors`` library lays
+    it out. :meth:`close` checks that every byte was written.
+
+    >>> import tempfile, numpy as np
+    >>> from safetensors.numpy import load_file
+    >>> path = Path(tempfile.mkdtemp()) / "t.safetensors"
+    >>> with SafetensorsFile(path, [("w", "float32", (2, 2)), ("n", "int64", ())]) as f:
+    ...     f.write("w", 2, np.array([3.0, 4.0], np.float32))
+    ...     f.write("n", 0, np.array(7))
+    ...     f.write("w", 0, np.array([1.0, 2.0], np.float32))
+    >>> got = load_file(str(path))
+    >>> got["w"].tolist(), int(got["n"])
+    ([[1.0, 2.0], [3.0, 4.0]], 7)
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[tuple[str, str, tuple[int, ...]]],
+        *,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.path = path
+        self._dtypes: dict[str, np.dtype[Any]] = {}
+        self._expected: dict[str, int] = {}
+        for name, dtype, shape in tensors:
+            if dtype not in ST_TAGS:
+                raise StoreError(f"cannot write dtype {dtype} of {name!r} to safetensors")
+            if name in self._dtypes or name == "__metadata__":
+                raise StoreError(f"tensor name {name!r} twice in one safetensors file")
+            self._dtypes[name] = RAW_NUMPY[dtype]
+            self._expected[name] = int(np.prod(shape, dtype=np.int64)) * RAW_NUMPY[dtype].itemsize
+        order = sorted(range(len(tensors)), key=lambda i: -self._dtypes[tensors[i][0]].itemsize)
+        self._begin: dict[str, int] = {}
+        offset = 0
+        for i in order:
+            name = tensors[i][0]
+            self._begin[name] = offset
+            offset += self._expected[name]
+        self.data_bytes = offset
+        header: dict[str, object] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        for name, dtype, shape in tensors:
+            b = self._begin[name]
+            header[name] = {
+                "dtype": ST_TAGS[dtype],
+                "shape": list(shape),
+                "data_offsets": [b, b + self._expected[name]],
+            }
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        self._written = dict.fromkeys(self._expected, 0)
+        self._f = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._f.write(len(raw).to_bytes(8, "little"))
+        self._f.write(raw)
+
+    def write(self, name: str, start: int, raw: np.ndarray) -> None:
+        """Elements ``[start, start + raw.size)`` of the flattened tensor ``name``, given in
+        (or cast to) its raw storage dtype (``RAW_NUMPY``)."""
+        dt = self._dtypes[name]
+        data = np.ascontiguousarray(raw).astype(dt, copy=False).reshape(-1)
+        at = self._begin[name] + start * dt.itemsize
+        if start < 0 or at - self._begin[name] + data.nbytes > self._expected[name]:
+            raise StoreError(f"write past the end of tensor {name!r} in {self.path}")
+        self._f.seek(self._data_start + at)
+        self._f.write(data.view(np.uint8).data)
+        self._written[name] += data.nbytes
+
+    def close(self) -> None:
+        """Close the file; raise :class:`StoreError` if a tensor was not fully written."""
+        if self._f.closed:
+            return
+        self._f.close()
+        short = [n for n, want in self._expected.items() if self._written[n] != want]
+        if short:
+            raise StoreError(f"{self.path}: the data of {short[:3]} was not written in full")
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
 
 
 def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:
     import torch
 
-    torch.save(_torch_state(meta, entry, source), path)
+    torch.save(torch_state(meta, entry, source), path)
 
 
-def _torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> dict[str, Any]:
+def torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> dict[str, Any]:
 
-    side = _Side(entry)
+    side = SideTensors(entry, meta.settings.strip_prefix)
     arrays = {t.name: np.empty(t.size, dtype=RAW_NUMPY[t.dtype]) for t in meta.stored_tensors()}
-    for t, start, vals in _segments_by_block(meta, source):
+    for t, start, vals in segments_by_block(meta, source):
         arrays[t.name][start : start + len(vals)] = from_float32(vals, t.dtype)
     sd = {}
     for t in meta.tensors:
@@ -259,7 +377,7 @@ def state_dict(
     st = store if isinstance(store, TrajectoryStore) else TrajectoryStore.open(store)
     meta = st.require_meta()
     col = meta.column_of(epoch)
-    return _torch_state(meta, meta.epochs[col], _source(st, col, epoch, analysis))
+    return torch_state(meta, meta.epochs[col], _source(st, col, epoch, analysis))
 
 
 def _source(st: TrajectoryStore, col: int, epoch: int, analysis: str | None) -> ColumnSource:
