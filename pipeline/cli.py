@@ -363,6 +363,13 @@ def main(verbose: int) -> None:
     ),
 )
 @click.option(
+    "--strip-prefix",
+    metavar="PREFIX",
+    default=None,
+    help="Remove PREFIX from the tensor names that start with it: 'model.' of a Lightning "
+    "module, 'module.' of DDP or DeepSpeed [default: the store's, else none; '' for none].",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Rebuild the trajectory when inputs or settings differ from the store's.",
@@ -372,6 +379,9 @@ def main(verbose: int) -> None:
 def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: Any) -> None:
     """Transpose per-epoch checkpoints (INPUT: files, directories, globs) into the store.
 
+    Checkpoints: .pt/.pth/.bin/.ckpt (torch.save, e.g. Lightning) and .safetensors files;
+    Hugging Face checkpoint-N/ folders (one model file or shards with their index); DeepSpeed
+    global_stepN/ folders; PyTorch Distributed Checkpoint folders (.metadata + *.distcp).
     Re-running the same command resumes an interrupted ingest; new epochs are appended.
     """
     from pipeline.ops.ingest import ingest as run_ingest
@@ -423,9 +433,24 @@ def upgrade(store: str) -> None:
 @click.option(
     "--out",
     "-o",
-    required=True,
+    default=None,
     type=click.Path(dir_okay=False),
-    help="Output file: .safetensors (streamed) or .pt/.pth.",
+    help="Output file: .safetensors (streamed), .pt/.pth, or .ckpt (a copy of the Lightning "
+    "checkpoint --like with the weights replaced).",
+)
+@click.option(
+    "--hf-folder",
+    default=None,
+    type=click.Path(),
+    help="Write a Hugging Face model folder instead of --out: config, tokenizer and other "
+    "files from --like, the weights as sharded safetensors.",
+)
+@click.option(
+    "--like",
+    default=None,
+    metavar="PATH",
+    help="The model to shape the output like: a Hugging Face folder (--hf-folder; default: "
+    "the epoch's checkpoint folder) or a Lightning .ckpt (--out X.ckpt).",
 )
 @click.option(
     "--analysis",
@@ -433,13 +458,78 @@ def upgrade(store: str) -> None:
     metavar="NAME",
     help="Export this CMD analysis's reconstruction instead.",
 )
+@click.option(
+    "--max-shard-size",
+    default=None,
+    metavar="SIZE",
+    help="Largest safetensors shard of --hf-folder, e.g. 500MB, 5GB, 2GiB (default 5GB).",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty --hf-folder.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse, instead of keeping from --like or leaving out, tensors only one side has.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_handle_errors
-def export(store: str, epoch: int, out: str, analysis: str | None, no_progress: bool) -> None:
-    """Write one epoch as a state_dict with the original names, shapes and dtypes."""
+def export(
+    store: str,
+    epoch: int,
+    out: str | None,
+    hf_folder: str | None,
+    like: str | None,
+    analysis: str | None,
+    max_shard_size: str | None,
+    force: bool,
+    strict: bool,
+    no_progress: bool,
+) -> None:
+    """Write one epoch as a state_dict with the original names, shapes and dtypes, or as the
+    user's model format (--hf-folder, or --out X.ckpt with --like)."""
+    if (out is None) == (hf_folder is None):
+        raise click.UsageError("give exactly one of --out FILE and --hf-folder DIR")
+    if hf_folder is not None:
+        from pipeline.ops.export_like import DEFAULT_MAX_SHARD_SIZE, export_hf
+
+        result = export_hf(
+            store,
+            epoch,
+            hf_folder,
+            like=like,
+            analysis=analysis,
+            max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+            force=force,
+            strict=strict,
+            progress=not no_progress,
+        )
+        click.echo(result.text())
+        return
+    if max_shard_size is not None or force:
+        raise click.UsageError("--max-shard-size and --force go with --hf-folder")
+    ckpt = out is not None and out.lower().endswith(".ckpt")
+    if ckpt and like is None:
+        raise click.UsageError("--out X.ckpt needs --like CKPT, the Lightning checkpoint to copy")
+    if like is not None and not ckpt:
+        raise click.UsageError("--like goes with --hf-folder DIR or --out X.ckpt")
+    if ckpt:
+        from pipeline.ops.export_like import export_ckpt
+
+        result = export_ckpt(
+            store,
+            epoch,
+            str(out),
+            like=str(like),
+            analysis=analysis,
+            strict=strict,
+            progress=not no_progress,
+        )
+        click.echo(result.text())
+        return
+    if strict:
+        raise click.UsageError("--strict goes with --like")
     from pipeline.ops.export import export as run_export
 
-    path = run_export(store, epoch, out, analysis=analysis, progress=not no_progress)
+    path = run_export(store, epoch, str(out), analysis=analysis, progress=not no_progress)
     click.echo(f"wrote {path}")
 
 
@@ -484,6 +574,12 @@ def export(store: str, epoch: int, out: str, analysis: str | None, no_progress: 
     help="Rows per task [default: 16 MiB float32 blocks].",
 )
 @click.option(
+    "--diagnostics",
+    is_flag=True,
+    help="Also store each parameter's correlation with its reference and its residual "
+    "(float32 corr and residual: 8 more bytes per parameter; the summaries have them anyway).",
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Replace an existing study of this name with another configuration.",
@@ -499,6 +595,7 @@ def fit(
     seed: int,
     window: str | None,
     block_rows: int | None,
+    diagnostics: bool,
     force: bool,
     **kw: Any,
 ) -> None:
@@ -520,6 +617,7 @@ def fit(
         epochs=window,
         force=force,
         block_rows=block_rows,
+        diagnostics=diagnostics,
         runtime=_make_runtime(kw),
     )
     click.echo(result.summary_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import itertools
+import logging
 import os
 import re
 import shlex
@@ -11,15 +12,50 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.checkpoints.distcp import METADATA_NAME
+from pipeline.checkpoints.distcp import SUFFIX as DCP_SUFFIX
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
 from pipeline.store.schema import _ranges
 
-__all__ = ["discover", "parse_epochs_from_names"]
+__all__ = ["checkpoint_of_folder", "discover", "parse_epochs_from_names", "spec_of_files"]
 
-_SUFFIXES = {".pt": "torch", ".pth": "torch", ".safetensors": "safetensors"}
+log = logging.getLogger("pipeline.checkpoints")
+
+#: checkpoint files by suffix (a .bin or .ckpt is a zip-format torch.save: Hugging Face's
+#: pytorch_model.bin, Lightning's epoch=3-step=120.ckpt)
+_SUFFIXES = {
+    ".pt": "torch",
+    ".pth": "torch",
+    ".bin": "torch",
+    ".ckpt": "torch",
+    ".safetensors": "safetensors",
+}
 INDEX_NAME = "model.safetensors.index.json"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+#: the single-file models of a Hugging Face folder, in order of preference
+_HF_MODELS = (("model.safetensors", "safetensors"), ("pytorch_model.bin", "torch"))
+#: DeepSpeed's model states without ZeRO-3 (ZeRO-3 writes zero_pp_rank_* files instead)
+_DS_MODEL = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_DS_ZERO3 = re.compile(r"(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+_DS_LAYER = re.compile(r"layer_\d+-model_\d+-model_states\.pt$")
+#: the checkpoint folders of a Hugging Face Trainer (or Accelerate) output folder
+_TRAINER_CHECKPOINT = re.compile(r"checkpoint[-_]\d+")
+#: training state a training stack saves beside its checkpoints: never a model
+_NOT_MODELS = re.compile(
+    r"(training_args\.bin|(optimizer|scheduler|scaler)(_\d+)?\.(pt|bin|pth)|rng_state(_\d+)?\.pth"
+    r"|.*_optim_states\.pt)$"
+)
+#: what a folder may hold, for the message when it holds none of it
+ACCEPTED = (
+    "accepted are .pt, .pth, .bin, .ckpt (zip-format torch.save, e.g. Lightning) and "
+    ".safetensors files; folders holding model.safetensors or pytorch_model.bin, or their "
+    f"shards with {INDEX_NAME} or {BIN_INDEX_NAME} (Hugging Face checkpoint-N/); DeepSpeed "
+    "global_stepN/ folders with mp_rank_00_model_states.pt; PyTorch Distributed Checkpoint "
+    "folders (.metadata and *.distcp)"
+)
 _KEYWORDS = ("epoch", "ep", "step", "iter", "checkpoint", "ckpt")
+_EPOCH_WORDS = ("epoch", "ep")
 #: words that name the starting point of a run (epoch 0, before the numbered checkpoints)
 START_WORDS = frozenset(
     {"init", "initial", "initialization", "initialisation", "initialized", "initialised",
@@ -40,37 +76,144 @@ def _natural_key(s: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _checkpoint_of_dir(d: Path) -> CheckpointSpec | None:
-    """A directory that is itself one checkpoint (sharded, or a lone model.safetensors)."""
-    idx = d / INDEX_NAME
-    if idx.is_file():
-        import json
+def _sharded_spec(d: Path, index_name: str, fmt: str) -> CheckpointSpec:
+    import json
 
-        try:
-            wmap = json.loads(idx.read_text()).get("weight_map", {})
-            shards = sorted(dict.fromkeys(str(v) for v in wmap.values()))
-        except (OSError, ValueError, AttributeError) as e:
-            raise InputError(f"unreadable shard index: {e}", path=str(idx)) from e
-        return CheckpointSpec("hf-sharded", (str(idx), *[str(d / s) for s in shards]))
-    single = d / "model.safetensors"
-    if single.is_file():
-        return CheckpointSpec("safetensors", (str(single),))
-    return None
+    idx = d / index_name
+    try:
+        wmap = json.loads(idx.read_text()).get("weight_map", {})
+        shards = sorted(dict.fromkeys(str(v) for v in wmap.values()))
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"unreadable shard index: {e}", path=str(idx)) from e
+    return CheckpointSpec(fmt, (str(idx), *[str(d / s) for s in shards]))
+
+
+def _zero3_error(d: Path) -> InputError:
+    return InputError(
+        "a DeepSpeed ZeRO-3 checkpoint: its weights are partitioned across the "
+        "zero_pp_rank_* files. Consolidate them first with DeepSpeed's zero_to_fp32 (the "
+        "zero_to_fp32.py script DeepSpeed saves beside the checkpoints, or "
+        "deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict) and ingest "
+        "its output",
+        path=str(d),
+    )
+
+
+def _deepspeed_spec(d: Path, names: set[str]) -> CheckpointSpec | None:
+    """DeepSpeed's ``mp_rank_00_model_states.pt`` in ``d``; ZeRO-3, model- and
+    pipeline-parallel checkpoints are refused."""
+    ranks = sorted(n for n in names if _DS_MODEL.fullmatch(n) and not n.startswith("zero_"))
+    if not ranks:
+        if any(_DS_ZERO3.fullmatch(n) for n in names):
+            raise _zero3_error(d)
+        return None
+    if ranks != ["mp_rank_00_model_states.pt"]:
+        raise InputError(
+            f"a model-parallel DeepSpeed checkpoint ({', '.join(ranks[:3])}): each file holds "
+            "a slice of the weights; merge them into one state_dict first",
+            path=str(d),
+        )
+    if any(_DS_LAYER.fullmatch(n) for n in names):
+        raise InputError(
+            "a pipeline-parallel DeepSpeed checkpoint (layer_*-model_states.pt): merge its "
+            "layers into one state_dict first",
+            path=str(d),
+        )
+    return CheckpointSpec("deepspeed", (str(d / ranks[0]),))
+
+
+def _checkpoint_of_dir(d: Path) -> CheckpointSpec | None:
+    """A directory that is itself one checkpoint: a Hugging Face model folder (sharded, or
+    one model file), a DeepSpeed tag folder or a Distributed Checkpoint; None otherwise."""
+    try:
+        names = {c.name for c in d.iterdir()}
+    except OSError:
+        return None
+    if INDEX_NAME in names:
+        return _sharded_spec(d, INDEX_NAME, "hf-sharded")
+    for name, fmt in _HF_MODELS:
+        if name in names and (d / name).is_file():
+            return CheckpointSpec(fmt, (str(d / name),))
+    if BIN_INDEX_NAME in names:
+        return _sharded_spec(d, BIN_INDEX_NAME, "hf-sharded-bin")
+    if METADATA_NAME in names and any(n.endswith(DCP_SUFFIX) for n in names):
+        parts = sorted((n for n in names if n.endswith(DCP_SUFFIX)), key=_natural_key)
+        return CheckpointSpec("dcp", (str(d / METADATA_NAME), *[str(d / n) for n in parts]))
+    return _deepspeed_spec(d, names)
+
+
+def checkpoint_of_folder(path: str | os.PathLike[str]) -> CheckpointSpec | None:
+    """The checkpoint a folder is (a Hugging Face model folder, single or sharded
+    safetensors or ``.bin``; a DeepSpeed tag folder; a Distributed Checkpoint), or None."""
+    return _checkpoint_of_dir(Path(path))
+
+
+def _tagged_dir(d: Path) -> tuple[str, CheckpointSpec] | None:
+    """A DeepSpeed save folder whose ``latest`` names its only checkpoint (as Lightning's
+    DeepSpeed strategy writes ``epoch=3-step=120.ckpt/checkpoint/``): (name, spec). The name
+    is the tag's when it holds a number, else the folder's."""
+    latest = d / "latest"
+    if not latest.is_file():
+        return None
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    sub = d / tag
+    if not tag or "/" in tag or not sub.is_dir():
+        return None
+    others = [c for c in d.iterdir() if c.is_dir() and c.name != tag]
+    if any(_checkpoint_of_dir(c) is not None for c in others):
+        return None  # a folder of several checkpoints: each is found on its own
+    spec = _checkpoint_of_dir(sub)
+    if spec is None:
+        return None
+    return (tag if re.search(r"\d", tag) else d.name), spec
 
 
 def _spec_of_file(p: Path) -> CheckpointSpec:
-    if p.name == INDEX_NAME:
+    if p.name in (INDEX_NAME, BIN_INDEX_NAME, METADATA_NAME) or p.suffix == DCP_SUFFIX or (
+        _DS_MODEL.fullmatch(p.name) or _DS_ZERO3.fullmatch(p.name)
+    ):
         spec = _checkpoint_of_dir(p.parent)
-        assert spec is not None
+        if spec is None or (
+            p.name not in (INDEX_NAME, BIN_INDEX_NAME) and str(p) not in spec.files
+        ):
+            raise InputError(f"not part of a checkpoint folder ({ACCEPTED})", path=str(p))
         return spec
     fmt = _SUFFIXES.get(p.suffix.lower())
     if fmt is None:
         raise InputError(
-            f"unsupported checkpoint type {p.suffix or '(no suffix)'}: expected .pt, .pth, "
-            f".safetensors or a directory with {INDEX_NAME}",
-            path=str(p),
+            f"unsupported checkpoint type {p.suffix or '(no suffix)'}: {ACCEPTED}", path=str(p)
         )
     return CheckpointSpec(fmt, (str(p),))
+
+
+def spec_of_files(
+    files: Sequence[str], epoch: int | None = None, strip_prefix: str | None = None
+) -> CheckpointSpec:
+    """The spec of a checkpoint from its files as :func:`discover` lists them (the paths a
+    store records for an epoch).
+
+    >>> spec_of_files(["/r/checkpoint-5/pytorch_model.bin.index.json", "/r/a.bin"]).format
+    'hf-sharded-bin'
+    >>> spec_of_files(["/r/step-5/.metadata", "/r/step-5/__0_0.distcp"]).format
+    'dcp'
+    """
+    first = os.path.basename(files[0])
+    if first.endswith(".safetensors.index.json"):
+        fmt = "hf-sharded"
+    elif first.endswith(".bin.index.json"):
+        fmt = "hf-sharded-bin"
+    elif first == METADATA_NAME:
+        fmt = "dcp"
+    elif _DS_MODEL.fullmatch(first):
+        fmt = "deepspeed"
+    elif first.endswith(".safetensors"):
+        fmt = "safetensors"
+    else:
+        fmt = "torch"
+    return CheckpointSpec(fmt, tuple(files), epoch, strip_prefix=strip_prefix)
 
 
 @dataclass(frozen=True)
@@ -83,34 +226,62 @@ class _Found:
     spec: CheckpointSpec
 
 
+def _folder_checkpoint(d: Path) -> _Found | None:
+    spec = _checkpoint_of_dir(d)
+    if spec is not None:
+        return _Found(d.name, str(d), spec)
+    tagged = _tagged_dir(d)
+    if tagged is not None:
+        return _Found(tagged[0], str(d), tagged[1])
+    return None
+
+
+def _expand_dir(p: Path, item: str) -> list[_Found]:
+    children = sorted(p.iterdir(), key=lambda c: _natural_key(c.name))
+    own = _folder_checkpoint(p)
+    if own is not None:
+        # a training run's output folder: its final model saved beside its checkpoint-N/
+        # folders (folders of other kinds inside a checkpoint, like the global_stepN/ of
+        # DeepSpeed beside a Hugging Face model, are not epochs)
+        found = [
+            f
+            for c in children
+            if c.is_dir() and _TRAINER_CHECKPOINT.fullmatch(c.name)
+            if (f := _folder_checkpoint(c)) is not None
+        ]
+        if not found:
+            return [own]
+        log.info(
+            "%s: ingesting its checkpoint folders, not the final model saved beside them (%s); "
+            "give that by path with --epochs to ingest it too",
+            item,
+            ", ".join(Path(f).name for f in own.spec.files),
+        )
+        return found
+    found = []
+    for child in children:
+        if child.is_dir():
+            sub = _folder_checkpoint(child)
+            if sub is not None:
+                found.append(sub)
+        elif child.suffix.lower() in _SUFFIXES and not _NOT_MODELS.fullmatch(child.name):
+            found.append(_Found(child.stem, str(child), _spec_of_file(child)))
+    if not found:
+        raise InputError(f"directory holds no checkpoints: {ACCEPTED}", path=item)
+    return found
+
+
 def _expand_one(item: str) -> list[_Found]:
     """The checkpoints of one command-line input, in the order it expands to."""
     p = Path(item)
     if p.is_dir():
-        own = _checkpoint_of_dir(p)
-        if own is not None:
-            return [_Found(p.name, str(p), own)]
-        found: list[_Found] = []
-        for child in sorted(p.iterdir(), key=lambda c: _natural_key(c.name)):
-            if child.is_dir():
-                spec = _checkpoint_of_dir(child)
-                if spec is not None:
-                    found.append(_Found(child.name, str(child), spec))
-            elif child.suffix.lower() in _SUFFIXES:
-                found.append(_Found(child.stem, str(child), _spec_of_file(child)))
-        if not found:
-            raise InputError(
-                "directory holds no checkpoints (.pt, .pth, .safetensors, sharded)", path=item
-            )
-        return found
+        return _expand_dir(p, item)
     if p.is_file():
         spec = _spec_of_file(p)
-        name = (
-            p.parent.name
-            if spec.format == "hf-sharded" or p.name == "model.safetensors"
-            else p.stem
+        in_folder = len(spec.files) > 1 or spec.format == "deepspeed" or (
+            p.name in {n for n, _f in _HF_MODELS}
         )
-        return [_Found(name, str(p), spec)]
+        return [_Found(p.parent.name if in_folder else p.stem, str(p), spec)]
     if any(c in item for c in "*?["):
         matches = sorted(glob.glob(item), key=_natural_key)
         if not matches:
@@ -122,17 +293,46 @@ def _expand_one(item: str) -> list[_Found]:
     raise InputError("no such file or directory", path=item)
 
 
+def _keyword(text: str) -> str | None:
+    """The keyword (``epoch``, ``step``...) a name's text before a number ends with."""
+    tail = text.lower().rstrip("_-.= ")
+    return next((k for k in sorted(_KEYWORDS, key=len, reverse=True) if tail.endswith(k)), None)
+
+
+def _keyed_field(
+    varying: list[int], keywords: list[str | None], ints: list[list[int]]
+) -> int | None:
+    """Among several varying numbers, each after a keyword and all in the same order (as
+    Lightning's ``epoch=3-step=120``): the epoch when its values are distinct (one checkpoint
+    per epoch), else the first other one whose values are."""
+    if any(keywords[i] is None for i in varying):
+        return None
+    for i, j in itertools.combinations(varying, 2):
+        pairs = sorted({(v[i], v[j]) for v in ints})
+        if any(b[1] < a[1] for a, b in itertools.pairwise(pairs)):
+            return None  # the fields order the names differently
+    distinct = [i for i in varying if len({v[i] for v in ints}) == len(ints)]
+    ranked = sorted(distinct, key=lambda i: (keywords[i] not in _EPOCH_WORDS, i))
+    return ranked[0] if ranked else None
+
+
 def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
     """Epoch numbers parsed from checkpoint names; ambiguity is an error.
 
     All names must share one pattern of non-digit text. The epoch is the one integer field
     that varies between names; with a single name (or none varying) the integer after a
-    keyword such as ``epoch``/``step``/``checkpoint`` is used, or the only integer.
+    keyword such as ``epoch``/``step``/``checkpoint`` is used, or the only integer. When
+    several fields vary, each after a keyword and in the same order (Lightning's
+    ``epoch=3-step=120``), the epoch is used, or the step when epochs repeat.
 
     >>> parse_epochs_from_names(["run1_epoch_002", "run1_epoch_010", "run1_epoch_001"])
     [2, 10, 1]
     >>> parse_epochs_from_names(["checkpoint-500"])
     [500]
+    >>> parse_epochs_from_names(["epoch=0-step=40", "epoch=1-step=80"])
+    [0, 1]
+    >>> parse_epochs_from_names(["epoch=0-step=40", "epoch=0-step=80", "epoch=1-step=120"])
+    [40, 80, 120]
     """
     if not names:
         return []
@@ -150,17 +350,24 @@ def parse_epochs_from_names(names: Sequence[str]) -> list[int]:
     if nfields == 0:
         raise InputError(f"cannot parse an epoch number from {names[0]!r}: give the epochs (`epochs`)")
     varying = [i for i in range(nfields) if len({v[i] for v in ints}) > 1]
+    keywords = [_keyword(t) for t in texts[:nfields]]
     if len(varying) == 1:
         field = varying[0]
     elif len(varying) > 1:
-        raise InputError(
-            f"ambiguous epoch numbers: {len(varying)} numeric fields vary between names "
-            f"(e.g. {names[0]!r}, {names[1]!r}); {_IN_ORDER}"
-        )
+        picked = _keyed_field(varying, keywords, ints)
+        if picked is None:
+            raise InputError(
+                f"ambiguous epoch numbers: {len(varying)} numeric fields vary between names "
+                f"(e.g. {names[0]!r}, {names[1]!r}); {_IN_ORDER}"
+            )
+        field = picked
     else:
-        keyed = [i for i in range(nfields) if texts[i].lower().rstrip("_-. ").endswith(_KEYWORDS)]
+        keyed = [i for i in range(nfields) if keywords[i] is not None]
+        epoch_keyed = [i for i in keyed if keywords[i] in _EPOCH_WORDS]
         if len(keyed) == 1:
             field = keyed[0]
+        elif len(epoch_keyed) == 1:  # Lightning's epoch=3-step=120: the epoch
+            field = epoch_keyed[0]
         elif nfields == 1:
             field = 0
         else:

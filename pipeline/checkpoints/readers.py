@@ -1,4 +1,5 @@
-"""Checkpoint readers: the only module that reads checkpoint files (torch and safetensors).
+"""Checkpoint readers: the only modules that read checkpoint files (this one, and the layouts
+of :mod:`.distcp` and :mod:`.torchzip`).
 
 Every reader exposes the same small interface (:class:`CheckpointReader`): the tensors of the
 state_dict in order, and flat element ranges of one tensor converted to float32 into a
@@ -7,9 +8,14 @@ caller's buffer. Readers never load a whole checkpoint into memory:
 - safetensors (single file, or sharded with ``model.safetensors.index.json``): the header is
   parsed (and validated by the safetensors library), then ranges are read with ``preadv``
   straight into the destination buffer;
-- PyTorch zip-format ``.pt``/``.pth``: ``torch.load(mmap=True, weights_only=True)``, so only
-  the touched pages are read and pickled code is refused.
+- PyTorch zip-format files (``.pt``/``.pth``, Hugging Face ``.bin`` alone or sharded with
+  ``pytorch_model.bin.index.json``, Lightning ``.ckpt``, DeepSpeed
+  ``mp_rank_00_model_states.pt``): ``torch.load(mmap=True, weights_only=True)``, so only the
+  touched pages are read and pickled code is refused. These need torch (the ``torch`` extra);
+  nothing else here does;
+- PyTorch Distributed Checkpoint folders (:mod:`.distcp`): tensor by tensor, range by range.
 
+``strip_prefix`` (a spec field) removes a prefix (``model.``, ``module.``) from the names.
 Every error is re-raised as :class:`~pipeline.errors.InputError` naming the file (and the
 epoch and key where known).
 """
@@ -23,10 +29,10 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -39,9 +45,14 @@ __all__ = [
     "CheckpointSpec",
     "TensorInfo",
     "digest_file",
+    "import_torch",
     "open_checkpoint",
     "to_float32",
 ]
+
+_T = TypeVar("_T")
+#: what to install for the PyTorch formats
+TORCH_EXTRA = "pip install 'cmd-pipeline[torch]'"
 
 #: safetensors dtype tags -> canonical dtype names (torch's, without the ``torch.`` prefix).
 _ST_DTYPES = {
@@ -105,16 +116,21 @@ class TensorInfo:
 class CheckpointSpec:
     """The file(s) of one epoch's checkpoint.
 
-    ``format`` is ``"torch"`` (one zip-format .pt/.pth), ``"safetensors"`` (one file) or
-    ``"hf-sharded"`` (``files[0]`` is ``model.safetensors.index.json``, the rest its shards).
-    ``sha256`` holds the files' digests once they are hashed: it is part of the spec's
-    identity, so :func:`cached_reader` never serves a reader opened on older contents.
+    ``format`` is one of :data:`FORMATS`: ``"torch"`` (one zip-format .pt/.pth/.bin/.ckpt),
+    ``"safetensors"`` (one file), ``"hf-sharded"`` / ``"hf-sharded-bin"`` (``files[0]`` is
+    ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``, the rest its shards),
+    ``"deepspeed"`` (``mp_rank_00_model_states.pt``: the weights under ``module``) or
+    ``"dcp"`` (``files[0]`` is a Distributed Checkpoint's ``.metadata``, the rest its
+    ``.distcp`` files). ``sha256`` holds the files' digests once they are hashed: it is part
+    of the spec's identity, so :func:`cached_reader` never serves a reader opened on older
+    contents. ``strip_prefix``: removed from the start of every tensor name that has it.
     """
 
     format: str
     files: tuple[str, ...]
     epoch: int | None = None
     sha256: tuple[str, ...] = ()
+    strip_prefix: str | None = None
 
     @property
     def label(self) -> str:
@@ -136,6 +152,10 @@ class CheckpointReader(Protocol):
 
     def read_raw(self, name: str) -> np.ndarray:
         """The whole tensor in its raw storage dtype (see ``RAW_NUMPY``), shaped."""
+        ...
+
+    def close(self) -> None:
+        """Release open files and mappings (the reader is not used afterwards)."""
         ...
 
 
@@ -163,7 +183,7 @@ def _scratch_buffer(nbytes: int) -> np.ndarray:
     return scratch("reader-bytes", nbytes, np.uint8)
 
 
-def _preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:
+def preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:
     done = 0
     n = len(view)
     while done < n:
@@ -267,6 +287,53 @@ def _validate_with_library(path: str, epoch: int | None) -> None:
         raise InputError(f"safetensors refused the file: {e}", path=path, epoch=epoch) from e
 
 
+def _sharded(
+    index_path: str, epoch: int | None, open_shard: Callable[[str], Mapping[str, _T]]
+) -> list[tuple[str, _T]]:
+    """The tensors of a Hugging Face sharded checkpoint in the index's order, each with what
+    ``open_shard`` (a shard's path -> its tensors by name) gives for it; the index and the
+    shards must agree."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"unreadable shard index: {e}", path=index_path, epoch=epoch) from e
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise InputError("shard index has no weight_map", path=index_path, epoch=epoch)
+    base = os.path.dirname(index_path)
+    shard_entries: dict[str, Mapping[str, _T]] = {}
+    for shard in dict.fromkeys(wmap.values()):
+        if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
+            raise InputError(f"bad shard name {shard!r}", path=index_path, epoch=epoch)
+        p = os.path.join(base, shard)
+        if not os.path.exists(p):
+            raise InputError(
+                f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch
+            )
+        shard_entries[shard] = open_shard(p)
+    out = []
+    for name, shard in wmap.items():
+        ent = shard_entries[shard].get(name)
+        if ent is None:
+            raise InputError(
+                f"the index places this tensor in {shard}, which lacks it",
+                path=index_path,
+                epoch=epoch,
+                key=name,
+            )
+        out.append((name, ent))
+    for shard, by_name in shard_entries.items():
+        extra = sorted(set(by_name) - set(wmap))
+        if extra:
+            raise InputError(
+                f"shard {shard} holds tensors missing from the index: {extra[:5]}",
+                path=index_path,
+                epoch=epoch,
+            )
+    return out
+
+
 class SafetensorsReader:
     """One safetensors file, or the shards of a Hugging Face sharded checkpoint."""
 
@@ -284,47 +351,14 @@ class SafetensorsReader:
             self._open_sharded()
 
     def _open_sharded(self) -> None:
-        index_path = self.spec.files[0]
         epoch = self.spec.epoch
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"unreadable shard index: {e}", path=index_path, epoch=epoch) from e
-        wmap = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wmap, dict) or not wmap:
-            raise InputError("shard index has no weight_map", path=index_path, epoch=epoch)
-        base = os.path.dirname(index_path)
-        shard_entries: dict[str, dict[str, _StEntry]] = {}
-        for shard in dict.fromkeys(wmap.values()):
-            if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
-                raise InputError(f"bad shard name {shard!r}", path=index_path, epoch=epoch)
-            p = os.path.join(base, shard)
-            if not os.path.exists(p):
-                raise InputError(
-                    f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch
-                )
-            ents, _ = _parse_safetensors_header(p, epoch)
-            shard_entries[shard] = {e.info.name: e for e in ents}
-        for name, shard in wmap.items():
-            ent = shard_entries[shard].get(name)
-            if ent is None:
-                raise InputError(
-                    f"the index places this tensor in {shard}, which lacks it",
-                    path=index_path,
-                    epoch=epoch,
-                    key=name,
-                )
+
+        def shard(p: str) -> dict[str, _StEntry]:
+            return {e.info.name: e for e in _parse_safetensors_header(p, epoch)[0]}
+
+        for name, ent in _sharded(self.spec.files[0], epoch, shard):
             self._entries[name] = ent
             self._order.append(name)
-        for shard, by_name in shard_entries.items():
-            extra = sorted(set(by_name) - set(wmap))
-            if extra:
-                raise InputError(
-                    f"shard {shard} holds tensors missing from the index: {extra[:5]}",
-                    path=index_path,
-                    epoch=epoch,
-                )
 
     def tensors(self) -> list[TensorInfo]:
         return [self._entries[n].info for n in self._order]
@@ -344,17 +378,17 @@ class SafetensorsReader:
         fd = self._fd(ent.file)
         if ent.info.dtype == "float32":
             view = memoryview(out[:n].view(np.uint8))  # type: ignore[arg-type]
-            _preadinto(fd, view, offset, ent.file)
+            preadinto(fd, view, offset, ent.file)
             return
         buf = _scratch_buffer(n * raw_dt.itemsize)
-        _preadinto(fd, memoryview(buf), offset, ent.file)  # type: ignore[arg-type]
+        preadinto(fd, memoryview(buf), offset, ent.file)  # type: ignore[arg-type]
         to_float32(buf.view(raw_dt), ent.info.dtype, out[:n])
 
     def read_raw(self, name: str) -> np.ndarray:
         ent = self._entries[name]
         raw_dt = RAW_NUMPY[ent.info.dtype]
         arr = np.empty(ent.info.size, dtype=raw_dt)
-        _preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)  # type: ignore[arg-type]
+        preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)  # type: ignore[arg-type]
         return arr.reshape(ent.info.shape)
 
     def close(self) -> None:
@@ -371,16 +405,37 @@ class SafetensorsReader:
 
 
 # --------------------------------------------------------------------------- torch zip
-_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+#: keys a training loop nests the state_dict under (Lightning: ``state_dict``; DeepSpeed:
+#: ``module``)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+def import_torch(path: str, epoch: int | None = None) -> Any:
+    """torch, or a one-line :class:`InputError` naming the file and the extra to install."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(
+            f"reading PyTorch checkpoints needs torch, which is not installed: {TORCH_EXTRA}",
+            path=path,
+            epoch=epoch,
+        ) from None
+    return torch
 
 
 class TorchReader:
-    """A zip-format PyTorch checkpoint, memory-mapped, loaded with ``weights_only=True``."""
+    """A zip-format PyTorch checkpoint, memory-mapped, loaded with ``weights_only=True``.
 
-    def __init__(self, spec: CheckpointSpec) -> None:
+    ``.pt``/``.pth``/``.bin``/``.ckpt`` (the state_dict itself, or nested under one of
+    ``state_dict``, ``model_state_dict``, ``model``, ``module``); format ``deepspeed``: the
+    weights under ``module`` of DeepSpeed's ``mp_rank_00_model_states.pt``.
+    """
+
+    def __init__(self, spec: CheckpointSpec, path: str | None = None) -> None:
         self.spec = spec
-        path = spec.files[0]
+        path = path or spec.files[0]
         epoch = spec.epoch
+        torch = import_torch(path, epoch)
         try:
             size = os.path.getsize(path)
         except OSError as e:
@@ -396,8 +451,6 @@ class TorchReader:
             )
         import pickle
 
-        import torch
-
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as e:
@@ -411,8 +464,29 @@ class TorchReader:
             raise InputError(
                 f"corrupt PyTorch checkpoint: {str(e).splitlines()[0]}", path=path, epoch=epoch
             ) from e
+        if spec.format == "deepspeed":
+            obj = self._deepspeed_module(obj, path, epoch)
         self._sd = self._unwrap(obj, path, epoch, torch)
         self._flat: dict[str, Any] = {}
+        self._path = path
+
+    @staticmethod
+    def _deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
+        module = obj.get("module", ...) if isinstance(obj, Mapping) else ...
+        if module is ...:
+            raise InputError(
+                "not a DeepSpeed model-states file (it has no 'module' entry)",
+                path=path,
+                epoch=epoch,
+            )
+        if module is None:
+            raise InputError(
+                "holds no weights under 'module': a pipeline-parallel DeepSpeed checkpoint "
+                "(its layers are in layer_*-model_states.pt files), which is not supported",
+                path=path,
+                epoch=epoch,
+            )
+        return module
 
     @staticmethod
     def _unwrap(obj: Any, path: str, epoch: int | None, torch: Any) -> dict[str, Any]:
@@ -471,10 +545,7 @@ class TorchReader:
             to_float32(self._raw_numpy(t), dtype, out[: stop - start])
         except RuntimeError as e:  # a truncated mmap surfaces here
             raise InputError(
-                f"cannot read tensor data: {e}",
-                path=self.spec.label,
-                epoch=self.spec.epoch,
-                key=name,
+                f"cannot read tensor data: {e}", path=self._path, epoch=self.spec.epoch, key=name
             ) from e
 
     def read_raw(self, name: str) -> np.ndarray:
@@ -485,20 +556,103 @@ class TorchReader:
         self._flat = {}
 
 
+class ShardedTorchReader:
+    """A Hugging Face sharded ``.bin`` checkpoint: ``pytorch_model.bin.index.json`` and its
+    zip-format shards (each read as :class:`TorchReader` reads a file)."""
+
+    def __init__(self, spec: CheckpointSpec) -> None:
+        self.spec = spec
+        self._readers: list[TorchReader] = []
+
+        def shard(p: str) -> dict[str, tuple[TorchReader, TensorInfo]]:
+            r = TorchReader(spec, p)
+            self._readers.append(r)
+            return {t.name: (r, t) for t in r.tensors()}
+
+        self._entries = dict(_sharded(spec.files[0], spec.epoch, shard))
+
+    def tensors(self) -> list[TensorInfo]:
+        return [t for _r, t in self._entries.values()]
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        self._entries[name][0].read_into(name, start, stop, out)
+
+    def read_raw(self, name: str) -> np.ndarray:
+        return self._entries[name][0].read_raw(name)
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+
+
+class _PrefixStripped:
+    """Another reader's tensors with ``prefix`` removed from the names that start with it."""
+
+    def __init__(self, inner: CheckpointReader, prefix: str) -> None:
+        self.spec = inner.spec
+        self._inner = inner
+        where = {"path": inner.spec.label, "epoch": inner.spec.epoch}
+        infos = inner.tensors()
+        if not any(t.name.startswith(prefix) for t in infos):
+            raise InputError(
+                f"no tensor name starts with the prefix {prefix!r} to strip (strip_prefix); "
+                f"the names look like {infos[0].name!r}",
+                **where,  # type: ignore[arg-type]
+            )
+        self._original: dict[str, str] = {}
+        self._infos: list[TensorInfo] = []
+        for t in infos:
+            name = t.name.removeprefix(prefix)
+            if not name or name in self._original:
+                raise InputError(
+                    f"stripping {prefix!r} leaves "
+                    + ("an empty name" if not name else f"two tensors named {name!r}"),
+                    key=t.name,
+                    **where,  # type: ignore[arg-type]
+                )
+            self._original[name] = t.name
+            self._infos.append(TensorInfo(name, t.shape, t.dtype))
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._infos)
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        self._inner.read_into(self._original[name], start, stop, out)
+
+    def read_raw(self, name: str) -> np.ndarray:
+        return self._inner.read_raw(self._original[name])
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 # --------------------------------------------------------------------------- entry points
-def open_checkpoint(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
+#: every checkpoint format a spec can name (see :class:`CheckpointSpec`)
+FORMATS = ("torch", "safetensors", "hf-sharded", "hf-sharded-bin", "deepspeed", "dcp")
+
+
+def open_checkpoint(spec: CheckpointSpec) -> CheckpointReader:
     """Open the checkpoint of one epoch (reads headers only)."""
-    if spec.format == "torch":
-        return TorchReader(spec)
-    if spec.format in ("safetensors", "hf-sharded"):
-        return SafetensorsReader(spec)
-    raise InputError(
-        f"unknown checkpoint format {spec.format!r}", path=spec.label, epoch=spec.epoch
-    )
+    reader: CheckpointReader
+    if spec.format in ("torch", "deepspeed"):
+        reader = TorchReader(spec)
+    elif spec.format in ("safetensors", "hf-sharded"):
+        reader = SafetensorsReader(spec)
+    elif spec.format == "hf-sharded-bin":
+        reader = ShardedTorchReader(spec)
+    elif spec.format == "dcp":
+        from pipeline.checkpoints.distcp import DcpReader
+
+        reader = DcpReader(spec)
+    else:
+        raise InputError(
+            f"unknown checkpoint format {spec.format!r}", path=spec.label, epoch=spec.epoch
+        )
+    return _PrefixStripped(reader, spec.strip_prefix) if spec.strip_prefix else reader
 
 
 @lru_cache(maxsize=8)
-def cached_reader(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
+def cached_reader(spec: CheckpointSpec) -> CheckpointReader:
     """Per-process cache of open readers, so a worker parses each header once.
 
     Pass a spec with ``sha256`` set: a file rewritten since a reader was cached then gets a
@@ -507,18 +661,28 @@ def cached_reader(spec: CheckpointSpec) -> SafetensorsReader | TorchReader:
     return open_checkpoint(spec)
 
 
+#: files that are zip archives when they are PyTorch checkpoints
+_ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
 def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
     """Size and sha256 of a file in one sequential read.
 
-    For zip files (PyTorch checkpoints) the CRC-32 of every stored member is checked during
-    the same read, so a flipped bit is caught without a second pass.
+    For zip files (PyTorch checkpoints, and the archives inside a Distributed Checkpoint's
+    ``.distcp`` files) the CRC-32 of every stored member is checked during the same read, so
+    a flipped bit is caught without a second pass.
     """
     try:
         size = os.path.getsize(path)
         f = open(path, "rb")  # noqa: SIM115 - closed below
     except OSError as e:
         raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
-    members = _zip_members(path) if path.endswith((".pt", ".pth", ".bin")) else []
+    if path.endswith(".distcp"):
+        from pipeline.checkpoints.distcp import distcp_members
+
+        members = distcp_members(path)
+    else:
+        members = _zip_members(path) if path.endswith(_ZIP_SUFFIXES) else []
     crcs = [0] * len(members)
     h = hashlib.sha256()
     buf = _scratch_buffer(READ_BLOCK_BYTES)

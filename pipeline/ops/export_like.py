@@ -407,7 +407,9 @@ def export_hf(
         tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions
         try:
             _copy_files(like_dir, to_copy, tmp)
-            written = _write_shards(tmp, shards, reader, SideTensors(entry), meta, source)
+            written = _write_shards(
+                tmp, shards, reader, SideTensors(entry, meta.settings.strip_prefix), meta, source
+            )
             _publish(tmp, out, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline._version import __version__
 from pipeline.checkpoints.discover import discover
@@ -16,6 +16,7 @@ from pipeline.errors import InputError
 from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
 from pipeline.kernels.digests import combine
 from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
+from pipeline.plan.ingest import effective_strip_prefix
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
 from pipeline.store.schema import EpochEntry
 from pipeline.store.trajectory import TrajectoryStore
@@ -75,6 +76,7 @@ def ingest(
     time_chunk: int | None = None,
     codec: str | None = None,
     store_dtype: str | None = None,
+    strip_prefix: str | None = None,
     force: bool = False,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
@@ -99,6 +101,9 @@ def ingest(
     store_dtype
         ``"auto"`` (default: the smallest of float32, float16, bfloat16 holding every stored
         tensor exactly), or one of those three.
+    strip_prefix
+        Remove this prefix from the tensor names that start with it (``"model."`` of a
+        Lightning module, ``"module."`` of DDP); ``""``: none. Recorded in the store.
     runtime, run
         Where to compute: options for a new runtime, or an open :class:`~pipeline.runtime.Runner`.
 
@@ -125,6 +130,7 @@ def ingest(
         "time_chunk": time_chunk,
         "codec": codec,
         "store_dtype": store_dtype,
+        "strip_prefix": strip_prefix,
     }
     with using(run, runtime) as r:
         return _ingest(specs, st, requested, force, r, t_start)
@@ -141,6 +147,8 @@ def _ingest(
     # 1. Inspect every checkpoint: hash (one sequential read, CRC-checked for zips) + header;
     #    files the store records with the same size and mtime are not read again.
     meta = st.meta
+    prefix = effective_strip_prefix(requested, meta.settings if meta else None, force)
+    specs = [replace(s, strip_prefix=prefix) for s in specs]  # the names the store keeps
     known = {f.path: f for e in (*meta.epochs, *(meta.pending or ())) for f in e.files} if meta else {}
     inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs, known), "inspect")
     # 2. Plan: reconcile the inputs with what the store holds (raises before any write).

@@ -28,7 +28,13 @@ from pipeline.store.schema import (
     TensorEntry,
 )
 
-__all__ = ["EpochInspection", "IngestPlan", "plan_ingest", "resolve_settings"]
+__all__ = [
+    "EpochInspection",
+    "IngestPlan",
+    "effective_strip_prefix",
+    "plan_ingest",
+    "resolve_settings",
+]
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,7 @@ def resolve_settings(
     given = {k: v for k, v in requested.items() if v is not None}
     if stored is None:
         return IngestSettings(**given), False  # type: ignore[arg-type]
-    current = stored.to_dict()
+    current = {"strip_prefix": None, **stored.to_dict()}
     diffs = {k: (current[k], v) for k, v in given.items() if k != "chunk_rows" or v != current[k]}
     diffs = {k: ov for k, ov in diffs.items() if _norm(ov[0]) != _norm(ov[1])}
     if diffs and not force:
@@ -147,7 +153,24 @@ def resolve_settings(
 
 
 def _norm(v: object) -> object:
+    if v == "":
+        return None  # strip_prefix="": no prefix
     return tuple(v) if isinstance(v, list | tuple) else v
+
+
+def effective_strip_prefix(
+    requested: Mapping[str, object], stored: IngestSettings | None, force: bool
+) -> str | None:
+    """The prefix the readers strip, needed before the checkpoints are inspected: the
+    settings' as :func:`resolve_settings` merges them (so a changed setting is refused before
+    a file is read).
+
+    >>> effective_strip_prefix({"strip_prefix": None}, IngestSettings(strip_prefix="model."), False)
+    'model.'
+    >>> effective_strip_prefix({"strip_prefix": "module."}, None, False)
+    'module.'
+    """
+    return resolve_settings(requested, stored, force)[0].strip_prefix
 
 
 def resolve_store_dtype(requested: str, index: Sequence[TensorEntry]) -> str:

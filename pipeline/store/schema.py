@@ -1,7 +1,7 @@
 """The store's schema: frozen, validated values that round-trip through ``to_dict``/``from_dict``.
 
 The schema is written into the root group's attributes under :data:`ATTR_KEY`. Its layout is
-part of the public interface (see README, "Store layout"); any change to it bumps
+part of the public interface (see docs/store-layout.md); any change to it bumps
 :data:`SCHEMA_VERSION`. Version 1 stores (root attributes holding every epoch and tensor)
 are still read (:data:`READ_VERSIONS`) and are migrated by ``cmd-pipeline upgrade``; a store of
 any other version fails to open with :class:`~pipeline.errors.SchemaVersionError`.
@@ -297,8 +297,12 @@ class IngestSettings:
     time_chunk: int = DEFAULT_TIME_CHUNK
     codec: str = DEFAULT_CODEC
     store_dtype: str = DEFAULT_STORE_DTYPE
+    #: removed from the start of tensor names (``model.``, ``module.``); None: names as saved
+    strip_prefix: str | None = None
 
     def __post_init__(self) -> None:
+        if self.strip_prefix == "":
+            object.__setattr__(self, "strip_prefix", None)  # "": no prefix, as None
         if self.store_dtype not in STORE_DTYPE_CHOICES:
             raise ValueError(
                 f"store_dtype must be one of {STORE_DTYPE_CHOICES}, got {self.store_dtype!r}"
@@ -330,6 +334,8 @@ class IngestSettings:
             "time_chunk": self.time_chunk,
             "codec": self.codec,
             "store_dtype": self.store_dtype,
+            # written only when set: stores without a prefix keep the metadata they had
+            **({"strip_prefix": self.strip_prefix} if self.strip_prefix is not None else {}),
         }
 
     @classmethod
@@ -347,6 +353,10 @@ class IngestSettings:
                 codec=_get(d, "codec", str, w),
                 # schema 1 stores had no such setting: they hold float32
                 store_dtype=_get(d, "store_dtype", str, w) if "store_dtype" in d else "float32",
+                # stores written before the setting existed: names as saved
+                strip_prefix=(
+                    _get(d, "strip_prefix", str, w) if d.get("strip_prefix") is not None else None
+                ),
             )
         except ValueError as e:
             raise StoreError(f"invalid store metadata: {e}") from e

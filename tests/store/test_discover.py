@@ -144,8 +144,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     _touch(tmp_path / "empty_dir", "readme.md")
     with pytest.raises(pipeline.InputError, match="holds no checkpoints"):
         discover([tmp_path / "empty_dir"])
-    (p,) = _touch(tmp_path, "epoch_1.ckpt")
-    with pytest.raises(pipeline.InputError, match=r"unsupported checkpoint type \.ckpt"):
+    (p,) = _touch(tmp_path, "epoch_1.h5")
+    with pytest.raises(pipeline.InputError, match=r"unsupported checkpoint type \.h5"):
         discover([p])
     (q,) = _touch(tmp_path / "d", "epoch_1.pt")
     with pytest.raises(pipeline.InputError, match="checkpoint given twice"):
