@@ -346,9 +346,20 @@ class SafetensorsFile:
             self._f.close()
 
 
-def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:
-    import torch
+def _torch(what: str) -> Any:
+    """torch, or a one-line :class:`InputError` saying ``what`` needs the ``torch`` extra."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(
+            f"{what} needs torch, which is not installed: pip install 'cmd-pipeline[torch]' "
+            "(or export to .safetensors)"
+        ) from None
+    return torch
 
+
+def _write_torch(meta: StoreMeta, entry: EpochEntry, source: ColumnSource, path: Path) -> None:
+    torch = _torch(f"writing {path.name}")
     torch.save(torch_state(meta, entry, source), path)
 
 
@@ -389,7 +400,7 @@ def _source(st: TrajectoryStore, col: int, epoch: int, analysis: str | None) -> 
 
 
 def _to_torch(raw: np.ndarray, dtype: str) -> object:
-    import torch as _t
+    _t = _torch("a torch state_dict")
 
     if dtype == "bfloat16":
         return _t.from_numpy(raw.view(np.int16).copy()).view(_t.bfloat16)

@@ -27,8 +27,9 @@ from pipeline.online import OnlineCMD
 from workflows import online_compare
 from workflows.digits import evaluate, load_digits_split
 
-EPOCHS = 12
-WARMUP = 4
+EPOCHS = 8
+WARMUP = 3
+SWA_START = 6  # round(0.75 * EPOCHS)
 
 
 class _Recording(OnlineCMD):
@@ -79,7 +80,7 @@ def test_online_compare_tiny(tmp_path: Path, capsys, monkeypatch) -> None:
     out = tmp_path / "oc"
     rc = online_compare.main(
         ["--model", "mlp", "--epochs", str(EPOCHS), "--seeds", "0,1", "--warmup", str(WARMUP),
-         "--modes", "3", "--samples", "200", "--embed-every", "2", "--embed-fraction", "0.2",
+         "--modes", "3", "--samples", "200", "--embed-every", "2", "--embed-fraction", "0.3",
          "--out", str(out)]
     )
     assert rc == 0
@@ -93,8 +94,9 @@ def test_online_compare_tiny(tmp_path: Path, capsys, monkeypatch) -> None:
         # SGD, Online CMD and EMA share one trajectory: during the warm-up Online CMD is SGD
         for e in range(WARMUP - 1):
             assert c["online_cmd"][e]["accuracy"] == c["sgd"][e]["accuracy"]
-        # SWA is plain SGD until it starts (epoch 9 of 12)
-        assert [r["accuracy"] for r in c["swa"][:8]] == [r["accuracy"] for r in c["sgd"][:8]]
+        # SWA is plain SGD until it starts (epoch 6 of 8)
+        k = SWA_START - 1
+        assert [r["accuracy"] for r in c["swa"][:k]] == [r["accuracy"] for r in c["sgd"][:k]]
 
         # -- Online CMD against an independent refit of the recorded run
         _, _, xt, yt = load_digits_split(s["seed"])
@@ -135,7 +137,7 @@ def test_online_compare_tiny(tmp_path: Path, capsys, monkeypatch) -> None:
             oc["update_seconds_per_epoch"] / oc["train_seconds_per_epoch"], rel=1e-9
         )
 
-        # -- Embedded CMD: grows only at the checks (epochs 6, 8, 10, 12), from 0
+        # -- Embedded CMD: grows only at the checks (epochs 5, 7), from 0
         emb = [r["embedded"] for r in c["embedded_cmd"]]
         assert emb[:WARMUP] == [0.0] * WARMUP
         for e in range(WARMUP + 1, EPOCHS + 1):

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
-N_A, N_B, T, CHUNK_ROWS = 150_000, 50_001, 12, 1000
+N_A, N_B, T, CHUNK_ROWS = 150_000, 50_001, 12, 2000
 
 
 def _write_run(root: Path) -> Path:

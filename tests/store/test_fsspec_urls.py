@@ -9,6 +9,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 from helpers import SYNC, read_analysis, read_trajectory
 
 import pipeline
@@ -21,13 +22,17 @@ def test_file_url_store_on_a_local_cluster(tmp_path: Path, run5) -> None:
     pipeline.fit(str(plain), "m", modes=3, samples=50, runtime=SYNC)
     url = (tmp_path / "url.zarr").as_uri()
     assert url.startswith("file:///")
-    cluster = pipeline.RuntimeOptions(workers=2, progress=False)
-    res = pipeline.ingest([str(run5.root)], url, runtime=cluster)
-    assert res.chunks_written > 0
-    pipeline.fit(url, "m", modes=3, samples=50, runtime=cluster)
+    # one cluster of worker processes (the user's client) for both: each process opens the URL
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster),
+    ):
+        res = pipeline.ingest([str(run5.root)], url, runtime=pipeline.RuntimeOptions(progress=False))
+        assert res.chunks_written > 0
+        pipeline.fit(url, "m", modes=3, samples=50, runtime=pipeline.RuntimeOptions(progress=False))
     assert np.array_equal(read_trajectory(plain), read_trajectory(tmp_path / "url.zarr"))
     a, b = read_analysis(plain, "m"), read_analysis(tmp_path / "url.zarr", "m")
-    for k in ("mode", "a", "b", "flags", "block_stats"):
+    for k in ("mode", "a", "level", "anchor", "flags", "block_stats"):
         assert np.array_equal(a[k], b[k], equal_nan=True), k
     sd = pipeline.state_dict(url, 4, analysis="m")
     assert set(sd) == set(run5.sds[0])

@@ -46,6 +46,8 @@ except pipeline.InputError as e:
     out["error"] = [str(e), e.path]
 r = CliRunner().invoke(main, ["ingest", pt, "--store", f"{root}/u.zarr", "--epochs", "0", "--sync", "--no-progress"])
 out["cli"] = [r.exit_code, r.stderr]
+r = CliRunner().invoke(main, ["export", "--store", f"{root}/s.zarr", "--epoch", "2", "--out", f"{root}/e2.pt"])
+out["export_pt"] = [r.exit_code, r.stderr]
 out["dcp"] = pipeline.ingest([dcp], f"{root}/d.zarr", epochs=[5], runtime=opts).added
 out["torch_loaded"] = any(m == "torch" or m.startswith("torch.") for m in sys.modules)
 print(json.dumps(out))
@@ -77,6 +79,9 @@ def test_safetensors_runs_need_no_torch(tmp_path: Path) -> None:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["added"] == [0, 1, 2, 3] and out["modes"] >= 1
     assert out["torch_loaded"] is False
+    code, err = out["export_pt"]  # writing .pt needs torch: one line, nothing written
+    assert code == 2 and "needs torch, which is not installed" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e2.pt").exists()
     exported = load_file(str(tmp_path / "e2.safetensors"))
     assert sorted(exported) == ["b", "steps", "w"]
     assert all(np.array_equal(exported[k], sds[2][k]) for k in exported)
