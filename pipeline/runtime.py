@@ -102,6 +102,7 @@ class Runner:
         self.options = options
         self.client = client
         self._quiet = 0
+        self._storage_generation = 0  # the storage options last installed on the workers
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
@@ -140,10 +141,39 @@ class Runner:
         )
         try:
             if self.client is not None:
+                self._sync_storage_options()
                 return self._compute_distributed(tasks, bar, desc, labels)
             return self._compute_local(tasks, bar)
         finally:
             bar.close()
+
+    def _sync_storage_options(self) -> None:
+        """Install this process's storage options (:mod:`pipeline.store.remote`) on the
+        workers when they changed since the last compute: tasks open stores and checkpoints
+        by URL there. A worker plugin, so workers that join later get them too."""
+        from pipeline.store import remote
+
+        generation, options = remote.snapshot()
+        if generation == self._storage_generation:
+            return
+        try:
+            self.client.register_plugin(storage_options_plugin(options), name=STORAGE_PLUGIN)
+        except Exception as e:  # e.g. a cluster that refuses plugins: say why, never the options
+            raise PipelineError(
+                "cannot install the storage options on the Dask workers "
+                f"({type(e).__name__}); set them in the workers' environment instead (fsspec's "
+                "FSSPEC_<PROTOCOL> variables)"
+            ) from None
+        self._storage_generation = generation
+
+    def remove_storage_options(self) -> None:
+        """Take the storage options this runner installed off the workers (on leaving a
+        runtime that outlives the command: the user's client, or a scheduler's workers)."""
+        if self.client is None or self._storage_generation == 0:
+            return
+        with contextlib.suppress(Exception):  # a closed or gone cluster holds nothing
+            self.client.unregister_worker_plugin(STORAGE_PLUGIN)
+        self._storage_generation = 0
 
     def _compute_distributed(
         self, tasks: Sequence[Any], bar: Any, desc: str, labels: Sequence[str] | None
@@ -196,6 +226,40 @@ class Runner:
                 return list(dask.compute(*tasks, scheduler="threads", pool=pool))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+STORAGE_PLUGIN = "cmd-pipeline-storage-options"
+
+
+def storage_options_plugin(options: dict[str, dict[str, Any]]) -> Any:
+    """A worker plugin that sets fsspec's per-protocol defaults on each worker (the storage
+    options of the client's current operation, :mod:`pipeline.store.remote`); replacing or
+    removing it puts the worker's earlier defaults back. Its repr names the protocols only."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class StorageOptions(WorkerPlugin):
+        name = STORAGE_PLUGIN
+
+        def __init__(self) -> None:
+            self._options = options
+            self._token: dict[str, Any] | None = None
+
+        def __repr__(self) -> str:
+            return f"StorageOptions(protocols={sorted(self._options)})"
+
+        def setup(self, worker: Any) -> None:
+            from pipeline.store import remote
+
+            self._token = remote.install(self._options)
+
+        def teardown(self, worker: Any) -> None:
+            from pipeline.store import remote
+
+            if self._token is not None:
+                remote.uninstall(self._token)
+                self._token = None
+
+    return StorageOptions()
 
 
 @contextlib.contextmanager
@@ -307,8 +371,12 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
             f"using the Dask client active in this process (scheduler {active.scheduler.address}); "
             f"dashboard: {active.dashboard_link}"
         )
-        with _report(opts):
-            yield Runner(opts, active)  # the user's client: used, never closed
+        r = Runner(opts, active)  # the user's client: used, never closed
+        try:
+            with _report(opts):
+                yield r
+        finally:
+            r.remove_storage_options()
         return
     if not address and opts.mode == "local":
         opts = _outside_script_import(opts)
@@ -335,8 +403,12 @@ def runner(options: RuntimeOptions | None = None) -> Iterator[Runner]:
         with client:
             _register_malloc_tuning(client)
             _announce(f"connected to scheduler {address}; dashboard: {client.dashboard_link}")
-            with _report(opts):
-                yield Runner(opts, client)
+            r = Runner(opts, client)
+            try:
+                with _report(opts):
+                    yield r
+            finally:
+                r.remove_storage_options()
         return
     if opts.mode != "local":
         tune_malloc()

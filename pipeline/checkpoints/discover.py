@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.checkpoints.distcp import METADATA_NAME
 from pipeline.checkpoints.distcp import SUFFIX as DCP_SUFFIX
+from pipeline.checkpoints.files import CkptPath, RemotePath, canonical_url, is_url, path_of
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
 from pipeline.store.schema import _ranges
@@ -76,7 +77,7 @@ def _natural_key(s: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _sharded_spec(d: Path, index_name: str, fmt: str) -> CheckpointSpec:
+def _sharded_spec(d: CkptPath, index_name: str, fmt: str) -> CheckpointSpec:
     import json
 
     idx = d / index_name
@@ -88,7 +89,7 @@ def _sharded_spec(d: Path, index_name: str, fmt: str) -> CheckpointSpec:
     return CheckpointSpec(fmt, (str(idx), *[str(d / s) for s in shards]))
 
 
-def _zero3_error(d: Path) -> InputError:
+def _zero3_error(d: CkptPath) -> InputError:
     return InputError(
         "a DeepSpeed ZeRO-3 checkpoint: its weights are partitioned across the "
         "zero_pp_rank_* files. Consolidate them first with DeepSpeed's zero_to_fp32 (the "
@@ -99,7 +100,7 @@ def _zero3_error(d: Path) -> InputError:
     )
 
 
-def _deepspeed_spec(d: Path, names: set[str]) -> CheckpointSpec | None:
+def _deepspeed_spec(d: CkptPath, names: set[str]) -> CheckpointSpec | None:
     """DeepSpeed's ``mp_rank_00_model_states.pt`` in ``d``; ZeRO-3, model- and
     pipeline-parallel checkpoints are refused."""
     ranks = sorted(n for n in names if _DS_MODEL.fullmatch(n) and not n.startswith("zero_"))
@@ -122,7 +123,7 @@ def _deepspeed_spec(d: Path, names: set[str]) -> CheckpointSpec | None:
     return CheckpointSpec("deepspeed", (str(d / ranks[0]),))
 
 
-def _checkpoint_of_dir(d: Path) -> CheckpointSpec | None:
+def _checkpoint_of_dir(d: CkptPath) -> CheckpointSpec | None:
     """A directory that is itself one checkpoint: a Hugging Face model folder (sharded, or
     one model file), a DeepSpeed tag folder or a Distributed Checkpoint; None otherwise."""
     try:
@@ -145,10 +146,10 @@ def _checkpoint_of_dir(d: Path) -> CheckpointSpec | None:
 def checkpoint_of_folder(path: str | os.PathLike[str]) -> CheckpointSpec | None:
     """The checkpoint a folder is (a Hugging Face model folder, single or sharded
     safetensors or ``.bin``; a DeepSpeed tag folder; a Distributed Checkpoint), or None."""
-    return _checkpoint_of_dir(Path(path))
+    return _checkpoint_of_dir(path_of(os.fspath(path)))
 
 
-def _tagged_dir(d: Path) -> tuple[str, CheckpointSpec] | None:
+def _tagged_dir(d: CkptPath) -> tuple[str, CheckpointSpec] | None:
     """A DeepSpeed save folder whose ``latest`` names its only checkpoint (as Lightning's
     DeepSpeed strategy writes ``epoch=3-step=120.ckpt/checkpoint/``): (name, spec). The name
     is the tag's when it holds a number, else the folder's."""
@@ -171,7 +172,7 @@ def _tagged_dir(d: Path) -> tuple[str, CheckpointSpec] | None:
     return (tag if re.search(r"\d", tag) else d.name), spec
 
 
-def _spec_of_file(p: Path) -> CheckpointSpec:
+def _spec_of_file(p: CkptPath) -> CheckpointSpec:
     if p.name in (INDEX_NAME, BIN_INDEX_NAME, METADATA_NAME) or p.suffix == DCP_SUFFIX or (
         _DS_MODEL.fullmatch(p.name) or _DS_ZERO3.fullmatch(p.name)
     ):
@@ -226,7 +227,7 @@ class _Found:
     spec: CheckpointSpec
 
 
-def _folder_checkpoint(d: Path) -> _Found | None:
+def _folder_checkpoint(d: CkptPath) -> _Found | None:
     spec = _checkpoint_of_dir(d)
     if spec is not None:
         return _Found(d.name, str(d), spec)
@@ -236,8 +237,8 @@ def _folder_checkpoint(d: Path) -> _Found | None:
     return None
 
 
-def _expand_dir(p: Path, item: str) -> list[_Found]:
-    children = sorted(p.iterdir(), key=lambda c: _natural_key(c.name))
+def _expand_dir(p: CkptPath, item: str) -> list[_Found]:
+    children: list[CkptPath] = sorted(p.iterdir(), key=lambda c: _natural_key(c.name))
     own = _folder_checkpoint(p)
     if own is not None:
         # a training run's output folder: its final model saved beside its checkpoint-N/
@@ -273,7 +274,7 @@ def _expand_dir(p: Path, item: str) -> list[_Found]:
 
 def _expand_one(item: str) -> list[_Found]:
     """The checkpoints of one command-line input, in the order it expands to."""
-    p = Path(item)
+    p = path_of(item)
     if p.is_dir():
         return _expand_dir(p, item)
     if p.is_file():
@@ -283,7 +284,8 @@ def _expand_one(item: str) -> list[_Found]:
         )
         return [_Found(p.parent.name if in_folder else p.stem, str(p), spec)]
     if any(c in item for c in "*?["):
-        matches = sorted(glob.glob(item), key=_natural_key)
+        found = p.glob(item) if isinstance(p, RemotePath) else glob.glob(item)
+        matches = sorted(found, key=_natural_key)
         if not matches:
             raise InputError(f"glob {item!r} matches nothing")
         out: list[_Found] = []
@@ -399,7 +401,10 @@ def discover(
     """
     found: list[_Found] = []
     for item in inputs:
-        found.extend(_expand_one(os.fspath(item)))
+        text = os.fspath(item)
+        if is_url(text):  # listings cached by an earlier call may be stale
+            RemotePath(text).invalidate()
+        found.extend(_expand_one(text))
     seen: set[tuple[str, ...]] = set()
     for f in found:
         if f.spec.files in seen:
@@ -417,10 +422,15 @@ def discover(
             raise InputError("`epochs` repeats an epoch number")
         _check_order(found, numbers)
     specs = [
-        CheckpointSpec(f.spec.format, tuple(os.path.abspath(x) for x in f.spec.files), e)
+        CheckpointSpec(f.spec.format, tuple(_absolute(x) for x in f.spec.files), e)
         for f, e in zip(found, numbers, strict=True)
     ]
     return sorted(specs, key=lambda s: s.epoch if s.epoch is not None else -1)
+
+
+def _absolute(path: str) -> str:
+    """An absolute local path (what a store records), or the URL as it is."""
+    return canonical_url(path) if is_url(path) else os.path.abspath(path)
 
 
 # ---------------------------------------------------------------- starting point, end, order

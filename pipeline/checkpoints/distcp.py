@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoints.readers import RAW_NUMPY, TensorInfo, preadinto, to_float32
+from pipeline.checkpoints.files import ByteSource, is_url, open_source, read_bytes
+from pipeline.checkpoints.readers import RAW_NUMPY, TensorInfo, to_float32
 from pipeline.checkpoints.torchzip import (
     Stub,
     TensorData,
@@ -41,10 +42,19 @@ _MODULES = ("torch.distributed.checkpoint",)
 
 
 def is_dcp_dir(d: str) -> bool:
-    """Whether the folder ``d`` is a Distributed Checkpoint (``.metadata`` and ``*.distcp``)."""
+    """Whether the local folder ``d`` is a Distributed Checkpoint (``.metadata`` and
+    ``*.distcp``)."""
     return os.path.isfile(os.path.join(d, METADATA_NAME)) and any(
         n.endswith(SUFFIX) for n in os.listdir(d)
     )
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base}/{rel}" if is_url(base) else os.path.join(base, rel)
+
+
+def _dirname(path: str) -> str:
+    return path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(path)
 
 
 @dataclass(frozen=True)
@@ -70,11 +80,7 @@ class _Tensor:
 
 
 def _metadata(path: str, epoch: int | None) -> Stub:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
+    raw = read_bytes(path, epoch)
     if not raw:
         raise InputError("empty file", path=path, epoch=epoch)
     try:
@@ -134,16 +140,17 @@ def _region(info: Stub, base: str, meta_path: str, epoch: int | None) -> tuple[s
             path=meta_path,
             epoch=epoch,
         )
-    return os.path.join(base, rel), begin, length
+    return _join(base, rel), begin, length
 
 
-def distcp_members(path: str) -> list[tuple[str, int, int, int]]:
+def distcp_members(path: str, src: ByteSource) -> list[tuple[str, int, int, int]]:
     """``(name, data begin, data end, crc)`` of every stored member of the archives in the
-    ``.distcp`` file ``path`` (found through the folder's ``.metadata``), for the CRC check
-    of :func:`~pipeline.checkpoints.readers.digest_file`; ``[]`` when it cannot tell."""
-    base = os.path.dirname(path)
+    ``.distcp`` file ``path`` (open as ``src``; the archives are found through the folder's
+    ``.metadata``), for the CRC check of :func:`~pipeline.checkpoints.readers.digest_file`;
+    ``[]`` when it cannot tell."""
+    base = _dirname(path)
     try:
-        md = _metadata(os.path.join(base, METADATA_NAME), None)
+        md = _metadata(_join(base, METADATA_NAME), None)
         regions = {
             _region(info, base, "", None)
             for info in md.field("storage_data").values()
@@ -152,19 +159,16 @@ def distcp_members(path: str) -> list[tuple[str, int, int, int]]:
     except InputError:
         return []  # the reader reports it, naming the file
     out: list[tuple[str, int, int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for file, begin, length in sorted(regions):
-            if os.path.abspath(file) != os.path.abspath(path):
-                continue
-            try:
-                zf, members = member_offsets(fd, begin, length, path)
-            except InputError:
-                continue
-            zf.close()
-            out.extend((f"{name}@{begin}", b, b + n, crc) for name, (b, n, crc) in members.items())
-    finally:
-        os.close(fd)
+    mine = path if is_url(path) else os.path.abspath(path)
+    for file, begin, length in sorted(regions):
+        if (file if is_url(file) else os.path.abspath(file)) != mine:
+            continue
+        try:
+            zf, members = member_offsets(src, begin, length, path)
+        except InputError:
+            continue
+        zf.close()
+        out.extend((f"{name}@{begin}", b, b + n, crc) for name, (b, n, crc) in members.items())
     return out
 
 
@@ -176,7 +180,7 @@ class DcpReader:
         self.spec = spec
         meta_path = spec.files[0]
         epoch = spec.epoch
-        base = os.path.dirname(meta_path)
+        base = _dirname(meta_path)
         md = _metadata(meta_path, epoch)
         regions = _regions(md, base, meta_path, epoch)
         entries: dict[str, Any] = md.field("state_dict_metadata")
@@ -220,7 +224,7 @@ class DcpReader:
             self._tensors[name] = _check_tiling(
                 _Tensor(fqn, shape, dtype, tuple(chunks), False), meta_path, epoch, name
             )
-        self._fds: dict[str, int] = {}
+        self._sources: dict[str, ByteSource] = {}
         self._data: dict[_Chunk, TensorData] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -262,26 +266,20 @@ class DcpReader:
     def tensors(self) -> list[TensorInfo]:
         return [TensorInfo(n, t.shape, t.dtype) for n, t in self._tensors.items()]
 
-    def _fd(self, path: str) -> int:
+    def _source(self, path: str) -> ByteSource:
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise InputError(
-                        f"cannot read file: {e.strerror}", path=path, epoch=self.spec.epoch
-                    ) from e
-                self._fds[path] = fd
-            return fd
+            src = self._sources.get(path)
+            if src is None:
+                src = self._sources[path] = open_source(path, self.spec.epoch)
+            return src
 
     def _chunk_data(self, name: str, t: _Tensor, c: _Chunk) -> TensorData:
         d = self._data.get(c)
         if d is not None:
             return d
-        fd = self._fd(c.file)
+        src = self._source(c.file)
         try:
-            d = describe_tensor_zip(fd, c.begin, c.length, c.file)
+            d = describe_tensor_zip(src, c.begin, c.length, c.file)
         except InputError as e:
             raise InputError(e.reason, path=c.file, epoch=self.spec.epoch, key=name) from e
         ref = d.ref
@@ -301,15 +299,15 @@ class DcpReader:
         """Elements ``[a, b)`` of the chunk (C order) in their raw storage dtype."""
         d = self._chunk_data(name, t, c)
         raw_dt = RAW_NUMPY[t.dtype]
-        fd = self._fd(c.file)
+        src = self._source(c.file)
         ref = d.ref
         if ref.contiguous():
             out = np.empty(b - a, dtype=raw_dt)
             offset = d.storage_begin + (ref.storage_offset + a) * raw_dt.itemsize
-            preadinto(fd, memoryview(out.view(np.uint8)), offset, c.file)  # type: ignore[arg-type]
+            src.readinto(memoryview(out.view(np.uint8)), offset)  # type: ignore[arg-type]
             return out
         storage = np.empty(ref.storage_numel, dtype=raw_dt)
-        preadinto(fd, memoryview(storage.view(np.uint8)), d.storage_begin, c.file)  # type: ignore[arg-type]
+        src.readinto(memoryview(storage.view(np.uint8)), d.storage_begin)  # type: ignore[arg-type]
         view = np.lib.stride_tricks.as_strided(
             storage[ref.storage_offset :],
             shape=ref.shape,
@@ -353,9 +351,9 @@ class DcpReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for src in self._sources.values():
+                src.close()
+            self._sources.clear()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:  # noqa: SIM105

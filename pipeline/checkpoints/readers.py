@@ -23,13 +23,14 @@ epoch and key where known).
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Protocol, TypeVar
@@ -37,8 +38,22 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from pipeline.buffers import scratch
+from pipeline.checkpoints.files import (
+    ByteSource,
+    LocalSource,
+    RemoteSource,
+    Window,
+    exists,
+    is_url,
+    open_source,
+    open_stream,
+    prefetch_headers,
+    read_bytes,
+    remote_error,
+)
 from pipeline.config import READ_BLOCK_BYTES
 from pipeline.errors import InputError
+from pipeline.store.remote import options_key
 
 __all__ = [
     "CheckpointReader",
@@ -183,16 +198,6 @@ def _scratch_buffer(nbytes: int) -> np.ndarray:
     return scratch("reader-bytes", nbytes, np.uint8)
 
 
-def preadinto(fd: int, view: memoryview, offset: int, path: str) -> None:
-    done = 0
-    n = len(view)
-    while done < n:
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got <= 0:
-            raise InputError(
-                f"unexpected end of file at byte {offset + done} (truncated?)", path=path
-            )
-        done += got
 
 
 # --------------------------------------------------------------------------- safetensors
@@ -203,25 +208,34 @@ class _StEntry:
     begin: int  # absolute byte offset in file
 
 
-def _parse_safetensors_header(path: str, epoch: int | None) -> tuple[list[_StEntry], int]:
-    """Parse and validate a safetensors header; return entries in header order."""
+def _parse_safetensors_header(
+    path: str, epoch: int | None, source: ByteSource | None = None
+) -> tuple[list[_StEntry], int]:
+    """Parse and validate a safetensors header; return entries in header order.
+
+    A remote file (``source`` given) is read in two ranged requests (the length, then the
+    header); the safetensors library's own check of the header needs a local file, so there
+    this parser's checks (dtypes, shapes, offsets inside the file, no overlaps, no trailing
+    bytes) are the ones made.
+    """
+    src = source if source is not None else LocalSource(path, epoch)
     try:
-        size = os.path.getsize(path)
-    except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
-    if size == 0:
-        raise InputError("empty file", path=path, epoch=epoch)
-    if size < 8:
-        raise InputError("truncated safetensors file (no header)", path=path, epoch=epoch)
-    with open(path, "rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
+        size = src.size
+        if size == 0:
+            raise InputError("empty file", path=path, epoch=epoch)
+        if size < 8:
+            raise InputError("truncated safetensors file (no header)", path=path, epoch=epoch)
+        (hlen,) = struct.unpack("<Q", src.read(0, 8))
         if hlen > 100 * 1024 * 1024 or 8 + hlen > size:
             raise InputError(
                 f"corrupt or truncated safetensors header (header length {hlen}, file size {size})",
                 path=path,
                 epoch=epoch,
             )
-        raw = f.read(hlen)
+        raw = src.read(8, hlen)
+    finally:
+        if source is None:
+            src.close()
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -272,7 +286,8 @@ def _parse_safetensors_header(path: str, epoch: int | None) -> tuple[list[_StEnt
             path=path,
             epoch=epoch,
         )
-    _validate_with_library(path, epoch)
+    if not is_url(path):
+        _validate_with_library(path, epoch)
     return entries, size
 
 
@@ -294,9 +309,8 @@ def _sharded(
     ``open_shard`` (a shard's path -> its tensors by name) gives for it; the index and the
     shards must agree."""
     try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        index = json.loads(read_bytes(index_path, epoch).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"unreadable shard index: {e}", path=index_path, epoch=epoch) from e
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not wmap:
@@ -306,8 +320,8 @@ def _sharded(
     for shard in dict.fromkeys(wmap.values()):
         if not isinstance(shard, str) or os.path.isabs(shard) or ".." in shard.split("/"):
             raise InputError(f"bad shard name {shard!r}", path=index_path, epoch=epoch)
-        p = os.path.join(base, shard)
-        if not os.path.exists(p):
+        p = f"{base}/{shard}" if is_url(index_path) else os.path.join(base, shard)
+        if not exists(p):
             raise InputError(
                 f"shard {shard} listed in the index is missing", path=index_path, epoch=epoch
             )
@@ -341,20 +355,27 @@ class SafetensorsReader:
         self.spec = spec
         self._entries: dict[str, _StEntry] = {}
         self._order: list[str] = []
-        self._fds: dict[str, int] = {}
+        self._sources: dict[str, ByteSource] = {}
         if spec.format == "safetensors":
-            entries, _ = _parse_safetensors_header(spec.files[0], spec.epoch)
+            path = spec.files[0]
+            entries, _ = _parse_safetensors_header(path, spec.epoch, self._remote(path))
             for ent in entries:
                 self._entries[ent.info.name] = ent
                 self._order.append(ent.info.name)
         else:
             self._open_sharded()
 
+    def _remote(self, path: str) -> ByteSource | None:
+        """The source of a remote file (opened once: its size is its first request)."""
+        if not is_url(path):
+            return None
+        return self._source(path)
+
     def _open_sharded(self) -> None:
         epoch = self.spec.epoch
 
         def shard(p: str) -> dict[str, _StEntry]:
-            return {e.info.name: e for e in _parse_safetensors_header(p, epoch)[0]}
+            return {e.info.name: e for e in _parse_safetensors_header(p, epoch, self._remote(p))[0]}
 
         for name, ent in _sharded(self.spec.files[0], epoch, shard):
             self._entries[name] = ent
@@ -363,38 +384,56 @@ class SafetensorsReader:
     def tensors(self) -> list[TensorInfo]:
         return [self._entries[n].info for n in self._order]
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
+    def _source(self, path: str) -> ByteSource:
+        src = self._sources.get(path)
+        if src is None:
+            src = self._sources[path] = open_source(path, self.spec.epoch)
+        return src
+
+    def prefetch(self, pieces: Sequence[tuple[str, int, int]]) -> None:
+        """Fetch the bytes of ``(name, start, stop)`` element ranges of remote files at once,
+        for this thread's next :meth:`read_into` calls (local files: nothing to do)."""
+        by_file: dict[str, list[tuple[int, int]]] = {}
+        for name, start, stop in pieces:
+            ent = self._entries[name]
+            isz = RAW_NUMPY[ent.info.dtype].itemsize
+            by_file.setdefault(ent.file, []).append(
+                (ent.begin + start * isz, ent.begin + stop * isz)
+            )
+        for path, src in list(self._sources.items()):
+            if isinstance(src, RemoteSource):
+                src.prefetch(by_file.get(path, []))
+        for path, ranges in by_file.items():
+            if path not in self._sources and is_url(path):
+                src = self._source(path)
+                if isinstance(src, RemoteSource):
+                    src.prefetch(ranges)
 
     def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
         ent = self._entries[name]
         raw_dt = RAW_NUMPY[ent.info.dtype]
         n = stop - start
         offset = ent.begin + start * raw_dt.itemsize
-        fd = self._fd(ent.file)
+        src = self._source(ent.file)
         if ent.info.dtype == "float32":
             view = memoryview(out[:n].view(np.uint8))  # type: ignore[arg-type]
-            preadinto(fd, view, offset, ent.file)
+            src.readinto(view, offset)
             return
         buf = _scratch_buffer(n * raw_dt.itemsize)
-        preadinto(fd, memoryview(buf), offset, ent.file)  # type: ignore[arg-type]
+        src.readinto(memoryview(buf), offset)  # type: ignore[arg-type]
         to_float32(buf.view(raw_dt), ent.info.dtype, out[:n])
 
     def read_raw(self, name: str) -> np.ndarray:
         ent = self._entries[name]
         raw_dt = RAW_NUMPY[ent.info.dtype]
         arr = np.empty(ent.info.size, dtype=raw_dt)
-        preadinto(self._fd(ent.file), memoryview(arr.view(np.uint8)), ent.begin, ent.file)  # type: ignore[arg-type]
+        self._source(ent.file).readinto(memoryview(arr.view(np.uint8)), ent.begin)  # type: ignore[arg-type]
         return arr.reshape(ent.info.shape)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for src in self._sources.values():
+            src.close()
+        self._sources.clear()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         # no module globals here (contextlib...): they may be gone at interpreter exit
@@ -556,16 +595,27 @@ class TorchReader:
         self._flat = {}
 
 
+def _torch_reader(spec: CheckpointSpec, path: str | None = None) -> CheckpointReader:
+    """A zip-format PyTorch file: local ones through ``torch.load(mmap=True)``; remote ones
+    range by range without torch (:class:`~pipeline.checkpoints.torchzip.TorchZipReader`)."""
+    path = path or spec.files[0]
+    if is_url(path):
+        from pipeline.checkpoints.torchzip import TorchZipReader
+
+        return TorchZipReader(spec, path)
+    return TorchReader(spec, path)
+
+
 class ShardedTorchReader:
     """A Hugging Face sharded ``.bin`` checkpoint: ``pytorch_model.bin.index.json`` and its
     zip-format shards (each read as :class:`TorchReader` reads a file)."""
 
     def __init__(self, spec: CheckpointSpec) -> None:
         self.spec = spec
-        self._readers: list[TorchReader] = []
+        self._readers: list[CheckpointReader] = []
 
-        def shard(p: str) -> dict[str, tuple[TorchReader, TensorInfo]]:
-            r = TorchReader(spec, p)
+        def shard(p: str) -> dict[str, tuple[CheckpointReader, TensorInfo]]:
+            r = _torch_reader(spec, p)
             self._readers.append(r)
             return {t.name: (r, t) for t in r.tensors()}
 
@@ -576,6 +626,11 @@ class ShardedTorchReader:
 
     def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
         self._entries[name][0].read_into(name, start, stop, out)
+
+    def prefetch(self, pieces: Sequence[tuple[str, int, int]]) -> None:
+        for r in self._readers:
+            mine = [p for p in pieces if self._entries[p[0]][0] is r]
+            prefetch(r, mine)
 
     def read_raw(self, name: str) -> np.ndarray:
         return self._entries[name][0].read_raw(name)
@@ -619,6 +674,9 @@ class _PrefixStripped:
     def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
         self._inner.read_into(self._original[name], start, stop, out)
 
+    def prefetch(self, pieces: Sequence[tuple[str, int, int]]) -> None:
+        prefetch(self._inner, [(self._original[n], a, b) for n, a, b in pieces])
+
     def read_raw(self, name: str) -> np.ndarray:
         return self._inner.read_raw(self._original[name])
 
@@ -627,6 +685,14 @@ class _PrefixStripped:
 
 
 # --------------------------------------------------------------------------- entry points
+def prefetch(reader: CheckpointReader, pieces: Sequence[tuple[str, int, int]]) -> None:
+    """Let ``reader`` fetch the ``(name, start, stop)`` element ranges the calling thread is
+    about to read, all at once, when it can (remote files); ``[]`` drops what it kept."""
+    fetch = getattr(reader, "prefetch", None)
+    if fetch is not None:
+        fetch(pieces)
+
+
 #: every checkpoint format a spec can name (see :class:`CheckpointSpec`)
 FORMATS = ("torch", "safetensors", "hf-sharded", "hf-sharded-bin", "deepspeed", "dcp")
 
@@ -635,7 +701,7 @@ def open_checkpoint(spec: CheckpointSpec) -> CheckpointReader:
     """Open the checkpoint of one epoch (reads headers only)."""
     reader: CheckpointReader
     if spec.format in ("torch", "deepspeed"):
-        reader = TorchReader(spec)
+        reader = _torch_reader(spec)
     elif spec.format in ("safetensors", "hf-sharded"):
         reader = SafetensorsReader(spec)
     elif spec.format == "hf-sharded-bin":
@@ -651,13 +717,18 @@ def open_checkpoint(spec: CheckpointSpec) -> CheckpointReader:
     return _PrefixStripped(reader, spec.strip_prefix) if spec.strip_prefix else reader
 
 
-@lru_cache(maxsize=8)
 def cached_reader(spec: CheckpointSpec) -> CheckpointReader:
     """Per-process cache of open readers, so a worker parses each header once.
 
     Pass a spec with ``sha256`` set: a file rewritten since a reader was cached then gets a
-    new reader instead of the stale header (and file descriptor or mmap) of the old one.
+    new reader instead of the stale header (and file descriptor or mmap) of the old one. A
+    remote checkpoint's reader is also opened afresh when its storage options change.
     """
+    return _cached_reader(spec, options_key(spec.label))
+
+
+@lru_cache(maxsize=8)
+def _cached_reader(spec: CheckpointSpec, _options: str) -> CheckpointReader:
     return open_checkpoint(spec)
 
 
@@ -666,31 +737,40 @@ _ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
 def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
-    """Size and sha256 of a file in one sequential read.
+    """Size and sha256 of a file in one sequential read (a remote file: 8 MiB per request).
 
     For zip files (PyTorch checkpoints, and the archives inside a Distributed Checkpoint's
     ``.distcp`` files) the CRC-32 of every stored member is checked during the same read, so
     a flipped bit is caught without a second pass.
     """
+    src = open_source(path, epoch)
     try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")  # noqa: SIM115 - closed below
-    except OSError as e:
-        raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=epoch) from e
-    if path.endswith(".distcp"):
-        from pipeline.checkpoints.distcp import distcp_members
+        size = src.size
+        if path.endswith(".distcp"):
+            from pipeline.checkpoints.distcp import distcp_members
 
-        members = distcp_members(path)
-    else:
-        members = _zip_members(path) if path.endswith(_ZIP_SUFFIXES) else []
+            members = distcp_members(path, src)
+        else:
+            members = _zip_members(src) if path.endswith(_ZIP_SUFFIXES) else []
+    finally:
+        src.close()
+    f = open_stream(path, READ_BLOCK_BYTES, epoch)
     crcs = [0] * len(members)
     h = hashlib.sha256()
     buf = _scratch_buffer(READ_BLOCK_BYTES)
     mv = memoryview(buf)  # type: ignore[arg-type]
     pos = 0
+    remote = is_url(path)
     with f:
         while True:
-            got = f.readinto(mv)
+            try:
+                got = f.readinto(mv)
+            except InputError:
+                raise
+            except Exception as e:
+                if not remote:
+                    raise
+                raise remote_error(e, path, epoch) from None
             if not got:
                 break
             chunk = mv[:got]
@@ -714,22 +794,22 @@ def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def _zip_members(path: str) -> list[tuple[str, int, int, int]]:
+def _zip_members(src: ByteSource) -> list[tuple[str, int, int, int]]:
     """(name, data begin, data end, crc) of the stored (uncompressed) members of a zip."""
     try:
-        zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+        zf = zipfile.ZipFile(io.BufferedReader(Window(src, 0, src.size)))
+    except (zipfile.BadZipFile, OSError, ValueError):
         return []  # not a zip: the reader reports it with a clear message
     out = []
-    with zf, open(path, "rb") as f:
-        for zi in zf.infolist():
-            if zi.compress_type != zipfile.ZIP_STORED:
-                continue
-            f.seek(zi.header_offset)
-            hdr = f.read(30)
+    with zf:
+        stored = [zi for zi in zf.infolist() if zi.compress_type == zipfile.ZIP_STORED]
+        prefetch_headers(src, [zi.header_offset for zi in stored])
+        for zi in stored:
+            hdr = src.read(zi.header_offset, 30)
             if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-                raise InputError(f"corrupt zip local header for {zi.filename}", path=path)
+                raise InputError(f"corrupt zip local header for {zi.filename}", path=src.path)
             nlen, xlen = struct.unpack("<HH", hdr[26:30])
             begin = zi.header_offset + 30 + nlen + xlen
             out.append((zi.filename, begin, begin + zi.compress_size, zi.CRC))
+        prefetch_headers(src, [])
     return out

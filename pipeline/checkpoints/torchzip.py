@@ -14,16 +14,16 @@ tensor's bytes lie, so that they can be read range by range with ``os.preadv``.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline.checkpoints.files import ByteSource, Window, prefetch_headers
 from pipeline.checkpoints.readers import RAW_NUMPY
 from pipeline.errors import InputError
 
@@ -278,53 +278,23 @@ def safe_unpickle(data: bytes, stub_modules: tuple[str, ...]) -> Any:
 
 
 # --------------------------------------------------------------------------- zip windows
-class Window(io.RawIOBase):
-    """``[begin, begin + length)`` of an open file, as a read-only seekable file (pread)."""
-
-    def __init__(self, fd: int, begin: int, length: int) -> None:
-        super().__init__()
-        self._fd, self._begin, self._length, self._pos = fd, begin, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, b: Any) -> int:
-        n = max(0, min(len(b), self._length - self._pos))
-        if n == 0:
-            return 0
-        got = os.preadv(self._fd, [memoryview(b)[:n]], self._begin + self._pos)
-        self._pos += got
-        return got
-
-
 def member_offsets(
-    fd: int, begin: int, length: int, path: str
+    src: ByteSource, begin: int, length: int, path: str
 ) -> tuple[zipfile.ZipFile, dict[str, tuple[int, int, int]]]:
-    """The zip in ``[begin, begin + length)`` of ``fd`` and, for each stored (uncompressed)
+    """The zip in ``[begin, begin + length)`` of ``src`` and, for each stored (uncompressed)
     member, ``(absolute data offset, size, crc)``."""
     try:
-        zf = zipfile.ZipFile(io.BufferedReader(Window(fd, begin, length)))
+        zf = zipfile.ZipFile(io.BufferedReader(Window(src, begin, length)))
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise InputError(
             f"no zip archive at bytes {begin}-{begin + length} (truncated or corrupted?): {e}",
             path=path,
         ) from e
     out: dict[str, tuple[int, int, int]] = {}
-    for zi in zf.infolist():
-        if zi.compress_type != zipfile.ZIP_STORED:
-            continue
-        hdr = os.pread(fd, 30, begin + zi.header_offset)
+    stored = [zi for zi in zf.infolist() if zi.compress_type == zipfile.ZIP_STORED]
+    prefetch_headers(src, [begin + zi.header_offset for zi in stored])
+    for zi in stored:
+        hdr = src.read(begin + zi.header_offset, 30)
         if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
             raise InputError(f"corrupt zip local header for {zi.filename}", path=path)
         nlen, xlen = struct.unpack("<HH", hdr[26:30])
@@ -332,6 +302,7 @@ def member_offsets(
         if data + zi.compress_size > begin + length:
             raise InputError(f"zip member {zi.filename} runs past its archive", path=path)
         out[zi.filename] = (data, zi.compress_size, zi.CRC)
+    prefetch_headers(src, [])
     return zf, out
 
 
@@ -343,10 +314,10 @@ class TensorData:
     storage_begin: int  # absolute offset of the storage's first byte
 
 
-def describe_tensor_zip(fd: int, begin: int, length: int, path: str) -> TensorData:
-    """The one tensor a ``torch.save(tensor)`` zip in ``[begin, begin + length)`` of ``fd``
+def describe_tensor_zip(src: ByteSource, begin: int, length: int, path: str) -> TensorData:
+    """The one tensor a ``torch.save(tensor)`` zip in ``[begin, begin + length)`` of ``src``
     holds, checked against the zip (storage size, byte order); nothing in it is run."""
-    zf, members = member_offsets(fd, begin, length, path)
+    zf, members = member_offsets(src, begin, length, path)
     with zf:
         names = zf.namelist()
         pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
@@ -390,3 +361,274 @@ def describe_tensor_zip(fd: int, begin: int, length: int, path: str) -> TensorDa
     if obj.size and last >= obj.storage_numel:
         raise InputError(f"the tensor at byte {begin} runs past its storage", path=path)
     return TensorData(obj, member[0])
+
+
+# --------------------------------------------------------------------------- whole state dicts
+class _ODict(dict[Any, Any]):
+    """``collections.OrderedDict`` of a pickle (a state_dict keeps its ``_metadata``)."""
+
+
+class _TypeMarker:
+    """``torch.Tensor`` / ``torch.nn.Parameter`` named in a pickle (never constructed)."""
+
+    def __init__(self, qualname: str) -> None:
+        self.qualname = qualname
+
+
+def _rebuild_parameter(data: Any, _requires_grad: Any, _hooks: Any, *_state: Any) -> Any:
+    if not isinstance(data, TensorRef):
+        raise pickle.UnpicklingError("a parameter without a tensor")
+    return data
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, _state: Any) -> Any:
+    if func not in (_rebuild_v2, _rebuild_v3, _rebuild_parameter) or not isinstance(
+        new_type, _TypeMarker
+    ):
+        raise pickle.UnpicklingError("a tensor of an unsupported type")
+    return func(*args)
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as pickles of bytes use it (a string back to its bytes)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("unexpected _codecs.encode call")
+    return text.encode("latin1")
+
+
+#: what a state_dict checkpoint may name besides tensors: torch's weights-only unpickler's
+#: plain containers and scalars (anything else is refused, as ``torch.load`` refuses it)
+_PLAIN = {
+    ("collections", "OrderedDict"): _ODict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): _latin1,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TypeMarker("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): _TypeMarker("torch.nn.parameter.Parameter"),
+    ("torch", "device"): str,
+    ("torch.serialization", "_get_layout"): str,
+}
+
+
+def _state_dict_globals(module: str, name: str) -> Any:
+    found = _PLAIN.get((module, name))
+    if found is not None:
+        return found
+    return _tensor_globals(module, name)
+
+
+def describe_state_zip(src: ByteSource, path: str) -> tuple[Any, dict[str, int]]:
+    """The object a ``torch.save`` zip holds, its tensors as :class:`TensorRef` (nothing in
+    the pickle is run; globals beyond tensors and plain containers are refused), and the
+    absolute data offset of each storage by key."""
+    zf, members = member_offsets(src, 0, src.size, path)
+    with zf:
+        names = zf.namelist()
+        pkl = next((n for n in names if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise InputError("not a torch.save archive (no data.pkl)", path=path)
+        prefix = pkl[: -len("data.pkl")]
+        try:
+            raw = zf.read(pkl)
+            order = zf.read(prefix + "byteorder") if prefix + "byteorder" in names else b"little"
+        except (zipfile.BadZipFile, OSError, ValueError) as e:  # a CRC error among them
+            raise InputError(f"corrupt archive: {e}", path=path) from e
+    if order.strip() != b"little":
+        raise InputError("big-endian tensor data is not supported", path=path)
+    try:
+        obj = _Unpickler(raw, _state_dict_globals, storages=True).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:
+        raise InputError(
+            "refused to unpickle: the checkpoint holds objects other than tensors and plain "
+            f"containers (it could execute code): {e}",
+            path=path,
+        ) from e
+    storages = {
+        name[len(prefix) + len("data/") :]: b
+        for name, (b, _n, _crc) in members.items()
+        if name.startswith(prefix + "data/")
+    }
+    sizes = {
+        name[len(prefix) + len("data/") :]: n
+        for name, (_b, n, _crc) in members.items()
+        if name.startswith(prefix + "data/")
+    }
+    _check_storages(obj, storages, sizes, path)
+    return obj, storages
+
+
+def _check_storages(obj: Any, begins: dict[str, int], sizes: dict[str, int], path: str) -> None:
+    """Every tensor's storage is a stored member of the archive, as large as it says."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, list | tuple):
+            stack.extend(o)
+        elif isinstance(o, TensorRef):
+            if o.key not in begins:
+                raise InputError(
+                    f"the archive lacks the storage data/{o.key} of a tensor (or it is "
+                    "compressed)",
+                    path=path,
+                )
+            itemsize = RAW_NUMPY[o.dtype].itemsize
+            if sizes[o.key] < o.storage_numel * itemsize:
+                raise InputError(
+                    f"storage data/{o.key} holds {sizes[o.key]} bytes, not "
+                    f"{o.storage_numel} x {o.dtype}",
+                    path=path,
+                )
+            last = o.storage_offset + sum(
+                (n - 1) * st for n, st in zip(o.shape, o.stride, strict=True)
+            )
+            if o.size and last >= o.storage_numel:
+                raise InputError(f"a tensor runs past its storage data/{o.key}", path=path)
+
+
+#: keys a training loop nests the state_dict under (as the local reader unwraps them)
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+
+
+class TorchZipReader:
+    """A zip-format PyTorch checkpoint on a remote filesystem, read range by range without
+    torch: the pickle is described by the allow-list unpickler and each tensor's elements
+    are read straight from its storage's bytes (only the requested ranges are fetched).
+
+    The same state_dicts as the local reader (``torch.load(weights_only=True)``): the object
+    itself, or nested under ``state_dict``, ``model_state_dict``, ``model`` or ``module``;
+    format ``deepspeed``: the weights under ``module``.
+    """
+
+    def __init__(self, spec: Any, path: str | None = None) -> None:
+        from pipeline.checkpoints.files import open_source
+
+        self.spec = spec
+        path = path or spec.files[0]
+        epoch = spec.epoch
+        self._path = path
+        self._src = open_source(path, epoch)
+        try:
+            if self._src.size == 0:
+                raise InputError("empty file", path=path, epoch=epoch)
+            try:
+                obj, self._begins = describe_state_zip(self._src, path)
+            except InputError as e:
+                if e.reason.startswith("no zip archive"):
+                    raise InputError(
+                        "not a zip-format PyTorch checkpoint: truncated, corrupted, or saved in "
+                        "the legacy format (re-save it with torch.save)",
+                        path=path,
+                        epoch=epoch,
+                    ) from None
+                raise InputError(e.reason, path=path, epoch=epoch) from None
+            if spec.format == "deepspeed":
+                obj = self._deepspeed_module(obj, path, epoch)
+            self._sd = self._unwrap(obj, path, epoch)
+        except BaseException:
+            self._src.close()
+            raise
+
+    @staticmethod
+    def _deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
+        module = obj.get("module", ...) if isinstance(obj, dict) else ...
+        if module is ...:
+            raise InputError(
+                "not a DeepSpeed model-states file (it has no 'module' entry)",
+                path=path,
+                epoch=epoch,
+            )
+        if module is None:
+            raise InputError(
+                "holds no weights under 'module': a pipeline-parallel DeepSpeed checkpoint "
+                "(its layers are in layer_*-model_states.pt files), which is not supported",
+                path=path,
+                epoch=epoch,
+            )
+        return module
+
+    @staticmethod
+    def _unwrap(obj: Any, path: str, epoch: int | None) -> dict[str, TensorRef]:
+        if not isinstance(obj, dict):
+            raise InputError(
+                f"holds a {type(obj).__name__}, not a state_dict", path=path, epoch=epoch
+            )
+        if not all(isinstance(v, TensorRef) for v in obj.values()):
+            for k in _WRAPPER_KEYS:
+                inner = obj.get(k)
+                if isinstance(inner, dict):
+                    obj = inner
+                    break
+        out: dict[str, TensorRef] = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise InputError(f"non-string key {k!r}", path=path, epoch=epoch)
+            if not isinstance(v, TensorRef):
+                raise InputError(
+                    f"non-tensor entry of type {type(v).__name__} in the state_dict",
+                    path=path,
+                    epoch=epoch,
+                    key=k,
+                )
+            out[k] = v
+        if not out:
+            raise InputError("the state_dict is empty", path=path, epoch=epoch)
+        return out
+
+    def tensors(self) -> list[Any]:
+        from pipeline.checkpoints.readers import TensorInfo
+
+        return [TensorInfo(k, v.shape, v.dtype) for k, v in self._sd.items()]
+
+    def _raw_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        ref = self._sd[name]
+        raw_dt = RAW_NUMPY[ref.dtype]
+        begin = self._begins[ref.key]
+        if ref.contiguous():
+            out = np.empty(stop - start, dtype=raw_dt)
+            offset = begin + (ref.storage_offset + start) * raw_dt.itemsize
+            self._src.readinto(memoryview(out.view(np.uint8)), offset)  # type: ignore[arg-type]
+            return out
+        storage = np.empty(ref.storage_numel, dtype=raw_dt)
+        self._src.readinto(memoryview(storage.view(np.uint8)), begin)  # type: ignore[arg-type]
+        view = np.lib.stride_tricks.as_strided(
+            storage[ref.storage_offset :],
+            shape=ref.shape,
+            strides=tuple(st * raw_dt.itemsize for st in ref.stride),
+            writeable=False,
+        )
+        return np.ascontiguousarray(view).reshape(-1)[start:stop]
+
+    def prefetch(self, pieces: Sequence[tuple[str, int, int]]) -> None:
+        """Fetch the bytes of ``(name, start, stop)`` ranges of contiguous tensors at once
+        for this thread's next reads (see :meth:`RemoteSource.prefetch`)."""
+        fetch = getattr(self._src, "prefetch", None)
+        if fetch is None:
+            return
+        ranges = []
+        for name, start, stop in pieces:
+            ref = self._sd[name]
+            if ref.contiguous():
+                isz = RAW_NUMPY[ref.dtype].itemsize
+                first = self._begins[ref.key] + ref.storage_offset * isz
+                ranges.append((first + start * isz, first + stop * isz))
+        fetch(ranges)
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        from pipeline.checkpoints.readers import to_float32
+
+        to_float32(self._raw_range(name, start, stop), self._sd[name].dtype, out[: stop - start])
+
+    def read_raw(self, name: str) -> np.ndarray:
+        ref = self._sd[name]
+        return np.array(self._raw_range(name, 0, ref.size), copy=True).reshape(ref.shape)
+
+    def close(self) -> None:
+        self._src.close()

@@ -7,7 +7,6 @@ idempotent: a task that runs twice (a worker died after it finished) writes the 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
@@ -15,7 +14,8 @@ import numpy as np
 from dask import delayed
 
 from pipeline.buffers import scratch
-from pipeline.checkpoints.readers import CheckpointSpec, cached_reader, digest_file
+from pipeline.checkpoints.files import identity
+from pipeline.checkpoints.readers import CheckpointSpec, cached_reader, digest_file, prefetch
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
 from pipeline.kernels.digests import piece_digest
@@ -41,19 +41,13 @@ def inspect_epoch(
     """
     files = []
     for path in spec.files:
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            raise InputError(f"cannot read file: {e.strerror}", path=path, epoch=spec.epoch) from e
+        size, mtime_ns = identity(path, spec.epoch)
         old = (known or {}).get(path)
-        if old is not None and old.mtime_ns >= 0 and (old.size, old.mtime_ns) == (
-            st.st_size,
-            st.st_mtime_ns,
-        ):
+        if old is not None and old.mtime_ns >= 0 and (old.size, old.mtime_ns) == (size, mtime_ns):
             files.append(old)
             continue
         size, sha = digest_file(path, spec.epoch)
-        files.append(SourceFile(path, size, sha, st.st_mtime_ns))
+        files.append(SourceFile(path, size, sha, mtime_ns))
     # the digests key the reader cache: a file changed since an earlier ingest in this
     # process (a --force rebuild after editing a checkpoint) is opened afresh
     spec = replace(spec, sha256=tuple(f.sha256 for f in files))
@@ -118,16 +112,24 @@ def write_chunk(
     for j, spec in enumerate(specs):
         col = block[:, 0] if cols == 1 else _column_buffer(rows)
         reader = cached_reader(spec)
-        for seg in segments:
-            piece = col[seg.out : seg.out + seg.stop - seg.start]
-            try:
-                reader.read_into(seg.name, seg.start, seg.stop, piece)
-            except InputError:
-                raise
-            except (OSError, ValueError, RuntimeError) as e:
-                raise InputError(
-                    f"cannot read tensor data: {e}", path=spec.label, epoch=spec.epoch, key=seg.name
-                ) from e
+        # a remote checkpoint: every piece's bytes in flight at once, not one round trip each
+        prefetch(reader, [(seg.name, seg.start, seg.stop) for seg in segments])
+        try:
+            for seg in segments:
+                piece = col[seg.out : seg.out + seg.stop - seg.start]
+                try:
+                    reader.read_into(seg.name, seg.start, seg.stop, piece)
+                except InputError:
+                    raise
+                except (OSError, ValueError, RuntimeError) as e:
+                    raise InputError(
+                        f"cannot read tensor data: {e}",
+                        path=spec.label,
+                        epoch=spec.epoch,
+                        key=seg.name,
+                    ) from e
+        finally:
+            prefetch(reader, [])  # the fetched bytes are not kept
         found = _count_nonfinite(col, segments)
         if found and nonfinite == "error":
             name, n = found[0]

@@ -18,6 +18,7 @@ from pipeline.kernels.digests import combine
 from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
 from pipeline.plan.ingest import effective_strip_prefix
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import EpochEntry
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -62,6 +63,7 @@ class IngestResult:
         return "; ".join(parts)
 
 
+@with_storage_options("inputs", "store")
 def ingest(
     inputs: Sequence[str | os.PathLike[str]],
     store: str | os.PathLike[str],
@@ -78,6 +80,7 @@ def ingest(
     store_dtype: str | None = None,
     strip_prefix: str | None = None,
     force: bool = False,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> IngestResult:
@@ -92,7 +95,8 @@ def ingest(
     Parameters
     ----------
     inputs
-        Checkpoint files, directories of checkpoints, sharded checkpoint directories, globs.
+        Checkpoint files, directories of checkpoints, sharded checkpoint directories, globs:
+        local paths or fsspec URLs (``s3://bucket/run/``, ``gs://...``), read by ranges.
     store
         Local path or fsspec URL of the Zarr store.
     epochs
@@ -104,6 +108,10 @@ def ingest(
     strip_prefix
         Remove this prefix from the tensor names that start with it (``"model."`` of a
         Lightning module, ``"module."`` of DDP); ``""``: none. Recorded in the store.
+    storage_options
+        fsspec options (credentials, ``endpoint_url``, ``client_kwargs``...) for the remote
+        URLs among ``inputs`` and ``store``; they reach the Dask workers too, and are never
+        written to the store.
     runtime, run
         Where to compute: options for a new runtime, or an open :class:`~pipeline.runtime.Runner`.
 

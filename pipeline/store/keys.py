@@ -16,6 +16,7 @@ __all__ = [
     "delete",
     "delete_dir",
     "get",
+    "get_ranges",
     "list_dir",
     "list_prefix",
     "put",
@@ -57,6 +58,10 @@ def remove_partials(store: Any, prefix: str) -> int:
     """Delete the temporary files (``*.partial``) under ``prefix`` that a writer killed
     mid-write left behind (zarr's local store writes ``<key>.<uuid>.partial`` and renames it
     into place; no later write replaces such a file). Returns how many were deleted."""
+    from zarr.storage import LocalStore
+
+    if not isinstance(store, LocalStore):
+        return 0  # other stores write a value whole or not at all (an object store's PUT)
     stray = [k for k in list_prefix(store, prefix) if k.endswith(".partial")]
     for k in stray:
         delete(store, k)
@@ -99,3 +104,23 @@ def get(store: Any, key: str) -> Any:
     from zarr.core.buffer import default_buffer_prototype
 
     return sync(store.get(key, prototype=default_buffer_prototype()))
+
+
+def get_ranges(store: Any, requests: list[tuple[str, int, int]]) -> list[bytes | None]:
+    """Bytes ``[start, end)`` of each ``(key, start, end)``, all requests in flight at once;
+    None for a key that does not exist."""
+    import asyncio
+
+    from zarr.abc.store import RangeByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+
+    async def one(key: str, start: int, end: int) -> bytes | None:
+        buf = await store.get(key, prototype=proto, byte_range=RangeByteRequest(start, end))
+        return None if buf is None else buf.to_bytes()
+
+    async def every() -> list[bytes | None]:
+        return list(await asyncio.gather(*(one(*r) for r in requests)))
+
+    return sync(every())

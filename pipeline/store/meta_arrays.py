@@ -46,8 +46,9 @@ EPOCH_CHUNK = 256
 
 def open_root(url: str, mode: Literal["r", "r+", "a"]) -> Any:
     """The root group, never through the consolidated metadata (which may be stale while an
-    operation runs: it is rewritten at the end of each)."""
-    return zarr.open_group(url, mode=mode, use_consolidated=False)
+    operation runs: it is rewritten at the end of each). Every store is Zarr v3 (schema 1
+    too): no Zarr v2 documents are looked for (on object storage each is a request)."""
+    return zarr.open_group(url, mode=mode, use_consolidated=False, zarr_format=3)
 
 
 def consolidate(url: str) -> None:

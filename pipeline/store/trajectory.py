@@ -48,7 +48,7 @@ import zarr.codecs
 from zarr.core.buffer.cpu import Buffer
 
 from pipeline.errors import StoreError
-from pipeline.store import keys
+from pipeline.store import keys, remote
 from pipeline.store.dtypes import narrow, numpy_dtype, register_bfloat16
 from pipeline.store.meta_arrays import consolidate, open_root, read_tables, resize, write_tables
 from pipeline.store.schema import (
@@ -102,6 +102,18 @@ def _normalise_url(url: str | os.PathLike[str]) -> str:
     return os.path.abspath(s)
 
 
+def _remote_store_error(url: str, e: BaseException) -> StoreError:
+    """One line for a store on object storage that cannot be reached (never the options)."""
+    if isinstance(e, PermissionError):
+        why = "access denied: check the credentials in the storage options (--storage-options)"
+    elif isinstance(e, FileNotFoundError):
+        why = "no such bucket or container"
+    else:
+        text = " ".join(str(e).split())[:300] or type(e).__name__
+        why = f"cannot reach it: {type(e).__name__}: {text}"
+    return StoreError(f"store {url}: {why}")
+
+
 @dataclass
 class TrajectoryStore:
     """A handle on one store: its URL, its root group and its metadata.
@@ -124,6 +136,10 @@ class TrajectoryStore:
             raise StoreError(f"no cmd-pipeline store at {u}") from e
         except ValueError as e:  # a zarr.json that is not JSON (json.JSONDecodeError)
             raise StoreError(f"{u}: unreadable Zarr metadata ({e})") from e
+        except Exception as e:
+            if not remote.is_remote(u):
+                raise
+            raise _remote_store_error(u, e) from None
         raw = root.attrs.get(ATTR_KEY)
         if raw is None:
             raise StoreError(
@@ -138,7 +154,13 @@ class TrajectoryStore:
         try:
             root = open_root(u, "a")
         except OSError as e:  # a file in the way, no permission, ...
+            if remote.is_remote(u):
+                raise _remote_store_error(u, e) from None
             raise StoreError(f"cannot open or create a store at {u}: {e}") from e
+        except Exception as e:
+            if not remote.is_remote(u):
+                raise
+            raise _remote_store_error(u, e) from None
         raw = root.attrs.get(ATTR_KEY)
         return cls(u, root, None if raw is None else _read_meta(root, raw, u))
 
@@ -452,7 +474,7 @@ def open_array(
     longer mean that it is finished. ``min_cols`` widens the task's view of a 2-D array (not
     the stored shape) to reach the pending columns beyond the committed ones.
     """
-    arr = zarr.open_array(url, path=path, mode="r+" if writable else "r")
+    arr = zarr.open_array(url, path=path, mode="r+" if writable else "r", zarr_format=3)
     if arr.ndim == 2 and arr.shape[1] < min_cols:
         from dataclasses import replace as _replace
 
@@ -467,10 +489,20 @@ def write_block(array: Any, r0: int, t0: int, block: np.ndarray) -> None:
     array[r0 : r0 + block.shape[0], t0 : t0 + block.shape[1]] = block
 
 
-@lru_cache(maxsize=8)
 def _store_of(url: str) -> Any:
-    """The zarr store object behind a URL (stateless, so safe to keep per process)."""
-    return zarr.open_group(url, mode="r+").store
+    """The zarr store object behind a URL (stateless, so safe to keep per process; opened
+    afresh when the storage options of its protocol change)."""
+    return _store_with(url, remote.options_key(url))
+
+
+@lru_cache(maxsize=8)
+def _store_with(url: str, _options: str) -> Any:
+    return zarr.open_group(url, mode="r+", use_consolidated=False, zarr_format=3).store
+
+
+#: neighbouring rows of a chunk are fetched in one range when fewer bytes than this lie
+#: between them (one request instead of two costs more than reading that much more)
+_RANGE_MERGE_GAP = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -558,11 +590,15 @@ class ChunkGrid:
         """Profiles of a few rows: (len(rows), len(cols)) float32, and the bytes read.
 
         Local raw stores read exactly one value's bytes per value (the rows of a sample, never
-        the whole trajectory); other stores read the chunks holding the rows through zarr.
+        the whole trajectory); remote raw stores read each row's bytes of each time block by
+        ranged requests; compressed stores decode the chunks holding the rows through zarr
+        (the fit calls this in tasks, one per chunk-row block: :mod:`pipeline.graph.sampling`).
         """
         out = np.empty((len(rows), len(cols)), dtype=np.float32)
         root = self.local_root
         isz = self.itemsize
+        if root is None and self.codec == "none":
+            return self._read_row_ranges(rows, cols, out)
         if root is None:
             arr = open_array(self.url)
             out[:] = np.asarray(arr.get_orthogonal_selection((rows, cols)))
@@ -597,6 +633,53 @@ class ChunkGrid:
             for fd in fds.values():
                 os.close(fd)
         return out, out.size * isz
+
+    def _read_row_ranges(
+        self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray
+    ) -> tuple[np.ndarray, int]:
+        """:meth:`read_scattered` on a remote raw store: ranged reads of the rows' bytes in
+        each chunk (a row's values of one time block are contiguous; neighbouring rows are
+        merged into one range when the gap is small), all requests in flight at once."""
+        tc, isz = self.time_chunk, self.itemsize
+        row_bytes = tc * isz
+        le = self.np_dtype.newbyteorder("<") if isz > 1 and self.dtype != "bfloat16" else self.np_dtype
+        row_list = [int(r) for r in rows.tolist()]
+        by_chunk: dict[int, list[int]] = {}
+        for k, r in enumerate(row_list):
+            by_chunk.setdefault(r // self.chunk_rows, []).append(k)
+        blocks = sorted({int(c) // tc for c in cols.tolist()})
+        requests: list[tuple[str, int, int]] = []
+        placed: list[tuple[int, int, list[int]]] = []  # (time block, first row, rows' ks)
+        for i, ks in by_chunk.items():
+            ks.sort(key=lambda k: row_list[k])
+            runs: list[list[int]] = [[ks[0]]]
+            for k in ks[1:]:
+                gap = (row_list[k] - row_list[runs[-1][-1]] - 1) * row_bytes
+                if gap <= _RANGE_MERGE_GAP:
+                    runs[-1].append(k)
+                else:
+                    runs.append([k])
+            for j in blocks:
+                for run in runs:
+                    lo = row_list[run[0]] - i * self.chunk_rows
+                    hi = row_list[run[-1]] - i * self.chunk_rows + 1
+                    requests.append((f"{TRAJECTORY}/c/{i}/{j}", lo * row_bytes, hi * row_bytes))
+                    placed.append((j, row_list[run[0]], run))
+        got = keys.get_ranges(_store_of(self.url), requests)
+        nbytes = 0
+        col_list = [int(c) for c in cols.tolist()]
+        for (key, start, end), data, (j, first, run) in zip(requests, got, placed, strict=True):
+            if data is None:
+                raise StoreError(f"trajectory chunk {key} is missing (unfinished ingest?)")
+            if len(data) != end - start:
+                raise StoreError(f"trajectory chunk {key} is truncated")
+            nbytes += len(data)
+            values = np.frombuffer(data, dtype=le).reshape(-1, tc)
+            qs = [q for q, c in enumerate(col_list) if c // tc == j]
+            within = [col_list[q] % tc for q in qs]
+            for k in run:
+                out[k, qs] = values[row_list[k] - first, within]
+        return out, nbytes
 
     def _zarr_bytes(self, r0: int, r1: int, cols: np.ndarray) -> int:
         n_row_chunks = (r1 - 1) // self.chunk_rows - r0 // self.chunk_rows + 1

@@ -51,6 +51,7 @@ BUILDERS = {
     "pipeline.graph.fit.build_fit_tasks": "pipeline.fit",
     "pipeline.graph.fit.build_scan_tasks": "derived from build_fit_tasks",
     "pipeline.graph.reconstruct.build_reconstruct_tasks": "pipeline.reconstruct",
+    "pipeline.graph.sampling.build_gather_tasks": "pipeline.fit",
     "pipeline.graph.baselines.build_gram_tasks": "pipeline.bench.baselines.gram",
     "pipeline.graph.baselines.build_cmd_error_tasks": "pipeline.bench.baselines.cmd_errors",
     "pipeline.graph.baselines.build_dmd_error_tasks": "pipeline.bench.baselines.dmd_errors",

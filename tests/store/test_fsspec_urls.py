@@ -60,3 +60,50 @@ def test_memory_url_store(tmp_path: Path, run5) -> None:
         assert rep.html.startswith("memory://") and fsspec.filesystem("memory").exists(rep.html)
     finally:
         fsspec.filesystem("memory").rm("/cmd-pipeline-test", recursive=True)
+
+
+def test_checkpoints_on_a_non_local_filesystem(tmp_path: Path) -> None:
+    """Checkpoints read through fsspec (``memory://``: listings, ``info`` and ranged reads,
+    never a local path) give the same trajectory and the same file digests as from disk, in
+    every layout: Hugging Face shards, a .pt nested under "model" with bf16 and transposed
+    strides (read without torch), a Lightning-style .ckpt, a Distributed Checkpoint."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from helpers import net_state_dicts, write_run
+
+    sds = net_state_dicts(3, "float32", 1)
+    odd = [
+        {**sd, "fc.weight": sd["fc.weight"].t().contiguous().t(), "conv.weight": sd["conv.weight"].bfloat16()}
+        for sd in sds
+    ]
+    write_run(tmp_path / "sharded", sds, "sharded")
+    write_run(tmp_path / "pt", odd, "pt", wrapper="model")
+    (tmp_path / "ckpt").mkdir()
+    for e, sd in enumerate(sds):
+        extras = {"epoch": e, "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1}]}]}
+        state = {**extras, "state_dict": {f"model.{k}": v for k, v in sd.items()}}
+        torch.save(state, tmp_path / "ckpt" / f"epoch={e}-step={2 * e}.ckpt")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+            dcp.save({"model": sd, "step": e}, checkpoint_id=tmp_path / "dcp" / f"step-{e}")
+    mem = fsspec.filesystem("memory")
+    try:
+        for name, kw in (
+            ("sharded", {}),
+            ("pt", {}),
+            ("ckpt", {"strip_prefix": "model."}),
+            ("dcp", {}),
+        ):
+            mem.put(f"{tmp_path / name}/", f"/ckpts-test/{name}/", recursive=True)
+            local, far = tmp_path / f"{name}-local.zarr", tmp_path / f"{name}-far.zarr"
+            pipeline.ingest([str(tmp_path / name)], str(local), runtime=SYNC, **kw)
+            pipeline.ingest([f"memory://ckpts-test/{name}"], str(far), runtime=SYNC, **kw)
+            assert np.array_equal(read_trajectory(local), read_trajectory(far), equal_nan=True)
+            a = pipeline.open_store(str(local)).require_meta().epochs
+            b = pipeline.open_store(str(far)).require_meta().epochs
+            assert [[f.sha256 for f in e.files] for e in a] == [[f.sha256 for f in e.files] for e in b]
+            assert b[0].files[0].path.startswith(f"memory:///ckpts-test/{name}/"), name
+    finally:
+        mem.rm("/ckpts-test", recursive=True)
