@@ -163,7 +163,7 @@ def _read_task(grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray) -> int:
 
 def _study(url: str, name: str) -> dict[str, np.ndarray]:
     ag = AnalysisGroup(url, name)
-    keys = ("mode", "a", "b", "corr", "residual", "flags", "refs", "ref_index", "block_stats")
+    keys = ("mode", "a", "level", "anchor", "corr", "residual", "flags", "refs", "ref_index", "block_stats")
     return {k: np.asarray(ag.array(k)[...]) for k in keys}
 
 
@@ -183,7 +183,7 @@ def agreement(gpu: dict[str, np.ndarray], cpu: dict[str, np.ndarray]) -> dict[st
     """How far the GPU study is from the CPU study (0 / 1.0 / True: identical)."""
     return {
         "a_max_rel_diff": _rel_diff(gpu["a"], cpu["a"]),
-        "b_max_rel_diff": _rel_diff(gpu["b"], cpu["b"]),
+        "level_max_rel_diff": _rel_diff(gpu["level"], cpu["level"]),
         "corr_max_abs_diff": _rel_diff(gpu["corr"], cpu["corr"], 1.0),
         "residual_max_rel_diff": _rel_diff(gpu["residual"], cpu["residual"]),
         "block_stats_max_rel_diff": _rel_diff(gpu["block_stats"], cpu["block_stats"]),
@@ -225,7 +225,7 @@ def transfer_probe(url: str, name: str, probes: int) -> dict[str, Any]:
             runs.append(t)
     same = all(
         np.allclose(getattr(got, k), getattr(want, k), rtol=1e-10, atol=1e-12, equal_nan=True)
-        for k in ("a", "b", "corr", "residual", "energy", "spread")
+        for k in ("a", "b", "level", "corr", "residual", "energy", "spread")
     ) and np.array_equal(got.mode, want.mode) and np.array_equal(got.flags, want.flags)
 
     def med(key: str) -> float | None:
@@ -354,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             result["read"] = {"seconds": time.perf_counter() - t, "bytes": nbytes}
             print(f"  read: {result['read']['seconds']:.2f} s", flush=True)
             t = time.perf_counter()
-            res = pipeline.fit(url, "bench-cpu", modes=a.modes, samples=a.samples, run=run)
+            res = pipeline.fit(
+                url, "bench-cpu", modes=a.modes, samples=a.samples, diagnostics=True, run=run
+            )
             result["fit-cpu"] = {"seconds": time.perf_counter() - t, "modes_found": res.n_modes,
                                  "dynamics_error": res.summary["dynamics_error"],
                                  "relative_error": res.summary["relative_error"]}
@@ -365,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         with runner(gpu_rt) as grun:  # started before the clock, as the CPU cluster was
             result["gpu_runtime_start_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            res = pipeline.fit(url, "bench-gpu", modes=a.modes, samples=a.samples, run=grun)
+            res = pipeline.fit(
+                url, "bench-gpu", modes=a.modes, samples=a.samples, diagnostics=True, run=grun
+            )
             result["fit-gpu"] = {"seconds": time.perf_counter() - t, "modes_found": res.n_modes,
                                  "dynamics_error": res.summary["dynamics_error"],
                                  "relative_error": res.summary["relative_error"]}
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ag = result["agreement"]
     exact = a.stand_in and a.cpu_kernel == "numpy"
     ok = (ag["rows_bit_identical"] and ag["block_stats_max_rel_diff"] <= 1e-12 if exact else (
-        max(ag["a_max_rel_diff"], ag["b_max_rel_diff"], ag["corr_max_abs_diff"]) <= a.tol
+        max(ag["a_max_rel_diff"], ag["level_max_rel_diff"], ag["corr_max_abs_diff"]) <= a.tol
         and ag["mode_agreement"] >= 1 - 1e-4 and ag["flags_equal"] and ag["refs_equal"]))
     result["ok"] = bool(ok and result["transfer"]["matches_numpy_kernel"])
     out = Path(a.out)

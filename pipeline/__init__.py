@@ -63,6 +63,12 @@ __all__ = [
 ]
 
 
-def open_store(url: str) -> TrajectoryStore:
-    """Open an existing store read-only; ``trajectory_dask(store)`` gives its (N, T) array."""
-    return TrajectoryStore.open(url)
+def open_store(url: str, *, storage_options: dict[str, object] | None = None) -> TrajectoryStore:
+    """Open an existing store read-only; ``trajectory_dask(store)`` gives its (N, T) array.
+
+    ``storage_options``: fsspec options for a store on object storage (the arrays opened here
+    keep using them)."""
+    from pipeline.store.remote import storage_options as _options
+
+    with _options(storage_options, [url]):
+        return TrajectoryStore.open(url)

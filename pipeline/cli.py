@@ -266,6 +266,43 @@ def _handle_errors(f: F) -> F:
     return wrapper
 
 
+_STORAGE_HELP = (
+    "fsspec options for the remote URLs (s3://, gs://, ...) of the store and the inputs, as "
+    "a JSON object: credentials, endpoint_url, client_kwargs, anon... They reach the Dask "
+    "workers and are never printed or stored. Env: CMD_PIPELINE_STORAGE_OPTIONS (keeps "
+    "secrets off the command line)."
+)
+
+
+def _storage_options(f: F) -> F:
+    """``--storage-options JSON``: applied to the protocols of the remote URLs among the
+    command's arguments (its store, inputs, other runs) while it runs."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.store import remote
+
+        opts = remote.parse_options(
+            kwargs.pop("storage_options", None), "--storage-options (or CMD_PIPELINE_STORAGE_OPTIONS)"
+        )
+        urls: list[str] = []
+        for v in kwargs.values():
+            for x in v if isinstance(v, tuple | list) else (v,):
+                if isinstance(x, str) and "://" in x:
+                    urls.append(x)
+        with remote.storage_options(opts, urls):
+            return f(*args, **kwargs)
+
+    option = click.option(
+        "--storage-options",
+        metavar="JSON",
+        envvar="CMD_PIPELINE_STORAGE_OPTIONS",
+        default=None,
+        help=_STORAGE_HELP,
+    )
+    return option(wrapper)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="cmd-pipeline")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -376,6 +413,7 @@ def main(verbose: int) -> None:
 )
 @_runtime_options(gpu=False)
 @_handle_errors
+@_storage_options
 def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: Any) -> None:
     """Transpose per-epoch checkpoints (INPUT: files, directories, globs) into the store.
 
@@ -400,6 +438,7 @@ def ingest(inputs: tuple[str, ...], store: str, epoch_spec: str | None, **kw: An
 @click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @_handle_errors
+@_storage_options
 def info(store: str, as_json: bool) -> None:
     """Print N, T, epochs, tensors, chunking, analyses and size on disk."""
     from pipeline.ops.info import format_info
@@ -412,6 +451,7 @@ def info(store: str, as_json: bool) -> None:
 @main.command()
 @click.option("--store", "-s", required=True, help="Store path or fsspec URL.")
 @_handle_errors
+@_storage_options
 def upgrade(store: str) -> None:
     """Migrate a store written by an earlier release to the current schema, in place.
 
@@ -472,6 +512,7 @@ def upgrade(store: str) -> None:
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @_handle_errors
+@_storage_options
 def export(
     store: str,
     epoch: int,
@@ -586,6 +627,7 @@ def export(
 )
 @_runtime_options(gpu=True)
 @_handle_errors
+@_storage_options
 def fit(
     store: str,
     name: str,
@@ -628,6 +670,7 @@ def fit(
 @click.option("--name", "-n", required=True, help="The study to reconstruct.")
 @_runtime_options(gpu=False)
 @_handle_errors
+@_storage_options
 def reconstruct(store: str, name: str, **kw: Any) -> None:
     """Write analyses/NAME/reconstructed: a * r_mode(t) + b for every parameter (float32)."""
     from pipeline.ops.reconstruct import reconstruct as run_reconstruct
@@ -692,6 +735,7 @@ def _int_list(value: str | None, param: str) -> list[int] | None:
 @click.option("--keep-sweep", is_flag=True, help="Keep the sweep's studies (NAME~mM-kK-sS).")
 @_runtime_options(gpu=True)
 @_handle_errors
+@_storage_options
 def evaluate(
     store: str,
     name: str,
@@ -738,6 +782,7 @@ def evaluate(
     help="Also copy the page here: a .html file, or a folder (gets NAME.html).",
 )
 @_handle_errors
+@_storage_options
 def report(store: str, name: str, out: str | None) -> None:
     """Write the study's figures and a self-contained HTML report (analyses/NAME/report/)."""
     from pipeline.ops.report import report as run_report
@@ -920,6 +965,7 @@ def bench(
 )
 @_runtime_options(gpu=False)
 @_handle_errors
+@_storage_options
 def compare(
     store: str,
     name: str,
@@ -1015,6 +1061,7 @@ def compare(
 )
 @_runtime_options(gpu=False)
 @_handle_errors
+@_storage_options
 def stability(
     store: str,
     name: str | None,

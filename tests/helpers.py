@@ -322,8 +322,46 @@ def study_files(store: Path) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- CMD: a dense reference
 #: result flags (the documented bits of analyses/NAME/flags)
 F_CONSTANT, F_NONFINITE, F_REFERENCE, F_SAMPLED = 1, 2, 4, 8
-#: the per-row result arrays of an analysis
-PER_ROW_ARRAYS = ("mode", "a", "b", "corr", "residual", "flags")
+#: the per-row result arrays of an analysis (version 2, the default: no diagnostics)
+PER_ROW_ARRAYS = ("mode", "a", "level", "anchor", "flags")
+#: ... with ``diagnostics=True``
+DIAGNOSTIC_ARRAYS = ("corr", "residual")
+#: the per-row result arrays of a version-1 study (float64 a and b)
+PER_ROW_ARRAYS_V1 = ("mode", "a", "b", "corr", "residual", "flags")
+
+
+def stored_model(got: Mapping[str, Any]) -> np.ndarray:
+    """The (N, Tw) float64 model of a study read by :func:`read_analysis`, from its stored
+    arrays by the documented formulas (README, *A study*): ``level + a (r(t) - r(anchor))``
+    (version 2), or ``a r(t) + b`` (version 1)."""
+    r = np.asarray(got["refs"], dtype=np.float64)[got["mode"].astype(np.int64)]
+    a = got["a"].astype(np.float64)[:, None]
+    if "level" not in got:
+        return a * r + got["b"].astype(np.float64)[:, None]
+    at = got["anchor"].astype(np.int64)
+    r0 = r[np.arange(r.shape[0]), at][:, None]
+    return got["level"].astype(np.float64)[:, None] + a * (r - r0)
+
+
+def intercept(got: Mapping[str, Any]) -> np.ndarray:
+    """The intercept b of ``a r + b`` of every row of a study (float64; the stored ``b`` of a
+    version-1 study, else ``level - a r(anchor)``)."""
+    if "level" not in got:
+        return np.asarray(got["b"], dtype=np.float64)
+    r = np.asarray(got["refs"], dtype=np.float64)[got["mode"].astype(np.int64)]
+    r0 = r[np.arange(r.shape[0]), got["anchor"].astype(np.int64)]
+    return got["level"].astype(np.float64) - got["a"].astype(np.float64) * r0
+
+
+def ulp_distance(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """How many float32 values apart ``x`` and ``y`` (float32 arrays) are: 0 when equal, 1 for
+    neighbours (across zero too: -0 and +0 are one value); NaN against NaN counts 0."""
+    def ordered(v: np.ndarray) -> np.ndarray:
+        i = np.ascontiguousarray(v, dtype=np.float32).view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    both_nan = np.isnan(x) & np.isnan(y)
+    return np.where(both_nan, 0, np.abs(ordered(x) - ordered(y)))
 
 
 @dataclass
@@ -522,11 +560,17 @@ def assert_matches_dense(got: Mapping[str, Any], dense: DenseCMD, w: np.ndarray)
     """The pipeline's results equal the dense float64 reference to float32 rounding.
 
     Integers (modes, indices, flags) must be equal (a mode may differ only where the two best
-    |corr| tie to 1e-9); ``refs`` are the stored rows bit for bit; ``a`` and ``b`` (float64)
-    agree to 1e-9 of their natural scale, ``corr`` (float32) to two float32 ulps of 1,
-    ``residual`` (float32) to 1e-6 relative, plus 1e-12 of |w - mean w|^2: ALGORITHM.md's
-    closed form |w - mean w|^2 (1 - corr^2) is exact to rounding of |w - mean w|^2 only, which
-    matters for rows fitted to 1e-6 or better.
+    |corr| tie to 1e-9); ``refs`` are the stored rows bit for bit. The stored model, rounded
+    to float32, is within 1 float32 ulp of the reference's ``a r + b`` rounded to float32 at
+    every value of every row whose fitted values keep one sign over the window, and within 3
+    where they cross zero (the bound of the anchored float32 form). ``a`` is the float32
+    rounding of the reference's a, or one float32 step from it (to 1e-9 of its natural
+    scale); in a version-1 study ``a``
+    and ``b`` (float64) agree to 1e-9 of their natural scale. When stored (diagnostics),
+    ``corr`` (float32) agrees to two float32 ulps of 1, ``residual`` (float32) to 1e-6
+    relative, plus 1e-12 of |w - mean w|^2: ALGORITHM.md's closed form
+    |w - mean w|^2 (1 - corr^2) is exact to rounding of |w - mean w|^2 only, which matters
+    for rows fitted to 1e-6 or better.
     """
     x = np.asarray(w, dtype=np.float64)
     assert np.array_equal(got["sample_index"], dense.sample_index)
@@ -551,10 +595,26 @@ def assert_matches_dense(got: Mapping[str, Any], dense: DenseCMD, w: np.ndarray)
     scale_a = np.sqrt(ssx / ssr)
     scale_b = np.abs(mean) + scale_a * np.abs(rr.mean(axis=1))
     ok = mode == dense.mode
-    assert np.all(np.abs(got["a"] - dense.a)[ok] <= 1e-9 * scale_a[ok] + 1e-12 * np.abs(dense.a[ok]))
-    assert np.array_equal(np.isnan(got["b"]), np.isnan(dense.b))
     fb = ok & finite
-    assert np.all(np.abs(got["b"] - dense.b)[fb] <= 1e-9 * scale_b[fb])
+    if "level" in got:  # version 2: the anchored float32 model
+        assert got["a"].dtype == np.float32 and got["level"].dtype == np.float32
+        a32 = np.abs(got["a"].astype(np.float64) - dense.a)
+        # the nearest float32, or one step from it (stored_coefficients' choice): 1.5 ulps
+        assert np.all(a32[ok] <= 2.0**-22 * np.abs(dense.a[ok]) + 1e-9 * scale_a[ok])
+        assert np.array_equal(np.isnan(got["level"]), np.isnan(dense.b))
+        model = stored_model(got).astype(np.float32)
+        want = dense.recon.astype(np.float32)
+        crossing = (np.min(dense.recon, axis=1) < 0) & (np.max(dense.recon, axis=1) > 0)
+        far = ulp_distance(model, want).max(axis=1)
+        assert np.all(far[fb & ~crossing] <= 1), np.flatnonzero(fb & ~crossing & (far > 1))
+        assert np.all(far[fb & crossing] <= 3), np.flatnonzero(fb & crossing & (far > 3))
+    else:  # version 1: float64 a and b
+        assert np.all(np.abs(got["a"] - dense.a)[ok] <= 1e-9 * scale_a[ok] + 1e-12 * np.abs(dense.a[ok]))
+        assert np.array_equal(np.isnan(got["b"]), np.isnan(dense.b))
+        assert np.all(np.abs(got["b"] - dense.b)[fb] <= 1e-9 * scale_b[fb])
+    if "corr" not in got:
+        assert "residual" not in got
+        return
     assert got["corr"].dtype == np.float32 and got["residual"].dtype == np.float32
     assert np.all(np.abs(got["corr"].astype(np.float64) - dense.corr)[ok] <= 2 * 2.0**-23)
     res = got["residual"].astype(np.float64)

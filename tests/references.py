@@ -8,7 +8,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
-from helpers import read_analysis, window_of
+from helpers import read_analysis, stored_model, window_of
 
 
 def dense_dmd_error(w: np.ndarray, r: int) -> float:
@@ -26,14 +26,30 @@ def dense_dmd_error(w: np.ndarray, r: int) -> float:
 
 
 def dense_cmd_residual(store: Path, name: str, coeff_dtype: type) -> tuple[float, float]:
-    """Squared error of a study's model ``a r_mode + b`` with a and b cast to ``coeff_dtype``
-    (then computed in float64), and ``||W||^2``, over the rows finite in its window."""
+    """Squared error of a study's model and ``||W||^2``, over the rows finite in its window.
+
+    ``coeff_dtype`` float32: the model as the study stores it, by the documented formula
+    (``level + a (r(t) - r(anchor))`` in float32 coefficients; a version-1 study: ``a r + b``
+    with a and b cast to float32). float64: the float64 least-squares line of every row
+    against its mode's reference, written from ALGORITHM.md (a = <w - mean w, r - mean r> /
+    |r - mean r|^2, b = mean w - a mean r; a version-1 study: its stored float64 a and b).
+    Computed in float64."""
     w = window_of(store, name).astype(np.float64)
     an = read_analysis(store, name)
     ok = np.isfinite(w).all(axis=1)
-    a = an["a"].astype(coeff_dtype).astype(np.float64)
-    b = an["b"].astype(coeff_dtype).astype(np.float64)
-    recon = a[:, None] * an["refs"][an["mode"].astype(np.int64)] + b[:, None]
+    r = an["refs"][an["mode"].astype(np.int64)]
+    if "level" not in an:  # version 1: float64 a and b, cast
+        a = an["a"].astype(coeff_dtype).astype(np.float64)
+        b = an["b"].astype(coeff_dtype).astype(np.float64)
+        recon = a[:, None] * r + b[:, None]
+    elif coeff_dtype == np.float32:
+        recon = stored_model(an)
+    else:
+        wf = np.where(ok[:, None], w, 0.0)  # rows with NaN/Inf are left out anyway
+        wc = wf - wf.mean(axis=1, keepdims=True)
+        rc = r - r.mean(axis=1, keepdims=True)
+        a = (wc * rc).sum(axis=1) / (rc * rc).sum(axis=1)
+        recon = wf.mean(axis=1, keepdims=True) + a[:, None] * rc
     return float(((w - recon)[ok] ** 2).sum()), float((w[ok] ** 2).sum())
 
 

@@ -28,16 +28,18 @@ Where each wins
   exponential lambda^t: it is exact for linear dynamics x_{t+1} = A x_t of rank r, extrapolates
   in time, and stores the modes plus r eigenvalues; on training trajectories (not linear
   dynamics) its error is at least POD's of the same rank.
-* CMD stores per parameter a mode index and an affine map (a, b): 9 bytes per parameter
-  whatever M is; rank-1/2 POD at about the same bytes is its close competitor. Compare
-  reconstruction error against stored bytes, not against "number of modes". Its error at
-  those bytes (:func:`cmd_errors`) is measured with a and b rounded to float32, what the
-  9 bytes hold, not with the study's float64 a and b.
+* CMD stores per parameter a mode index and an affine map in float32 (a study stores it
+  anchored: ``a``, ``level`` and the anchor's window position): 10 bytes per parameter
+  whatever M is (9 for a version-1 study's a and b rounded to float32); rank-1/2 POD at
+  about the same bytes is its close competitor. Compare reconstruction error against stored
+  bytes, not against "number of modes". Its error at those bytes (:func:`cmd_errors`) is
+  measured with the float32 model those bytes hold, not with the fit's float64 one.
 
 Stored-bytes conventions (float32, 4 bytes per float)
 -----------------------------------------------------
-* CMD with M modes: ``9 N + 4 M T`` bytes: a and b as float32 and a one-byte mode per
-  parameter, plus the M reference profiles (M T float32).
+* CMD with M modes: ``10 N + 4 M T`` bytes: a and level as float32, a one-byte mode and a
+  one-byte anchor per parameter (two bytes when M > 256 or T > 256), plus the M reference
+  profiles (M T float32); the flags byte is not counted.
 * POD rank r: ``r (N + T)`` floats.
 * DMD rank r (effective rank r' after dropping zero singular values): ``r' (N + 1)`` floats,
   the compact real form. Atilde is real, so its eigenvalues and the modes come in conjugate
@@ -173,26 +175,29 @@ class DMDError:
 class CMDError:
     """A CMD study's reconstruction error at the bytes it is counted at (measured by a pass).
 
-    ``relative_error`` is the error of ``a r_mode(t) + b`` with a and b rounded to float32,
-    the stored form that ``stored_bytes`` counts; ``relative_error_float64`` is the same
-    pass's error with the study's float64 a and b (the fit's own figure, up to summation
-    order). References are float32 data, so rounding them changes nothing.
+    ``relative_error`` is the error of the model in the float32 form that ``stored_bytes``
+    counts: the study's anchored ``level + a (r_mode(t) - r_mode(anchor))`` as stored (a
+    version-1 study: ``a r_mode(t) + b`` with its float64 a and b rounded to float32);
+    ``relative_error_float64`` is the same pass's error of the float64 fit (refitted per row
+    against its mode's reference; a version-1 study: its stored float64 a and b), the fit's
+    own figure up to summation order. References are float32 data, so rounding them changes
+    nothing.
     """
 
     method: str
     name: str  # the study
     rank: int  # M, the number of modes (the x of the Pareto chart, like POD's rank)
     n_modes: int
-    relative_error: float | None  # ||W - (a32 r + b32)||_F / ||W||_F over the finite rows
-    relative_error_float64: float | None  # the same with float64 a and b
-    mse: float | None  # residual / (N T), float32 a and b
-    residual: float  # squared Frobenius error, float32 a and b
+    relative_error: float | None  # ||W - W_float32 model||_F / ||W||_F over the finite rows
+    relative_error_float64: float | None  # the same with the float64 fit
+    mse: float | None  # residual / (N T), the float32 model
+    residual: float  # squared Frobenius error, the float32 model
     residual_float64: float
     energy: float  # ||W||_F^2 over the finite rows of the study's window
     n_rows: int  # finite rows (the N of the byte count)
     n_nonfinite: int  # rows with a NaN/Inf in the window, left out (as the fit does)
     mode_bytes: int  # bytes of one stored mode index (1 up to 256 modes)
-    stored_bytes: int  # (8 + mode_bytes) N + 4 M T
+    stored_bytes: int  # (8 + mode_bytes + anchor_bytes) N + 4 M T
     bytes_read: int
     seconds: float  # the error pass
 
@@ -335,10 +340,10 @@ def cmd_errors(
     """The reconstruction error of the CMD study ``name`` at the bytes it is counted at.
 
     One Dask pass over the row blocks (the study's blocks unless ``block_rows``) reads the
-    study's window of W and the rows' mode, a and b, and sums per block the squared error
-    of ``a r_mode(t) + b`` twice: with a and b rounded to float32 (the 9 bytes per parameter
-    of the stored-bytes count: ``relative_error``), and with the study's float64 a and b
-    (``relative_error_float64``, the fit's own error up to summation order). Rows with a
+    study's window of W and the rows' model, and sums per block the squared error of the
+    model twice: in the stored float32 form (the bytes of the stored-bytes count:
+    ``relative_error``), and with the float64 fit (``relative_error_float64``, the fit's own
+    error up to summation order; see :class:`CMDError`). Rows with a
     NaN/Inf in the window are left out, as the fit leaves them out of its error. The
     reconstruction is computed in float64 from the float32 rows. Cost: one read of the
     window, about 6 N T flops.
@@ -351,6 +356,7 @@ def cmd_errors(
     st = TrajectoryStore.open(url)
     meta = st.require_meta()
     ag, _attrs = complete_study(st, name)
+    layout = ag.layout()
     epochs = [int(e) for e in np.asarray(ag.array("epochs")[...])]
     cols = np.asarray([meta.column_of(e) for e in epochs], dtype=np.int64)
     refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
@@ -359,11 +365,14 @@ def cmd_errors(
     refs = refs.astype(np.float32).astype(np.float64)
     mode_arr = ag.array("mode")
     mode_bytes = int(np.dtype(mode_arr.dtype).itemsize)
+    anchor_bytes = int(np.dtype(ag.array("anchor").dtype).itemsize) if layout.anchored else 0
     rows = block_rows or int(mode_arr.chunks[0])
     if rows < 1:
         raise PipelineError("block_rows must be at least 1")
     grid = st.chunk_grid()
-    tasks, labels = build_cmd_error_tasks(grid, st.url, name, meta.n_rows, rows, cols, refs)
+    tasks, labels = build_cmd_error_tasks(
+        grid, st.url, name, meta.n_rows, rows, cols, refs, layout
+    )
     results = _compute(tasks, f"cmd error {name}", labels, run, runtime)
     sums, n_bad, nbytes = combine_errors(results, 3)
     res32, res64, energy = (float(v) for v in sums)
@@ -384,7 +393,7 @@ def cmd_errors(
             n_rows=n,
             n_nonfinite=n_bad,
             mode_bytes=mode_bytes,
-            stored_bytes=(8 + mode_bytes) * n + 4 * m * t,
+            stored_bytes=(8 + mode_bytes + anchor_bytes) * n + 4 * m * t,
             bytes_read=nbytes,
             seconds=time.perf_counter() - t0,
         )

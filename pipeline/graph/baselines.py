@@ -28,7 +28,7 @@ from pipeline.kernels.baselines import (
     zero_nonfinite,
 )
 from pipeline.plan import blocks, fit_block_rows
-from pipeline.store.analysis import read_result
+from pipeline.store.analysis import StudyLayout, read_model_rows
 from pipeline.store.trajectory import ChunkGrid
 
 __all__ = [
@@ -83,14 +83,18 @@ def cmd_error_task(
     r1: int,
     cols: np.ndarray,
     refs: np.ndarray,
+    layout: StudyLayout,
 ) -> tuple[np.ndarray, int, int]:
-    """One block's squared CMD errors ``[float32 a and b, float64 a and b, ||X||^2]`` over its
+    """One block's squared CMD errors ``[stored float32 form, float64 fit, ||X||^2]`` over its
     finite rows (:func:`pipeline.kernels.baselines.cmd_block_errors`), the number of rows left
-    out, the bytes read. ``study`` names the study in the store ``url`` (its ``mode``, ``a``,
-    ``b`` are read for the block's rows, read-only), ``refs`` the (M, T) float64 references."""
+    out, the bytes read. ``study`` names the study in the store ``url`` (its model's arrays,
+    ``layout.model``, are read for the block's rows, read-only), ``refs`` the (M, T) float64
+    references."""
     x64, bad, nbytes = read_block64(grid, r0, r1, cols)
-    mode, a, b = (np.asarray(read_result(url, study, k)[r0:r1]) for k in ("mode", "a", "b"))
-    out = cmd_block_errors(x64, bad, mode, a, b, refs, buffers=_f64)
+    mode, a, b, *anchor = read_model_rows(url, study, layout, r0, r1)
+    out = cmd_block_errors(
+        x64, bad, mode, a, b, refs, anchor=anchor[0] if anchor else None, buffers=_f64
+    )
     return out, int(np.count_nonzero(bad)), nbytes
 
 
@@ -144,14 +148,16 @@ def build_cmd_error_tasks(
     rows: int,
     cols: np.ndarray,
     refs: np.ndarray,
+    layout: StudyLayout,
 ) -> Tasks:
-    """One :func:`cmd_error_task` per block of ``rows`` rows for the study named ``study``."""
+    """One :func:`cmd_error_task` per block of ``rows`` rows for the study named ``study``
+    (whose arrays are laid out as ``layout``)."""
     cols_d = delayed(cols, traverse=False)
     refs_d = delayed(refs, traverse=False)
     spans = list(blocks(n_rows, rows))
     tasks = [
         delayed(cmd_error_task, pure=False)(
-            grid, url, study, r0, r1, cols_d, refs_d, dask_key_name=f"cmd-error-{i}"
+            grid, url, study, r0, r1, cols_d, refs_d, layout, dask_key_name=f"cmd-error-{i}"
         )
         for i, (r0, r1) in enumerate(spans)
     ]

@@ -3,7 +3,8 @@
 One task per row block: it reads the block's rows at the window's epochs (each trajectory
 byte once), runs the fused kernel :func:`pipeline.kernels.cmd_numba.fit_block_fused` (or
 :func:`pipeline.kernels.cmd.fit_block`: numpy without numba, CuPy with ``gpu``), writes its whole chunk of every
-result array, and finally its row of ``block_stats``, which marks the block finished.
+result array (in the study's dtypes: :class:`pipeline.store.analysis.StudyLayout`), and finally
+its row of ``block_stats``, which marks the block finished.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from pipeline.kernels.cmd import (
     BlockFit,
     References,
     fit_block,
+    stored_coefficients,
     varying_rows,
 )
 from pipeline.kernels.sampling import Pool
 from pipeline.plan.fit import BlockPlan, StatsLayout
-from pipeline.store.analysis import mode_dtype, write_result_chunk
+from pipeline.store.analysis import ANALYSIS_VERSION, StudyLayout, write_result_chunk
 from pipeline.store.trajectory import ChunkGrid
 
 __all__ = ["build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
@@ -72,11 +74,16 @@ def fit_task(
     refs: References,
     layout: StatsLayout,
     gpu: bool = False,
+    diagnostics: bool = False,
 ) -> np.ndarray:
     """Fit one row block and write its results; returns its ``block_stats`` row.
 
     With ``gpu``, the block is copied to the device and the kernel runs on CuPy; the results
-    come back to the host for the (small) sums and the writes.
+    come back to the host for the (small) sums and the writes. Whatever kernel ran, the
+    per-row arrays are written in the study's dtypes (:class:`StudyLayout`): the anchored
+    model in float32 (:func:`pipeline.kernels.cmd.stored_coefficients`, on the host), and
+    ``corr`` and ``residual`` only with ``diagnostics``. The sums are taken from the kernel's
+    float64 results before anything is rounded.
     """
     rows = plan.r1 - plan.r0
     fit = _fit_frozen(grid, plan, cols) if plan.frozen and not plan.ref_pos else None
@@ -113,20 +120,26 @@ def fit_task(
     )
     stats[layout.layers][: per_layer.size] = per_layer.ravel()
     url = grid.url
-    values = {
-        "mode": fit.mode.astype(mode_dtype(layout.n_modes)),
-        "a": fit.a,
-        "b": fit.b,
-        "corr": fit.corr.astype(np.float32),
-        "residual": fit.residual.astype(np.float32),
-        "flags": flags,
-    }
+    kinds = StudyLayout(ANALYSIS_VERSION, diagnostics).per_row(layout.n_modes, len(cols))
+    a32, level32 = _stored(fit, refs)
+    values = {"flags": flags, "a": a32, "level": level32}
     block = plan.r1 - plan.r0 if plan.chunk_rows is None else plan.chunk_rows
-    for array, v in values.items():
-        write_result_chunk(url, name, array, (plan.index,), v, (block,))
+    for array, dt in kinds.items():
+        v = values[array] if array in values else getattr(fit, array)
+        write_result_chunk(url, name, array, (plan.index,), v.astype(dt, copy=False), (block,))
     # last: the block's statistics row marks the block finished
     write_result_chunk(url, name, "block_stats", (plan.index, 0), stats[None, :], (1, layout.width))
     return stats
+
+
+def _stored(fit: BlockFit, refs: References) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 ``a`` and ``level`` the study stores (host arrays, whatever kernel ran):
+    compiled when numba is there, else numpy's; the same bits either way."""
+    from pipeline.kernels import cmd_numba
+
+    if cmd_numba.available():
+        return cmd_numba.stored_coefficients_fused(fit.mode, fit.a, fit.level, fit.anchor, refs)
+    return stored_coefficients(fit.mode, fit.a, fit.level, fit.anchor, refs)
 
 
 def _fit_frozen(grid: ChunkGrid, plan: BlockPlan, cols: np.ndarray) -> BlockFit | None:
@@ -147,6 +160,8 @@ def _fit_frozen(grid: ChunkGrid, plan: BlockPlan, cols: np.ndarray) -> BlockFit 
         mode=np.zeros(rows, dtype=np.int64),
         a=zeros,
         b=b,
+        anchor=np.zeros(rows, dtype=np.int64),
+        level=b,
         corr=zeros.copy(),
         residual=zeros.copy(),
         energy=n_t * b * b,
@@ -324,13 +339,22 @@ def build_fit_tasks(
     layout: StatsLayout,
     *,
     gpu: bool = False,
+    diagnostics: bool = False,
 ) -> list[object]:
     """One delayed :func:`fit_task` per block plan (the caller leaves out finished blocks)."""
     refs_d = delayed(refs, traverse=False)
     cols_d = delayed(cols, traverse=False)
     return [
         delayed(fit_task, pure=False)(
-            grid, name, p, cols_d, refs_d, layout, gpu, dask_key_name=f"fit-{name}-{p.index}"
+            grid,
+            name,
+            p,
+            cols_d,
+            refs_d,
+            layout,
+            gpu,
+            diagnostics,
+            dask_key_name=f"fit-{name}-{p.index}",
         )
         for p in plans
     ]

@@ -97,16 +97,23 @@ def cmd_block_errors(
     b: Any,
     refs: Any,
     *,
+    anchor: Any = None,
     sub_rows: int = SUB_ROWS,
     buffers: Buffers | None = None,
 ) -> np.ndarray:
-    """Squared CMD errors of one block: ``[float32 a and b, float64 a and b, ||X||^2]``.
+    """Squared CMD errors of one block: ``[stored float32 form, float64 fit, ||X||^2]``.
 
     ``x`` is the (T, rows) float64 block with its NaN/Inf rows (``bad``) zeroed; ``mode``,
-    ``a``, ``b`` the rows' mode index and float64 affine map; ``refs`` the (M, T) float64
-    references. Rows in ``bad`` get a zero model, so they add no error. The reconstruction
-    ``a r_mode(t) + b`` is computed in float64 per cache-sized sub-block of ``sub_rows`` rows,
-    once with a and b rounded to float32 (the stored form) and once as given.
+    ``a``, ``b`` the rows' mode index and affine map; ``refs`` the (M, T) float64 references.
+    Rows in ``bad`` get a zero model, so they add no error. The reconstructions are computed
+    in float64 per cache-sized sub-block of ``sub_rows`` rows.
+
+    Without ``anchor`` (a version-1 study: float64 ``a`` and intercept ``b``), the model
+    ``a r_mode(t) + b`` once with a and b rounded to float32 and once as given. With
+    ``anchor`` (a study's anchored float32 form: ``b`` is the fitted value at the window
+    position ``anchor``), the stored model ``b + a (r_mode(t) - r_mode(anchor))`` as given,
+    and the float64 least-squares line of each row against its mode's reference, refitted
+    from the block (what the fit computed before rounding, up to summation order).
     """
     xp = namespace(x)
     get = buffers or _fresh(xp)
@@ -114,22 +121,36 @@ def cmd_block_errors(
     mode = xp.where(bad, 0, xp.asarray(mode, dtype=xp.int64))
     a64 = xp.where(bad, 0.0, xp.asarray(a, dtype=xp.float64))
     b64 = xp.where(bad, 0.0, xp.asarray(b, dtype=xp.float64))
-    coeffs = (
-        (a64.astype(xp.float32).astype(xp.float64), b64.astype(xp.float32).astype(xp.float64)),
-        (a64, b64),
-    )
     out = np.zeros(3)
     out[2] = float(xp.einsum("ij,ij->", x, x))
     sub = min(sub_rows, rows)
     r_buf = get("baseline-recon", t * sub)
+    if anchor is not None:
+        at = xp.where(bad, 0, xp.asarray(anchor, dtype=xp.int64))
+        rmean = refs.mean(axis=1)
+        rc = refs - rmean[:, None]
+        ssr = (rc * rc).sum(axis=1)
     for s0 in range(0, rows, sub):
         s1 = min(s0 + sub, rows)
         xs = x[:, s0:s1]
-        prof = refs[mode[s0:s1]].T  # (T, m)
+        ms = mode[s0:s1]
         recon = r_buf[: t * (s1 - s0)].reshape(t, s1 - s0)
-        for k, (ak, bk) in enumerate(coeffs):
-            xp.multiply(prof, ak[None, s0:s1], out=recon)
-            recon += bk[None, s0:s1]
+        if anchor is None:
+            prof = refs[ms].T  # (T, m)
+            forms = [
+                (a64[s0:s1].astype(xp.float32).astype(xp.float64), prof, b64[s0:s1].astype(xp.float32).astype(xp.float64)),
+                (a64[s0:s1], prof, b64[s0:s1]),
+            ]
+        else:
+            # stored: level + a (r - r(anchor)); float64: mean + a64 (r - mean r), refitted
+            moved = refs[ms].T - refs[ms, at[s0:s1]][None, :]
+            centred = rc[ms].T
+            mean = xs.mean(axis=0)
+            fit_a = ((xs - mean[None, :]) * centred).sum(axis=0) / ssr[ms]
+            forms = [(a64[s0:s1], moved, b64[s0:s1]), (fit_a, centred, mean)]
+        for k, (ak, prof_k, bk) in enumerate(forms):
+            xp.multiply(prof_k, ak[None, :], out=recon)
+            recon += bk[None, :]
             recon -= xs
             flat = recon.reshape(-1)
             out[k] += float(xp.dot(flat, flat))

@@ -7,7 +7,7 @@ near 1.0 that move by 1e-4; centring in float64 does not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,10 @@ __all__ = [
     "FLAG_SAMPLED",
     "BlockFit",
     "References",
+    "anchor_rows",
     "fit_block",
     "pearson",
+    "stored_coefficients",
     "varying_rows",
 ]
 
@@ -35,7 +37,8 @@ FLAG_SAMPLED = np.uint8(8)  #: one of the K sampled parameters
 
 @dataclass(frozen=True)
 class References:
-    """The M reference profiles over the window, with their centred statistics (float64)."""
+    """The M reference profiles over the window, with their centred statistics (float64),
+    and what the anchoring of the stored model needs (:func:`anchor_rows`)."""
 
     raw: Any  # (M, Tw) float64
     mean: Any  # (M,)
@@ -43,6 +46,9 @@ class References:
     energy: Any  # (M,) sum of squares of the centred profile
     norm: Any  # (M,) sqrt(energy)
     unit: Any  # (M, Tw) centred / norm
+    sorted: Any  # (M, Tw) each profile's values in increasing order
+    order: Any  # (M, Tw) int64: their window positions (a stable sort: equal values by epoch)
+    anchor: Any  # (M,) int64: each reference's own anchor, the first epoch of its smallest |r|
 
     @classmethod
     def from_profiles(cls, profiles: Any) -> References:
@@ -54,25 +60,31 @@ class References:
         if bool(xp.any(energy <= 0)):
             raise ValueError("a reference profile is constant over the window")
         norm = xp.sqrt(energy)
-        return cls(raw, mean, centred, energy, norm, centred / norm[:, None])
+        order = xp.argsort(raw, axis=1, kind="stable").astype(xp.int64)
+        sorted_ = xp.take_along_axis(raw, order, axis=1)
+        anchor = xp.argmin(xp.abs(raw), axis=1).astype(xp.int64)
+        return cls(raw, mean, centred, energy, norm, centred / norm[:, None], sorted_, order, anchor)
 
     def to(self, xp: Any) -> References:
         """The same references as arrays of ``xp`` (numpy or cupy)."""
-        return References(
-            *(
-                xp.asarray(a)
-                for a in (self.raw, self.mean, self.centred, self.energy, self.norm, self.unit)
-            )
-        )
+        return References(*(xp.asarray(getattr(self, f.name)) for f in fields(self)))
 
 
 @dataclass(frozen=True)
 class BlockFit:
-    """Per-row results of one block and its mergeable error sums."""
+    """Per-row results of one block and its mergeable error sums.
+
+    The model of row i is ``w_i(t) ~ a_i r_m(t) + b_i``; the same line is also given as
+    ``level_i + a_i (r_m(t) - r_m(anchor_i))``, anchored at the window position ``anchor_i``
+    where the fitted value is smallest in magnitude (see :func:`anchor_rows`): the form a
+    study stores in float32.
+    """
 
     mode: Any  # (S,) int64
     a: Any  # (S,) float64
     b: Any  # (S,) float64
+    anchor: Any  # (S,) int64: the anchor's window position
+    level: Any  # (S,) float64: the fitted value a r_m(anchor) + b at the anchor
     corr: Any  # (S,) float64
     residual: Any  # (S,) float64: sum over the window of (w - a r - b)^2
     energy: Any  # (S,) float64: sum over the window of w^2 (the error metrics' denominator)
@@ -81,6 +93,147 @@ class BlockFit:
     residual_t: Any  # (Tw,) float64: residual summed over the block's valid rows, per epoch
     energy_t: Any  # (Tw,) float64: w^2 summed over the block's valid rows, per epoch
     spread_t: Any  # (Tw,) float64: (w - mean w)^2 summed over the block's valid rows, per epoch
+
+
+def anchor_rows(mode: Any, a: Any, mean: Any, refs: References) -> tuple[Any, Any]:
+    """Where to anchor each row's line, and the fitted value there.
+
+    The fitted line of a row is ``y(t) = mean + a (r_m(t) - mean r_m)`` over the window. Its
+    anchor is the window position where ``|y|`` is smallest (the fitted values' magnitude is
+    convex in ``r``, so it is one of the two reference values next to the line's root
+    ``mean r_m - mean / a``, found by a binary search in the sorted profile; ties go to the
+    smaller reference value). Stored in float32 as ``level = y(anchor)`` and ``a``, the line
+    ``level + a (r_m(t) - r_m(anchor))`` is within 1 float32 ulp of ``y(t)`` at every epoch of
+    a row whose fitted values keep one sign over the window: the roundings of ``level`` and
+    ``a`` add at most ``2^-24 (|level| + |y(t) - level|) = 2^-24 |y(t)|``.
+
+    Parameters
+    ----------
+    mode, a, mean
+        Per row: the mode, the slope and the row's mean over the window (float64).
+    refs
+        The references (same array library).
+
+    Returns
+    -------
+    anchor, level
+        The window position (int64) and the fitted value there (float64). Rows with ``a == 0``
+        get position 0 and level ``mean`` (the caller overrides rows it fits otherwise).
+
+    >>> import numpy as np
+    >>> refs = References.from_profiles(np.array([[3.0, 1.0, 2.0, 4.0]]))
+    >>> anchor, level = anchor_rows(np.zeros(2, dtype=np.int64), np.array([1.0, -2.0]),
+    ...                             np.array([0.5, 0.1]), refs)
+    >>> anchor.tolist(), level.tolist()  # y = r - 2: least |y| at r = 2; 5.1 - 2 r: at r = 3
+    ([2, 0], [0.0, -0.9])
+    """
+    xp = namespace(a)
+    n_t = int(refs.sorted.shape[1])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = refs.mean[mode] - mean / a
+    # lower bound: the number of sorted values of the row's reference below the root
+    lo = xp.zeros(mode.shape, dtype=xp.int64)
+    hi = xp.full(mode.shape, n_t, dtype=xp.int64)
+    for _ in range(n_t.bit_length()):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = refs.sorted[mode, xp.minimum(mid, n_t - 1)] < root
+        lo = xp.where(active & below, mid + 1, lo)
+        hi = xp.where(active & ~below, mid, hi)
+    p0 = xp.maximum(lo - 1, 0)
+    p1 = xp.minimum(lo, n_t - 1)
+    y0 = mean + a * (refs.sorted[mode, p0] - refs.mean[mode])
+    y1 = mean + a * (refs.sorted[mode, p1] - refs.mean[mode])
+    take1 = xp.abs(y1) < xp.abs(y0)
+    pos = xp.where(take1, p1, p0)
+    level = xp.where(take1, y1, y0)
+    anchor = refs.order[mode, pos]
+    flat = a == 0
+    anchor = xp.where(flat, 0, anchor).astype(xp.int64)
+    level = xp.where(flat, mean, level)
+    return anchor, level
+
+
+def _ordered(x32: Any) -> Any:
+    """float32 values as integers in their order (adjacent floats differ by 1; -0 == +0)."""
+    xp = namespace(x32)
+    i = x32.view(xp.int32).astype(xp.int64)
+    return xp.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+
+#: the float32 (a, level) pairs tried, in this order, for a line that crosses zero: the
+#: nearest roundings first, then each one float32 step down or up (``-1``, ``+1``)
+_STEPS = tuple((da, dl) for da in (0, -1, 1) for dl in (0, -1, 1))
+_STORE_ROWS = 4096  # rows per step of the search: its (rows, Tw) work arrays stay small
+
+
+def stored_coefficients(
+    mode: Any, a: Any, level: Any, anchor: Any, refs: References
+) -> tuple[Any, Any]:
+    """The float32 ``a`` and ``level`` a study stores for the anchored lines
+    ``level + a (r_m(t) - r_m(anchor))`` (float64 ``a`` and ``level``, from the fit).
+
+    Each is the float32 nearest to the float64 value, which keeps the stored line within 1
+    float32 ulp of the float64 one at every epoch whenever the fitted values keep their sign
+    over the window (:func:`anchor_rows`). A line that crosses zero is bounded by 3 ulps only;
+    for those, the pairs one float32 step away from the nearest (``a`` and ``level`` each
+    down, equal or up: :data:`_STEPS`) are tried as well, and the first pair with the fewest
+    ulps at its worst epoch (then the fewest epochs beyond 1 ulp) is kept: in every case
+    measured, within 1 ulp at every epoch.
+
+    The comparison is the stored line as read back (``float64(level) + float64(a) (r(t) -
+    r(anchor))``, rounded to float32) against the float64 line rounded to float32.
+
+    >>> import numpy as np
+    >>> refs = References.from_profiles(np.array([[0.0, 1.0, 2.0]]))
+    >>> a32, l32 = stored_coefficients(np.zeros(1, dtype=np.int64), np.array([1 / 3]),
+    ...                                np.array([0.1]), np.zeros(1, dtype=np.int64), refs)
+    >>> a32.dtype, l32.dtype, float(l32[0]) == float(np.float32(0.1))
+    (dtype('float32'), dtype('float32'), True)
+    """
+    xp = namespace(a)
+    a32 = a.astype(xp.float32)
+    l32 = level.astype(xp.float32)
+    m = mode.astype(xp.int64)
+    lo = level + a * (refs.sorted[m, 0] - refs.raw[m, anchor])
+    hi = level + a * (refs.sorted[m, -1] - refs.raw[m, anchor])
+    rows = xp.flatnonzero(((lo < 0) & (hi > 0)) | ((lo > 0) & (hi < 0)))
+    n_t = int(refs.raw.shape[1])
+    for s0 in range(0, int(rows.size), _STORE_ROWS):
+        idx = rows[s0 : s0 + _STORE_ROWS]
+        mi = m[idx]
+        moved = refs.raw[mi] - refs.raw[mi, anchor[idx]][:, None]  # (rows, Tw)
+        want = _ordered((level[idx][:, None] + a[idx][:, None] * moved).astype(xp.float32))
+        a0, l0 = a32[idx], l32[idx]
+        best = None
+        for da, dl in _STEPS:
+            ca, cl = _step(a0, da), _step(l0, dl)
+            got = cl.astype(xp.float64)[:, None] + ca.astype(xp.float64)[:, None] * moved
+            far = xp.abs(_ordered(got.astype(xp.float32)) - want)
+            score = far.max(axis=1) * (n_t + 1) + (far > 1).sum(axis=1)
+            if best is None:  # the nearest roundings: rows within 1 ulp everywhere are done
+                todo = score > n_t + 1
+                if not bool(todo.any()):
+                    break
+                idx, moved, want, a0, l0 = idx[todo], moved[todo], want[todo], a0[todo], l0[todo]
+                best = score[todo]
+                continue
+            better = score < best
+            best = xp.where(better, score, best)
+            a32[idx[better]] = ca[better]
+            l32[idx[better]] = cl[better]
+    return a32, l32
+
+
+def _step(x32: Any, k: int) -> Any:
+    """``x32`` moved ``k`` (-1, 0, 1) float32 values along the number line (through the
+    integers of :func:`_ordered`: from -0 or +0 one step is the smallest subnormal)."""
+    if k == 0:
+        return x32
+    xp = namespace(x32)
+    o = _ordered(x32) + k
+    bits = xp.where(o < 0, (-o) | 0x80000000, o).astype(xp.uint32)
+    return bits.view(xp.float32)
 
 
 _SUB_ROWS = 16384  # rows per inner step: the float64 work arrays stay cache-sized
@@ -103,8 +256,10 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     -------
     BlockFit
         Mode ids (argmax of |corr|, ties to the lowest id), least-squares a and b against the
-        raw reference profile, corr, residual energy, energy and centred energy ("spread",
-        the denominator of the error relative to the dynamics), flags and per-epoch sums.
+        raw reference profile, the same line's anchor and level (:func:`anchor_rows`; a
+        reference row: the epoch of its smallest |r|, and r there), corr, residual energy,
+        energy and centred energy ("spread", the denominator of the error relative to the
+        dynamics), flags and per-epoch sums.
 
     Notes
     -----
@@ -123,6 +278,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     mode = xp.empty(n_rows, dtype=xp.int64)
     a = xp.empty(n_rows, dtype=xp.float64)
     b = xp.empty(n_rows, dtype=xp.float64)
+    anchor = xp.empty(n_rows, dtype=xp.int64)
+    level = xp.empty(n_rows, dtype=xp.float64)
     corr = xp.empty(n_rows, dtype=xp.float64)
     residual = xp.empty(n_rows, dtype=xp.float64)
     energy = xp.empty(n_rows, dtype=xp.float64)
@@ -173,6 +330,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
             b_s = xp.where(constant, hi.astype(xp.float64), b_s)
             b_s = xp.where(finite, b_s, xp.nan)
             flags[sl] = xp.where(constant, FLAG_CONSTANT, xp.where(finite, 0, FLAG_NONFINITE)).astype(xp.uint8)
+        # rows with a = 0 (constant, NaN/Inf, or orthogonal to every reference) are level b
+        anc_s, lev_s = anchor_rows(m, a_s, xp.where(a_s == 0, b_s, mean), refs)
         if ref_pos is not None and ref_pos.size:
             inside = (ref_pos >= s0) & (ref_pos < s1)
             if bool(inside.any()):
@@ -182,6 +341,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
                 a_s[p] = 1.0
                 b_s[p] = 0.0
                 c_s[p] = 1.0
+                anc_s[p] = refs.anchor[m[p]]
+                lev_s[p] = refs.raw[m[p], anc_s[p]]
                 res_s[p] = 0.0
                 flags[sl][p] |= FLAG_REFERENCE
         # per-epoch sums, from the centred block (bad rows are zero there)
@@ -210,6 +371,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
         mode[sl] = m
         a[sl] = a_s
         b[sl] = b_s
+        anchor[sl] = anc_s
+        level[sl] = lev_s
         corr[sl] = c_s
         residual[sl] = res_s
         energy[sl] = ssx + n_t * good_mean**2
@@ -218,6 +381,8 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
         mode=mode,
         a=a,
         b=b,
+        anchor=anchor,
+        level=level,
         corr=corr,
         residual=residual,
         energy=energy,

@@ -14,8 +14,10 @@ innermost (unit stride, vectorised by LLVM, no selects):
    copy of the sub-block, made only when there are any), per row ``|xc|^2`` and the M
    projections ``unit_m . xc`` on the unit centred references (four epochs per step), per
    epoch ``sum xc^2`` (spread_t) and ``sum x^2`` over finite rows (energy_t);
-   then per row: argmax of ``|proj|`` (ties to the lowest id), a, b, corr, residual, flags and
-   the reference-row overrides, exactly the formulas of ``fit_block``;
+   then per row: argmax of ``|proj|`` (ties to the lowest id), a, b, the anchor and level
+   (a binary search in the sorted reference, as :func:`pipeline.kernels.cmd.anchor_rows`),
+   corr, residual, flags and the reference-row overrides, exactly the formulas of
+   ``fit_block``;
 3. per epoch: ``A_mt = sum_(i in m) a_i xc_it`` (one dot product per mode, four epochs per
    step) and ``C_m = sum_(i in m) a_i^2``; at the end, as in ``fit_block``,
    ``residual_t = max(spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m, 0)``.
@@ -26,6 +28,9 @@ keeps vector partial sums; their order is fixed by the compiled code, so a run i
 deterministic. The floats agree with ``fit_block`` to rounding (sums taken in another order).
 float16 and bfloat16 blocks (bfloat16 as its ``uint16`` bit pattern with
 ``dtype_code="bfloat16"``) are upcast exactly to float32 one sub-block at a time.
+
+:func:`stored_coefficients_fused` is :func:`pipeline.kernels.cmd.stored_coefficients` (the
+float32 a and level a study stores) row by row, bit for bit the same.
 
 Import this module only where the numba kernel is wanted; :func:`available` says whether numba
 can be imported at all.
@@ -58,7 +63,14 @@ except ImportError:  # pragma: no cover - exercised only without numba
     numba = None  # type: ignore[assignment]
     _HAVE_NUMBA = False
 
-__all__ = ["SUB_ROWS", "available", "fit_block_fused", "use_fused", "warm_up"]
+__all__ = [
+    "SUB_ROWS",
+    "available",
+    "fit_block_fused",
+    "stored_coefficients_fused",
+    "use_fused",
+    "warm_up",
+]
 
 #: rows (columns of the time-major block) per sub-block: at Tw = 100, 512 float32 rows are
 #: 200 KB of input (L2) and the M = 10 projection accumulators 40 KB
@@ -96,7 +108,73 @@ if _HAVE_NUMBA:
 
         return sig, codegen
 
+    @_intrinsic
+    def _f32_to_bits(typingctx, x):
+        """Reinterpret a float32 as its int32 bit pattern."""
+        sig = _types.int32(_types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], _ir.IntType(32))
+
+        return sig, codegen
+
     _jit = numba.njit(cache=True, nogil=True)
+
+    @_jit
+    def _ordered32(x):
+        """A float32's position on the number line (as :func:`pipeline.kernels.cmd._ordered`)."""
+        i = np.int64(_f32_to_bits(np.float32(x)))  # type: ignore[call-arg]
+        return -(i & 0x7FFFFFFF) if i < 0 else i
+
+    @_jit
+    def _step32(x, k):
+        """``x`` (float32) moved ``k`` values along the number line (as ``cmd._step``)."""
+        if k == 0:
+            return np.float32(x)
+        o = _ordered32(x) + k
+        bits = np.uint32(((-o) | 0x80000000) if o < 0 else o)
+        return _bits_to_f32(bits)  # type: ignore[call-arg]
+
+    @_jit
+    def _store_rows(mode, a, level, anchor, rraw, rsorted, a32, l32):
+        """:func:`pipeline.kernels.cmd.stored_coefficients` row by row (the same candidates
+        in the same order, the same float64 and float32 operations, the same score)."""
+        n_t = rraw.shape[1]
+        big = np.iinfo(np.int64).max
+        for i in range(a.shape[0]):
+            a32[i] = np.float32(a[i])
+            l32[i] = np.float32(level[i])
+            k = mode[i]
+            r0 = rraw[k, anchor[i]]
+            lo = level[i] + a[i] * (rsorted[k, 0] - r0)
+            hi = level[i] + a[i] * (rsorted[k, n_t - 1] - r0)
+            if not ((lo < 0 and hi > 0) or (lo > 0 and hi < 0)):
+                continue
+            a0 = a32[i]
+            l0 = l32[i]
+            best = big
+            for c in range(9):  # (da, dl) in the order of cmd._STEPS
+                da = (0, -1, 1)[c // 3]
+                dl = (0, -1, 1)[c % 3]
+                ca = _step32(a0, da)
+                cl = _step32(l0, dl)
+                worst = 0
+                over = 0
+                for t in range(n_t):
+                    moved = rraw[k, t] - r0
+                    want = _ordered32(np.float32(level[i] + a[i] * moved))
+                    got = _ordered32(np.float32(np.float64(cl) + np.float64(ca) * moved))
+                    far = abs(got - want)
+                    worst = max(worst, far)
+                    over += far > 1
+                score = worst * (n_t + 1) + over
+                if score < best:
+                    best = score
+                    a32[i] = ca
+                    l32[i] = cl
+                # the nearest roundings within 1 ulp everywhere: kept; later, nothing beats 0
+                if (c == 0 and best <= n_t + 1) or best == 0:
+                    break
 
     @_jit
     def _f16_to_f32(h):
@@ -170,10 +248,10 @@ if _HAVE_NUMBA:
 
     @_jit
     def _sub_block(
-        x, c0, o0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
-        mode, a, b, corr, residual, energy, spread, flags,
+        x, c0, o0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         energy_t, spread_t,
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, clean,
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
     ):  # fmt: skip
         """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
 
@@ -300,6 +378,8 @@ if _HAVE_NUMBA:
                 a_s = pm / rnorm[k]
                 av[j] = a_s
                 b[i] = mv[j] - a_s * rmean[k]
+                # the line's root in r, for the anchor's search below (NaN: no search)
+                tv[j] = rmean[k] - mv[j] / a_s if a_s != 0.0 else np.nan
                 nrm = np.sqrt(ssx)
                 corr[i] = pm / nrm if nrm > 0 else 0.0
                 residual[i] = max(ssx - pm * pm, 0.0)
@@ -310,20 +390,62 @@ if _HAVE_NUMBA:
                 av[j] = 0.0
                 corr[i] = 0.0
                 residual[i] = 0.0
+                anchor[i] = 0
+                tv[j] = np.nan
                 if kj == 1:
                     b[i] = mv[j]
+                    level[i] = mv[j]
                     energy[i] = ssx + n_t * (mv[j] * mv[j])
                     flags[i] = FLAG_CONSTANT
                 else:
                     b[i] = np.nan
+                    level[i] = np.nan
                     energy[i] = ssx
                     flags[i] = FLAG_NONFINITE
+        # ---- the anchors (as cmd.anchor_rows): per row, the lower bound of the root in the
+        # sorted reference (the number of values below it), branch-free, all rows of the
+        # sub-block step by step (independent rows overlap), then the nearer of its two
+        # neighbours in |fitted value| (ties: the smaller reference value)
+        # (flat tables and unsigned indices: no negative-index handling in the gathers)
+        sflat = rsorted.ravel()
+        oflat = rorder.ravel()
+        for j in range(n):
+            ib[j] = np.uint64(md[j]) * np.uint64(n_t)  # the row's reference in sflat
+        size = n_t
+        while size > 1:
+            half = np.uint64(size // 2)
+            for j in range(n):
+                bj = np.uint64(ib[j])
+                ib[j] = bj + half if sflat[bj + half] < tv[j] else bj
+            size -= size // 2
+        top = np.uint64(n_t - 1)
+        for j in range(n):
+            if kv[j] != 0:  # constant or NaN/Inf: anchored at 0, level set above
+                continue
+            i = o0 + j
+            a_s = av[j]
+            ku = np.uint64(md[j])
+            first = ku * np.uint64(n_t)
+            bj = np.uint64(ib[j])
+            lo = bj + np.uint64(1) if sflat[bj] < tv[j] else bj  # the lower bound, in sflat
+            p0 = lo - np.uint64(1) if lo > first else first
+            p1 = lo if lo < first + top else first + top
+            y0 = mv[j] + a_s * (sflat[p0] - rmean[ku])
+            y1 = mv[j] + a_s * (sflat[p1] - rmean[ku])
+            take1 = abs(y1) < abs(y0)
+            pos = p1 if take1 else p0
+            flat = a_s == 0.0
+            anchor[i] = 0 if flat else oflat[pos]
+            level[i] = mv[j] if flat else (y1 if take1 else y0)
         for r in range(ref_pos.shape[0]):  # rows that are references (the last one wins)
             p = ref_pos[r]
             if p >= o0 and p < o0 + n:
-                mode[p] = ref_ids[r]
+                k = ref_ids[r]
+                mode[p] = k
                 a[p] = 1.0
                 b[p] = 0.0
+                anchor[p] = ranchor[k]
+                level[p] = rraw[k, ranchor[k]]
                 corr[p] = 1.0
                 residual[p] = 0.0
                 flags[p] |= FLAG_REFERENCE
@@ -381,49 +503,51 @@ if _HAVE_NUMBA:
         return (
             np.empty(w), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint8),
             np.empty((n_m, w)), np.zeros((n_m, n_t)), np.zeros(n_m), np.empty((n_m, w)),
-            np.empty((_TB, w)), np.empty(w), np.empty(w),
+            np.empty((_TB, w)), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint64),
         )  # fmt: skip
 
     @_jit
     def _fit_direct(
-        xt, sub, unit, rnorm, rmean, rct, ref_pos, ref_ids,
-        mode, a, b, corr, residual, energy, spread, flags, residual_t, energy_t, spread_t,
+        xt, sub, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        mode, a, b, anchor, level, corr, residual, energy, spread, flags,
+        residual_t, energy_t, spread_t,
     ):  # fmt: skip
         """All sub-blocks of a float32/float64 ``xt``; work buffers allocated once per call."""
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv = _workspace(n_m, n_t, w)
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
         clean = np.empty((n_t, w), dtype=xt.dtype)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _sub_block(
-                xt, s0, s0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
-                mode, a, b, corr, residual, energy, spread, flags,
+                xt, s0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
+                ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 energy_t, spread_t,
-                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, clean,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
             )  # fmt: skip
         _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
     @_jit
     def _fit_upcast(
-        xt, code, sub, unit, rnorm, rmean, rct, ref_pos, ref_ids,
-        mode, a, b, corr, residual, energy, spread, flags, residual_t, energy_t, spread_t,
+        xt, code, sub, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        mode, a, b, anchor, level, corr, residual, energy, spread, flags,
+        residual_t, energy_t, spread_t,
     ):  # fmt: skip
         """All sub-blocks of a float16/bfloat16 (uint16 bits) ``xt``, each upcast to float32."""
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv = _workspace(n_m, n_t, w)
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
         tile = np.empty((n_t, w), dtype=np.float32)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _upcast_tile(xt, s0, n, code, tile)
             _sub_block(
-                tile, 0, s0, n, unit, rnorm, rmean, rct, ref_pos, ref_ids,
-                mode, a, b, corr, residual, energy, spread, flags,
+                tile, 0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
+                ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 energy_t, spread_t,
-                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, tile,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, tile,
             )  # fmt: skip
         _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
@@ -492,6 +616,10 @@ def fit_block_fused(
     rnorm = np.ascontiguousarray(refs.norm, dtype=np.float64)
     rmean = np.ascontiguousarray(refs.mean, dtype=np.float64)
     rct = np.ascontiguousarray(np.asarray(refs.centred, dtype=np.float64).T)
+    rsorted = np.ascontiguousarray(refs.sorted, dtype=np.float64)
+    rorder = np.ascontiguousarray(refs.order, dtype=np.int64)
+    ranchor = np.ascontiguousarray(refs.anchor, dtype=np.int64)
+    rraw = np.ascontiguousarray(refs.raw, dtype=np.float64)
     if ref_rows is None:
         ref_pos = np.zeros(0, dtype=np.int64)
         ref_ids = np.zeros(0, dtype=np.int64)
@@ -507,6 +635,8 @@ def fit_block_fused(
         mode=np.empty(n_s, dtype=np.int64),
         a=np.empty(n_s),
         b=np.empty(n_s),
+        anchor=np.empty(n_s, dtype=np.int64),
+        level=np.empty(n_s),
         corr=np.empty(n_s),
         residual=np.empty(n_s),
         energy=np.empty(n_s),
@@ -517,14 +647,38 @@ def fit_block_fused(
         spread_t=np.zeros(n_t),
     )
     outs = (
-        out.mode, out.a, out.b, out.corr, out.residual, out.energy, out.spread, out.flags,
-        out.residual_t, out.energy_t, out.spread_t,
+        out.mode, out.a, out.b, out.anchor, out.level, out.corr, out.residual, out.energy,
+        out.spread, out.flags, out.residual_t, out.energy_t, out.spread_t,
     )  # fmt: skip
+    ins = (unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids)
     if code >= 2:
-        _fit_upcast(x, code, SUB_ROWS, unit, rnorm, rmean, rct, ref_pos, ref_ids, *outs)
+        _fit_upcast(x, code, SUB_ROWS, *ins, *outs)
     else:
-        _fit_direct(x, SUB_ROWS, unit, rnorm, rmean, rct, ref_pos, ref_ids, *outs)
+        _fit_direct(x, SUB_ROWS, *ins, *outs)
     return out
+
+
+def stored_coefficients_fused(
+    mode: Any, a: Any, level: Any, anchor: Any, refs: References
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pipeline.kernels.cmd.stored_coefficients` compiled (numba), row by row: the same
+    float32 ``a`` and ``level`` bit for bit, without its (rows, Tw) work arrays."""
+    if not _HAVE_NUMBA:
+        raise RuntimeError("numba is not installed: use pipeline.kernels.cmd.stored_coefficients")
+    n = int(np.asarray(a).shape[0])
+    a32 = np.empty(n, dtype=np.float32)
+    l32 = np.empty(n, dtype=np.float32)
+    _store_rows(
+        np.ascontiguousarray(mode, dtype=np.int64),
+        np.ascontiguousarray(a, dtype=np.float64),
+        np.ascontiguousarray(level, dtype=np.float64),
+        np.ascontiguousarray(anchor, dtype=np.int64),
+        np.ascontiguousarray(refs.raw, dtype=np.float64),
+        np.ascontiguousarray(refs.sorted, dtype=np.float64),
+        a32,
+        l32,
+    )
+    return a32, l32
 
 
 def warm_up(dtypes: tuple[str, ...] = tuple(_CODES)) -> None:
@@ -538,6 +692,8 @@ def warm_up(dtypes: tuple[str, ...] = tuple(_CODES)) -> None:
     refs = References.from_profiles(np.array([[0.0, 1.0, 3.0], [2.0, 1.0, 0.5]]))
     x64 = np.array([[1.0, 2.0, 5.0, 1.0], [0.0, 2.0, 1.0, 1.0], [2.0, 2.0, -1.0, 1.0]])
     rows = (np.array([0]), np.array([1]))
+    got = fit_block_fused(x64, refs, rows)
+    stored_coefficients_fused(got.mode, got.a, got.level, got.anchor, refs)
     if "float64" in dtypes:
         fit_block_fused(x64, refs, rows)
     if "float32" in dtypes:

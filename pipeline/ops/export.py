@@ -32,6 +32,7 @@ from pipeline.checkpoints.readers import (
 )
 from pipeline.errors import InputError, StoreError
 from pipeline.plan import RowLayout, blocks
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import EpochEntry, StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore, read_block
 
@@ -119,6 +120,7 @@ def store_column(st: TrajectoryStore, col: int) -> ColumnSource:
     return gen
 
 
+@with_storage_options("store")
 def export(
     store: str | os.PathLike[str],
     epoch: int,
@@ -127,6 +129,7 @@ def export(
     analysis: str | None = None,
     like: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    storage_options: StorageOptions | None = None,
 ) -> Path:
     """Write epoch ``epoch`` of the store as a checkpoint; the format follows ``out``'s suffix.
 
@@ -148,6 +151,9 @@ def export(
         Hugging Face model folder see :func:`pipeline.ops.export_like.export_hf`.
     progress
         Show a progress bar over the rows on stderr.
+    storage_options
+        fsspec options (credentials, ``endpoint_url``...) for a store on object storage
+        (``s3://``, ``gs://``...); they reach the Dask workers too, never the store.
     """
     out = Path(out)
     if out.suffix.lower() == ".ckpt" or like is not None:
@@ -377,10 +383,16 @@ def torch_state(meta: StoreMeta, entry: EpochEntry, source: ColumnSource) -> dic
     return sd
 
 
+@with_storage_options("store")
 def state_dict(
-    store: str | os.PathLike[str] | TrajectoryStore, epoch: int, *, analysis: str | None = None
+    store: str | os.PathLike[str] | TrajectoryStore,
+    epoch: int,
+    *,
+    analysis: str | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> dict[str, Any]:
-    """Epoch ``epoch`` of the store as an in-memory torch state_dict (one epoch, not the run).
+    """Epoch ``epoch`` of the store as an in-memory torch state_dict (one epoch, not the run;
+    ``storage_options``: fsspec options for a store on object storage).
 
     Same tensors, names, shapes and dtypes as :func:`export` writes; with ``analysis``, the
     study's CMD reconstruction of that epoch. Ready for ``load_state_dict(strict=True)``.

@@ -4,8 +4,10 @@
    parameters constant (or NaN/Inf) over the window are replaced by new draws.
 2. Pearson correlation of the samples in float64, complete-linkage clustering on |corr|, a
    reference per mode.
-3. One Dask pass over all N rows: mode, a, b, corr, residual and flags per parameter, written
-   into ``analyses/<name>/`` with the error sums that give the summaries.
+3. One Dask pass over all N rows: mode, a, b, corr, residual and flags per parameter, and the
+   error sums that give the summaries; written into ``analyses/<name>/`` as the anchored
+   float32 model (``mode``, ``a``, ``level``, ``anchor``, ``flags``: 11 bytes per parameter),
+   plus ``corr`` and ``residual`` with ``diagnostics``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.errors import (
     StoreError,
 )
 from pipeline.graph.fit import build_fit_tasks, build_scan_tasks
+from pipeline.graph.sampling import assemble_gathered, build_gather_tasks
 from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
 from pipeline.kernels.sampling import Pool, RowMap, Sample, draw_samples
@@ -36,6 +39,7 @@ from pipeline.plan import BlockPlan, RowLayout, StatsLayout, plan_fit
 from pipeline.plan.fit import frozen_share
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.study import reconcile
 from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
@@ -146,7 +150,13 @@ def _sample(
         return pools, sum(nb for _p, nb in found)
 
     def read(rows: np.ndarray) -> tuple[np.ndarray, int]:
-        return grid.read_scattered(rows if rmap is None else rmap.to_real(rows), cols)
+        # in tasks, one per chunk-row block: no chunk is read on the client
+        real = rows if rmap is None else rmap.to_real(rows)
+        tasks, labels, where = build_gather_tasks(grid, real, cols)
+        run = runner_of()
+        with run.quiet():
+            found = run.compute(tasks, "sampling: reading the sampled rows", labels)
+        return assemble_gathered(found, where, len(real), len(cols))
 
     drawn = draw_samples(
         layout.offsets if rmap is None else rmap.offsets,
@@ -231,6 +241,7 @@ def summarise(
     }
 
 
+@with_storage_options("store")
 def fit(
     store: str | os.PathLike[str],
     name: str,
@@ -242,6 +253,8 @@ def fit(
     epochs: str | None = None,
     force: bool = False,
     block_rows: int | None = None,
+    diagnostics: bool = False,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> FitResult:
@@ -264,7 +277,19 @@ def fit(
         Window ``START:END[:STEP]`` over the stored epoch numbers (default: all).
     force
         Replace an existing study of that name with another configuration.
+    block_rows
+        Rows per task (a divisor of the store's chunk rows); default: 16 MiB blocks.
+    diagnostics
+        Also store each parameter's correlation with its reference (``corr``) and its
+        residual (``residual``), float32: 8 more bytes per parameter. The summaries (mean
+        |corr| and errors per mode, layer and epoch) are computed either way. Part of the
+        study's configuration.
+    storage_options
+        fsspec options (credentials, ``endpoint_url``...) for a store on object storage
+        (``s3://``, ``gs://``...); they reach the Dask workers too, never the store.
 
+    Notes
+    -----
     Re-running a finished study with the same configuration changes nothing; an interrupted
     one resumes, its finished blocks untouched.
     """
@@ -290,7 +315,7 @@ def fit(
         window=epochs,
         block_rows=block_rows,
     )
-    config = plan.config()
+    config = {**plan.config(), "diagnostics": bool(diagnostics)}
     window_epochs = list(plan.epochs)
     ag = AnalysisGroup(st.url, name)
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in meta.stored_tensors()])
@@ -372,6 +397,7 @@ def fit(
                     "sample_order": clustering.order.astype(np.int64),
                     "epochs": np.asarray(window_epochs, dtype=np.int64),
                 },
+                diagnostics=bool(diagnostics),
             )
             ag.set_attrs(
                 config=config,
@@ -395,7 +421,9 @@ def fit(
         gpu = run.options.gpu if run is not None else bool(runtime and runtime.gpu)
         if not gpu and todo:
             _compile_kernel(grid.dtype)
-        tasks = build_fit_tasks(grid, name, todo, cols, refs, stats_layout, gpu=gpu)
+        tasks = build_fit_tasks(
+            grid, name, todo, cols, refs, stats_layout, gpu=gpu, diagnostics=bool(diagnostics)
+        )
         labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
         try:
             runner_of().compute(tasks, f"fit {name}", labels)

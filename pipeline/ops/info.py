@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import SCHEMA_VERSION, _ranges, check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["format_info", "info"]
 
 
-def info(store: str | os.PathLike[str]) -> dict[str, Any]:
-    """Describe a store: N, T, epochs, tensors, chunking, analyses and size on disk."""
+@with_storage_options("store")
+def info(
+    store: str | os.PathLike[str], *, storage_options: StorageOptions | None = None
+) -> dict[str, Any]:
+    """Describe a store: N, T, epochs, tensors, chunking, analyses and size on disk
+    (``storage_options``: fsspec options for a store on object storage)."""
     st = TrajectoryStore.open(store)
     meta = st.require_meta()
     arr = st.trajectory()
@@ -62,7 +67,7 @@ def _frozen(meta: Any) -> dict[str, Any] | None:
 
 def _analysis_brief(url: str, name: str) -> dict[str, Any]:
     from pipeline.errors import PipelineError
-    from pipeline.store.analysis import AnalysisGroup
+    from pipeline.store.analysis import AnalysisGroup, StudyLayout
 
     try:
         attrs = check_study_attrs(AnalysisGroup(url, name).attrs(), name)
@@ -70,9 +75,17 @@ def _analysis_brief(url: str, name: str) -> dict[str, Any]:
         return {"name": name, "status": f"unreadable ({e})"}
     cfg = attrs.get("config") or {}
     summary = attrs.get("summary") or {}
+    layout = StudyLayout.of(attrs)
+    n_window = len(cfg.get("epochs") or ())
+    per_row = None
+    if attrs.get("n_modes") and n_window:
+        per_row = layout.bytes_per_row(int(attrs["n_modes"]), n_window)
     return {
         "name": name,
         "status": attrs.get("status"),
+        "version": layout.version,
+        "diagnostics": layout.diagnostics,
+        "bytes_per_parameter": per_row,
         "modes": attrs.get("n_modes"),
         "samples": attrs.get("n_samples"),
         "window": cfg.get("window"),
@@ -126,6 +139,12 @@ def format_info(d: dict[str, Any]) -> str:
             + " (to ‖W‖: "
             + ("-" if a.get("relative_error") is None else f"{a['relative_error']:.4g}")
             + ")"
+            + (
+                f"; {a['bytes_per_parameter']} B per parameter (study v{a['version']}"
+                + (", with per-row diagnostics)" if a.get("diagnostics") else ")")
+                if a.get("bytes_per_parameter")
+                else ""
+            )
             + (
                 f"; evaluated ({a['evaluated']['workflow']}): epoch {a['evaluated']['epoch']} "
                 f"GD {a['evaluated']['gd_accuracy']:.4f}, CMD {a['evaluated']['cmd_accuracy']:.4f}"

@@ -1,5 +1,9 @@
 """``reconstruct``: CMD trajectories ``a * r_mode(t) + b``, computed in float64, one block at a time.
 
+The study stores each line anchored (``level + a (r_mode(t) - r_mode(anchor))``, float32;
+version-1 studies: ``a`` and ``b`` in float64); :class:`pipeline.store.analysis.StudyLayout`
+says which.
+
 Owns the operation: which blocks of ``analyses/<name>/reconstructed`` (N, Tw) float32 are
 still to write (resume), running their tasks (:mod:`pipeline.graph.reconstruct`) on a runtime,
 and the result. One epoch of the reconstruction can be exported as a state_dict without
@@ -22,6 +26,7 @@ from pipeline.kernels.reconstruct import reconstruct_block
 from pipeline.plan import blocks
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import complete_study, read_result
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReconstructResult", "analysis_column", "reconstruct", "reconstruct_block"]
@@ -47,17 +52,21 @@ class ReconstructResult:
         )
 
 
+@with_storage_options("store")
 def reconstruct(
     store: str | os.PathLike[str],
     name: str,
     *,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> ReconstructResult:
-    """Write ``analyses/<name>/reconstructed`` (N, Tw) float32; resumable, idempotent."""
+    """Write ``analyses/<name>/reconstructed`` (N, Tw) float32; resumable, idempotent
+    (``storage_options``: fsspec options for a store on object storage)."""
     st = TrajectoryStore.open(store, writable=True)
     meta = st.require_meta()
     ag, _ = complete_study(st, name)
+    layout = ag.layout()
     refs = np.asarray(ag.array("refs")[...])
     block_rows = int(ag.array("mode").chunks[0])
     shape = (meta.n_rows, refs.shape[1])
@@ -73,7 +82,7 @@ def reconstruct(
     todo = [
         (r0, r1) for r0, r1 in blocks(shape[0], block_rows) if f"{r0 // block_rows}/0" not in done
     ]
-    tasks, labels = build_reconstruct_tasks(st.url, name, todo, refs)
+    tasks, labels = build_reconstruct_tasks(st.url, name, todo, refs, layout)
     try:
         with using(run, runtime, cpu_only="reconstruct") as r:
             r.compute(tasks, f"reconstruct {name}", labels)
@@ -97,11 +106,12 @@ def analysis_column(
     refs = np.asarray(ag.array("refs")[...])
     n = st.require_meta().n_rows
     rows = int(ag.array("mode").chunks[0])
-    arrays = {a: read_result(st.url, name, a) for a in ("mode", "a", "b")}
+    arrays = [read_result(st.url, name, a) for a in ag.layout().model]
 
     def gen() -> Iterator[tuple[int, np.ndarray]]:
         for r0, r1 in blocks(n, rows):
-            m, a, b = (np.asarray(arrays[x][r0:r1]) for x in ("mode", "a", "b"))
-            yield r0, reconstruct_block(m, a, b, refs, np.array([k]))[:, 0].astype(np.float32)
+            m, a, b, *anchor = (np.asarray(arr[r0:r1]) for arr in arrays)
+            rec = reconstruct_block(m, a, b, refs, np.array([k]), *anchor)
+            yield r0, rec[:, 0].astype(np.float32)
 
     return gen

@@ -26,7 +26,7 @@ from pipeline._version import __version__
 from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.plan import RowLayout, blocks
 from pipeline.report.figures import StudyData, evaluation_figures, study_figures
-from pipeline.store.analysis import AnalysisGroup, complete_study
+from pipeline.store.analysis import AnalysisGroup, StudyLayout, complete_study
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReportResult", "load_study_data", "report"]
@@ -68,6 +68,19 @@ def _layer_mode_counts(ag: AnalysisGroup, layout: RowLayout, n_modes: int) -> np
     return counts
 
 
+def _sample_lines(
+    ag: AnalysisGroup, rows: np.ndarray, mode: np.ndarray, refs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slope and intercept (float64) of the fitted lines of ``rows``, whichever form the
+    study stores them in (the anchored ``level + a (r - r(anchor))``, or ``a r + b``)."""
+    a = np.asarray(ag.array("a").oindex[rows], dtype=np.float64)
+    if not ag.layout().anchored:
+        return a, np.asarray(ag.array("b").oindex[rows], dtype=np.float64)
+    level = np.asarray(ag.array("level").oindex[rows], dtype=np.float64)
+    anchor = np.asarray(ag.array("anchor").oindex[rows]).astype(np.int64)
+    return a, level - a * refs[mode, anchor]
+
+
 def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
     """The small arrays the study figures need, read from the store."""
     st = TrajectoryStore.open(store)
@@ -80,15 +93,17 @@ def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
     refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
     stored = meta.stored_tensors()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])
+    fit_mode = np.asarray(ag.array("mode").oindex[sample_index]).astype(np.int64)
+    sample_a, sample_b = _sample_lines(ag, sample_index, fit_mode, refs)
     return StudyData(
         name=name,
         epochs=epochs,
         profiles=np.asarray(profiles, dtype=np.float64),
         sample_mode=np.asarray(ag.array("sample_mode")[...]).astype(np.int64),
         sample_order=np.asarray(ag.array("sample_order")[...]).astype(np.int64),
-        sample_fit_mode=np.asarray(ag.array("mode").oindex[sample_index]).astype(np.int64),
-        sample_a=np.asarray(ag.array("a").oindex[sample_index], dtype=np.float64),
-        sample_b=np.asarray(ag.array("b").oindex[sample_index], dtype=np.float64),
+        sample_fit_mode=fit_mode,
+        sample_a=sample_a,
+        sample_b=sample_b,
         refs=refs,
         mode_counts=np.asarray([m["count"] for m in attrs["summary"]["modes"]], dtype=np.int64),
         layer_names=list(layout.names),
@@ -230,6 +245,18 @@ def _saved_analyses(ag: AnalysisGroup) -> dict[str, Any]:
     return out
 
 
+def _stored_cell(attrs: dict[str, Any], n_window: int) -> str:
+    """What the study stores per parameter, in bytes and arrays."""
+    lay = StudyLayout.of(attrs)
+    kinds = lay.per_row(int(attrs.get("n_modes") or 1), n_window)
+    arrays = ", ".join(f"{k} {dt.name}" for k, dt in kinds.items())
+    diag = "with" if lay.diagnostics else "without"
+    return (
+        f"{lay.bytes_per_row(int(attrs.get('n_modes') or 1), n_window)} B ({arrays}; "
+        f"study version {lay.version}, {diag} per-row diagnostics)"
+    )
+
+
 def render_html(
     url: str,
     name: str,
@@ -265,6 +292,7 @@ def render_html(
                 ["parameters (trajectory rows)", f"{n_params:,}"],
                 ["epochs in the window", f"{len(data.epochs)} ({data.epochs[0]}..{data.epochs[-1]})"],
                 ["modes M", str(attrs.get("n_modes"))],
+                ["stored per parameter", _stored_cell(attrs, len(data.epochs))],
                 ["requested", f"modes={cfg.get('modes')} threshold={cfg.get('threshold')}"],
                 ["samples K (seed)", f"{attrs.get('n_samples')} ({cfg.get('seed')})"],
                 ["error relative to the dynamics ‖W−Ŵ‖/‖W−mean_t W‖", _f(summ.get("dynamics_error"))],

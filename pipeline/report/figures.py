@@ -41,8 +41,8 @@ class StudyData:
     sample_mode: np.ndarray  # (K,) cluster label of each sample (the clustering's view)
     sample_fit_mode: np.ndarray  # (K,) the mode each sample was fitted to in the pass (a, b)
     sample_order: np.ndarray  # (K,) dendrogram leaf order
-    sample_a: np.ndarray  # (K,)
-    sample_b: np.ndarray  # (K,)
+    sample_a: np.ndarray  # (K,) slope of each sample's fitted line a r + b (float64)
+    sample_b: np.ndarray  # (K,) its intercept (from the stored level and anchor, float64)
     refs: np.ndarray  # (M, Tw)
     mode_counts: np.ndarray  # (M,) parameters per mode
     layer_names: list[str]

@@ -2,33 +2,47 @@
 Zarr I/O (creating the group and its arrays, reading and writing result rows and chunks,
 listing written chunks, the report files).
 
-Arrays (N = trajectory rows, M = modes, Tw = epochs in the window, K = samples)::
+Arrays of a version-2 study (N = trajectory rows, M = modes, Tw = epochs in the window,
+K = samples)::
 
     mode         (N,)  smallest unsigned int holding M     chunks (block_rows,)
-    a, b         (N,)  float64   w(t) ~ a * r_mode(t) + b, for the raw reference profile
-    corr         (N,)  float32   Pearson correlation with the mode's reference
-    residual     (N,)  float32   sum over the window of (w - a r - b)^2
+    a            (N,)  float32   the slope: w(t) ~ level + a (r_mode(t) - r_mode(anchor))
+    level        (N,)  float32   the fitted value at the anchor epoch
+    anchor       (N,)  smallest unsigned int holding Tw   the anchor's position in the window:
+                                 where the fitted value is smallest in magnitude
     flags        (N,)  uint8     1 constant, 2 NaN/Inf, 4 reference, 8 sampled
+    corr         (N,)  float32   Pearson correlation with the mode's reference  } only with
+    residual     (N,)  float32   sum over the window of (w - a r - b)^2         } diagnostics
     refs         (M, Tw) float64 reference profiles
     ref_index    (M,)  int64     the references' rows
     sample_index (K,)  int64     the sampled rows; sample_mode (K,) int64 their modes
     epochs       (Tw,) int64     the window's epoch numbers
     block_stats  (n_blocks, F) float64   per-block error sums; a block's row is written last,
                                           so it marks the block finished (resume)
-    reconstructed (N, Tw) float32  a * r_mode(t) + b, written by ``reconstruct`` (optional;
-                                    NaN where not yet written)
+    reconstructed (N, Tw) float32  the model, written by ``reconstruct`` (optional; NaN where
+                                    not yet written)
+
+That is 11 bytes per parameter (12 when Tw > 256, one more when M > 256), 19 with the
+diagnostics. The anchored form keeps the float32 model within one float32 ulp of the float64
+fit wherever the fitted values keep their sign over the window
+(:func:`pipeline.kernels.cmd.anchor_rows`), and within 3 where they cross zero, which the
+choice of roundings (:func:`pipeline.kernels.cmd.stored_coefficients`) brings to 1 for all but
+a few values in a million. A version-1 study (earlier releases) holds ``a``
+and ``b`` as float64 (``w(t) ~ a r_mode(t) + b``) and always ``corr`` and ``residual``, and no
+``level`` or ``anchor``; it is read as it is (:class:`StudyLayout`).
 
 Every array is made by one helper (uncompressed, writing even all-fill chunks) and carries
 ``dimension_names`` (:func:`result_dims`): ``param`` (the trajectory's rows), ``window`` (the
 window's epochs), ``mode_id``, ``sample``, ``block``, ``stat``.
 
-Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration, the package
-version, the trajectory's fingerprint, the status (``creating`` while the group is being made,
-then ``running``, then ``complete``) and summaries.
+Attributes: ``cmd_pipeline_analysis`` = schema/version, the configuration (with
+``diagnostics``), the package version, the trajectory's fingerprint, the status (``creating``
+while the group is being made, then ``running``, then ``complete``) and summaries.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,10 +58,13 @@ __all__ = [
     "ANALYSIS_ATTR",
     "ANALYSIS_SCHEMA",
     "ANALYSIS_VERSION",
+    "READ_VERSIONS",
     "AnalysisGroup",
+    "StudyLayout",
     "complete_study",
     "mode_dtype",
     "open_result",
+    "read_model_rows",
     "read_result",
     "read_result_rows",
     "result_dims",
@@ -57,7 +74,9 @@ __all__ = [
 
 ANALYSIS_ATTR = "cmd_pipeline_analysis"
 ANALYSIS_SCHEMA = "cmd-pipeline.analysis"
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
+#: the study versions this release reads: 1 (float64 a and b, float32 corr and residual) and 2
+READ_VERSIONS = (1, 2)
 #: the study's figures, evaluation results and HTML report: ``analyses/<name>/report/``
 REPORT = "report"
 
@@ -67,6 +86,8 @@ RESULT_DIMS: dict[str, tuple[str, ...]] = {
     "mode": ("param",),
     "a": ("param",),
     "b": ("param",),
+    "level": ("param",),
+    "anchor": ("param",),
     "corr": ("param",),
     "residual": ("param",),
     "flags": ("param",),
@@ -99,6 +120,61 @@ def mode_dtype(n_modes: int) -> np.dtype[Any]:
         if n_modes - 1 <= np.iinfo(dt).max:
             return np.dtype(dt)
     return np.dtype(np.uint64)
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """Which per-row arrays a study holds and how its model reads, from its version and its
+    configuration.
+
+    >>> StudyLayout(2, diagnostics=False).per_row(n_modes=10, n_window=100)
+    {'mode': dtype('uint8'), 'a': dtype('float32'), 'level': dtype('float32'), 'anchor': dtype('uint8'), 'flags': dtype('uint8')}
+    >>> StudyLayout(2, diagnostics=False).bytes_per_row(10, 100), StudyLayout(1, True).bytes_per_row(10, 100)
+    (11, 26)
+    """
+
+    version: int
+    diagnostics: bool  # whether corr and residual are stored (always in version 1)
+
+    @classmethod
+    def of(cls, attrs: dict[str, Any]) -> StudyLayout:
+        """The layout of a study with the analysis attributes ``attrs``."""
+        version = int(attrs.get("version", ANALYSIS_VERSION))
+        if version == 1:
+            return cls(1, True)
+        return cls(version, bool((attrs.get("config") or {}).get("diagnostics", False)))
+
+    @property
+    def anchored(self) -> bool:
+        """The model is ``level + a (r(t) - r(anchor))`` (version 2), not ``a r(t) + b``."""
+        return self.version >= 2
+
+    @property
+    def model(self) -> tuple[str, ...]:
+        """The arrays the reconstruction reads, in the order of
+        :func:`pipeline.kernels.reconstruct.reconstruct_block`'s ``mode, a, b[, anchor]``."""
+        return ("mode", "a", "level", "anchor") if self.anchored else ("mode", "a", "b")
+
+    def per_row(self, n_modes: int, n_window: int) -> dict[str, np.dtype[Any]]:
+        """The per-row arrays and their dtypes (M = ``n_modes``, Tw = ``n_window``)."""
+        if not self.anchored:
+            out = {"mode": mode_dtype(n_modes), "a": np.dtype("float64"), "b": np.dtype("float64")}
+        else:
+            out = {
+                "mode": mode_dtype(n_modes),
+                "a": np.dtype("float32"),
+                "level": np.dtype("float32"),
+                "anchor": mode_dtype(n_window),
+            }
+        out["flags"] = np.dtype("uint8")
+        if self.diagnostics:
+            out["corr"] = np.dtype("float32")
+            out["residual"] = np.dtype("float32")
+        return out
+
+    def bytes_per_row(self, n_modes: int, n_window: int) -> int:
+        """Bytes per parameter of the per-row arrays."""
+        return sum(dt.itemsize for dt in self.per_row(n_modes, n_window).values())
 
 
 class AnalysisGroup:
@@ -134,17 +210,24 @@ class AnalysisGroup:
         raw = self.group().attrs.get(ANALYSIS_ATTR)
         if not isinstance(raw, dict) or raw.get("schema") != ANALYSIS_SCHEMA:
             raise StoreError(f"analyses/{self.name} is not a cmd-pipeline analysis")
-        if raw.get("version") != ANALYSIS_VERSION:
+        if raw.get("version") not in READ_VERSIONS:
             raise SchemaVersionError(
                 f"analysis {self.name!r} has schema version {raw.get('version')!r}; this "
-                f"cmd-pipeline reads version {ANALYSIS_VERSION}"
+                f"cmd-pipeline reads versions {', '.join(map(str, READ_VERSIONS))}"
             )
         return raw
 
+    def layout(self) -> StudyLayout:
+        """Which per-row arrays this study holds (:class:`StudyLayout`)."""
+        return StudyLayout.of(self.attrs())
+
     def set_attrs(self, **fields: Any) -> None:
+        """Update the analysis attribute; a study keeps the version it was created with (an
+        evaluation of a version-1 study does not relabel its arrays)."""
         g = self.group()
         cur = dict(g.attrs.get(ANALYSIS_ATTR) or {})
-        cur.update(fields, schema=ANALYSIS_SCHEMA, version=ANALYSIS_VERSION)
+        cur.update(fields, schema=ANALYSIS_SCHEMA)
+        cur.setdefault("version", ANALYSIS_VERSION)
         g.attrs[ANALYSIS_ATTR] = cur
         consolidate(self.url)
 
@@ -165,8 +248,10 @@ class AnalysisGroup:
         n_blocks: int,
         stats_width: int,
         small: dict[str, np.ndarray],
+        diagnostics: bool = False,
     ) -> None:
-        """Create the group and its arrays; write the small ones (client side)."""
+        """Create the group and its arrays (the current version's layout, per-row
+        diagnostics with ``diagnostics``); write the small ones (client side)."""
         root = self._root()
         # marked ours from the start: a fit interrupted before it records its configuration
         # leaves status "creating", which the next fit replaces
@@ -181,14 +266,10 @@ class AnalysisGroup:
             },
         )
         chunk = (min(block_rows, max(n_rows, 1)),)
-        kinds = {
-            "mode": mode_dtype(n_modes),
-            "a": np.dtype("float64"),
-            "b": np.dtype("float64"),
-            "corr": np.dtype("float32"),
-            "residual": np.dtype("float32"),
-            "flags": np.dtype("uint8"),
-        }
+        # the window's length (the anchor's dtype): its epochs, else the references' width
+        window = small.get("epochs", small.get("refs", np.zeros((0, 1))).T)
+        n_window = int(np.asarray(window).shape[0])
+        kinds = StudyLayout(ANALYSIS_VERSION, diagnostics).per_row(n_modes, n_window)
         for name, dt in kinds.items():
             _create_result_array(g, name, shape=(n_rows,), chunks=chunk, dtype=dt, fill_value=0)
         _create_result_array(
@@ -361,6 +442,14 @@ def read_result(url: str, name: str, array: str) -> Any:
 def read_result_rows(url: str, name: str, array: str, r0: int, r1: int) -> np.ndarray:
     """Rows ``r0:r1`` of one result array, as numpy (inside a task)."""
     return np.asarray(open_result(url, name, array)[r0:r1])
+
+
+def read_model_rows(
+    url: str, name: str, layout: StudyLayout, r0: int, r1: int
+) -> tuple[np.ndarray, ...]:
+    """Rows ``r0:r1`` of the arrays of the study's model (:attr:`StudyLayout.model`), as
+    numpy, in the order :func:`pipeline.kernels.reconstruct.reconstruct_block` takes them."""
+    return tuple(read_result_rows(url, name, k, r0, r1) for k in layout.model)
 
 
 def write_result_rows(url: str, name: str, array: str, r0: int, values: np.ndarray) -> None:

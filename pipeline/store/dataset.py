@@ -32,8 +32,10 @@ def open_dataset(store: str | os.PathLike[str], analysis: str | None = None) -> 
     store
         Path or URL of the store.
     analysis
-        A complete study's name: its results (``mode``, ``a``, ``b``, ``corr``, ``residual``,
-        ``flags``, ``refs``, ... and ``reconstructed`` when written) join the dataset, with the
+        A complete study's name: its results (``mode``, ``a``, ``level``, ``anchor``,
+        ``flags``, ``refs``, ...; ``corr`` and ``residual`` when fitted with diagnostics; ``b``
+        instead of ``level`` and ``anchor`` in a version-1 study; ``reconstructed`` when
+        written) join the dataset, with the
         window's epochs as the ``window`` coordinate and the study's attributes under
         ``attrs["analysis"]``.
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline.errors import ConfigMismatchError, SchemaVersionError, StoreError
-from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.analysis import ANALYSIS_VERSION, AnalysisGroup
 
 __all__ = ["Reconciled", "reconcile"]
 
@@ -32,6 +32,12 @@ def _brief(v: Any) -> str:
     return repr(v)
 
 
+def _normalised(config: Any) -> dict[str, Any]:
+    """A configuration as compared: one recorded before ``diagnostics`` existed (version-1
+    studies, whose per-row diagnostics are part of their layout) reads as without them."""
+    return {"diagnostics": False, **(config or {})}
+
+
 def reconcile(
     ag: AnalysisGroup,
     config: dict[str, Any],
@@ -47,7 +53,8 @@ def reconcile(
       study of another configuration or a group that is not ours: deleted, ``create``;
     - the same configuration and trajectory, complete: ``unchanged``;
     - the same, interrupted: ``resume`` (unless its block statistics have another layout
-      than ``stats_layout``, from an older release: then deleted and ``create``);
+      than ``stats_layout``, or its arrays another version, from an older release: then
+      deleted and ``create``); a complete study of an older version is read as it is;
     - otherwise :class:`ConfigMismatchError` naming what differs (or :class:`StoreError`
       for a group that is not a cmd-pipeline analysis).
     """
@@ -71,18 +78,26 @@ def reconcile(
         # an earlier fit was interrupted while creating the group: nothing was computed
         ag.delete()
         return Reconciled("create")
-    same = attrs.get("config") == config and attrs.get("trajectory_fingerprint") == fingerprint
+    same = (
+        _normalised(attrs.get("config")) == _normalised(config)
+        and attrs.get("trajectory_fingerprint") == fingerprint
+    )
     if same and attrs.get("status") == "complete":
         return Reconciled("unchanged", attrs)
-    if same and attrs.get("stats_layout") == stats_layout:
+    if (
+        same
+        and attrs.get("stats_layout") == stats_layout
+        and attrs.get("version") == ANALYSIS_VERSION
+    ):
         return Reconciled("resume", attrs)
     if same:
-        # interrupted under an older release whose block statistics have another layout: its
-        # finished blocks cannot be summarised with this one; start it again
+        # interrupted under an older release whose block statistics or arrays have another
+        # layout: its finished blocks cannot be finished by this one; start it again
         ag.delete()
         return Reconciled("create")
     if not force:
-        old = attrs.get("config") or {}
+        old = _normalised(attrs.get("config"))
+        config = _normalised(config)
         # name what differs: the same arguments select other epochs after an append
         diff = {k: (old.get(k), v) for k, v in config.items() if old.get(k) != v}
         if diff:

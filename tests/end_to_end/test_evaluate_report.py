@@ -167,7 +167,7 @@ def test_report_figures_and_html(digits_store, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         g = zarr.open_group(str(store), mode="r", use_consolidated=False)["analyses/rep"]
-        assert {"mode", "a", "b", "refs"} <= set(g.array_keys())
+        assert {"mode", "a", "level", "anchor", "refs"} <= set(g.array_keys())
         assert "report" in set(g.group_keys())
     # deleting the study removes its report too
     from pipeline.store.analysis import AnalysisGroup

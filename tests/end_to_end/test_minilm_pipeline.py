@@ -33,8 +33,13 @@ def errors_of_movement(store: Path, name: str, block_rows: int = 1 << 20) -> dic
         w = np.asarray(traj[r0:r1], dtype=np.float64)[:, cols]
         assert np.isfinite(w).all()
         a = np.asarray(g["a"][r0:r1], dtype=np.float64)
-        b = np.asarray(g["b"][r0:r1], dtype=np.float64)
-        recon = a[:, None] * refs[np.asarray(g["mode"][r0:r1]).astype(np.int64)] + b[:, None]
+        r = refs[np.asarray(g["mode"][r0:r1]).astype(np.int64)]
+        if "level" in g:  # the stored (anchored) model: level + a (r - r(anchor))
+            at = np.asarray(g["anchor"][r0:r1]).astype(np.int64)
+            level = np.asarray(g["level"][r0:r1], dtype=np.float64)
+            recon = level[:, None] + a[:, None] * (r - r[np.arange(r.shape[0]), at][:, None])
+        else:  # a version-1 study: a r + b
+            recon = a[:, None] * r + np.asarray(g["b"][r0:r1], dtype=np.float64)[:, None]
         res += float(((w - recon) ** 2).sum())
         centred += float(((w - w.mean(axis=1, keepdims=True)) ** 2).sum())
         moved += float(((w - w[:, :1]) ** 2).sum())

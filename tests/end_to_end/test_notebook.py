@@ -98,7 +98,7 @@ def test_walkthrough_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "epoch 6: GD  test acc" in text
     assert "same tensors as pipeline.state_dict: True" in text
     assert "references reconstructed exactly: True" in text
-    assert "equal to a·r_mode(t) + b: True" in text
+    assert "equal to level + a·(r_mode(t) - r_mode(anchor)): True" in text
 
     # the report: a self-contained page with its figures, copied to OUT
     html = out / "walk.html"

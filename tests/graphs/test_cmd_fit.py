@@ -28,6 +28,7 @@ from helpers import (
     assert_matches_dense,
     dense_cmd,
     dense_summary,
+    intercept,
     modal_state_dicts,
     mode_profiles,
     planted_rows,
@@ -37,6 +38,7 @@ from helpers import (
     snapshot,
     snapshot_mtimes,
     store_layers,
+    ulp_distance,
     window_of,
     write_safetensors_run,
 )
@@ -165,7 +167,11 @@ def test_fit_matches_dense_reference(
     base = read_analysis(base_store, "base")
     for k in ("sample_index", "ref_index", "sample_mode", "refs", "mode", "flags"):
         assert np.array_equal(got[k], base[k]), k
-    np.testing.assert_allclose(got["a"], base["a"], rtol=1e-12, atol=1e-15)
+    # float32 a: the same, but where the chunking's summation order moves a float64 a across a
+    # float32 rounding boundary, or the choice of roundings of a line that crosses zero
+    # (stored_coefficients: one step either way) goes another way
+    assert np.all(ulp_distance(got["a"], base["a"]) <= 3)
+    assert (ulp_distance(got["a"], base["a"]) > 0).mean() < 0.01
     assert_summary_matches(
         got["attrs"]["summary"], dense_summary(w, dense, store_layers(store)), res.epochs
     )
@@ -182,7 +188,7 @@ def test_runtimes_give_identical_bits(modal_ckpts: Path, tmp_path: Path) -> None
         name: {k.split("/", 2)[2]: v for k, v in files.items() if k.startswith(f"analyses/{name}/")}
         for name in ("sync", "threads", "local")
     }
-    assert len(trees["sync"]) > 6 * 35  # every chunk of every per-row array
+    assert len(trees["sync"]) > 5 * 35  # every chunk of every per-row array
     assert trees["threads"] == trees["sync"]
     assert trees["local"] == trees["sync"]
     _dense(store, "local", modes=4)
@@ -194,10 +200,9 @@ def test_results_layout_dtypes_attributes_and_summaries(base_store: Path) -> Non
     n, m = MODAL_ROWS, dense.n_modes
     expected = {
         "mode": (np.uint8, (n,)),
-        "a": (np.float64, (n,)),
-        "b": (np.float64, (n,)),
-        "corr": (np.float32, (n,)),
-        "residual": (np.float32, (n,)),
+        "a": (np.float32, (n,)),
+        "level": (np.float32, (n,)),
+        "anchor": (np.uint8, (n,)),
         "flags": (np.uint8, (n,)),
         "refs": (np.float64, (m, T)),
         "ref_index": (np.int64, (m,)),
@@ -208,16 +213,20 @@ def test_results_layout_dtypes_attributes_and_summaries(base_store: Path) -> Non
     for name, (dtype, shape) in expected.items():
         assert got[name].dtype == np.dtype(dtype), name
         assert got[name].shape == shape, name
+    # per-row diagnostics only on request: 11 bytes per parameter
+    assert "b" not in got and "corr" not in got and "residual" not in got
+    assert sum(got[k].dtype.itemsize for k in PER_ROW_ARRAYS) == 11
     assert got["epochs"].tolist() == list(range(T))
     assert got["block_stats"].dtype == np.float64
     attrs = got["attrs"]
-    assert attrs["schema"] == "cmd-pipeline.analysis" and attrs["version"] == 1
+    assert attrs["schema"] == "cmd-pipeline.analysis" and attrs["version"] == 2
     assert attrs["status"] == "complete"
     assert attrs["package_version"] == pipeline.__version__
     assert attrs["n_modes"] == m == 4 and attrs["n_samples"] == 200
     cfg = attrs["config"]
     assert cfg["modes"] == 4 and cfg["threshold"] is None and cfg["samples"] == 200
     assert cfg["seed"] == 0 and cfg["window"] == ":" and cfg["epochs"] == list(range(T))
+    assert cfg["diagnostics"] is False
     assert isinstance(attrs["trajectory_fingerprint"], str)
     summary = attrs["summary"]
     assert [s["reference"] for s in summary["modes"]] == got["ref_index"].tolist()
@@ -236,7 +245,7 @@ def test_results_layout_dtypes_attributes_and_summaries(base_store: Path) -> Non
 
 
 def test_constant_rows(base_store: Path, tmp_path: Path) -> None:
-    """Frozen weights: flag 1, a = 0, b = the value, a valid mode, never sampled or a
+    """Frozen weights: flag 1, a = 0, level = the value, a valid mode, never sampled or a
     reference, and reconstructed exactly."""
     got = read_analysis(base_store, "base")
     w = read_trajectory(base_store)
@@ -247,9 +256,8 @@ def test_constant_rows(base_store: Path, tmp_path: Path) -> None:
     assert np.array_equal(np.flatnonzero(got["flags"] & F_CONSTANT), constant)
     assert np.all(got["flags"][constant] == F_CONSTANT)  # neither sampled nor a reference
     assert np.all(got["a"][constant] == 0.0)
-    assert np.array_equal(got["b"][constant], w[constant, 0].astype(np.float64))
-    assert np.all(got["mode"][constant] < 4) and np.all(got["corr"][constant] == 0)
-    assert np.all(got["residual"][constant] == 0)
+    assert np.array_equal(got["level"][constant].view(np.uint32), w[constant, 0].view(np.uint32))
+    assert np.all(got["mode"][constant] < 4) and np.all(got["anchor"][constant] == 0)
     assert not np.isin(got["sample_index"], constant).any()
     assert not np.isin(got["ref_index"], constant).any()
     assert got["attrs"]["summary"]["flags"]["constant"] == constant.size
@@ -314,7 +322,7 @@ def test_fewer_modes_than_asked(tmp_path: Path) -> None:
     want_a = scale / np.array([ref_scale[int(t)] for t in truth])
     np.testing.assert_allclose(a, want_a, rtol=1e-6)
     assert np.all((a < 0) == (want_a < 0)) and (want_a < 0).sum() > 100
-    np.testing.assert_allclose(got["b"][order], 0.0, atol=1e-6)
+    np.testing.assert_allclose(intercept(got)[order], 0.0, atol=1e-6)
     assert got["attrs"]["summary"]["relative_error"] < 1e-6
 
 
@@ -383,11 +391,11 @@ def test_indices_above_2_24(tmp_path: Path) -> None:
     )
     dense = dense_cmd(w_tail, smp - big_n, modes=2)
     assert_matches_dense(got, dense, w_tail)
-    # every other row is constant: a = 0, b = its value, exactly
+    # every other row is constant: a = 0, level = its value, exactly
     assert np.all(an["flags"][:big_n] == F_CONSTANT)
     step = 2**21
     for r0 in range(0, big_n, step):
-        assert np.array_equal(an["b"][r0 : r0 + step], big[r0 : r0 + step].astype(np.float64))
+        assert np.array_equal(an["level"][r0 : r0 + step], big[r0 : r0 + step])
         assert np.all(an["a"][r0 : r0 + step] == 0.0)
     summary = an.attrs["cmd_pipeline_analysis"]["summary"]
     assert summary["flags"] == {"constant": big_n, "nonfinite": 0}
@@ -395,8 +403,9 @@ def test_indices_above_2_24(tmp_path: Path) -> None:
 
 
 def test_nonfinite_rows(tmp_path: Path) -> None:
-    """NaN/Inf in a checkpoint (ingest policy keep): flag 2, a = 0, b = NaN, never sampled nor
-    a reference, and left out of every error sum."""
+    """NaN/Inf in a checkpoint (ingest policy keep): flag 2, a = 0, level (b) = NaN, never
+    sampled nor a reference, and left out of every error sum (per-row diagnostics stored:
+    their residual is 0)."""
     rng = np.random.default_rng(9)
     p = mode_profiles(12)
     w1 = planted_rows(600, p, rng, noise=0.02)
@@ -413,7 +422,7 @@ def test_nonfinite_rows(tmp_path: Path) -> None:
     store = _ingest(write_safetensors_run(tmp_path / "ck", sds)[0].parent, tmp_path / "s.zarr")
     # K = 689 asked, 686 finite rows: all are sampled, and the fit says so
     with pytest.warns(pipeline.PipelineWarning, match="only 686 parameters vary"):
-        res = _fit(store, "nan", modes=4, samples=689)
+        res = _fit(store, "nan", modes=4, samples=689, diagnostics=True)
     got, dense, w = _dense(store, "nan", modes=4)
     row = {name: lo for name, lo, _hi in store_layers(store)}
     bad = np.array(
@@ -429,7 +438,7 @@ def test_nonfinite_rows(tmp_path: Path) -> None:
     assert np.array_equal(np.flatnonzero(~np.isfinite(w).all(axis=1)), bad)
     assert np.array_equal(np.flatnonzero(got["flags"] & F_NONFINITE), bad)
     assert np.all(got["flags"][bad] == F_NONFINITE)
-    assert np.all(got["a"][bad] == 0) and np.all(np.isnan(got["b"][bad]))
+    assert np.all(got["a"][bad] == 0) and np.all(np.isnan(got["level"][bad]))
     assert np.all(got["residual"][bad] == 0) and np.all(got["mode"][bad] < res.n_modes)
     assert not np.isin(got["sample_index"], bad).any()
     assert got["sample_index"].size == 690 - 4  # all the others were sampled
@@ -612,6 +621,7 @@ def test_cli_fit_help() -> None:
         "--seed",
         "--epochs",
         "--block-rows",
+        "--diagnostics",
         "--force",
     ):
         assert opt in r.output
@@ -662,3 +672,12 @@ def test_cli_fit_runs_reports_and_refuses_other_config(base_store: Path, tmp_pat
     assert r.exit_code == 4
     assert r.stderr.strip().startswith("error: analysis 'cli' exists with another configuration")
     assert "--force" in r.stderr
+    # per-row diagnostics are part of the configuration: asked for, they need --force
+    r = _cli(*args, "--diagnostics")
+    assert r.exit_code == 4 and "diagnostics: stored False, requested True" in r.stderr
+    r = _cli(*args, "--diagnostics", "--force")
+    assert r.exit_code == 0, r.output
+    got, _d, _w = _dense(store, "cli", modes=3)  # corr and residual checked there
+    assert got["attrs"]["config"]["diagnostics"] is True
+    assert got["corr"].dtype == got["residual"].dtype == np.float32
+    assert sum(got[k].dtype.itemsize for k in (*PER_ROW_ARRAYS, "corr", "residual")) == 19

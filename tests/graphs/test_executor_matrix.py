@@ -34,6 +34,7 @@ from helpers import (
     planted_rows,
     read_analysis,
     rows_to_state_dicts,
+    stored_model,
     window_of,
     write_safetensors_run,
 )
@@ -220,8 +221,11 @@ def test_both_cpu_kernels_match_dense(
     other = _fit(store, layout, f"kernel-other-{kernel}", None, runtime=SYNC)
     for k in ("flags", "sample_index", "ref_index"):
         assert np.array_equal(got[k], other[k]), k
-    for k in ("a", "b", "corr", "residual"):
-        ok = np.isfinite(got[k])
-        assert np.array_equal(ok, np.isfinite(other[k])), k
-        scale = float(np.abs(got[k][ok]).max()) or 1.0
-        np.testing.assert_allclose(got[k][ok], other[k][ok], rtol=1e-6, atol=1e-9 * scale, err_msg=k)
+    # a, and the stored model at every epoch (the anchors of the two kernels may differ
+    # where two epochs' fitted values tie in magnitude: the lines are the same)
+    pairs = {"a": (got["a"], other["a"]), "model": (stored_model(got), stored_model(other))}
+    for k, (x, y) in pairs.items():
+        ok = np.isfinite(x)
+        assert np.array_equal(ok, np.isfinite(y)), k
+        scale = float(np.abs(x[ok]).max()) or 1.0
+        np.testing.assert_allclose(x[ok], y[ok], rtol=1e-6, atol=1e-9 * scale, err_msg=k)

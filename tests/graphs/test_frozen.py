@@ -127,11 +127,11 @@ def test_without_digests_the_same_rows_come_out_constant(store: Path, tmp_path: 
     zarr.open_array(str(plain), path="meta/digest", mode="r+")[:] = ""
     assert pipeline.info(plain)["frozen"] is None
     for s in (store, plain):
-        pipeline.fit(s, "s", modes=2, samples=40, runtime=SYNC, block_rows=16)
+        pipeline.fit(s, "s", modes=2, samples=40, runtime=SYNC, block_rows=16, diagnostics=True)
     a, b = read_analysis(store, "s"), read_analysis(plain, "s")
     assert b["attrs"]["frozen"]["known"] is False
     lo, hi = 0, sum(hi - lo for name, lo, hi in store_layers(store) if name == "conv.weight")
-    for key in ("mode", "a", "b", "corr", "residual", "flags"):
+    for key in ("mode", "a", "level", "anchor", "corr", "residual", "flags"):
         np.testing.assert_array_equal(a[key][lo:hi], b[key][lo:hi], err_msg=key)
 
 

@@ -65,15 +65,23 @@ def test_gpu_fit_equals_cpu_fit(tmp_path: Path, run5, monkeypatch: pytest.Monkey
     # the GPU path runs the array kernel (numpy's code on CuPy): compare it with that kernel
     # on the CPU, bit for bit (the fused numba kernel agrees to rounding, tested elsewhere)
     monkeypatch.setenv(FIT_KERNEL_ENV, "numpy")
-    pipeline.fit(str(store), "cpu", modes=3, samples=50, runtime=SYNC)
+    pipeline.fit(str(store), "cpu", modes=3, samples=50, runtime=SYNC, diagnostics=True)
     calls: list[str] = []
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(calls))
     gpu = pipeline.RuntimeOptions(mode="sync", progress=False, gpu=True)
-    pipeline.fit(str(store), "gpu", modes=3, samples=50, runtime=gpu)
+    pipeline.fit(str(store), "gpu", modes=3, samples=50, runtime=gpu, diagnostics=True)
+    pipeline.fit(str(store), "gpu-default", modes=3, samples=50, runtime=gpu)
     assert calls.count("asarray") >= 3 and "asnumpy" in calls  # block and references moved
     a, b = read_analysis(store, "cpu"), read_analysis(store, "gpu")
-    for key in ("mode", "a", "b", "corr", "residual", "flags", "refs", "block_stats"):
+    keys = ("mode", "a", "level", "anchor", "corr", "residual", "flags", "refs", "block_stats")
+    for key in keys:
+        assert a[key].dtype == b[key].dtype, key
         assert np.array_equal(a[key], b[key], equal_nan=True), key
+    # the GPU path writes the study's dtypes: float32 a and level, no diagnostics by default
+    c = read_analysis(store, "gpu-default")
+    assert c["a"].dtype == c["level"].dtype == np.float32 and "corr" not in c
+    for key in ("mode", "a", "level", "anchor", "flags"):
+        assert np.array_equal(a[key], c[key], equal_nan=True), key
 
 
 def test_gpu_without_cupy_is_a_clear_error(tmp_path: Path, run5, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from helpers import SYNC, net_state_dicts, read_analysis, read_trajectory, save_checkpoint
+from helpers import (
+    SYNC,
+    net_state_dicts,
+    read_analysis,
+    read_trajectory,
+    save_checkpoint,
+    stored_model,
+)
 
 import pipeline
 from pipeline.errors import ConfigMismatchError
@@ -58,7 +65,7 @@ def test_the_fit_on_a_bf16_store_equals_the_fit_on_its_float32_copy(tmp_path: Pa
     for store in (native, wide):
         pipeline.fit(store, "s", modes=3, samples=40, seed=1, runtime=SYNC)
     a, b = read_analysis(native, "s"), read_analysis(wide, "s")
-    for key in ("mode", "a", "b", "corr", "residual", "flags", "refs", "sample_index"):
+    for key in ("mode", "a", "level", "anchor", "flags", "refs", "sample_index"):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
@@ -71,8 +78,10 @@ def test_the_numpy_kernel_reads_a_bf16_store_too(tmp_path: Path, monkeypatch: py
     pipeline.fit(store, "numpy", modes=2, samples=40, runtime=SYNC)
     a, b = read_analysis(store, "fused"), read_analysis(store, "numpy")
     np.testing.assert_array_equal(a["mode"], b["mode"])
-    np.testing.assert_allclose(a["a"], b["a"], rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(a["b"], b["b"], rtol=1e-9, atol=1e-12)
+    # float32 a: equal, or a few float32 steps apart; the models (the kernels may anchor a row at
+    # another epoch where two fitted values tie) to float32 rounding
+    np.testing.assert_allclose(a["a"], b["a"], rtol=2.0**-21, atol=1e-12)
+    np.testing.assert_allclose(stored_model(a), stored_model(b), rtol=2.0**-22, atol=1e-12)
 
 
 def test_mixed_dtypes_are_stored_as_float32_and_lossy_choices_are_refused(tmp_path: Path) -> None:

@@ -87,6 +87,8 @@ def test_every_array_has_dimension_names_and_xarray_reads_all_groups(tmp_path: P
     assert fc.sizes["param"] == 60
     np.testing.assert_array_equal(
         labelled["reconstructed"].sel(window=5).values,
-        (labelled["a"] * labelled["refs"].isel(mode_id=labelled["mode"]).sel(window=5)
-         + labelled["b"]).astype(np.float32).values,
+        (labelled["level"] + labelled["a"].astype(np.float64)
+         * (labelled["refs"].isel(mode_id=labelled["mode"]).sel(window=5)
+            - labelled["refs"].isel(mode_id=labelled["mode"], window=labelled["anchor"])))
+        .astype(np.float32).values,
     )

@@ -16,7 +16,7 @@ from pipeline.kernels import cmd_numba
 from pipeline.kernels.cmd import BlockFit, References, fit_block
 from pipeline.kernels.cmd_numba import SUB_ROWS, fit_block_fused
 
-FIELDS = ("mode", "a", "b", "corr", "residual", "energy", "spread", "flags")
+FIELDS = ("mode", "a", "b", "anchor", "level", "corr", "residual", "energy", "spread", "flags")
 PER_EPOCH = ("residual_t", "energy_t", "spread_t")
 #: |corr| of a row's best two modes this close (relative) are a float tie: either is right
 TIE = 1e-9
@@ -110,6 +110,22 @@ def assert_same_fit(got: BlockFit, want: BlockFit, xt: np.ndarray, refs: np.ndar
         err = np.abs(g[~nan] - w[~nan])
         bound = RTOL * np.abs(w[~nan]) + tol[~nan]
         assert np.all(err <= bound), (f, np.flatnonzero(same)[~nan][err > bound], err.max())
+    # anchors: equal, except where the fitted values at two epochs tie in magnitude; levels:
+    # the fitted value at the anchor, to rounding of the mean and of a (r - mean r)
+    finite = np.isfinite(want.level)
+    with np.errstate(invalid="ignore"):
+        fitted = want.a[:, None] * refs[m] + want.b[:, None]
+    rows = np.flatnonzero(same & finite)
+    scale = np.abs(mean) + scale_a * np.abs(rc[m]).max(axis=1)
+    yg = np.abs(fitted[rows, got.anchor[rows]])
+    yw = np.abs(fitted[rows, want.anchor[rows]])
+    moved = got.anchor[rows] != want.anchor[rows]
+    assert np.all(np.abs(yg - yw)[moved] <= 1e-12 * scale[rows][moved]), rows[moved]
+    assert np.all(yw <= np.abs(fitted[rows]).min(axis=1) + 1e-12 * scale[rows])
+    keep = rows[~moved]
+    err = np.abs(got.level[keep] - want.level[keep])
+    assert np.all(err <= RTOL * np.abs(want.level[keep]) + 1e-12 * scale[keep]), err.max()
+    np.testing.assert_array_equal(np.isnan(got.level), np.isnan(want.level))
     # a tie that flipped a mode changes that row's per-epoch residual: compare it only without
     per_epoch = PER_EPOCH if not np.any(differ) else ("energy_t", "spread_t")
     for f in per_epoch:
