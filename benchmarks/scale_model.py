@@ -188,7 +188,7 @@ def measure(url: str, n_cal: int, t: int, modes: int, samples: int, run: Any, no
     from pipeline.ops.fit import _sample, summarise
     from pipeline.plan import RowLayout, StatsLayout, plan_fit
     from pipeline.plan.layout import blocks
-    from pipeline.runtime import RuntimeOptions
+    from pipeline.runtime import Runner, RuntimeOptions
     from pipeline.store.analysis import AnalysisGroup
     from pipeline.store.trajectory import TrajectoryStore
 
@@ -260,16 +260,18 @@ def measure(url: str, n_cal: int, t: int, modes: int, samples: int, run: Any, no
         for tc in (t // 2, t):
             c = cols[:tc]
             none = lambda: (_ for _ in ()).throw(RuntimeError("no scan"))  # noqa: E731
+            # the sampling's gather tasks, in this process (the per-value read cost)
+            sync = lambda: Runner(RuntimeOptions(mode="sync", progress=False))  # noqa: E731
             ts = []
             for rep in range(2):
                 t0 = time.perf_counter()
-                _sample(grid, layout, c, k, seed + rep + 1, none, none)
+                _sample(grid, layout, c, k, seed + rep + 1, none, sync)
                 ts.append(time.perf_counter() - t0)
             samp.append((k * tc, min(ts)))
     b_s, a_s = np.polyfit([v for v, _ in samp], [s for _, s in samp], 1)
     out["sampling_points"] = samp
     out["a_s"], out["b_s"] = max(0.0, float(a_s)), max(0.0, float(b_s))
-    drawn = _sample(grid, layout, cols, 2 * samples, 99, none, none)
+    drawn = _sample(grid, layout, cols, 2 * samples, 99, none, sync)
     clus = []
     for k in sorted({max(8, samples // 4), max(8, samples // 2), samples, 2 * samples}):
         prof = drawn.profiles[:k]
