@@ -128,7 +128,8 @@ def format_info(d: dict[str, Any]) -> str:
         f"= {d['chunk_mb']:.2f} MB per chunk, {d['n_chunks']} chunks, codec {d['codec']}, "
         f"values {d['store_dtype']}",
         f"settings:     include={s['include']} exclude={s['exclude']} float_buffers={s['float_buffers']} "
-        f"nonfinite={s['nonfinite']}",
+        f"nonfinite={s['nonfinite']}"
+        + (f" strip_prefix={s['strip_prefix']!r}" if s.get("strip_prefix") else ""),
         f"NaN/Inf:      {d['nonfinite']} value(s)",
         f"frozen:       {_frozen_text(d.get('frozen'))}",
         f"analyses:     {', '.join(d['analyses']) or '-'}",

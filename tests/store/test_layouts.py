@@ -31,6 +31,7 @@ from torch import nn
 import pipeline
 from pipeline.checkpoints.discover import discover
 from pipeline.cli import main
+from pipeline.ops.info import format_info
 from pipeline.store.schema import IngestSettings
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -151,6 +152,7 @@ def test_lightning_ckpt_with_strip_prefix(tmp_path: Path) -> None:
     assert set(sds[0]) == set(_model().state_dict())  # loads into the bare model
     meta = TrajectoryStore.open(store).require_meta()
     assert meta.settings.strip_prefix == "model."
+    assert "strip_prefix='model.'" in format_info(pipeline.info(store))
     # a re-run takes the store's prefix; another prefix is a changed setting
     assert pipeline.ingest([ckpts / names[2]], store, runtime=SYNC).already_present == [2]
     with pytest.raises(pipeline.ConfigMismatchError, match=r"strip_prefix: stored 'model\.'"):
