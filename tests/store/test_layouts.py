@@ -514,3 +514,42 @@ def test_distributed_checkpoint_metadata_runs_no_code(tmp_path: Path) -> None:
     assert err.value.path == str(ckpt / ".metadata") and err.value.epoch == 1
     assert not marker.exists()
     assert not (store / "trajectory").exists()
+
+
+def test_real_trainer_output_folder(tmp_path: Path) -> None:
+    """The output folder of a real ``transformers.Trainer`` run (checkpoint-N/ with the
+    model, optimizer, scheduler, RNG and trainer state, the final model saved at the top by
+    ``save_model``): the checkpoints are ingested, bit for bit, and nothing else."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    cfg = transformers.BertConfig(
+        vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=8, max_position_embeddings=8, num_labels=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(0, 20, (6,), generator=g), "labels": int(k % 2)}
+        for k in range(8)
+    ]
+    out = tmp_path / "out"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+        learning_rate=0.1, report_to=[], use_cpu=True, logging_strategy="no",
+        disable_tqdm=True, seed=0, dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(out))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "checkpoint-2" / "optimizer.pt").is_file()  # the real Trainer's extra files
+    written = [load_file(str(out / f"checkpoint-{s}" / "model.safetensors")) for s in (2, 4)]
+    store = tmp_path / "s.zarr"
+    res = pipeline.ingest([out], store, runtime=SYNC)
+    assert res.added == [2, 4]
+    _assert_holds(store, written, [2, 4])
+    paths = [f.path for e in TrajectoryStore.open(store).require_meta().epochs for f in e.files]
+    assert [Path(p).name for p in paths] == ["model.safetensors"] * 2
