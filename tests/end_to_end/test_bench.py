@@ -1,6 +1,6 @@
 """`cmd-pipeline bench` at tiny sizes: every section runs and is reported, and the figures it
 reports are checked against dense numpy on the kept stores. No timing assertions (the real
-figures are in the README, with their command)."""
+figures are in docs/benchmarks.md, with their command)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The run-comparison workflow on tiny runs (the real table is in the README)."""
+"""The run-comparison workflow on tiny runs (the real table is in docs/results.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The comparison workflow end to end on a tiny run (the real sizes are in the README).
+"""The comparison workflow end to end on a tiny run (the real sizes are in docs/results.md).
 
 What it reports is checked against an independent recomputation from the recorded run: every
 epoch's weights of run A are recorded (Online CMD is swapped for a subclass that records what
