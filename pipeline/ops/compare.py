@@ -38,6 +38,7 @@ from pipeline.graph.baselines import build_gram_tasks, combine_gram, gram_block_
 from pipeline.kernels.koopman import koopman_eigenvalues, pc_coordinates, wasserstein
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup, complete_study
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["CompareResult", "RunSpectrum", "compare", "run_coordinates"]
@@ -123,6 +124,7 @@ def _spectrum(y: np.ndarray, delays: int, rank: int | None) -> np.ndarray:
     return koopman_eigenvalues(y, delays=delays, rank=rank)
 
 
+@with_storage_options("runs")
 def compare(
     runs: Sequence[tuple[str | os.PathLike[str], str]],
     *,
@@ -134,6 +136,7 @@ def compare(
     seed: int = 0,
     groups: list[str] | None = None,
     permutations: int = COMPARE_PERMUTATIONS,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> CompareResult:

@@ -41,6 +41,7 @@ from pipeline.ops.export import state_dict
 from pipeline.ops.fit import fit
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup, complete_study
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import StoreMeta, check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -301,6 +302,7 @@ class _Progress:
             self.bar.close()
 
 
+@with_storage_options("store")
 def evaluate(
     store: str | os.PathLike[str],
     name: str,
@@ -312,6 +314,7 @@ def evaluate(
     sweep_samples: Iterable[int] | None = None,
     sweep_epochs: str = SWEEP_EPOCHS,
     keep_sweep: bool = False,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
     evaluator: EvalFn | None = None,
@@ -342,6 +345,9 @@ def evaluate(
         Keep the sweep studies (``<name>~m<M>-k<K>-s<seed>``) instead of deleting them.
     evaluator
         Use this function instead of resolving a workflow (API only).
+    storage_options
+        fsspec options (credentials, ``endpoint_url``...) for a store on object storage;
+        see :func:`pipeline.fit`.
     """
     t0 = time.perf_counter()
     st = TrajectoryStore.open(store, writable=True)

@@ -56,6 +56,7 @@ from pipeline.ops.export import (
     segments_by_block,
     torch_state,
 )
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import StoreMeta, TensorEntry
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -340,6 +341,7 @@ class _Out:
         return int(np.prod(self.shape, dtype=np.int64)) * RAW_NUMPY[self.dtype].itemsize
 
 
+@with_storage_options("store")
 def export_hf(
     store: str | os.PathLike[str],
     epoch: int,
@@ -350,6 +352,7 @@ def export_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     strict: bool = False,
+    storage_options: StorageOptions | None = None,
     progress: bool = False,
 ) -> LikeExportResult:
     """Write epoch ``epoch`` as a Hugging Face model folder shaped like ``like``.
@@ -378,6 +381,9 @@ def export_hf(
         Refuse, instead of copying or leaving out, tensors that only one side has.
     progress
         Show a progress bar over the rows on stderr.
+    storage_options
+        fsspec options (credentials, ``endpoint_url``...) for a store on object storage;
+        see :func:`pipeline.fit`.
     """
     limit = parse_size(max_shard_size)
     out = Path(folder)
@@ -580,6 +586,7 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 
 # --------------------------------------------------------------------------- Lightning
+@with_storage_options("store")
 def export_ckpt(
     store: str | os.PathLike[str],
     epoch: int,
@@ -588,6 +595,7 @@ def export_ckpt(
     like: str | os.PathLike[str],
     analysis: str | None = None,
     strict: bool = False,
+    storage_options: StorageOptions | None = None,
     progress: bool = False,
 ) -> LikeExportResult:
     """Write epoch ``epoch`` as a Lightning checkpoint: a copy of ``like`` (a ``.ckpt``) whose

@@ -30,6 +30,7 @@ from pipeline.ops.fit import fit
 from pipeline.plan import RowLayout, blocks
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ModeChanges", "mode_changes", "sliding_windows"]
@@ -76,6 +77,7 @@ def _contingency(url: str, a: str, b: str, ma: int, mb: int, layout: RowLayout) 
     return per_layer, per_layer.sum(axis=0)
 
 
+@with_storage_options("store")
 def mode_changes(
     store: str | os.PathLike[str],
     name: str,
@@ -85,6 +87,7 @@ def mode_changes(
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     keep: bool = True,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> ModeChanges:

@@ -27,6 +27,7 @@ from pipeline.kernels.cmd import FLAG_CONSTANT, FLAG_NONFINITE
 from pipeline.plan import RowLayout, blocks
 from pipeline.report.figures import StudyData, evaluation_figures, study_figures
 from pipeline.store.analysis import AnalysisGroup, StudyLayout, complete_study
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["ReportResult", "load_study_data", "report"]
@@ -111,8 +112,13 @@ def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
     )
 
 
+@with_storage_options("store")
 def report(
-    store: str | os.PathLike[str], name: str, *, out: str | os.PathLike[str] | None = None
+    store: str | os.PathLike[str],
+    name: str,
+    *,
+    out: str | os.PathLike[str] | None = None,
+    storage_options: StorageOptions | None = None,
 ) -> ReportResult:
     """Write the study's figures and ``report.html`` (see the module docstring)."""
     st = TrajectoryStore.open(store, writable=True)

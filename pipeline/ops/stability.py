@@ -66,6 +66,7 @@ from pipeline.ops.mode_changes import ModeChanges, mode_changes, sliding_windows
 from pipeline.plan import parse_window
 from pipeline.runtime import Runner, RuntimeOptions, using
 from pipeline.store.analysis import AnalysisGroup
+from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import check_study_attrs
 from pipeline.store.trajectory import TrajectoryStore
 
@@ -283,6 +284,7 @@ class StabilityStudy:
         return "\n".join(lines)
 
 
+@with_storage_options("store")
 def stability_study(
     store: str | os.PathLike[str],
     *,
@@ -294,6 +296,7 @@ def stability_study(
     stride: int = 1,
     mode_windows: tuple[int, int] | None = None,
     modes: int = STABILITY_MODES,
+    storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
 ) -> StabilityStudy:

@@ -212,8 +212,11 @@ def with_storage_options(*url_params: str) -> Callable[[_F], _F]:
                 v = bound.arguments.get(name)
                 if isinstance(v, str) or hasattr(v, "__fspath__"):
                     urls.append(str(v))
-                elif isinstance(v, Iterable):
-                    urls.extend(str(x) for x in v if isinstance(x, str))
+                elif isinstance(v, Iterable):  # URLs, or (URL, name) pairs (compare's runs)
+                    for x in v:
+                        first = x[0] if isinstance(x, tuple | list) and x else x
+                        if isinstance(first, str) or hasattr(first, "__fspath__"):
+                            urls.append(str(first))
                 elif v is not None and hasattr(v, "url"):  # an open TrajectoryStore
                     urls.append(str(v.url))
             with storage_options(opts, urls):

@@ -24,6 +24,7 @@ from helpers import SYNC, net_state_dicts, read_analysis, read_trajectory, write
 
 import pipeline
 from pipeline.cli import main
+from pipeline.ops.compare import compare
 from pipeline.store import remote
 
 pytest.importorskip("s3fs")
@@ -172,6 +173,15 @@ def test_ingest_fit_export_on_s3_match_local(
     assert ours.read_bytes() == theirs.read_bytes()
     sd = pipeline.state_dict(store, 2, storage_options=s3.options)
     assert set(sd) == set(pipeline.state_dict(str(local), 2))
+    # the other operations take the options too: a report written into the store on S3, and
+    # compare over (store, study) pairs on S3 and local
+    rep = pipeline.report(store, "m", storage_options=s3.options)
+    assert rep.html.startswith("s3://")
+    cmp = compare(
+        [(store, "m"), (str(local), "m")], storage_options=s3.options, runtime=SYNC
+    )
+    dist = np.asarray(cmp.distances)
+    assert dist.shape == (2, 2) and dist[0, 1] == dist[1, 0] == 0  # the same study, twice
     assert remote.snapshot()[1] == {}  # nothing applied once the calls returned
 
 
