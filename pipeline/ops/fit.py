@@ -395,6 +395,8 @@ def fit(
                     "sample_index": sample_index.astype(np.int64),
                     "sample_mode": clustering.labels.astype(np.int64),
                     "sample_order": clustering.order.astype(np.int64),
+                    # the samples' values (the report plots them without reading the store)
+                    "sample_profiles": np.asarray(profiles, dtype=np.float32),
                     "epochs": np.asarray(window_epochs, dtype=np.int64),
                 },
                 diagnostics=bool(diagnostics),

@@ -90,7 +90,10 @@ def load_study_data(store: str | os.PathLike[str], name: str) -> StudyData:
     epochs = np.asarray(ag.array("epochs")[...]).astype(np.int64)
     cols = np.asarray([meta.column_of(int(e)) for e in epochs], dtype=np.int64)
     sample_index = np.asarray(ag.array("sample_index")[...]).astype(np.int64)
-    profiles, _ = st.chunk_grid().read_scattered(sample_index, cols)
+    if ag.has_array("sample_profiles"):  # kept by the fit: no read of the trajectory
+        profiles = np.asarray(ag.array("sample_profiles")[...])
+    else:  # a study of an earlier release
+        profiles, _ = st.chunk_grid().read_scattered(sample_index, cols)
     refs = np.asarray(ag.array("refs")[...], dtype=np.float64)
     stored = meta.stored_tensors()
     layout = RowLayout.from_entries([(t.name, t.offset, t.size) for t in stored])

@@ -16,6 +16,8 @@ K = samples)::
     refs         (M, Tw) float64 reference profiles
     ref_index    (M,)  int64     the references' rows
     sample_index (K,)  int64     the sampled rows; sample_mode (K,) int64 their modes
+    sample_profiles (K, Tw) float32  the sampled rows' values over the window (what the
+                                      report's figures plot; absent from earlier studies)
     epochs       (Tw,) int64     the window's epoch numbers
     block_stats  (n_blocks, F) float64   per-block error sums; a block's row is written last,
                                           so it marks the block finished (resume)
@@ -97,6 +99,7 @@ RESULT_DIMS: dict[str, tuple[str, ...]] = {
     "sample_index": ("sample",),
     "sample_mode": ("sample",),
     "sample_order": ("sample",),
+    "sample_profiles": ("sample", "window"),
     "epochs": ("window",),
     "block_stats": ("block", "stat"),
 }
@@ -335,6 +338,10 @@ class AnalysisGroup:
 
     def array(self, name: str) -> Any:
         return self.group()[name]
+
+    def has_array(self, name: str) -> bool:
+        """Whether the study holds the array ``name`` (earlier studies lack newer ones)."""
+        return name in set(self.group().array_keys())
 
     # ------------------------------------------------------------------ report files
     def write_file(self, relpath: str, data: bytes) -> str:

@@ -253,3 +253,23 @@ def test_the_v1_fixture_is_untouched() -> None:
     assert attrs["cmd_pipeline_analysis"]["version"] == 1
     assert not (FIXTURE / "analyses" / "s1" / "reconstructed").exists()
     assert read_trajectory(FIXTURE).shape[1] == 4
+
+
+def test_the_report_plots_the_kept_samples_without_reading_the_trajectory(
+    planted: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit keeps the K sampled profiles (K x Tw float32, the values it clustered); the
+    report plots them from the study, not from K scattered reads of the store."""
+    from pipeline.store.trajectory import ChunkGrid
+
+    got = read_analysis(planted, "m")
+    want = window_of(planted, "m")[got["sample_index"]]
+    assert got["sample_profiles"].dtype == np.float32
+    assert np.array_equal(got["sample_profiles"], want.astype(np.float32))
+
+    def no_read(*_a, **_k):
+        raise AssertionError("the report read the trajectory")
+
+    monkeypatch.setattr(ChunkGrid, "read_scattered", no_read)
+    rep = pipeline.report(str(planted), "m", out=tmp_path / "r.html")
+    assert Path(rep.html).read_text().count("<img") >= 3
