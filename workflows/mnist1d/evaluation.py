@@ -1,0 +1,78 @@
+"""Scoring MNIST-1D classifiers: test loss and accuracy.
+
+Owns :func:`evaluate` (the whole set in one batch, in eval mode) and :func:`evaluator`,
+which rebuilds a recorded run's test set to score any ``state_dict`` for
+``cmd-pipeline evaluate``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workflows.mnist1d.config import TrainConfig
+from workflows.mnist1d.data import load_mnist1d_split
+from workflows.mnist1d.model import build_model
+from workflows.recording import eval_mode
+
+__all__ = ["evaluate", "evaluator"]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
+    """Return the mean cross-entropy loss and the accuracy of ``model`` on ``(X, y)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning logits. It is evaluated in eval mode; its previous
+        train/eval mode is restored afterwards.
+    X : Tensor
+        Inputs, ``(n, 1, 40)``.
+    y : Tensor
+        Integer labels, ``(n,)``.
+
+    Returns
+    -------
+    loss : float
+        Mean cross-entropy.
+    accuracy : float
+        Fraction of correct argmax predictions, in ``[0, 1]``.
+    """
+    with eval_mode(model):
+        logits = model(X)
+        loss = F.cross_entropy(logits, y).item()
+        accuracy = (logits.argmax(dim=1) == y).double().mean().item()
+    return float(loss), float(accuracy)
+
+
+def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float, float]]:
+    """The test-set evaluation of a recorded run, for ``cmd-pipeline evaluate``.
+
+    Parameters
+    ----------
+    run_dir : str or Path
+        A folder written by :func:`~workflows.mnist1d.train.train_and_record` (its
+        ``run.json`` gives the config).
+
+    Returns
+    -------
+    callable
+        Maps a full state_dict (loaded with ``strict=True``) to ``(test loss, test
+        accuracy)``, exactly as recorded in ``run.json`` for the run's own checkpoints.
+    """
+    run = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
+    config = TrainConfig(**run["config"])
+    model = build_model(config)
+    _, _, x_test, y_test = load_mnist1d_split(config.n_train, config.n_test, config.data_seed)
+
+    def score(state: dict[str, Tensor]) -> tuple[float, float]:
+        model.load_state_dict(state, strict=True)
+        return evaluate(model, x_test, y_test)
+
+    return score
