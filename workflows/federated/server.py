@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipeline.online import EmbeddedCMD
 from workflows.digits import evaluate, load_digits_split
@@ -35,7 +35,12 @@ class Federation:
         method: Method,
         data: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
         parts: list[np.ndarray] | None = None,
+        model_factory: Callable[[], nn.Module] | None = None,
     ) -> None:
+        """``data`` (train and test tensors, default: the digits of ``seed``), ``parts``
+        (the clients' sample indices, default: :func:`partition` of ``data``) and
+        ``model_factory`` (builds one untrained model, default: the model ``config`` names)
+        let the same federation run on another data set and model."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}")
         self.config, self.seed, self.method = config, seed, method
@@ -49,15 +54,16 @@ class Federation:
                 min_size=config.min_client_size,
             )
         self.parts = parts
+        build = model_factory or (lambda: _build_model(config))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model = _build_model(config)
+            self.model = build()
             self.clients = [
                 Client(
                     k,
                     self.x_train[torch.from_numpy(p)],
                     self.y_train[torch.from_numpy(p)],
-                    _build_model(config),
+                    build(),
                     config,
                 )
                 for k, p in enumerate(parts)
