@@ -1,7 +1,7 @@
 """What every recorded training workflow shares: deterministic torch, checkpoint files,
 preparing an output folder without mixing two runs, the seeded checkpoint-per-epoch training
 loop (:func:`record_run`) that writes ``run.json``, and evaluating in eval mode
-(:func:`eval_mode`)."""
+(:func:`eval_mode`, :func:`evaluate_classifier`)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ __all__ = [
     "checkpoint_path",
     "deterministic_torch",
     "eval_mode",
+    "evaluate_classifier",
     "prepare_out_dir",
     "record_run",
     "save_checkpoint",
@@ -233,3 +234,33 @@ def record_run(
             record(epoch, model, loss_sum / n_train)
 
     return write_run_json(out, workflow, config, model, n_train, n_test, checkpoints, records)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
+    """Return the mean cross-entropy loss and the accuracy of ``model`` on ``(X, y)``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Classifier returning logits. It is evaluated in eval mode; its previous
+        train/eval mode is restored afterwards.
+    X : Tensor
+        Inputs, the whole set in one batch.
+    y : Tensor
+        Integer labels, ``(n,)``.
+
+    Returns
+    -------
+    loss : float
+        Mean cross-entropy.
+    accuracy : float
+        Fraction of correct argmax predictions, in ``[0, 1]``.
+    """
+    import torch.nn.functional as F
+
+    with eval_mode(model):
+        logits = model(X)
+        loss = F.cross_entropy(logits, y).item()
+        accuracy = (logits.argmax(dim=1) == y).double().mean().item()
+    return float(loss), float(accuracy)

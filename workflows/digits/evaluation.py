@@ -11,44 +11,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workflows.digits.config import TrainConfig
 from workflows.digits.data import load_digits_split
 from workflows.digits.model import build_model
-from workflows.recording import eval_mode
+from workflows.recording import evaluate_classifier
 
 __all__ = ["evaluate", "evaluator"]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
-    """Return the mean cross-entropy loss and the accuracy of ``model`` on ``(X, y)``.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        Classifier returning logits. It is evaluated in eval mode; its previous
-        train/eval mode is restored afterwards.
-    X : Tensor
-        Inputs, ``(n, 1, 8, 8)``.
-    y : Tensor
-        Integer labels, ``(n,)``.
-
-    Returns
-    -------
-    loss : float
-        Mean cross-entropy.
-    accuracy : float
-        Fraction of correct argmax predictions, in ``[0, 1]``.
-    """
-    with eval_mode(model):
-        logits = model(X)
-        loss = F.cross_entropy(logits, y).item()
-        accuracy = (logits.argmax(dim=1) == y).double().mean().item()
-    return float(loss), float(accuracy)
+    """Mean cross-entropy and accuracy of ``model`` on inputs ``X`` ``(n, 1, 8, 8)`` and labels
+    ``y`` (:func:`workflows.recording.evaluate_classifier`)."""
+    return evaluate_classifier(model, X, y)
 
 
 def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float, float]]:
