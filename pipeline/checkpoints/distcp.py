@@ -146,7 +146,7 @@ def _region(info: Stub, base: str, meta_path: str, epoch: int | None) -> tuple[s
 def distcp_members(path: str, src: ByteSource) -> list[tuple[str, int, int, int]]:
     """``(name, data begin, data end, crc)`` of every stored member of the archives in the
     ``.distcp`` file ``path`` (open as ``src``; the archives are found through the folder's
-    ``.metadata``), for the CRC check of :func:`~pipeline.checkpoints.readers.digest_file`;
+    ``.metadata``), for the CRC check of :mod:`~pipeline.checkpoints.content`;
     ``[]`` when it cannot tell."""
     base = _dirname(path)
     try:
@@ -348,6 +348,23 @@ class DcpReader:
     def read_raw(self, name: str) -> np.ndarray:
         t = self._tensors[name]
         return np.array(self._raw_range(name, 0, t.size), copy=True).reshape(t.shape)
+
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        """The byte ranges of the ``.distcp`` files holding the tensor's elements in order:
+        one per chunk of whole rows (None: chunks along other dimensions, or a view with
+        other strides). Reads the chunks' archive directories, not their data."""
+        t = self._tensors[name]
+        if not t.by_rows:
+            return None
+        isz = RAW_NUMPY[t.dtype].itemsize
+        out = []
+        for c in t.chunks:
+            d = self._chunk_data(name, t, c)
+            if not d.ref.contiguous():
+                return None
+            first = d.storage_begin + d.ref.storage_offset * isz
+            out.append((c.file, first, first + d.ref.size * isz))
+        return tuple(out)
 
     def close(self) -> None:
         with self._lock:

@@ -22,14 +22,11 @@ epoch and key where known).
 
 from __future__ import annotations
 
-import hashlib
-import io
 import itertools
 import json
 import os
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,20 +35,16 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from pipeline.buffers import scratch
+from pipeline.checkpoints.content import digest_file
 from pipeline.checkpoints.files import (
     ByteSource,
     LocalSource,
     RemoteSource,
-    Window,
     exists,
     is_url,
     open_source,
-    open_stream,
-    prefetch_headers,
     read_bytes,
-    remote_error,
 )
-from pipeline.config import READ_BLOCK_BYTES
 from pipeline.errors import InputError
 from pipeline.store.remote import options_key
 
@@ -62,6 +55,8 @@ __all__ = [
     "digest_file",
     "import_torch",
     "open_checkpoint",
+    "raw_of",
+    "spans_of",
     "to_float32",
 ]
 
@@ -136,9 +131,10 @@ class CheckpointSpec:
     ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``, the rest its shards),
     ``"deepspeed"`` (``mp_rank_00_model_states.pt``: the weights under ``module``) or
     ``"dcp"`` (``files[0]`` is a Distributed Checkpoint's ``.metadata``, the rest its
-    ``.distcp`` files). ``sha256`` holds the files' digests once they are hashed: it is part
-    of the spec's identity, so :func:`cached_reader` never serves a reader opened on older
-    contents. ``strip_prefix``: removed from the start of every tensor name that has it.
+    ``.distcp`` files). ``sha256`` holds what identifies the files' contents once they are
+    inspected (size, modification time and digest when known): it is part of the spec's
+    identity, so :func:`cached_reader` never serves a reader opened on older contents.
+    ``strip_prefix``: removed from the start of every tensor name that has it.
     """
 
     format: str
@@ -169,6 +165,10 @@ class CheckpointReader(Protocol):
         """The whole tensor in its raw storage dtype (see ``RAW_NUMPY``), shaped."""
         ...
 
+    # optional: ``spans(name)``, the ``(file, begin, end)`` byte ranges that hold the raw
+    # elements of the flattened tensor in order (None when they do not: a view with other
+    # strides); see :func:`spans_of`
+
     def close(self) -> None:
         """Release open files and mappings (the reader is not used afterwards)."""
         ...
@@ -191,6 +191,42 @@ def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
             np.copyto(out, raw, casting="unsafe")
     else:
         raise TypeError(f"dtype {dtype} is not floating")
+
+
+#: dtypes whose raw bytes float32 values give back exactly (:func:`raw_of`)
+EXACT_RAW = ("float32", "bfloat16", "float16")
+
+
+def raw_of(values: np.ndarray, dtype: str) -> np.ndarray | None:
+    """The raw storage values that :func:`to_float32` turned into the float32 ``values``,
+    bit for bit (NaN payloads included); None for dtypes it cannot give back (float64 was
+    rounded).
+
+    >>> raw = np.array([0x3F80, 0x7FC1, 0xFF80], dtype=np.uint16)
+    >>> wide = np.empty(3, np.float32)
+    >>> to_float32(raw, "bfloat16", wide)
+    >>> raw_of(wide, "bfloat16").tolist() == raw.tolist()
+    True
+    """
+    if dtype == "float32":
+        return values
+    if dtype == "bfloat16":
+        return np.right_shift(values.view(np.uint32), 16).astype(np.uint16)
+    if dtype == "float16":
+        # float16 -> float32 -> float16 gives every one of the 65536 bit patterns back
+        with np.errstate(invalid="ignore", over="ignore"):
+            return values.astype(np.float16)
+    return None
+
+
+def spans_of(reader: CheckpointReader, name: str) -> tuple[tuple[str, int, int], ...] | None:
+    """The ``(file, begin, end)`` byte ranges holding tensor ``name``'s raw elements in order,
+    when the reader knows them (None otherwise: the bytes are then digested apart)."""
+    fn = getattr(reader, "spans", None)
+    if fn is None:
+        return None
+    out: tuple[tuple[str, int, int], ...] | None = fn(name)
+    return out
 
 
 def _scratch_buffer(nbytes: int) -> np.ndarray:
@@ -423,6 +459,11 @@ class SafetensorsReader:
         src.readinto(memoryview(buf), offset)  # type: ignore[arg-type]
         to_float32(buf.view(raw_dt), ent.info.dtype, out[:n])
 
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        ent = self._entries[name]
+        n = ent.info.size * RAW_NUMPY[ent.info.dtype].itemsize
+        return ((ent.file, ent.begin, ent.begin + n),)
+
     def read_raw(self, name: str) -> np.ndarray:
         ent = self._entries[name]
         raw_dt = RAW_NUMPY[ent.info.dtype]
@@ -508,6 +549,7 @@ class TorchReader:
         self._sd = self._unwrap(obj, path, epoch, torch)
         self._flat: dict[str, Any] = {}
         self._path = path
+        self._spans: dict[str, tuple[tuple[str, int, int], ...] | None] | None = None
 
     @staticmethod
     def _deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
@@ -590,6 +632,31 @@ class TorchReader:
     def read_raw(self, name: str) -> np.ndarray:
         return np.array(self._raw_numpy(self._sd[name].contiguous()), copy=True)
 
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        """Where the tensor's bytes lie in the file, from the torch-free description of the
+        archive (:mod:`.torchzip`); None when it cannot tell, or tells something else than
+        torch loaded."""
+        if self._spans is None:
+            self._spans = {}
+            from pipeline.checkpoints.torchzip import TorchZipReader
+
+            try:
+                described = TorchZipReader(self.spec, self._path)
+            except InputError:
+                return None
+            try:
+                for k, t in self._sd.items():
+                    got = described.spans(k)
+                    info = described.tensor_info(k)
+                    same = info is not None and (
+                        info.shape == tuple(int(d) for d in t.shape)
+                        and info.dtype == str(t.dtype).removeprefix("torch.")
+                    )
+                    self._spans[k] = got if same else None
+            finally:
+                described.close()
+        return self._spans.get(name)
+
     def close(self) -> None:
         self._sd = {}
         self._flat = {}
@@ -635,6 +702,9 @@ class ShardedTorchReader:
     def read_raw(self, name: str) -> np.ndarray:
         return self._entries[name][0].read_raw(name)
 
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        return spans_of(self._entries[name][0], name)
+
     def close(self) -> None:
         for r in self._readers:
             r.close()
@@ -679,6 +749,9 @@ class _PrefixStripped:
 
     def read_raw(self, name: str) -> np.ndarray:
         return self._inner.read_raw(self._original[name])
+
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        return spans_of(self._inner, self._original[name])
 
     def close(self) -> None:
         self._inner.close()
@@ -730,86 +803,3 @@ def cached_reader(spec: CheckpointSpec) -> CheckpointReader:
 @lru_cache(maxsize=8)
 def _cached_reader(spec: CheckpointSpec, _options: str) -> CheckpointReader:
     return open_checkpoint(spec)
-
-
-#: files that are zip archives when they are PyTorch checkpoints
-_ZIP_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def digest_file(path: str, epoch: int | None = None) -> tuple[int, str]:
-    """Size and sha256 of a file in one sequential read (a remote file: 8 MiB per request).
-
-    For zip files (PyTorch checkpoints, and the archives inside a Distributed Checkpoint's
-    ``.distcp`` files) the CRC-32 of every stored member is checked during the same read, so
-    a flipped bit is caught without a second pass.
-    """
-    src = open_source(path, epoch)
-    try:
-        size = src.size
-        if path.endswith(".distcp"):
-            from pipeline.checkpoints.distcp import distcp_members
-
-            members = distcp_members(path, src)
-        else:
-            members = _zip_members(src) if path.endswith(_ZIP_SUFFIXES) else []
-    finally:
-        src.close()
-    f = open_stream(path, READ_BLOCK_BYTES, epoch)
-    crcs = [0] * len(members)
-    h = hashlib.sha256()
-    buf = _scratch_buffer(READ_BLOCK_BYTES)
-    mv = memoryview(buf)  # type: ignore[arg-type]
-    pos = 0
-    remote = is_url(path)
-    with f:
-        while True:
-            try:
-                got = f.readinto(mv)
-            except InputError:
-                raise
-            except Exception as e:
-                if not remote:
-                    raise
-                raise remote_error(e, path, epoch) from None
-            if not got:
-                break
-            chunk = mv[:got]
-            h.update(chunk)
-            for i, (_name, begin, end, _crc) in enumerate(members):
-                lo, hi = max(begin, pos), min(end, pos + got)
-                if lo < hi:
-                    crcs[i] = zlib.crc32(chunk[lo - pos : hi - pos], crcs[i])
-            pos += got
-    if pos != size:
-        raise InputError(
-            f"file changed while reading ({size} bytes expected, {pos} read)",
-            path=path,
-            epoch=epoch,
-        )
-    for (name, _b, _e, crc), got_crc in zip(members, crcs, strict=True):
-        if crc != got_crc:
-            raise InputError(
-                f"zip member {name} fails its CRC check (corrupted file)", path=path, epoch=epoch
-            )
-    return size, h.hexdigest()
-
-
-def _zip_members(src: ByteSource) -> list[tuple[str, int, int, int]]:
-    """(name, data begin, data end, crc) of the stored (uncompressed) members of a zip."""
-    try:
-        zf = zipfile.ZipFile(io.BufferedReader(Window(src, 0, src.size)))
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return []  # not a zip: the reader reports it with a clear message
-    out = []
-    with zf:
-        stored = [zi for zi in zf.infolist() if zi.compress_type == zipfile.ZIP_STORED]
-        prefetch_headers(src, [zi.header_offset for zi in stored])
-        for zi in stored:
-            hdr = src.read(zi.header_offset, 30)
-            if len(hdr) < 30 or hdr[:4] != b"PK\x03\x04":
-                raise InputError(f"corrupt zip local header for {zi.filename}", path=src.path)
-            nlen, xlen = struct.unpack("<HH", hdr[26:30])
-            begin = zi.header_offset + 30 + nlen + xlen
-            out.append((zi.filename, begin, begin + zi.compress_size, zi.CRC))
-        prefetch_headers(src, [])
-    return out

@@ -630,5 +630,23 @@ class TorchZipReader:
         ref = self._sd[name]
         return np.array(self._raw_range(name, 0, ref.size), copy=True).reshape(ref.shape)
 
+    def tensor_info(self, name: str) -> Any:
+        """The :class:`~pipeline.checkpoints.readers.TensorInfo` of ``name`` (None: no such
+        tensor)."""
+        from pipeline.checkpoints.readers import TensorInfo
+
+        ref = self._sd.get(name)
+        return None if ref is None else TensorInfo(name, ref.shape, ref.dtype)
+
+    def spans(self, name: str) -> tuple[tuple[str, int, int], ...] | None:
+        """The byte range of the file holding the tensor's elements in order (None: a view
+        with other strides)."""
+        ref = self._sd.get(name)
+        if ref is None or not ref.contiguous():
+            return None
+        isz = RAW_NUMPY[ref.dtype].itemsize
+        first = self._begins[ref.key] + ref.storage_offset * isz
+        return ((self._path, first, first + ref.size * isz),)
+
     def close(self) -> None:
         self._src.close()

@@ -1,8 +1,12 @@
 """Task functions and graph builders of ingestion.
 
 One task writes one whole output chunk (rows ``[r0, r1)`` x the epochs of one time block),
-reading from each of those epochs' checkpoints only the byte ranges of those rows. Tasks are
-idempotent: a task that runs twice (a worker died after it finished) writes the same bytes.
+reading from each of those epochs' checkpoints only the byte ranges of those rows, and digests
+the 64 KiB blocks of the checkpoint files those ranges cover (with the CRC-32 of the zip
+members' parts in them); :func:`digest_rest` tasks read the blocks no chunk task reads whole.
+The client puts each file's digest together and checks its CRCs (:mod:`pipeline.ops.ingest`).
+Tasks are idempotent: a task that runs twice (a worker died after it finished) writes the same
+bytes and returns the same digests.
 """
 
 from __future__ import annotations
@@ -14,43 +18,74 @@ import numpy as np
 from dask import delayed
 
 from pipeline.buffers import scratch
+from pipeline.checkpoints.content import SHA256, digest_blocks, file_layout
 from pipeline.checkpoints.files import identity
-from pipeline.checkpoints.readers import CheckpointSpec, cached_reader, digest_file, prefetch
+from pipeline.checkpoints.readers import (
+    EXACT_RAW,
+    RAW_NUMPY,
+    CheckpointReader,
+    CheckpointSpec,
+    cached_reader,
+    digest_file,
+    prefetch,
+    raw_of,
+    spans_of,
+)
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
-from pipeline.kernels.digests import piece_digest
+from pipeline.kernels.digests import BlockHasher, BlockRun, piece_digest
 from pipeline.plan import EpochInspection, Segment
-from pipeline.store.schema import InlineTensor, SourceFile
+from pipeline.plan.ingest import DigestPlan, FileBlocks, piece_spans
+from pipeline.store.schema import EpochEntry, InlineTensor, SourceFile
 from pipeline.store.trajectory import ChunkGrid, open_array, read_block
 
-__all__ = ["count_chunk", "inspect_epoch", "write_chunk"]
+__all__ = ["count_chunk", "digest_rest", "inspect_epoch", "write_chunk"]
 
 Counts = tuple[tuple[tuple[str, int], ...], ...]  # per epoch of the block: ((tensor, n), ...)
 #: per epoch of the block: ((tensor, first element, stop element, 16-byte digest), ...)
 Digests = tuple[tuple[tuple[str, int, int, bytes], ...], ...]
+#: per epoch of the block: ((file index, block runs), ...): the file blocks it digested
+Blocks = tuple[tuple[tuple[int, tuple[BlockRun, ...]], ...], ...]
 
 
 def inspect_epoch(
-    spec: CheckpointSpec, known: Mapping[str, SourceFile] | None = None
+    spec: CheckpointSpec,
+    known: Mapping[str, SourceFile] | None = None,
+    stored: EpochEntry | None = None,
+    layouts: bool = True,
 ) -> EpochInspection:
     """Identify every file of the checkpoint and parse its header.
 
     A file the store already records (``known``: same path, size and modification time) keeps
-    its recorded sha256 and is not read; any other is hashed (one sequential read, zip CRCs
-    checked on the way).
+    its record and is not read. Any other file is not read either, unless it must be compared
+    with a stored epoch's file now (``stored``: the committed entry of this epoch) or the
+    filesystem gives no modification time: then it is digested (one sequential read, zip CRCs
+    checked on the way; with sha256 when the stored record is an older store's). The digest
+    of a new epoch's file is put together from the copy tasks' reads instead.
+
+    ``layouts``: also take the files' layouts (sizes, zip members) and where each floating
+    tensor's bytes lie, for the tasks that digest the file while copying it (not needed for
+    an epoch already stored from the same files).
     """
     files = []
-    for path in spec.files:
+    for i, path in enumerate(spec.files):
         size, mtime_ns = identity(path, spec.epoch)
         old = (known or {}).get(path)
         if old is not None and old.mtime_ns >= 0 and (old.size, old.mtime_ns) == (size, mtime_ns):
             files.append(old)
             continue
-        size, sha = digest_file(path, spec.epoch)
-        files.append(SourceFile(path, size, sha, mtime_ns))
-    # the digests key the reader cache: a file changed since an earlier ingest in this
-    # process (a --force rebuild after editing a checkpoint) is opened afresh
-    spec = replace(spec, sha256=tuple(f.sha256 for f in files))
+        if stored is not None or mtime_ns < 0:
+            legacy = stored is not None and i < len(stored.files)
+            if legacy and stored is not None and stored.files[i].scheme == SHA256:
+                size, digest = digest_file(path, spec.epoch, SHA256)
+            else:
+                size, digest = digest_file(path, spec.epoch)
+            files.append(SourceFile(path, size, digest, mtime_ns))
+        else:
+            files.append(SourceFile(path, size, "", mtime_ns))
+    # what identifies the files keys the reader cache: a file changed since an earlier
+    # ingest in this process (a --force rebuild after editing a checkpoint) is opened afresh
+    spec = replace(spec, sha256=tuple(f"{f.size}:{f.mtime_ns}:{f.sha256}" for f in files))
     reader = cached_reader(spec)
     tensors = tuple(reader.tensors())
     inline = tuple(
@@ -58,7 +93,25 @@ def inspect_epoch(
         for t in tensors
         if not t.floating and t.size <= INLINE_TENSOR_MAX_ELEMENTS
     )
-    return EpochInspection(spec, tensors, tuple(files), inline)
+    if not layouts:
+        return EpochInspection(spec, tensors, tuple(files), inline)
+    where = {p: i for i, p in enumerate(spec.files)}
+    spans = {}
+    for t in tensors:
+        if t.dtype not in EXACT_RAW:
+            continue
+        got = spans_of(reader, t.name)
+        if got is not None and all(p in where for p, _a, _b in got):
+            spans[t.name] = tuple((where[p], a, b) for p, a, b in got)
+    lays = tuple(file_layout(p, spec.epoch) for p in spec.files)
+    for lay, f in zip(lays, files, strict=True):
+        if lay.size != f.size:
+            raise InputError(
+                f"changed while it was inspected ({f.size} bytes, now {lay.size})",
+                path=f.path,
+                epoch=spec.epoch,
+            )
+    return EpochInspection(spec, tensors, tuple(files), inline, lays, spans)
 
 
 def _block_buffer(rows: int, cols: int) -> np.ndarray:
@@ -71,10 +124,11 @@ def _column_buffer(rows: int) -> np.ndarray:
 
 
 def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tuple[str, int], ...]:
-    # float64 accumulation cannot overflow on float32 inputs, so a finite sum means no NaN/Inf
-    # (Inf + -Inf is NaN: expected here, not worth numpy's "invalid value" warning).
-    with np.errstate(invalid="ignore"):
-        if np.isfinite(np.add.reduce(col, dtype=np.float64)):
+    # a NaN or Inf makes the sum NaN or Inf, so a finite sum means none (twice as fast as a
+    # float64 sum; a float32 sum that overflows only sends the column to the exact count below;
+    # Inf + -Inf is NaN: expected here, not worth numpy's "invalid value" warning)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if np.isfinite(np.add.reduce(col)):
             return ()
     out = []
     for seg in segments:
@@ -94,6 +148,49 @@ def _digest_pieces(
     )
 
 
+def _file_blocks(
+    reader: CheckpointReader,
+    spec: CheckpointSpec,
+    segments: Sequence[Segment],
+    col: np.ndarray,
+    files: Sequence[FileBlocks],
+) -> tuple[tuple[int, tuple[BlockRun, ...]], ...]:
+    """Digest the blocks ``files`` of the checkpoint's files from the raw bytes of the tensor
+    pieces in ``col`` (their float32 values give the raw bytes back exactly, see
+    :func:`~pipeline.plan.ingest.plan_digests`)."""
+    if not files:
+        return ()
+    hashers = {fb.file: BlockHasher(fb.layout.size, fb.layout.ranges, fb.ranges) for fb in files}
+    where = {p: i for i, p in enumerate(spec.files)}
+    dtypes = {t.name: t.dtype for t in reader.tensors()}
+    for seg in segments:
+        dtype = dtypes[seg.name]
+        spans = spans_of(reader, seg.name)
+        if spans is None or dtype not in EXACT_RAW:
+            continue
+        raw = raw_of(col[seg.out : seg.out + seg.stop - seg.start], dtype)
+        assert raw is not None
+        data = memoryview(np.ascontiguousarray(raw).view(np.uint8))  # type: ignore[arg-type]
+        isz = RAW_NUMPY[dtype].itemsize
+        lo, hi = seg.start * isz, seg.stop * isz
+        off = 0
+        for f, a, b in piece_spans([(where.get(p, -1), a, b) for p, a, b in spans], lo, hi):
+            if f in hashers:
+                hashers[f].feed(a, data[off : off + b - a])
+            off += b - a
+    out = []
+    for f, h in hashers.items():
+        try:
+            out.append((f, h.result()))
+        except ValueError as e:
+            raise InputError(
+                f"cannot digest the file: {e} (changed while it was ingested?)",
+                path=spec.files[f],
+                epoch=spec.epoch,
+            ) from None
+    return tuple(out)
+
+
 def write_chunk(
     grid: ChunkGrid,
     segments: Sequence[Segment],
@@ -102,13 +199,16 @@ def write_chunk(
     r1: int,
     col0: int,
     nonfinite: str,
-) -> tuple[Counts, Digests]:
+    blocks: Sequence[Sequence[FileBlocks]] = (),
+) -> tuple[Counts, Digests, Blocks]:
     """Assemble and write the chunk of rows ``[r0, r1)`` x columns ``[col0, col0+len(specs))``;
-    returns each epoch's NaN/Inf counts and the digests of its tensor pieces."""
+    returns each epoch's NaN/Inf counts, the digests of its tensor pieces and those of the
+    file blocks ``blocks`` (per epoch) that its reads cover."""
     rows, cols = r1 - r0, len(specs)
     block = _block_buffer(rows, cols)
     counts = []
     digests = []
+    file_blocks = []
     for j, spec in enumerate(specs):
         col = block[:, 0] if cols == 1 else _column_buffer(rows)
         reader = cached_reader(spec)
@@ -119,8 +219,15 @@ def write_chunk(
                 piece = col[seg.out : seg.out + seg.stop - seg.start]
                 try:
                     reader.read_into(seg.name, seg.start, seg.stop, piece)
-                except InputError:
-                    raise
+                except InputError as e:
+                    if e.epoch is not None:
+                        raise
+                    raise InputError(
+                        e.reason,
+                        path=e.path or spec.label,
+                        epoch=spec.epoch,
+                        key=e.key or seg.name,
+                    ) from None
                 except (OSError, ValueError, RuntimeError) as e:
                     raise InputError(
                         f"cannot read tensor data: {e}",
@@ -141,34 +248,77 @@ def write_chunk(
             )
         counts.append(found)
         digests.append(_digest_pieces(col, segments))
+        file_blocks.append(_file_blocks(reader, spec, segments, col, blocks[j] if blocks else ()))
         if cols > 1:
             block[:, j] = col
     grid.write(r0, col0, block)
-    return tuple(counts), tuple(digests)
+    return tuple(counts), tuple(digests), tuple(file_blocks)
 
 
 def count_chunk(
-    url: str, segments: Sequence[Segment], r0: int, r1: int, col0: int, cols: int
-) -> tuple[Counts, Digests]:
-    """NaN/Inf counts and piece digests of a chunk written by an earlier (interrupted) run."""
+    url: str,
+    segments: Sequence[Segment],
+    r0: int,
+    r1: int,
+    col0: int,
+    cols: int,
+    specs: Sequence[CheckpointSpec] = (),
+    blocks: Sequence[Sequence[FileBlocks]] = (),
+) -> tuple[Counts, Digests, Blocks]:
+    """NaN/Inf counts and piece digests of a chunk written by an earlier (interrupted) run,
+    and the digests of the file blocks ``blocks`` its pieces cover: the stored values give
+    the input's bytes back exactly, so the input is not read again (only its header)."""
     block = read_block(open_array(url, min_cols=col0 + cols), r0, r1, col0, col0 + cols)
     columns = [np.ascontiguousarray(block[:, j], dtype=np.float32) for j in range(cols)]
     return (
         tuple(_count_nonfinite(c, segments) for c in columns),
         tuple(_digest_pieces(c, segments) for c in columns),
+        tuple(
+            _file_blocks(cached_reader(spec), spec, segments, c, blocks[j] if blocks else ())
+            for j, (spec, c) in enumerate(zip(specs, columns, strict=False))
+        ),
     )
 
 
+def digest_rest(fb: FileBlocks, epoch: int | None) -> tuple[int, tuple[BlockRun, ...]]:
+    """Read and digest the blocks of a file no chunk task reads whole."""
+    return fb.file, digest_blocks(fb.layout, fb.ranges, epoch)
+
+
 def build_inspect_tasks(
-    specs: Sequence[CheckpointSpec], known: Mapping[str, SourceFile] | None = None
+    specs: Sequence[CheckpointSpec],
+    known: Mapping[str, SourceFile] | None = None,
+    stored: Mapping[int, EpochEntry] | None = None,
+    layouts: bool | None = None,
 ) -> list[object]:
     """One :func:`inspect_epoch` task per checkpoint (``known``: the files the store records,
-    by path; each task gets only its own files' records)."""
+    by path; each task gets only its own files' records; ``stored``: the store's committed
+    epochs by number, which an input of the same epoch is compared with).
+
+    ``layouts``: take the files' layouts for every checkpoint (True), for none (False), or
+    (None) for those not stored from the same files already (judged by path, size and
+    modification time, without a read).
+    """
     tasks = []
     for i, s in enumerate(specs):
         mine = {p: known[p] for p in s.files if known and p in known}
-        tasks.append(delayed(inspect_epoch, pure=False)(s, mine, dask_key_name=f"inspect-{i}"))
+        old = (stored or {}).get(s.epoch) if s.epoch is not None else None
+        want = layouts
+        if want is None:
+            want = old is None or not _all_known(s, mine, old)
+        tasks.append(
+            delayed(inspect_epoch, pure=False)(s, mine, old, want, dask_key_name=f"inspect-{i}")
+        )
     return tasks
+
+
+def _all_known(spec: CheckpointSpec, known: Mapping[str, SourceFile], old: EpochEntry) -> bool:
+    """Whether every file of ``spec`` is recorded by the stored epoch ``old`` (by path; the
+    size and modification time are compared by the inspection)."""
+    recorded = {f.path for f in old.files}
+    return len(spec.files) == len(old.files) and all(
+        p in known and p in recorded for p in spec.files
+    )
 
 
 def build_chunk_tasks(
@@ -179,27 +329,58 @@ def build_chunk_tasks(
     chunk_rows: int,
     time_chunk: int,
     nonfinite: str,
+    digests: DigestPlan | None = None,
+    epochs: Sequence[CheckpointSpec] = (),
 ) -> tuple[list[object], list[tuple[int, int, bool]]]:
     """One task per chunk; chunks that already exist are only re-counted, never rewritten.
+    With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
+    epochs' specs in order), each task also digests the file blocks its pieces cover, and one
+    :func:`digest_rest` task per file reads the blocks no chunk task reads whole; those
+    follow the chunk tasks.
 
-    Returns the tasks and, for each, ``(row block, time block, was_written)``.
+    Returns the tasks and, for each chunk task, ``(row block, time block, was_written)``.
     """
     tasks: list[object] = []
     where: list[tuple[int, int, bool]] = []
+    n = 0
     # epochs in the outer loop: a worker keeps one checkpoint open across consecutive tasks
     for col0, specs in col_blocks:
         j = col0 // time_chunk
         for r0, r1, segs in row_blocks:
             i = r0 // chunk_rows
+            mine = digests.tasks[n] if digests is not None else ()
+            n += 1
             if (i, j) in existing:
                 t = delayed(count_chunk, pure=False)(
-                    grid.url, segs, r0, r1, col0, len(specs), dask_key_name=f"count-{i}-{j}"
+                    grid.url,
+                    segs,
+                    r0,
+                    r1,
+                    col0,
+                    len(specs),
+                    specs,
+                    mine,
+                    dask_key_name=f"count-{i}-{j}",
                 )
                 where.append((i, j, False))
             else:
                 t = delayed(write_chunk, pure=False)(
-                    grid, segs, specs, r0, r1, col0, nonfinite, dask_key_name=f"write-{i}-{j}"
+                    grid,
+                    segs,
+                    specs,
+                    r0,
+                    r1,
+                    col0,
+                    nonfinite,
+                    mine,
+                    dask_key_name=f"write-{i}-{j}",
                 )
                 where.append((i, j, True))
             tasks.append(t)
+    for p, fb in digests.rest if digests is not None else ():
+        tasks.append(
+            delayed(digest_rest, pure=False)(
+                fb, epochs[p].epoch, dask_key_name=f"digest-{p}-{fb.file}"
+            )
+        )
     return tasks, where

@@ -78,7 +78,7 @@ def _spec_of(entry: EpochEntry, strip_prefix: str | None = None) -> CheckpointSp
         if (
             not os.path.exists(f.path)
             or os.path.getsize(f.path) != f.size
-            or digest_file(f.path, entry.epoch)[1] != f.sha256
+            or digest_file(f.path, entry.epoch, f.scheme or "content")[1] != f.sha256
         ):
             raise InputError(
                 "the original checkpoint is missing or changed; it is needed for the tensors that "

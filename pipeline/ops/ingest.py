@@ -10,16 +10,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from pipeline._version import __version__
+from pipeline.checkpoints.content import check_members
 from pipeline.checkpoints.discover import discover
+from pipeline.checkpoints.files import identity
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
 from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
-from pipeline.kernels.digests import combine
+from pipeline.kernels.digests import BlockRun, FileDigest, combine
 from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
-from pipeline.plan.ingest import effective_strip_prefix
+from pipeline.plan.ingest import DigestPlan, effective_strip_prefix, plan_digests
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
 from pipeline.store.remote import StorageOptions, with_storage_options
-from pipeline.store.schema import EpochEntry
+from pipeline.store.schema import EpochEntry, SourceFile
 from pipeline.store.trajectory import TrajectoryStore
 
 __all__ = ["IngestResult", "ingest"]
@@ -88,9 +90,13 @@ def ingest(
 
     Creates the store, appends new epochs to it, or resumes an interrupted ingest. Settings
     left as ``None`` take the store's values (or the defaults of :mod:`pipeline.config` for a
-    new store). Re-running with other files (by sha256) or other settings raises
+    new store). Re-running with other files (by content digest) or other settings raises
     :class:`~pipeline.errors.ConfigMismatchError` unless ``force`` is set, in which case the
     trajectory is rebuilt from ``inputs`` alone.
+
+    Each byte of a new checkpoint is read once: the tasks that copy the tensors digest what
+    they read (and check zip CRCs), and the bytes they do not copy are read apart; a bad file
+    found then rolls the store back as any other bad input does.
 
     Parameters
     ----------
@@ -152,13 +158,20 @@ def _ingest(
     run: Runner,
     t_start: float,
 ) -> IngestResult:
-    # 1. Inspect every checkpoint: hash (one sequential read, CRC-checked for zips) + header;
-    #    files the store records with the same size and mtime are not read again.
+    # 1. Inspect every checkpoint: headers, and what identifies its files. Files the store
+    #    records with the same size and mtime are not read; other files of stored epochs are
+    #    digested now (they are compared before anything is written); new epochs' files are
+    #    digested by the copy tasks below, which read each of their bytes once.
     meta = st.meta
     prefix = effective_strip_prefix(requested, meta.settings if meta else None, force)
     specs = [replace(s, strip_prefix=prefix) for s in specs]  # the names the store keeps
-    known = {f.path: f for e in (*meta.epochs, *(meta.pending or ())) for f in e.files} if meta else {}
-    inspections: list[EpochInspection] = run.compute(build_inspect_tasks(specs, known), "inspect")
+    known = (
+        {f.path: f for e in (*meta.epochs, *(meta.pending or ())) for f in e.files} if meta else {}
+    )
+    stored = {e.epoch: e for e in meta.epochs} if meta else {}
+    inspections: list[EpochInspection] = run.compute(
+        build_inspect_tasks(specs, known, stored), "inspect"
+    )
     # 2. Plan: reconcile the inputs with what the store holds (raises before any write).
     plan = plan_ingest(meta, inspections, requested, force)
     result = IngestResult(
@@ -172,6 +185,7 @@ def _ingest(
     if not plan.new:
         log.info("nothing to ingest: all %d epoch(s) already stored", len(plan.already))
         return result
+    new = _with_layouts(run, inspections, plan.new)
 
     # 3. Declare the pending columns (client side), then write every chunk (workers).
     base = plan.base_meta(__version__)
@@ -183,9 +197,10 @@ def _ingest(
         (r0, r1, layout.segments(r0, r1)) for r0, r1 in blocks(plan.n_rows, grid.chunk_rows)
     ]
     c0 = len(plan.committed)
-    spec_of = {i.epoch: i.spec for i in inspections}
-    specs_new = [spec_of[e.epoch] for e in plan.new]
-    col_blocks = [(c0 + a, specs_new[a:b]) for a, b in plan.time_blocks()]
+    specs_new = [i.spec for i in new]
+    time_blocks = plan.time_blocks()
+    col_blocks = [(c0 + a, specs_new[a:b]) for a, b in time_blocks]
+    digests = plan_digests(new, plan.index, row_blocks, time_blocks)
     tasks, where = build_chunk_tasks(
         grid,
         row_blocks,
@@ -194,8 +209,10 @@ def _ingest(
         grid.chunk_rows,
         grid.time_chunk,
         plan.settings.nonfinite,
+        digests,
+        specs_new,
     )
-    # the same order as the tasks: epochs outer, rows inner
+    # the same order as the tasks: epochs outer, rows inner; then the files' other blocks
     labels = [
         f"trajectory chunk ({r0 // grid.chunk_rows}, {col0 // grid.time_chunk}): rows {r0}-{r1}, "
         + (
@@ -205,9 +222,10 @@ def _ingest(
         )
         for col0, specs in col_blocks
         for r0, r1, _segs in row_blocks
-    ]
+    ] + [f"digest of {fb.layout.path}, epoch {specs_new[p].epoch}" for p, fb in digests.rest]
     try:
-        counts = run.compute(tasks, "write chunks", labels)
+        results = run.compute(tasks, "write chunks", labels)
+        files = _verified_files(new, where, results, digests, c0, grid.time_chunk)
     except InputError:
         st.rollback(meta, base)
         raise
@@ -220,24 +238,26 @@ def _ingest(
     pieces: dict[int, dict[str, list[tuple[int, int, bytes]]]] = defaultdict(
         lambda: defaultdict(list)
     )
-    for (_i, j, _w), (block_counts, block_digests) in zip(where, counts, strict=True):
-        for k, (found, digests) in enumerate(zip(block_counts, block_digests, strict=True)):
+    for (_i, j, _w), (block_counts, block_digests, _blocks) in zip(
+        where, results[: len(where)], strict=True
+    ):
+        for k, (found, digests_k) in enumerate(zip(block_counts, block_digests, strict=True)):
             ep = plan.new[j * plan.settings.time_chunk + k - c0].epoch
             for name, n in found:
                 per_epoch[ep][name] = per_epoch[ep].get(name, 0) + n
-            for name, start, stop, d in digests:
+            for name, start, stop, d in digests_k:
                 pieces[ep][name].append((start, stop, d))
-    stored = [t.name for t in plan.index if t.stored]
+    stored_names = [t.name for t in plan.index if t.stored]
     done = tuple(
         EpochEntry(
             e.epoch,
-            e.files,
+            files[p],
             sum(per_epoch[e.epoch].values()),
             tuple(sorted(per_epoch[e.epoch].items())),
             e.inline,
-            tuple(combine(pieces[e.epoch][name]) for name in stored),
+            tuple(combine(pieces[e.epoch][name]) for name in stored_names),
         )
-        for e in plan.new
+        for p, e in enumerate(plan.new)
     )
     st.commit(base, done)
     result.chunks_written = sum(1 for w in where if w[2])
@@ -246,3 +266,75 @@ def _ingest(
     result.bytes_in = sum(f.size for e in plan.new for f in e.files)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def _with_layouts(
+    run: Runner, inspections: Sequence[EpochInspection], new: Sequence[EpochEntry]
+) -> list[EpochInspection]:
+    """The inspections of the new epochs, in order, with their files' layouts (an epoch the
+    store held from the same files has none: it is written again only by a rebuild)."""
+    by_epoch = {i.epoch: i for i in inspections}
+    out = [by_epoch[e.epoch] for e in new]
+    lacking = [i for i in out if i.layouts is None]
+    if lacking:
+        known = {f.path: f for i in lacking for f in i.files}
+        again = run.compute(
+            build_inspect_tasks([i.spec for i in lacking], known, layouts=True), "inspect"
+        )
+        redone = {i.epoch: i for i in again}
+        out = [redone.get(i.epoch, i) for i in out]
+    return out
+
+
+def _verified_files(
+    new: Sequence[EpochInspection],
+    where: Sequence[tuple[int, int, bool]],
+    results: Sequence[object],
+    digests: DigestPlan,
+    c0: int,
+    time_chunk: int,
+) -> list[tuple[SourceFile, ...]]:
+    """The new epochs' file records with their content digests, put together from the
+    tasks' block digests; raises :class:`InputError` naming the file when a zip member
+    fails its CRC check or a file changed while it was read."""
+    acc = [[FileDigest(lay.size, lay.ranges) for lay in (i.layouts or ())] for i in new]
+
+    def add(p: int, f: int, runs: Sequence[BlockRun]) -> None:
+        try:
+            for r in runs:
+                acc[p][f].add(r)
+        except ValueError as e:
+            ins = new[p]
+            raise InputError(
+                f"changed while it was ingested: {e}", path=ins.spec.files[f], epoch=ins.epoch
+            ) from None
+
+    for (_i, j, _w), res in zip(where, results[: len(where)], strict=True):
+        for k, per_file in enumerate(res[2]):  # type: ignore[index]
+            for f, runs in per_file:
+                add(j * time_chunk + k - c0, f, runs)
+    for (p, _fb), (f, runs) in zip(digests.rest, results[len(where) :], strict=True):  # type: ignore[misc]
+        add(p, f, runs)
+    out = []
+    for ins, fds in zip(new, acc, strict=True):
+        assert ins.layouts is not None
+        files = []
+        for f, (rec, lay, fd) in enumerate(zip(ins.files, ins.layouts, fds, strict=True)):
+            check_members(lay, fd.member_crcs(), ins.epoch)
+            digest = fd.digest()
+            if rec.scheme == "content" and rec.sha256 != digest:
+                raise InputError(
+                    "changed while it was ingested (its digest differs from the one taken "
+                    "when it was inspected)",
+                    path=rec.path,
+                    epoch=ins.epoch,
+                )
+            if identity(rec.path, ins.epoch) != (rec.size, rec.mtime_ns):
+                raise InputError(
+                    "changed while it was ingested (its size or modification time differs)",
+                    path=ins.spec.files[f],
+                    epoch=ins.epoch,
+                )
+            files.append(SourceFile(rec.path, rec.size, digest, rec.mtime_ns))
+        out.append(tuple(files))
+    return out

@@ -11,14 +11,16 @@ and :class:`~pipeline.errors.InputError` (bad inputs) before anything is written
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from pipeline.checkpoints.readers import CheckpointSpec, TensorInfo
+from pipeline.checkpoints.content import FileLayout
+from pipeline.checkpoints.readers import EXACT_RAW, RAW_NUMPY, CheckpointSpec, TensorInfo
 from pipeline.checkpoints.select import build_index, check_same_tensors
 from pipeline.errors import ConfigMismatchError, InputError
-from pipeline.plan.layout import default_chunk_rows
+from pipeline.kernels.digests import BlockRanges, covered_blocks, n_blocks
+from pipeline.plan.layout import Segment, default_chunk_rows
 from pipeline.store.schema import (
     EpochEntry,
     IngestSettings,
@@ -29,22 +31,33 @@ from pipeline.store.schema import (
 )
 
 __all__ = [
+    "DigestPlan",
     "EpochInspection",
+    "FileBlocks",
     "IngestPlan",
     "effective_strip_prefix",
+    "plan_digests",
     "plan_ingest",
     "resolve_settings",
 ]
 
+#: ``(file index, begin, end)``: a byte range of one of a checkpoint's files
+Span = tuple[int, int, int]
+
 
 @dataclass(frozen=True)
 class EpochInspection:
-    """What one epoch's checkpoint holds: its tensors, file digests and inline tensors."""
+    """What one epoch's checkpoint holds: its tensors, file records and inline tensors; for an
+    epoch to be written, also its files' layouts (size, zip members) and where each floating
+    tensor's bytes lie (``spans``: name -> byte ranges of its elements in order; a tensor
+    missing from it is a view the readers cannot map)."""
 
     spec: CheckpointSpec
     tensors: tuple[TensorInfo, ...]
     files: tuple[SourceFile, ...]
     inline: tuple[InlineTensor, ...]
+    layouts: tuple[FileLayout, ...] | None = None
+    spans: Mapping[str, tuple[Span, ...]] = field(default_factory=dict)
 
     @property
     def epoch(self) -> int:
@@ -243,8 +256,7 @@ def plan_ingest(
         else:
             raise ConfigMismatchError(
                 f"epoch {e.epoch} is already stored from other files "
-                f"({old.files[0].path}, sha256 {old.files[0].sha256[:12]}...); pass force=True "
-                "to rebuild"
+                f"({_describe_change(old, e)}); pass force=True to rebuild"
             )
     if committed and new and new[0].epoch < committed[-1].epoch:
         raise InputError(
@@ -283,6 +295,22 @@ def plan_ingest(
     )
 
 
+def _describe_change(old: EpochEntry, new: EpochEntry) -> str:
+    """Which file of an epoch differs from the stored one, in words."""
+    if len(old.files) != len(new.files):
+        return f"{len(old.files)} file(s) stored, {len(new.files)} given"
+    for a, b in zip(old.files, new.files, strict=True):
+        if not a.same_file(b):
+            return f"{b.path}: {_short(b.sha256)}, stored {a.path}: {_short(a.sha256)}"
+    return "?"
+
+
+def _short(digest: str) -> str:
+    """A digest for a message: its scheme and the first 12 hex digits."""
+    scheme, _, hexa = digest.rpartition(":")
+    return f"{scheme or 'sha256'} {hexa[:12]}..." if hexa else "not digested"
+
+
 def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection) -> None:
     got = {t.name: t for t in first.tensors}
     label, epoch = first.spec.label, first.spec.epoch
@@ -302,3 +330,117 @@ def _explain_index_change(stored: Sequence[TensorEntry], first: EpochInspection)
     extra = [n for n in got if n not in {t.name for t in stored}]
     if extra:
         raise InputError("key not present in the store", path=label, epoch=epoch, key=extra[0])
+
+
+# --------------------------------------------------------------------------- block digests
+@dataclass(frozen=True)
+class FileBlocks:
+    """The blocks of one file of a checkpoint a task digests (see
+    :mod:`pipeline.kernels.digests`)."""
+
+    file: int  # index into the checkpoint's files
+    layout: FileLayout
+    ranges: BlockRanges
+
+
+@dataclass(frozen=True)
+class DigestPlan:
+    """Who digests which block of the new epochs' files.
+
+    ``tasks``: one entry per chunk task (time blocks outer, row blocks inner, as
+    :func:`~pipeline.graph.ingest.build_chunk_tasks` orders them), holding for each epoch of
+    its time block the blocks it digests from the tensor bytes it copies. ``rest``:
+    ``(position in the new epochs, blocks)`` that no task reads whole (headers, pickles,
+    tensors left out, blocks at the edges of the tasks' ranges), read apart.
+    """
+
+    tasks: tuple[tuple[tuple[FileBlocks, ...], ...], ...]
+    rest: tuple[tuple[int, FileBlocks], ...]
+
+
+def piece_spans(spans: Sequence[Span], lo: int, hi: int) -> Iterator[Span]:
+    """The parts of ``spans`` (a tensor's bytes, in element order) holding its bytes
+    ``[lo, hi)``.
+
+    >>> list(piece_spans([(0, 100, 140), (1, 0, 40)], 30, 50))
+    [(0, 130, 140), (1, 0, 10)]
+    """
+    off = 0
+    for f, a, b in spans:
+        n = b - a
+        x, y = max(lo, off), min(hi, off + n)
+        if x < y:
+            yield f, a + x - off, a + y - off
+        off += n
+        if off >= hi:
+            return
+
+
+def plan_digests(
+    inspections: Sequence[EpochInspection],
+    index: Sequence[TensorEntry],
+    row_blocks: Sequence[tuple[int, int, Sequence[Segment]]],
+    time_blocks: Sequence[tuple[int, int]],
+) -> DigestPlan:
+    """Assign every block of the new epochs' files (``inspections``, in the order of the
+    plan's new epochs; ``time_blocks``: their ``(a, b)`` positions per chunk column) to the
+    chunk task that reads it whole, or to the pass over the rest.
+
+    A task reads a block whole when the pieces it copies cover it: tensors of a dtype whose
+    raw bytes the stored float32 values give back exactly (:data:`EXACT_RAW`: the same rule
+    lets a resumed ingest digest a finished chunk from the store, without the input), whose
+    byte ranges the reader knows.
+    """
+    dtypes = {t.name: t.dtype for t in index if t.stored}
+    done: list[list[bytearray]] = []
+    for ins in inspections:
+        if ins.layouts is None:
+            raise ValueError(f"epoch {ins.epoch}: the files' layouts were not taken")
+        done.append([bytearray(n_blocks(lay.size)) for lay in ins.layouts])
+    tasks = []
+    for a, b in time_blocks:
+        for _r0, _r1, segs in row_blocks:
+            per_epoch = []
+            for p in range(a, b):
+                ins = inspections[p]
+                layouts = ins.layouts
+                assert layouts is not None
+                by_file: dict[int, list[tuple[int, int]]] = {}
+                for seg in segs:
+                    dtype = dtypes[seg.name]
+                    spans = ins.spans.get(seg.name)
+                    if spans is None or dtype not in EXACT_RAW:
+                        continue
+                    isz = RAW_NUMPY[dtype].itemsize
+                    for f, x, y in piece_spans(spans, seg.start * isz, seg.stop * isz):
+                        by_file.setdefault(f, []).append((x, y))
+                files = []
+                for f, spans_f in sorted(by_file.items()):
+                    mine = _take(done[p][f], covered_blocks(spans_f, layouts[f].size))
+                    if mine:
+                        files.append(FileBlocks(f, layouts[f], mine))
+                per_epoch.append(tuple(files))
+            tasks.append(tuple(per_epoch))
+    rest = []
+    for p, ins in enumerate(inspections):
+        assert ins.layouts is not None
+        for f, lay in enumerate(ins.layouts):
+            left = _take(done[p][f], ((0, n_blocks(lay.size)),))
+            if left:
+                rest.append((p, FileBlocks(f, lay, left)))
+    return DigestPlan(tuple(tasks), tuple(rest))
+
+
+def _take(done: bytearray, ranges: BlockRanges) -> BlockRanges:
+    """The blocks of ``ranges`` not taken yet, now marked taken."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        for k in range(a, b):
+            if done[k]:
+                continue
+            done[k] = 1
+            if out and out[-1][1] == k:
+                out[-1] = (out[-1][0], k + 1)
+            else:
+                out.append((k, k + 1))
+    return tuple(out)

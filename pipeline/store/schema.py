@@ -149,14 +149,44 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SourceFile:
-    """A checkpoint file an epoch was read from: its path, size, sha256 and modification time
-    (nanoseconds; -1 when unknown: schema 1). A later ingest that finds the same path with the
-    same size and modification time trusts the recorded sha256 instead of reading the file."""
+    """A checkpoint file an epoch was read from: its path, size, digest and modification time
+    (nanoseconds; -1 when unknown: schema 1, or a filesystem that does not say).
+
+    ``sha256`` (the store's name for it since schema 1) holds the file's digest, in one of
+    two schemes told apart by their form:
+
+    - ``xxh3-128-b64k:<32 hex digits>``: the content digest of files ingested since ingest
+      reads each input byte once (:data:`pipeline.kernels.digests.CONTENT_PREFIX`: XXH3-128
+      over the size and the 64 KiB blocks' digests, put together from the copy tasks' reads);
+    - 64 hex digits: a sha256 of the whole file (stores written before).
+
+    It is ``""`` in the pending entries of an ingest that has not committed (the digest is
+    known once every byte is read); such a file is recognised by path, size and modification
+    time alone (see :meth:`same_file`). A later ingest that finds the same path with the same size and modification
+    time trusts the recorded digest instead of reading the file; two digests of different
+    schemes are never equal (a file compared with an older store's record is hashed with
+    sha256, see :attr:`scheme`)."""
 
     path: str
     size: int
     sha256: str
     mtime_ns: int = -1
+
+    @property
+    def scheme(self) -> str:
+        """``"content"``, ``"sha256"`` (older stores) or ``""`` (not digested yet)."""
+        if not self.sha256:
+            return ""
+        return "sha256" if ":" not in self.sha256 else "content"
+
+    def same_file(self, other: SourceFile) -> bool:
+        """Whether both records name byte-identical files: equal digests; or, when one of
+        them is not digested yet, the same path, size and known modification time (what a
+        re-run trusts for a file the store records)."""
+        if self.sha256 and other.sha256:
+            return self.sha256 == other.sha256 and self.size == other.size
+        same = (self.path, self.size, self.mtime_ns) == (other.path, other.size, other.mtime_ns)
+        return self.mtime_ns >= 0 and same
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"path": self.path, "size": self.size, "sha256": self.sha256}
@@ -245,10 +275,13 @@ class EpochEntry:
     digests: tuple[str, ...] = ()
 
     def same_source(self, other: EpochEntry) -> bool:
-        """True when both entries name the same epoch read from byte-identical files."""
-        return self.epoch == other.epoch and [f.sha256 for f in self.files] == [
-            f.sha256 for f in other.files
-        ]
+        """True when both entries name the same epoch read from byte-identical files (see
+        :meth:`SourceFile.same_file`)."""
+        return (
+            self.epoch == other.epoch
+            and len(self.files) == len(other.files)
+            and all(a.same_file(b) for a, b in zip(self.files, other.files, strict=True))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,7 @@
 """Files the store already records are identified by path, size and modification time: a
-re-run over the whole run folder reads only the new checkpoints; a changed file is still
-hashed, and refused when its content differs."""
+re-run over the whole run folder reads only the new checkpoints, and those only once (their
+digest is put together from the copy tasks' reads, no pre-pass hashes them); a stored epoch's
+file with another modification time is still hashed, and refused when its content differs."""
 
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = graph_ingest.digest_file
 
-    def counting(path: str, epoch: int | None = None) -> tuple[int, str]:
+    def counting(path: str, epoch: int | None = None, *args: str) -> tuple[int, str]:
         seen.append(Path(path).name)
-        return real(path, epoch)
+        return real(path, epoch, *args)
 
     monkeypatch.setattr(graph_ingest, "digest_file", counting)
     return seen
@@ -39,13 +40,15 @@ def test_a_rerun_over_the_folder_reads_only_the_new_checkpoints(tmp_path: Path, 
     paths = _run(tmp_path / "run", 5)
     store = tmp_path / "s.zarr"
     pipeline.ingest(paths[:4], store, runtime=SYNC)
-    assert sorted(hashed) == [f"epoch_{e}.pt" for e in range(4)]
-    hashed.clear()
+    assert hashed == []  # new files: digested while they are copied
     res = pipeline.ingest([tmp_path / "run"], store, runtime=SYNC)
     assert res.added == [4] and res.already_present == [0, 1, 2, 3]
-    assert hashed == ["epoch_4.pt"]  # the four stored ones are identified without a read
+    assert hashed == []  # the four stored ones are identified without a read
     files = TrajectoryStore.open(store).require_meta().epochs[4].files
     assert files[0].mtime_ns == os.stat(paths[4]).st_mtime_ns
+    # the digest put together from the tasks is the one a sequential pass gives
+    assert files[0].sha256 == graph_ingest.digest_file(str(paths[4]))[1]
+    assert files[0].sha256.startswith("xxh3-128-b64k:")
 
 
 def test_a_touched_file_is_hashed_again_and_still_recognised(tmp_path: Path, hashed: list[str]) -> None:
