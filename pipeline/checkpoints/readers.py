@@ -545,29 +545,11 @@ class TorchReader:
                 f"corrupt PyTorch checkpoint: {str(e).splitlines()[0]}", path=path, epoch=epoch
             ) from e
         if spec.format == "deepspeed":
-            obj = self._deepspeed_module(obj, path, epoch)
+            obj = deepspeed_module(obj, path, epoch)
         self._sd = self._unwrap(obj, path, epoch, torch)
         self._flat: dict[str, Any] = {}
         self._path = path
         self._spans: dict[str, tuple[tuple[str, int, int], ...] | None] | None = None
-
-    @staticmethod
-    def _deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
-        module = obj.get("module", ...) if isinstance(obj, Mapping) else ...
-        if module is ...:
-            raise InputError(
-                "not a DeepSpeed model-states file (it has no 'module' entry)",
-                path=path,
-                epoch=epoch,
-            )
-        if module is None:
-            raise InputError(
-                "holds no weights under 'module': a pipeline-parallel DeepSpeed checkpoint "
-                "(its layers are in layer_*-model_states.pt files), which is not supported",
-                path=path,
-                epoch=epoch,
-            )
-        return module
 
     @staticmethod
     def _unwrap(obj: Any, path: str, epoch: int | None, torch: Any) -> dict[str, Any]:
@@ -803,3 +785,23 @@ def cached_reader(spec: CheckpointSpec) -> CheckpointReader:
 @lru_cache(maxsize=8)
 def _cached_reader(spec: CheckpointSpec, _options: str) -> CheckpointReader:
     return open_checkpoint(spec)
+
+
+def deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
+    """The weights of a DeepSpeed ``mp_rank_XX_model_states.pt`` (its ``module`` entry), or a
+    one-line :class:`InputError` (not such a file; a pipeline-parallel checkpoint)."""
+    module = obj.get("module", ...) if isinstance(obj, Mapping) else ...
+    if module is ...:
+        raise InputError(
+            "not a DeepSpeed model-states file (it has no 'module' entry)",
+            path=path,
+            epoch=epoch,
+        )
+    if module is None:
+        raise InputError(
+            "holds no weights under 'module': a pipeline-parallel DeepSpeed checkpoint "
+            "(its layers are in layer_*-model_states.pt files), which is not supported",
+            path=path,
+            epoch=epoch,
+        )
+    return module

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints.files import ByteSource, Window, prefetch_headers
-from pipeline.checkpoints.readers import RAW_NUMPY
+from pipeline.checkpoints.readers import RAW_NUMPY, deepspeed_module
 from pipeline.errors import InputError
 
 __all__ = [
@@ -530,29 +530,12 @@ class TorchZipReader:
                     ) from None
                 raise InputError(e.reason, path=path, epoch=epoch) from None
             if spec.format == "deepspeed":
-                obj = self._deepspeed_module(obj, path, epoch)
+                obj = deepspeed_module(obj, path, epoch)
             self._sd = self._unwrap(obj, path, epoch)
         except BaseException:
             self._src.close()
             raise
 
-    @staticmethod
-    def _deepspeed_module(obj: Any, path: str, epoch: int | None) -> Any:
-        module = obj.get("module", ...) if isinstance(obj, dict) else ...
-        if module is ...:
-            raise InputError(
-                "not a DeepSpeed model-states file (it has no 'module' entry)",
-                path=path,
-                epoch=epoch,
-            )
-        if module is None:
-            raise InputError(
-                "holds no weights under 'module': a pipeline-parallel DeepSpeed checkpoint "
-                "(its layers are in layer_*-model_states.pt files), which is not supported",
-                path=path,
-                epoch=epoch,
-            )
-        return module
 
     @staticmethod
     def _unwrap(obj: Any, path: str, epoch: int | None) -> dict[str, TensorRef]:
