@@ -15,8 +15,8 @@ In one run, on this machine:
    - fixed costs: sampling (the fit's ``draw_samples`` over ``read_scattered``) at K, K/2 and
      T, T/2 -> ``a_s + b_s K T``; clustering ``cluster_modes(pearson(profiles))`` at K/4..2K
      -> ``c_c K^p``; study creation (``AnalysisGroup.create`` + attributes); the end of the fit
-     (read ``block_stats`` and ``summarise``) at R and R/4 -> per fit (into ``t_create``) + per
-     block ``c_fin``;
+     (fold the blocks' ``block_stats`` rows, which runs in tasks, and ``summarise``) at R and
+     R/4 -> per fit (into ``t_create``) + per block ``c_fin``;
    - ``eff_W``: parallel efficiency of the ``--workers`` processes here: the calibration
      blocks' read+kernel as tasks on the LocalCluster, (sum of the in-process times) /
      (W x wall); and ``B_local``: the same cluster's aggregate read rate (read-only tasks).
@@ -25,8 +25,8 @@ In one run, on this machine:
 
        t_task  = R*T*(s*c_read + c_kernel) + R*c_write + c_write0 + t_sched        (CPU)
        t_task  = R*T*(s*c_read + s/H + 4/G) + R*c_write + c_write0 + t_sched        (GPU)
-       fixed   = a_s + b_s*K*T + c_c*K^p + t_create + n*c_fin
-       wall    = fixed + max( N*T*s/B,  ceil(n/W)*t_task/eff,  n*t_sched )
+       fixed   = a_s + b_s*K*T + c_c*K^p + t_create
+       wall    = fixed + max( N*T*s/B,  ceil(n/W)*(t_task + c_fin)/eff,  n*(1 + 1/63)*t_sched )
        worker-hours = W * wall / 3600
 
    The pass over all rows is limited by the slowest of three shared resources: storage
@@ -102,6 +102,8 @@ def predict(
     ``c_fin`` (s/task). ``bandwidth``: storage bytes/s shared by all workers. ``rows``: rows
     per task. See the module docstring for the formula.
     """
+    from pipeline.graph.fit import TOTALS_FAN_IN
+
     s = bytes_per_value
     n_tasks = math.ceil(n / rows)
     vals = rows * t
@@ -112,13 +114,18 @@ def predict(
         if isinstance(ck, dict):
             ck = ck.get(str(s), ck.get(s, ck.get("4", ck.get(4))))
         per_value = s * costs["c_read"] + ck
-    t_task = vals * per_value + rows * costs["c_write"] + costs["c_write0"] + costs["t_sched"]
+    # c_fin: folding a block's stats row into the totals, in the tree's tasks (one per
+    # TOTALS_FAN_IN blocks, and as many again above them, each one more scheduler task)
+    t_task = (
+        vals * per_value + rows * costs["c_write"] + costs["c_write0"] + costs["t_sched"]
+        + costs["c_fin"]
+    )  # fmt: skip
     sampling = costs["a_s"] + costs["b_s"] * samples * t
     clustering = costs["c_c"] * samples ** costs["p"]
-    fixed = sampling + clustering + costs["t_create"] + n_tasks * costs["c_fin"]
+    fixed = sampling + clustering + costs["t_create"]
     storage = n * t * s / bandwidth
     compute = math.ceil(n_tasks / w) * t_task / efficiency
-    scheduler = n_tasks * costs["t_sched"]
+    scheduler = n_tasks * (1 + 1 / (TOTALS_FAN_IN - 1)) * costs["t_sched"]
     pass_s = max(storage, compute, scheduler)
     bound = ("storage", "workers", "scheduler")[[storage, compute, scheduler].index(pass_s)]
     wall = fixed + pass_s
@@ -283,14 +290,16 @@ def measure(url: str, n_cal: int, t: int, modes: int, samples: int, run: Any, no
         clus.append((k, min(ts)))
     out["clustering_points"] = clus
     out["c_c"], out["p"] = _fit_power([k for k, _ in clus], [s for _, s in clus])
-    ends = []  # the end of the fit (read every block's stats row, summarise) vs blocks
+    ends = []  # the end of the fit: fold the blocks' stats rows (in tasks), summarise
     for r in (rows, small):
         sl, ag = layouts[r]
+        stats = np.asarray(ag.array("block_stats")[...])
+        ref_index = np.asarray(ag.array("ref_index")[...])
         ts = []
         for _ in range(3):
             t0 = time.perf_counter()
-            stats = np.asarray(ag.array("block_stats")[...])
-            summarise(stats, sl, list(layout.names), list(range(t)), np.asarray(ag.array("ref_index")[...]))
+            totals = sl.fold(stats, len(layout.names))
+            summarise(totals, sl, list(layout.names), list(range(t)), ref_index)
             ts.append(time.perf_counter() - t0)
         ends.append((math.ceil(n_cal / r), min(ts)))
     (nb1, e1), (nb2, e2) = ends
@@ -502,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {q['N']:.0e} | {q['W']} {'GPU' if q['gpu'] else 'CPU'} | {q['B_GBps']:g} GB/s | {q['n_tasks']} | "
                   f"{_fmt_t(q['wall_s'])} | {q['worker_hours']:.3g} | {q['bound']} |")
     print()
-    print("wall = fixed + max(N*T*s/B, ceil(n/W)*t_task/eff, n*t_sched); worker-hours = W*wall/3600")
+    print("wall = fixed + max(N*T*s/B, ceil(n/W)*(t_task + c_fin)/eff, n*(1 + 1/63)*t_sched); worker-hours = W*wall/3600")
     return 0
 
 

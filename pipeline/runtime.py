@@ -118,16 +118,26 @@ class Runner:
         return None if self.client is None else self.client.dashboard_link
 
     def compute(
-        self, tasks: Sequence[Any], desc: str, labels: Sequence[str] | None = None
-    ) -> list[Any]:
+        self,
+        tasks: Sequence[Any],
+        desc: str,
+        labels: Sequence[str] | None = None,
+        *,
+        reduce: Any = None,
+    ) -> Any:
         """Compute delayed ``tasks``; results in the same order. The first error is raised.
 
         When a task fails, the error is raised only once no other task of ``tasks`` is still
         running, so a caller that rolls back (deletes what the tasks wrote) is not raced by a
         task that writes after the rollback. ``labels`` (one per task, e.g. "rows 0-2097152,
         epoch 3") name the failing task's chunk in the error.
+
+        ``reduce``: a delayed value that depends on ``tasks`` (e.g. a tree of sums of their
+        results). It is computed with them and only its value is returned: the tasks' own
+        results never travel to the client, which therefore holds nothing per task (a fit of
+        millions of blocks gathers one array, not millions).
         """
-        if not tasks:
+        if not tasks and reduce is None:
             return []
         from tqdm.auto import tqdm
 
@@ -142,8 +152,8 @@ class Runner:
         try:
             if self.client is not None:
                 self._sync_storage_options()
-                return self._compute_distributed(tasks, bar, desc, labels)
-            return self._compute_local(tasks, bar)
+                return self._compute_distributed(tasks, bar, desc, labels, reduce)
+            return self._compute_local(tasks, bar, reduce)
         finally:
             bar.close()
 
@@ -176,12 +186,21 @@ class Runner:
         self._storage_generation = 0
 
     def _compute_distributed(
-        self, tasks: Sequence[Any], bar: Any, desc: str, labels: Sequence[str] | None
-    ) -> list[Any]:
+        self,
+        tasks: Sequence[Any],
+        bar: Any,
+        desc: str,
+        labels: Sequence[str] | None,
+        reduce: Any = None,
+    ) -> Any:
         from distributed import as_completed
 
-        futures = self.client.compute(list(tasks))
+        futures = self.client.compute(list(tasks) + ([] if reduce is None else [reduce]))
+        last = futures.pop() if reduce is not None else None
         index = {f.key: i for i, f in enumerate(futures)}
+        # with ``reduce``, a finished task's future is dropped at once: its result stays on the
+        # workers only until the reduction has read it
+        live = {f.key: f for f in futures}
         results: list[Any] = [None] * len(futures)
         try:
             for fut in as_completed(futures):
@@ -190,15 +209,32 @@ class Runner:
                     exc = fut.exception()
                     label = labels[i] if labels is not None else None
                     raise task_error(exc, desc, fut.key, label) from exc
-                results[index[fut.key]] = fut.result()
+                if last is None:
+                    results[index[fut.key]] = fut.result()
+                else:
+                    live.pop(fut.key, None)
                 bar.update(1)
+                del fut
+            del futures
+            if last is not None:
+                if last.status == "error" or not last.done():
+                    from distributed import wait
+
+                    wait([last])
+                if last.status == "error":
+                    exc = last.exception()
+                    raise task_error(exc, desc, last.key, "the reduction of the results") from exc
+                return last.result()
         except BaseException:
-            self.client.cancel(futures)
-            _wait_not_executing(self.client, set(index))
+            pending = list(live.values()) + ([last] if last is not None else [])
+            self.client.cancel(pending)
+            _wait_not_executing(
+                self.client, set(index) | ({last.key} if last is not None else set())
+            )
             raise
         return results
 
-    def _compute_local(self, tasks: Sequence[Any], bar: Any) -> list[Any]:
+    def _compute_local(self, tasks: Sequence[Any], bar: Any, reduce: Any = None) -> Any:
         import dask
         from dask.callbacks import Callback
 
@@ -208,9 +244,13 @@ class Runner:
                     bar.update(1)
 
         keys = {t.key for t in tasks}
+        # with ``reduce`` only it is asked for: the tasks run as its dependencies and each
+        # result is released once the reduction has used it
+        wanted = list(tasks) if reduce is None else [reduce]
         if self.options.mode == "sync":
             with _Bar():
-                return list(dask.compute(*tasks, scheduler="sync"))
+                out = dask.compute(*wanted, scheduler="sync")
+            return list(out) if reduce is None else out[0]
         from concurrent.futures import ThreadPoolExecutor
 
         from dask.system import CPU_COUNT  # what dask's own pool uses (cgroup-aware)
@@ -223,7 +263,8 @@ class Runner:
             # one BLAS thread per task thread: the pool already uses every core, and nested
             # BLAS threads oversubscribe them (as dask's worker processes avoid by default)
             with _Bar(), _single_threaded_blas():
-                return list(dask.compute(*tasks, scheduler="threads", pool=pool))
+                out = dask.compute(*wanted, scheduler="threads", pool=pool)
+            return list(out) if reduce is None else out[0]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 

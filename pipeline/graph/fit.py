@@ -33,10 +33,25 @@ from pipeline.kernels.cmd import (
 )
 from pipeline.kernels.sampling import Pool
 from pipeline.plan.fit import BlockPlan, StatsLayout
-from pipeline.store.analysis import ANALYSIS_VERSION, StudyLayout, write_result_chunk
+from pipeline.store.analysis import (
+    ANALYSIS_VERSION,
+    StudyLayout,
+    read_block_rows,
+    write_result_chunk,
+)
 from pipeline.store.trajectory import ChunkGrid
 
-__all__ = ["build_fit_tasks", "build_scan_tasks", "fit_task", "scan_task"]
+__all__ = [
+    "TOTALS_FAN_IN",
+    "build_fit_tasks",
+    "build_scan_tasks",
+    "build_totals",
+    "fit_task",
+    "scan_task",
+]
+
+#: blocks per leaf of the totals tree, and totals per node above it
+TOTALS_FAN_IN = 64
 
 
 def _time_major(n_cols: int, n_rows: int, dtype: Any = np.float32) -> np.ndarray:
@@ -358,6 +373,73 @@ def build_fit_tasks(
         )
         for p in plans
     ]
+
+
+def totals_leaf(
+    url: str,
+    name: str,
+    layout: StatsLayout,
+    n_layers: int,
+    indices: tuple[int, ...],
+    computed: tuple[int, ...],
+    *rows: np.ndarray,
+) -> np.ndarray:
+    """The totals (:meth:`StatsLayout.fold`) of the consecutive blocks ``indices``: the rows
+    of the blocks in ``computed`` are ``rows`` (their fit tasks' results, in that order), the
+    others are read from the store (blocks finished by an earlier run). Folded in block order
+    whichever blocks ran now, so a resumed fit gives the same bits as one run."""
+    width = layout.width
+    got = dict(zip(computed, rows, strict=True))
+    stored = [i for i in indices if i not in got]
+    read = read_block_rows(url, name, stored, width)
+    for i, row in zip(stored, read, strict=True):
+        got[i] = row
+    return layout.fold(np.stack([np.asarray(got[i]).reshape(width) for i in indices]), n_layers)
+
+
+def totals_node(*parts: np.ndarray) -> np.ndarray:
+    """The sum of totals vectors, in the order given (a fixed tree: reproducible bits)."""
+    return np.sum(np.stack(parts), axis=0)
+
+
+def build_totals(
+    url: str,
+    name: str,
+    layout: StatsLayout,
+    n_layers: int,
+    n_blocks: int,
+    fit_tasks: dict[int, object],
+    fan_in: int | None = None,
+) -> object:
+    """One delayed totals vector of all ``n_blocks`` blocks: a tree of sums over groups of
+    ``fan_in`` consecutive blocks, whose leaves take the rows of ``fit_tasks`` (block index
+    -> delayed :func:`fit_task`) as they finish and read the others' rows from the store.
+    The client gathers this one vector (a few KB), not one row per block. ``fan_in``:
+    :data:`TOTALS_FAN_IN` by default."""
+    fan_in = max(2, int(fan_in or TOTALS_FAN_IN))
+    if n_blocks < 1:
+        return delayed(np.zeros, pure=True)(layout.totals_width(n_layers))
+    level: list[object] = []
+    for g0 in range(0, n_blocks, fan_in):
+        idx = tuple(range(g0, min(g0 + fan_in, n_blocks)))
+        computed = tuple(i for i in idx if i in fit_tasks)
+        level.append(
+            delayed(totals_leaf, pure=False)(
+                url, name, layout, n_layers, idx, computed,
+                *(fit_tasks[i] for i in computed),
+                dask_key_name=f"fit-totals-{name}-0-{g0 // fan_in}",
+            )
+        )  # fmt: skip
+    depth = 1
+    while len(level) > 1:
+        level = [
+            delayed(totals_node, pure=True)(
+                *level[k : k + fan_in], dask_key_name=f"fit-totals-{name}-{depth}-{k // fan_in}"
+            )
+            for k in range(0, len(level), fan_in)
+        ]
+        depth += 1
+    return level[0]
 
 
 def scan_task(

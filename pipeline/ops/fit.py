@@ -30,7 +30,7 @@ from pipeline.errors import (
     PipelineWarning,
     StoreError,
 )
-from pipeline.graph.fit import build_fit_tasks, build_scan_tasks
+from pipeline.graph.fit import build_fit_tasks, build_scan_tasks, build_totals
 from pipeline.graph.sampling import assemble_gathered, build_gather_tasks
 from pipeline.kernels.cluster import check_cut, cluster_modes
 from pipeline.kernels.cmd import References, pearson
@@ -183,13 +183,14 @@ def _compile_kernel(dtype: str = "float32") -> None:
 
 
 def summarise(
-    stats: np.ndarray,
+    totals: np.ndarray,
     layout: StatsLayout,
     layer_names: list[str],
     epochs: list[int],
     ref_index: np.ndarray,
 ) -> dict[str, Any]:
-    """Summaries per mode, per layer and per epoch from the blocks' error sums.
+    """Summaries per mode, per layer and per epoch from the blocks' error sums, folded into
+    one totals vector (:meth:`StatsLayout.fold`).
 
     Two relative errors, both over the finite parameters: ``dynamics_error`` =
     ‖W − Ŵ‖ / ‖W − mean_t W‖ (against what moved: the headline; 1.0 is the constant model
@@ -197,16 +198,7 @@ def summarise(
     themselves, which their magnitude dominates).
     """
     n_modes = layout.n_modes
-    per = StatsLayout.PER
-    per_mode = stats[:, layout.modes].reshape(-1, n_modes, per).sum(axis=0)
-    per_layer = np.zeros((len(layer_names), per))
-    for row in stats:
-        ids = row[layout.layer_ids]
-        ids = ids[ids >= 0].astype(np.int64)
-        per_layer[ids] += row[layout.layers][: per * ids.size].reshape(ids.size, per)
-    res_t = stats[:, layout.residual_t].sum(axis=0)
-    en_t = stats[:, layout.energy_t].sum(axis=0)
-    sp_t = stats[:, layout.spread_t].sum(axis=0)
+    per_mode, per_layer, res_t, en_t, sp_t = layout.unfold(totals, len(layer_names))
 
     def entry(v: np.ndarray) -> dict[str, Any]:
         return {
@@ -427,16 +419,22 @@ def fit(
             grid, name, todo, cols, refs, stats_layout, gpu=gpu, diagnostics=bool(diagnostics)
         )
         labels = [f"analysis block {p.index}: rows {p.r0}-{p.r1}" for p in todo]
+        # the blocks' sums are folded in a tree of tasks (blocks finished earlier read there
+        # too): the client gathers one totals vector, never a row per block
+        totals_d = build_totals(
+            st.url, name, stats_layout, len(layout.names), len(plans),
+            {p.index: t for p, t in zip(todo, tasks, strict=True)},
+        )  # fmt: skip
         try:
-            runner_of().compute(tasks, f"fit {name}", labels)
+            totals = runner_of().compute(tasks, f"fit {name}", labels, reduce=totals_d)
         finally:
             # a worker killed mid-write leaves a temporary file behind; the block ran again
             # elsewhere, or a re-run resumes it: the file is garbage either way
             ag.remove_partials()
-    stats = np.asarray(ag.array("block_stats")[...])
-    if np.isnan(stats).any():
+    totals = np.asarray(totals, dtype=np.float64)
+    if np.isnan(totals).any():
         raise StoreError(f"analysis {name!r}: some blocks have no statistics after the pass")
-    summary = summarise(stats, stats_layout, list(layout.names), window_epochs, ref_index)
+    summary = summarise(totals, stats_layout, list(layout.names), window_epochs, ref_index)
     summary["notes"] = list(ag.attrs().get("notes", []))
     ag.set_attrs(status="complete", summary=summary)
     return FitResult(

@@ -111,6 +111,51 @@ class StatsLayout:
     def spread_t(self) -> slice:
         return self._epoch_section(2)
 
+    # ---- totals: the blocks' rows folded into one vector, per mode, per layer, per epoch
+
+    def totals_width(self, n_layers: int) -> int:
+        """Length of a totals vector over ``n_layers`` layers (:meth:`fold`)."""
+        return self.PER * (self.n_modes + n_layers) + 3 * self.n_epochs
+
+    def fold(self, rows: np.ndarray, n_layers: int) -> np.ndarray:
+        """Blocks' rows (k, width), in block order, folded into one totals vector:
+        ``PER`` sums per mode, then ``PER`` per layer (all ``n_layers``, by layer id), then
+        the residual, energy and spread per epoch. Sums of totals are totals; a row of NaN
+        (a block without statistics) makes the totals NaN."""
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, self.width)
+        per = self.PER
+        out = np.zeros(self.totals_width(n_layers))
+        out[: per * self.n_modes] = rows[:, self.modes].sum(axis=0)
+        layers = out[per * self.n_modes : per * (self.n_modes + n_layers)].reshape(n_layers, per)
+        for row in rows:
+            ids = row[self.layer_ids]
+            if np.isnan(ids).any():
+                layers[...] = np.nan
+                continue
+            ids = ids[ids >= 0].astype(np.int64)
+            layers[ids] += row[self.layers][: per * ids.size].reshape(ids.size, per)
+        t = self.n_epochs
+        e0 = per * (self.n_modes + n_layers)
+        out[e0 : e0 + t] = rows[:, self.residual_t].sum(axis=0)
+        out[e0 + t : e0 + 2 * t] = rows[:, self.energy_t].sum(axis=0)
+        out[e0 + 2 * t :] = rows[:, self.spread_t].sum(axis=0)
+        return out
+
+    def unfold(
+        self, totals: np.ndarray, n_layers: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A totals vector as (per mode (M, PER), per layer (L, PER), residual_t, energy_t,
+        spread_t)."""
+        per, m, t = self.PER, self.n_modes, self.n_epochs
+        e0 = per * (m + n_layers)
+        return (
+            totals[: per * m].reshape(m, per),
+            totals[per * m : e0].reshape(n_layers, per),
+            totals[e0 : e0 + t],
+            totals[e0 + t : e0 + 2 * t],
+            totals[e0 + 2 * t : e0 + 3 * t],
+        )
+
 
 @dataclass(frozen=True)
 class BlockPlan:

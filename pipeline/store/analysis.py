@@ -44,6 +44,7 @@ while the group is being made, then ``running``, then ``complete``) and summarie
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ __all__ = [
     "complete_study",
     "mode_dtype",
     "open_result",
+    "read_block_rows",
     "read_model_rows",
     "read_result",
     "read_result_rows",
@@ -409,6 +411,23 @@ def write_result_chunk(
     raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
     key = f"{ANALYSES}/{name}/{array}/c/" + "/".join(str(c) for c in chunk)
     keys.put(_store_of(url), key, Buffer.from_array_like(raw))
+
+
+def read_block_rows(url: str, name: str, indices: Sequence[int], width: int) -> np.ndarray:
+    """The ``block_stats`` rows of blocks ``indices`` (k, width) float64, read straight from
+    their chunks (inside a task; one request per row, all in flight at once). A block whose
+    row was never written gives a row of NaN, the array's fill value."""
+    from pipeline.store.trajectory import _store_of
+
+    out = np.full((len(indices), width), np.nan)
+    if not len(indices):
+        return out
+    prefix = f"{ANALYSES}/{name}/block_stats/c/"
+    parts = keys.get_ranges(_store_of(url), [(f"{prefix}{i}/0", 0, 8 * width) for i in indices])
+    for k, raw in enumerate(parts):
+        if raw is not None:
+            out[k] = np.frombuffer(raw, dtype="<f8", count=width)
+    return out
 
 
 def _create_result_array(

@@ -50,6 +50,7 @@ BUILDERS = {
     "pipeline.graph.ingest.build_chunk_tasks": "pipeline.ingest",
     "pipeline.graph.fit.build_fit_tasks": "pipeline.fit",
     "pipeline.graph.fit.build_scan_tasks": "derived from build_fit_tasks",
+    "pipeline.graph.fit.build_totals": "pipeline.fit",
     "pipeline.graph.reconstruct.build_reconstruct_tasks": "pipeline.reconstruct",
     "pipeline.graph.sampling.build_gather_tasks": "pipeline.fit",
     "pipeline.graph.baselines.build_gram_tasks": "pipeline.bench.baselines.gram",
@@ -319,7 +320,10 @@ def _no_scheduler(c: Counters) -> Callable[..., Any]:
 
 
 def _tasks_of(result: Any) -> list[Any]:
-    """The delayed tasks a builder returned: a list, or ``(tasks, labels/where)``."""
+    """The delayed tasks a builder returned: a list, ``(tasks, labels/where)``, or one
+    delayed value (a reduction such as the fit's totals)."""
+    if isinstance(result, Delayed):
+        return [result]
     tasks = result[0] if isinstance(result, tuple) else result
     assert isinstance(tasks, list) and tasks, result
     assert all(isinstance(t, Delayed) for t in tasks), tasks[:3]

@@ -28,7 +28,8 @@ sm = _module()
 
 # round numbers: 1 ns/byte read, 2 ns/value kernel (float32), 3 ns/value (bf16),
 # 100 ns/row + 1 ms/task writes, 1 ms/task scheduler; fixed: 1 s + 1 us*K*T sampling,
-# clustering 1e-6 K^2, 2 s creation, 0.1 ms per block at the end
+# clustering 1e-6 K^2, 2 s creation; 0.1 ms per block to fold its statistics (in the tasks);
+# the totals tree adds one scheduler task per 63 blocks (fan-in 64)
 COSTS = {
     "c_read": 1e-9, "c_kernel": {"4": 2e-9, "2": 3e-9}, "c_write": 1e-7, "c_write0": 1e-3,
     "t_sched": 1e-3, "a_s": 1.0, "b_s": 1e-6, "c_c": 1e-6, "p": 2.0, "t_create": 2.0, "c_fin": 1e-4,
@@ -36,20 +37,25 @@ COSTS = {
 
 
 def _fixed(n_tasks: int, k: int = 1000, t: int = 100) -> float:
-    return 1.0 + 1e-6 * k * t + 1e-6 * k**2 + 2.0 + 1e-4 * n_tasks
+    return 1.0 + 1e-6 * k * t + 1e-6 * k**2 + 2.0
+
+
+TASK = 9e-3 + 1e-4  # the per-task cost below plus folding the block's statistics
+SCHED = 1 + 1 / 63  # scheduler tasks per block, the totals tree included
 
 
 def test_compute_bound_by_hand():
     # N = 1e6 rows of 1e4 per task: 100 tasks; T = 100
     # t_task = 1e6 values * (4*1e-9 + 2e-9) + 1e4 * 1e-7 + 1e-3 + 1e-3 = 6e-3 + 1e-3 + 2e-3 = 9e-3
+    # (+ 1e-4 folding the block's statistics)
     p = sm.predict(1e6, 100, 4, 1e12, COSTS, rows=10_000)
     assert p["n_tasks"] == 100
-    assert p["t_task_s"] == pytest.approx(9e-3)
-    assert p["compute_s"] == pytest.approx(25 * 9e-3)  # ceil(100/4) rounds of tasks
+    assert p["t_task_s"] == pytest.approx(TASK)
+    assert p["compute_s"] == pytest.approx(25 * TASK)  # ceil(100/4) rounds of tasks
     assert p["storage_s"] == pytest.approx(1e6 * 100 * 4 / 1e12)
-    assert p["scheduler_s"] == pytest.approx(100 * 1e-3)
+    assert p["scheduler_s"] == pytest.approx(100 * SCHED * 1e-3)
     assert p["bound"] == "workers"
-    assert p["wall_s"] == pytest.approx(_fixed(100) + 25 * 9e-3)
+    assert p["wall_s"] == pytest.approx(_fixed(100) + 25 * TASK)
 
 
 def test_bandwidth_bound_by_hand():
@@ -60,23 +66,23 @@ def test_bandwidth_bound_by_hand():
     # bf16 halves the bytes: 2 s, and the kernel's bf16 cost per value
     q = sm.predict(1e6, 100, 4, 1e8, COSTS, rows=10_000, bytes_per_value=2)
     assert q["storage_s"] == pytest.approx(2.0)
-    assert q["t_task_s"] == pytest.approx(1e6 * (2e-9 + 3e-9) + 1e-3 + 2e-3)
+    assert q["t_task_s"] == pytest.approx(1e6 * (2e-9 + 3e-9) + 1e-3 + 2e-3 + 1e-4)
 
 
 def test_scheduler_bound_and_task_rounding():
-    # 101 tasks on 100 workers: 2 rounds; on 1000 workers the scheduler (101 ms) limits
+    # 101 tasks on 100 workers: 2 rounds; the scheduler (101 ms + the tree's tasks) limits
     p = sm.predict(1_010_000, 100, 100, 1e15, COSTS, rows=10_000)
     assert p["n_tasks"] == 101
-    assert p["compute_s"] == pytest.approx(2 * 9e-3)
+    assert p["compute_s"] == pytest.approx(2 * TASK)
     assert p["bound"] == "scheduler"
-    assert p["wall_s"] == pytest.approx(_fixed(101) + 101e-3)
+    assert p["wall_s"] == pytest.approx(_fixed(101) + 101 * SCHED * 1e-3)
     q = sm.predict(1_000_001, 100, 100, 1e15, COSTS, rows=10_000)
     assert q["n_tasks"] == 101  # a partial last block is one more task
 
 
 def test_efficiency_and_worker_hours():
     p = sm.predict(1e6, 100, 4, 1e12, COSTS, rows=10_000, efficiency=0.5)
-    assert p["compute_s"] == pytest.approx(2 * 25 * 9e-3)
+    assert p["compute_s"] == pytest.approx(2 * 25 * TASK)
     for w in (1, 8, 512):
         q = sm.predict(7e9, 100, w, 1e10, COSTS, rows=32_768)
         assert q["worker_hours"] == pytest.approx(w * q["wall_s"] / 3600)
@@ -86,7 +92,7 @@ def test_gpu_uses_assumed_rates():
     # GPU: kernel 4 B/value at G, copy s B/value at H, the read stays
     p = sm.predict(1e6, 100, 4, 1e12, COSTS, rows=10_000, gpu=True, gpu_kernel_gbps=100, gpu_h2d_gbps=10)
     per_value = 4e-9 + 4 / 10e9 + 4 / 100e9
-    assert p["t_task_s"] == pytest.approx(1e6 * per_value + 1e-3 + 2e-3)
+    assert p["t_task_s"] == pytest.approx(1e6 * per_value + 1e-3 + 2e-3 + 1e-4)
     assert p["gpu"] is True
 
 
