@@ -23,11 +23,11 @@ from pipeline.buffers import scratch
 from pipeline.compat import to_numpy
 from pipeline.kernels.cmd import (
     FLAG_CONSTANT,
-    FLAG_NONFINITE,
     FLAG_SAMPLED,
     BlockFit,
     References,
     fit_block,
+    group_sums,
     stored_coefficients,
     varying_rows,
 )
@@ -59,26 +59,15 @@ def _time_major(n_cols: int, n_rows: int, dtype: Any = np.float32) -> np.ndarray
     return scratch("fit-block", n_cols * n_rows, dtype).reshape(n_cols, n_rows)
 
 
-def _sums(
-    mask_groups: np.ndarray,
-    n: int,
-    valid: np.ndarray,
-    abscorr: np.ndarray,
-    residual: np.ndarray,
-    energy: np.ndarray,
-    nonfinite: np.ndarray,
-    spread: np.ndarray,
-) -> np.ndarray:
-    """(n, PER) sums per group id in ``mask_groups`` (see :class:`StatsLayout`)."""
-    out = np.zeros((n, StatsLayout.PER))
-    out[:, 0] = np.bincount(mask_groups, minlength=n)
-    out[:, 1] = np.bincount(mask_groups, weights=valid.astype(np.float64), minlength=n)
-    out[:, 2] = np.bincount(mask_groups, weights=np.where(valid, abscorr, 0.0), minlength=n)
-    out[:, 3] = np.bincount(mask_groups, weights=residual, minlength=n)
-    out[:, 4] = np.bincount(mask_groups, weights=energy, minlength=n)
-    out[:, 5] = np.bincount(mask_groups, weights=nonfinite.astype(np.float64), minlength=n)
-    out[:, 6] = np.bincount(mask_groups, weights=spread, minlength=n)
-    return out
+def _sums(groups: np.ndarray, n: int, fit: BlockFit) -> np.ndarray:
+    """(n, PER) sums per group id (see :class:`StatsLayout`): compiled when numba is there,
+    else numpy's; the same bits either way."""
+    from pipeline.kernels import cmd_numba
+
+    args = (groups, n, fit.flags, fit.corr, fit.residual, fit.energy, fit.spread)
+    if cmd_numba.available():
+        return cmd_numba.group_sums_fused(*args)
+    return group_sums(*args)
 
 
 def fit_task(
@@ -114,13 +103,8 @@ def fit_task(
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
-    valid = (flags & (FLAG_CONSTANT | FLAG_NONFINITE)) == 0
-    nonfinite = (flags & FLAG_NONFINITE) != 0
-    abscorr = np.abs(fit.corr)
     stats = np.zeros(layout.width)
-    stats[layout.modes] = _sums(
-        fit.mode, layout.n_modes, valid, abscorr, fit.residual, fit.energy, nonfinite, fit.spread
-    ).ravel()
+    stats[layout.modes] = _sums(fit.mode, layout.n_modes, fit).ravel()
     stats[layout.residual_t] = fit.residual_t
     stats[layout.energy_t] = fit.energy_t
     stats[layout.spread_t] = fit.spread_t
@@ -130,9 +114,7 @@ def fit_task(
     layer_of = np.empty(rows, dtype=np.int64)
     for k, (_lid, lo, hi) in enumerate(plan.layers):
         layer_of[lo:hi] = k
-    per_layer = _sums(
-        layer_of, len(plan.layers), valid, abscorr, fit.residual, fit.energy, nonfinite, fit.spread
-    )
+    per_layer = _sums(layer_of, len(plan.layers), fit)
     stats[layout.layers][: per_layer.size] = per_layer.ravel()
     url = grid.url
     kinds = StudyLayout(ANALYSIS_VERSION, diagnostics).per_row(layout.n_modes, len(cols))

@@ -24,6 +24,7 @@ __all__ = [
     "References",
     "anchor_rows",
     "fit_block",
+    "group_sums",
     "pearson",
     "stored_coefficients",
     "varying_rows",
@@ -417,3 +418,36 @@ def varying_rows(xt: Any) -> Any:
     xp = namespace(xt)
     with np.errstate(invalid="ignore"):
         return xp.isfinite(xt).all(axis=0) & (xt.max(axis=0) > xt.min(axis=0))
+
+
+#: the sums :func:`group_sums` takes per group, in this order
+GROUP_SUMS = ("count", "valid", "abs_corr", "residual", "energy", "nonfinite", "spread")
+
+
+def group_sums(
+    groups: Any,
+    n: int,
+    flags: Any,
+    corr: Any,
+    residual: Any,
+    energy: Any,
+    spread: Any,
+) -> np.ndarray:
+    """(n, 7) float64 sums over the rows of each group id in ``groups`` (:data:`GROUP_SUMS`):
+    rows, valid rows (neither constant nor NaN/Inf), ``|corr|`` over the valid rows,
+    ``residual``, ``energy``, NaN/Inf rows and ``spread``; each sum taken in row order
+    (numpy's ``bincount``), so the compiled twin
+    :func:`pipeline.kernels.cmd_numba.group_sums_fused` gives the same bits."""
+    groups = np.asarray(groups)
+    flags = np.asarray(flags)
+    valid = (flags & (FLAG_CONSTANT | FLAG_NONFINITE)) == 0
+    nonfinite = (flags & FLAG_NONFINITE) != 0
+    out = np.zeros((n, len(GROUP_SUMS)))
+    out[:, 0] = np.bincount(groups, minlength=n)
+    out[:, 1] = np.bincount(groups, weights=valid.astype(np.float64), minlength=n)
+    out[:, 2] = np.bincount(groups, weights=np.where(valid, np.abs(corr), 0.0), minlength=n)
+    out[:, 3] = np.bincount(groups, weights=residual, minlength=n)
+    out[:, 4] = np.bincount(groups, weights=energy, minlength=n)
+    out[:, 5] = np.bincount(groups, weights=nonfinite.astype(np.float64), minlength=n)
+    out[:, 6] = np.bincount(groups, weights=spread, minlength=n)
+    return out
