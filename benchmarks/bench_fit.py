@@ -20,6 +20,8 @@ Peak RSS of 1-2 is the summed RSS of the client, scheduler and workers (sampled 
 of 3, the process's ``ru_maxrss``. Usage::
 
     .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --modes 10 --repeat 3
+    .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --kernels numba \
+        --block-rows 32768,131072 --repeat 2 --no-baseline      # rows per task
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dask import delayed
 
 import pipeline
 from pipeline.bench.common import PeakRSS, in_memory_baseline, synthetic_store
-from pipeline.config import FIT_KERNEL_ENV
+from pipeline.config import FIT_BLOCK_BYTES, FIT_KERNEL_ENV
 from pipeline.plan import blocks, fit_block_rows
 from pipeline.runtime import RuntimeOptions, runner
 from pipeline.store.analysis import AnalysisGroup
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the synthetic trajectory's dtype (bfloat16: what ingest makes of a bf16 run)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians)")
+    ap.add_argument("--block-rows", default="", metavar="R[,R...]",
+                    help="rows per fit task, comma list (each a divisor or multiple of the store's chunk "
+                         "rows); every kernel runs once per value [the fit's default]")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory algorithm")
     ap.add_argument("--baseline", metavar="URL", help=argparse.SUPPRESS)  # internal: run the baseline
     a = ap.parse_args(argv)
@@ -85,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         st = TrajectoryStore.open(url)
         grid = st.chunk_grid()
         cols = np.arange(a.epochs)
-        s_rows = fit_block_rows(grid.chunk_rows, a.epochs, raw=True, target_bytes=16 * 2**20)
+        s_rows = fit_block_rows(grid.chunk_rows, a.epochs, raw=True, target_bytes=FIT_BLOCK_BYTES)
         kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
-        runs: dict[str, list[dict]] = {"read": [], **{f"fit-{k}": [] for k in kernels}}
+        sizes = [int(float(v)) for v in a.block_rows.split(",") if v.strip()] or [None]
+
+        def run_name(k: str, br: int | None) -> str:
+            return f"fit-{k}" if len(sizes) == 1 and br is None else f"fit-{k}-{br or s_rows}rows"
+
+        runs: dict[str, list[dict]] = {"read": [], **{run_name(k, br): [] for k in kernels for br in sizes}}
         with runner(RuntimeOptions(workers=a.workers, progress=False)) as run:
             assert run.client is not None
             tasks = [delayed(_read_task, pure=False)(grid, r0, r1, cols) for r0, r1 in blocks(n, s_rows)]
@@ -108,16 +118,19 @@ def main(argv: list[str] | None = None) -> int:
                 for k in kernels:
                     os.environ[FIT_KERNEL_ENV] = k  # the client compiles it, the workers run it
                     run.client.run(os.environ.__setitem__, FIT_KERNEL_ENV, k)
-                    name = f"bench-{k}-{i}"
-                    with PeakRSS(0.2) as rss:  # sparse sampling: the sampler competes with 2 workers for 2 cores
-                        t = time.perf_counter()
-                        res = pipeline.fit(url, name, modes=a.modes, samples=a.samples, run=run)
-                        runs[f"fit-{k}"].append({"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9,
-                                                 "sampling_bytes": res.bytes_sampled, "modes_found": res.n_modes,
-                                                 "dynamics_error": res.summary["dynamics_error"],
-                                                 "relative_error": res.summary["relative_error"]})
-                    AnalysisGroup(url, name).delete()
-                    print(f"  fit {k} {i}: {runs[f'fit-{k}'][-1]['seconds']:.2f} s", flush=True)
+                    for br in sizes:
+                        key = run_name(k, br)
+                        name = f"bench-{k}-{br}-{i}"
+                        with PeakRSS(0.2) as rss:  # sparse sampling: the sampler competes with 2 workers for 2 cores
+                            t = time.perf_counter()
+                            res = pipeline.fit(url, name, modes=a.modes, samples=a.samples, block_rows=br, run=run)
+                            runs[key].append({"seconds": time.perf_counter() - t, "peak_rss_GB": rss.peak / 1e9,
+                                              "sampling_bytes": res.bytes_sampled, "modes_found": res.n_modes,
+                                              "dynamics_error": res.summary["dynamics_error"],
+                                              "relative_error": res.summary["relative_error"],
+                                              "blocks": res.blocks_run})
+                        AnalysisGroup(url, name).delete()
+                        print(f"  {key} {i}: {runs[key][-1]['seconds']:.2f} s", flush=True)
         os.environ.pop(FIT_KERNEL_ENV, None)
         for key, rs in runs.items():
             med = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]

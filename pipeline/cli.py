@@ -612,7 +612,7 @@ def export(
     "--block-rows",
     type=click.IntRange(min=1),
     default=None,
-    help="Rows per task [default: 16 MiB float32 blocks].",
+    help="Rows per task [default: 64 MiB float32 blocks].",
 )
 @click.option(
     "--diagnostics",

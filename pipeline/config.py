@@ -24,6 +24,7 @@ __all__ = [
     "DRAW_ROUNDS",
     "EMBED_EVERY",
     "EMBED_FRACTION",
+    "BASELINE_BLOCK_BYTES",
     "FIT_BLOCK_BYTES",
     "FIT_KERNEL",
     "FIT_KERNEL_ENV",
@@ -98,9 +99,16 @@ READ_BLOCK_BYTES = 8 * 1024 * 1024
 #: K, the number of sampled parameters (the paper uses 1000; about 30 x M suffices).
 DEFAULT_SAMPLES = 1000
 
-#: Target size of one fit task's float32 block (rows x window epochs); the kernel's float64
-#: work arrays are a few times larger.
-FIT_BLOCK_BYTES = 16 * 1024 * 1024
+#: Target size of one fit task's float32 block (rows x window epochs); the kernel's per-row
+#: float64 results add about 100 bytes per row. 64 MiB rather than 16: per-task costs (the
+#: scheduler, six result writes) are spread over 4 times the rows; measured with
+#: ``benchmarks/bench_fit.py --n 1e7 --epochs 100 --block-rows 32768,131072,262144``: fit
+#: 4.60 s, 3.41 s, 3.35 s (medians of 3, one run).
+FIT_BLOCK_BYTES = 64 * 1024 * 1024
+
+#: Target size of one task's float32 block in the baselines' passes (Gram, error sums): each
+#: also holds its float64 copy and products.
+BASELINE_BLOCK_BYTES = 16 * 1024 * 1024
 
 #: Rounds of redrawing when sampled parameters turn out constant or non-finite over the
 #: window; when they still fall short of K, one pass finds every varying parameter.

@@ -246,7 +246,7 @@ def gram(
         the epoch numbers; default: every stored epoch.
     block_rows
         Rows per task (default: a divisor of the store's chunk rows whose float32 block is at
-        most 16 MiB, as the fit does, so each byte is read once and a task's memory is its
+        most 16 MiB, so each byte is read once and a task's memory is its
         block: the float32 read buffer plus its float64 copy).
 
     Each task computes ``X_b^T X_b`` in float64 from its float32 block (products of float32

@@ -19,7 +19,7 @@ import numpy as np
 from dask import delayed
 
 from pipeline.buffers import scratch
-from pipeline.config import FIT_BLOCK_BYTES
+from pipeline.config import BASELINE_BLOCK_BYTES
 from pipeline.errors import PipelineError
 from pipeline.kernels.baselines import (
     cmd_block_errors,
@@ -116,13 +116,14 @@ def dmd_error_task(
 # ---------------------------------------------------------------------------- planning
 def gram_block_rows(grid: ChunkGrid, n_cols: int, block_rows: int | None) -> int:
     """Rows per task: ``block_rows``, or a divisor of the store's chunk rows whose float32
-    block is at most :data:`pipeline.config.FIT_BLOCK_BYTES`, as the fit does."""
+    block is at most :data:`pipeline.config.BASELINE_BLOCK_BYTES` (each task also holds its
+    float64 copy)."""
     if block_rows is not None:
         if block_rows < 1:
             raise PipelineError("block_rows must be at least 1")
         return block_rows
     return fit_block_rows(
-        grid.chunk_rows, n_cols, raw=grid.local_root is not None, target_bytes=FIT_BLOCK_BYTES
+        grid.chunk_rows, n_cols, raw=grid.local_root is not None, target_bytes=BASELINE_BLOCK_BYTES
     )
 
 

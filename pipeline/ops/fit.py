@@ -270,7 +270,7 @@ def fit(
     force
         Replace an existing study of that name with another configuration.
     block_rows
-        Rows per task (a divisor of the store's chunk rows); default: 16 MiB blocks.
+        Rows per task (a divisor of the store's chunk rows); default: 64 MiB blocks.
     diagnostics
         Also store each parameter's correlation with its reference (``corr``) and its
         residual (``residual``), float32: 8 more bytes per parameter. The summaries (mean
