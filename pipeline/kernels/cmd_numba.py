@@ -18,10 +18,8 @@ innermost (unit stride, vectorised by LLVM, no selects):
    (a binary search in the sorted reference, as :func:`pipeline.kernels.cmd.anchor_rows`),
    corr, residual, flags and the reference-row overrides, exactly the formulas of
    ``fit_block``;
-3. the rows with ``a != 0`` put in mode order (a counting sort), then per epoch
-   ``A_mt = sum_(i in m) a_i xc_it`` (one dot product over each mode's rows, four epochs per
-   step: one multiply-add per value) and ``C_m = sum_(i in m) a_i^2``; at the end, as in
-   ``fit_block``,
+3. per epoch: ``A_mt = sum_(i in m) a_i xc_it`` (one dot product per mode, four epochs per
+   step) and ``C_m = sum_(i in m) a_i^2``; at the end, as in ``fit_block``,
    ``residual_t = max(spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m, 0)``.
 
 All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the four
@@ -254,7 +252,7 @@ if _HAVE_NUMBA:
         x, c0, o0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         energy_t, spread_t,
-        tot, dif, mm, kind, amat, csum, proj, xrow, erow, bestv, ib, perm, aw, ms, cnt, fill, clean,
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
     ):  # fmt: skip
         """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
 
@@ -455,54 +453,36 @@ if _HAVE_NUMBA:
         # ---- pass 3: per-epoch residual, expanded per mode as in fit_block:
         # sum_i (xc_it - a_i rc_(m_i)t)^2 = sum_i xc_it^2 - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m
         # with A_mt = sum_(i in m) a_i xc_it and C_m = sum_(i in m) a_i^2, accumulated over the
-        # call (the caller combines them). The rows with a != 0 (the others add nothing) are
-        # put in mode order (a counting sort: ``perm``, segments ``cnt[m]:cnt[m + 1]``), so
-        # that each A_mt is one dot product over its mode's rows: one multiply-add per value
-        for m in range(n_m + 1):
-            cnt[m] = 0
-        for j in range(n):
-            if av[j] != 0.0:
-                cnt[md[j] + 1] += 1
+        # call (the caller combines them): one dot product per mode and epoch, no gather
         for m in range(n_m):
-            cnt[m + 1] += cnt[m]
-        for m in range(n_m):
-            fill[m] = cnt[m]
+            wr = wmat[m, :n]
+            for j in range(n):
+                wr[j] = 0.0
         for j in range(n):
-            aj = av[j]
-            if aj != 0.0:
-                k = md[j]
-                q = fill[k]
-                perm[q] = np.uint64(c0 + j)
-                aw[q] = aj
-                ms[q] = mv[j]
-                fill[k] = q + 1
-                csum[k] += aj * aj
-        n_in = cnt[n_m]
+            k = md[j]
+            wmat[k, j] = av[j]
+            csum[k] += av[j] * av[j]
         t0 = 0
         while t0 < n_t:
             nb = min(_TB, n_t - t0)
             for k in range(nb):
-                xr = x[t0 + k]
-                xk = xrow[k, :n_in]
-                for q in range(n_in):
-                    xk[q] = np.float64(xr[perm[q]]) - ms[q]
-            for m in range(n_m):
-                lo = cnt[m]
-                hi = cnt[m + 1]
-                if hi == lo:
-                    continue
-                wseg = aw[lo:hi]
-                if nb == _TB:  # four epochs at a time: each weight loaded once for all four
+                xr = x[t0 + k, c0:c1]
+                xk = xrow[k, :n]
+                for j in range(n):
+                    xk[j] = np.float64(xr[j]) - mv[j]
+            if nb == _TB:  # four epochs at a time: each weight loaded once for all four
+                for m in range(n_m):
                     d0, d1, d2, d3 = _rdot4(
-                        wseg, xrow[0, lo:hi], xrow[1, lo:hi], xrow[2, lo:hi], xrow[3, lo:hi]
+                        wmat[m, :n], xrow[0, :n], xrow[1, :n], xrow[2, :n], xrow[3, :n]
                     )
                     amat[m, t0] += d0
                     amat[m, t0 + 1] += d1
                     amat[m, t0 + 2] += d2
                     amat[m, t0 + 3] += d3
-                else:
-                    for k in range(nb):
-                        amat[m, t0 + k] += _rdot(wseg, xrow[k, lo:hi])
+            else:
+                for k in range(nb):
+                    for m in range(n_m):
+                        amat[m, t0 + k] += _rdot(wmat[m, :n], xrow[k, :n])
             t0 += nb
 
     @_jit
@@ -523,10 +503,8 @@ if _HAVE_NUMBA:
         """The per-call work buffers of :func:`_sub_block` for sub-blocks of ``w`` rows."""
         return (
             np.empty(w), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint8),
-            np.zeros((n_m, n_t)), np.zeros(n_m), np.empty((n_m, w)),
+            np.empty((n_m, w)), np.zeros((n_m, n_t)), np.zeros(n_m), np.empty((n_m, w)),
             np.empty((_TB, w)), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint64),
-            np.empty(w, dtype=np.uint64), np.empty(w), np.empty(w),
-            np.empty(n_m + 1, dtype=np.int64), np.empty(n_m, dtype=np.int64),
         )  # fmt: skip
 
     @_jit
@@ -539,9 +517,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, amat, csum, proj, xrow, erow, bestv, ib, perm, aw, ms, cnt, fill = (
-            _workspace(n_m, n_t, w)
-        )
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
         clean = np.empty((n_t, w), dtype=xt.dtype)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
@@ -549,8 +525,7 @@ if _HAVE_NUMBA:
                 xt, s0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 energy_t, spread_t,
-                tot, dif, mm, kind, amat, csum, proj, xrow, erow, bestv, ib, perm, aw, ms, cnt, fill,
-                clean,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
             )  # fmt: skip
         _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
@@ -564,9 +539,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, amat, csum, proj, xrow, erow, bestv, ib, perm, aw, ms, cnt, fill = (
-            _workspace(n_m, n_t, w)
-        )
+        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
         tile = np.empty((n_t, w), dtype=np.float32)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
@@ -575,8 +548,7 @@ if _HAVE_NUMBA:
                 tile, 0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 energy_t, spread_t,
-                tot, dif, mm, kind, amat, csum, proj, xrow, erow, bestv, ib, perm, aw, ms, cnt, fill,
-                tile,
+                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, tile,
             )  # fmt: skip
         _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
