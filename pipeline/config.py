@@ -7,6 +7,7 @@ from this module.
 from __future__ import annotations
 
 __all__ = [
+    "BASELINE_BLOCK_BYTES",
     "BENCH_EPOCHS",
     "BENCH_SECTIONS",
     "CODECS",
@@ -24,7 +25,6 @@ __all__ = [
     "DRAW_ROUNDS",
     "EMBED_EVERY",
     "EMBED_FRACTION",
-    "BASELINE_BLOCK_BYTES",
     "FIT_BLOCK_BYTES",
     "FIT_KERNEL",
     "FIT_KERNEL_ENV",

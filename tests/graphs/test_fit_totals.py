@@ -21,9 +21,8 @@ from helpers import SYNC, THREADS, modal_state_dicts, write_safetensors_run
 
 import pipeline
 from pipeline.errors import StoreError
-from pipeline.graph.fit import build_totals
 from pipeline.plan.fit import StatsLayout
-from pipeline.runtime import RuntimeOptions, Runner
+from pipeline.runtime import Runner, RuntimeOptions
 
 
 def _rows(layout: StatsLayout, n_layers: int, n_blocks: int, seed: int = 0) -> np.ndarray:
