@@ -409,14 +409,14 @@ def build_totals(
             delayed(totals_leaf, pure=False)(
                 url, name, layout, n_layers, idx, computed,
                 *(fit_tasks[i] for i in computed),
-                dask_key_name=f"fit-totals-{name}-0-{g0 // fan_in}",
+                dask_key_name=f"totals-{name}-0-{g0 // fan_in}",
             )
         )  # fmt: skip
     depth = 1
     while len(level) > 1:
         level = [
             delayed(totals_node, pure=True)(
-                *level[k : k + fan_in], dask_key_name=f"fit-totals-{name}-{depth}-{k // fan_in}"
+                *level[k : k + fan_in], dask_key_name=f"totals-{name}-{depth}-{k // fan_in}"
             )
             for k in range(0, len(level), fan_in)
         ]

@@ -233,6 +233,8 @@ def test_cluster_results_are_byte_identical_to_sync(
     want_writes = {f"write-{i}-{j}" for i in range(N // CHUNK_ROWS) for j in range(T)}
     assert writes == want_writes, sorted(writes ^ want_writes)[:10]
     assert fits == {f"fit-{NAME}-{b}" for b in range(N_BLOCKS)}, sorted(fits)[:10]
+    # and the blocks' statistics were folded there too (40 blocks: one leaf of the tree)
+    assert {k for k in done if k.startswith("totals-")} == {f"totals-{NAME}-0-0"}
     assert_loopback_only(cluster)
 
 
