@@ -42,6 +42,8 @@ BUFFERS = "buffers"
 TENSOR_COLUMNS = ("tensor_offset", "tensor_size", "tensor_shape", "tensor_dtype", "tensor_kind")
 #: rows of a per-epoch array per chunk
 EPOCH_CHUNK = 256
+#: rows of ``tensor_id`` written per zarr call (64 MB of int32)
+_ID_BATCH_ROWS = 1 << 24
 
 
 def open_root(url: str, mode: Literal["r", "r+", "a"]) -> Any:
@@ -148,9 +150,23 @@ def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
         root, TENSOR_ID, (meta.n_rows,), (rows,), "int32", ("param",), fill_value=-1, compressed=True
     )
     ids.attrs["description"] = "the index into `tensor` of each trajectory row"
-    for k, t in enumerate(ts):
-        if t.stored and t.size:
-            ids[t.offset : t.offset + t.size] = k
+    # whole chunks, a few at a time (one zarr call per batch, not one per tensor: a model
+    # has thousands of tensors, and each call waits on zarr's event loop)
+    batch = max(rows, _ID_BATCH_ROWS // rows * rows)
+    spans = sorted((t.offset, t.offset + t.size, k) for k, t in enumerate(ts) if t.stored and t.size)
+    first = 0
+    for r0 in range(0, meta.n_rows, batch):
+        r1 = min(r0 + batch, meta.n_rows)
+        while first < len(spans) and spans[first][1] <= r0:
+            first += 1
+        if first == len(spans) or spans[first][0] >= r1:
+            continue  # only rows of no stored tensor: the fill value
+        part = np.full(r1 - r0, -1, dtype=np.int32)
+        for lo, hi, k in spans[first:]:
+            if lo >= r1:
+                break
+            part[max(lo, r0) - r0 : min(hi, r1) - r0] = k
+        ids[r0:r1] = part
 
 
 def _inline_names(meta: StoreMeta) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -140,6 +140,25 @@ def test_input_error_fields_and_pickling() -> None:
     assert pipeline.ConfigMismatchError.exit_code == 4
 
 
+def test_tensor_id_written_in_batches_matches_every_row(
+    run5: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # batches of 14 rows (two chunks of 7): tensors start and end inside batches and span them
+    from pipeline.store import meta_arrays
+
+    monkeypatch.setattr(meta_arrays, "_ID_BATCH_ROWS", 16)
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([run5.root], store, runtime=SYNC, chunk_rows=7)
+    root = zarr.open_group(str(store), mode="r", use_consolidated=False)
+    meta = pipeline.open_store(str(store)).meta
+    want = np.full(meta.n_rows, -1, dtype=np.int32)
+    for k, t in enumerate(meta.tensors):
+        if t.stored:
+            want[t.offset : t.offset + t.size] = k
+    assert (want >= 0).any() and len({t.size for t in meta.tensors if t.stored}) > 1
+    np.testing.assert_array_equal(root["tensor_id"][:], want)
+
+
 def test_on_disk_layout(run5: Run, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     pipeline.ingest([run5.root], store, runtime=SYNC, chunk_rows=50, time_chunk=2)
