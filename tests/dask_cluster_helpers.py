@@ -344,7 +344,8 @@ def start_cluster(
 class HoldWrites(WorkerPlugin):
     """Freeze chunk writes half-way, to kill a worker in the middle of one.
 
-    Patches zarr's local store so that a write whose path contains ``match`` pauses after the
+    Patches the local-store writers (the project's, :func:`pipeline.store.keys._atomic`, and
+    zarr's own) so that a write whose path contains ``match`` pauses after the
     temporary ``*.partial`` file is written and before it is renamed into place, as long as
     the file ``<control>/hold`` exists and this worker process has already finished ``after``
     such writes. While paused, ``<control>/midwrite-<pid>`` holds the temporary file's path.
@@ -376,6 +377,21 @@ class HoldWrites(WorkerPlugin):
 
         local._atomic_write = atomic_write
 
+        from pipeline.store import keys
+
+        self._keys = keys
+        self._orig_atomic = orig_atomic = keys._atomic
+
+        def atomic(path: Path, fill: Callable[[int], object]) -> None:
+            def fill_then_hold(fd: int) -> None:
+                fill(fd)
+                if plugin.match in Path(path).as_posix():
+                    plugin._maybe_hold(os.readlink(f"/proc/self/fd/{fd}"))
+
+            orig_atomic(path, fill_then_hold)
+
+        keys._atomic = atomic
+
     def _maybe_hold(self, tmp_name: str) -> None:
         self._seen += 1
         hold = Path(self.control, "hold")
@@ -396,6 +412,8 @@ class HoldWrites(WorkerPlugin):
     def teardown(self, worker: Any) -> None:
         if getattr(self, "_local", None) is not None:
             self._local._atomic_write = self._orig
+        if getattr(self, "_keys", None) is not None:
+            self._keys._atomic = self._orig_atomic
 
 
 class RecordTasks(WorkerPlugin):

@@ -11,7 +11,10 @@ bytes and returns the same digests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import mmap
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -130,34 +133,45 @@ def _count_nonfinite(col: np.ndarray, segments: Sequence[Segment]) -> tuple[tupl
     with np.errstate(invalid="ignore", over="ignore"):
         if np.isfinite(np.add.reduce(col)):
             return ()
+    return _count_nonfinite_parts([(seg.name, _values(col, seg)) for seg in segments])
+
+
+def _count_nonfinite_parts(parts: Sequence[tuple[str, np.ndarray]]) -> tuple[tuple[str, int], ...]:
+    """``(tensor, NaN/Inf count)`` of each part ``(tensor, values)`` that has any, in order."""
     out = []
-    for seg in segments:
-        n = int(np.count_nonzero(~np.isfinite(col[seg.out : seg.out + seg.stop - seg.start])))
-        if n:
-            out.append((seg.name, n))
+    with np.errstate(invalid="ignore", over="ignore"):
+        for name, values in parts:
+            if np.isfinite(np.add.reduce(values)):
+                continue
+            n = int(np.count_nonzero(~np.isfinite(values)))
+            if n:
+                out.append((name, n))
     return tuple(out)
 
 
+def _values(col: np.ndarray, seg: Segment) -> np.ndarray:
+    """The values of the piece ``seg`` in the column ``col``."""
+    return col[seg.out : seg.out + seg.stop - seg.start]
+
+
 def _digest_pieces(
-    col: np.ndarray, segments: Sequence[Segment]
+    values_of: Callable[[Segment], np.ndarray], segments: Sequence[Segment]
 ) -> tuple[tuple[str, int, int, bytes], ...]:
-    """The digest of each tensor piece of one epoch's column (the stored values, float32)."""
-    return tuple(
-        (seg.name, seg.start, seg.stop, piece_digest(col[seg.out : seg.out + seg.stop - seg.start]))
-        for seg in segments
-    )
+    """The digest of each tensor piece of one epoch's column (the stored values, float32;
+    ``values_of(seg)``: the piece's values)."""
+    return tuple((seg.name, seg.start, seg.stop, piece_digest(values_of(seg))) for seg in segments)
 
 
 def _file_blocks(
     reader: CheckpointReader,
     spec: CheckpointSpec,
     segments: Sequence[Segment],
-    col: np.ndarray,
+    values_of: Callable[[Segment], np.ndarray],
     files: Sequence[FileBlocks],
 ) -> tuple[tuple[int, tuple[BlockRun, ...]], ...]:
     """Digest the blocks ``files`` of the checkpoint's files from the raw bytes of the tensor
-    pieces in ``col`` (their float32 values give the raw bytes back exactly, see
-    :func:`~pipeline.plan.ingest.plan_digests`)."""
+    pieces (``values_of(seg)``: their float32 values, which give the raw bytes back exactly,
+    see :func:`~pipeline.plan.ingest.plan_digests`)."""
     if not files:
         return ()
     hashers = {fb.file: BlockHasher(fb.layout.size, fb.layout.ranges, fb.ranges) for fb in files}
@@ -168,7 +182,7 @@ def _file_blocks(
         spans = spans_of(reader, seg.name)
         if spans is None or dtype not in EXACT_RAW:
             continue
-        raw = raw_of(col[seg.out : seg.out + seg.stop - seg.start], dtype)
+        raw = raw_of(values_of(seg), dtype)
         assert raw is not None
         data = memoryview(np.ascontiguousarray(raw).view(np.uint8))  # type: ignore[arg-type]
         isz = RAW_NUMPY[dtype].itemsize
@@ -210,8 +224,21 @@ def write_chunk(
     digests = []
     file_blocks = []
     for j, spec in enumerate(specs):
-        col = block[:, 0] if cols == 1 else _column_buffer(rows)
         reader = cached_reader(spec)
+        pieces = _copyable(grid, reader, segments, rows) if cols == 1 else None
+        if pieces is not None:
+            return _copy_column(
+                grid,
+                spec,
+                reader,
+                segments,
+                pieces,
+                r0,
+                col0,
+                nonfinite,
+                blocks[0] if blocks else (),
+            )
+        col = block[:, 0] if cols == 1 else _column_buffer(rows)
         # a remote checkpoint: every piece's bytes in flight at once, not one round trip each
         prefetch(reader, [(seg.name, seg.start, seg.stop) for seg in segments])
         try:
@@ -247,12 +274,124 @@ def write_chunk(
                 key=name,
             )
         counts.append(found)
-        digests.append(_digest_pieces(col, segments))
-        file_blocks.append(_file_blocks(reader, spec, segments, col, blocks[j] if blocks else ()))
+
+        def values_of(seg: Segment, col: np.ndarray = col) -> np.ndarray:
+            return _values(col, seg)
+
+        digests.append(_digest_pieces(values_of, segments))
+        file_blocks.append(
+            _file_blocks(reader, spec, segments, values_of, blocks[j] if blocks else ())
+        )
         if cols > 1:
             block[:, j] = col
     grid.write(r0, col0, block)
     return tuple(counts), tuple(digests), tuple(file_blocks)
+
+
+def _copyable(
+    grid: ChunkGrid, reader: CheckpointReader, segments: Sequence[Segment], rows: int
+) -> list[tuple[str, int, int]] | None:
+    """The ``(file, begin, end)`` byte ranges of local files whose bytes, in order, are the
+    column of ``rows`` rows that ``segments`` make, when the chunk can be copied from them as
+    they are (:meth:`ChunkGrid.can_copy`; float32 tensors whose bytes the reader locates, one
+    range per piece); None otherwise (the column is then read and written)."""
+    if not grid.can_copy():
+        return None
+    dtypes = {t.name: t.dtype for t in reader.tensors()}
+    out: list[tuple[str, int, int]] = []
+    pos = 0
+    for seg in segments:
+        if seg.out != pos or dtypes.get(seg.name) != "float32":
+            return None
+        spans = spans_of(reader, seg.name)
+        if spans is None:
+            return None
+        parts = list(
+            piece_spans(
+                [(k, a, b) for k, (_p, a, b) in enumerate(spans)], seg.start * 4, seg.stop * 4
+            )
+        )
+        if len(parts) != 1:
+            return None
+        k, a, b = parts[0]
+        path = spans[k][0]
+        if "://" in path or not os.path.isfile(path):
+            return None
+        out.append((path, a, b))
+        pos += seg.stop - seg.start
+    return out if pos == rows else None
+
+
+def _copy_column(
+    grid: ChunkGrid,
+    spec: CheckpointSpec,
+    reader: CheckpointReader,
+    segments: Sequence[Segment],
+    pieces: Sequence[tuple[str, int, int]],
+    r0: int,
+    col0: int,
+    nonfinite: str,
+    files: Sequence[FileBlocks],
+) -> tuple[Counts, Digests, Blocks]:
+    """:func:`write_chunk` of one epoch whose column is ``pieces`` of its files: the values are
+    checked and digested in place (the files mapped into memory, not copied) and the chunk is
+    copied from the files by the kernel (:meth:`ChunkGrid.copy_chunk`). Each byte passes once
+    through this process's memory instead of three times (read, check and digest, write)."""
+    with contextlib.ExitStack() as stack:
+        mapped: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
+        ends: dict[str, int] = {}
+        for path, _a, b in pieces:
+            ends[path] = max(b, ends.get(path, 0))
+        for path, b in ends.items():
+            fd = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            st = os.fstat(fd)
+            if st.st_size < b:
+                raise InputError(
+                    f"truncated: {st.st_size} bytes, tensor data up to byte {b}",
+                    path=path,
+                    epoch=spec.epoch,
+                )
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            stack.callback(_close_map, m)
+            mapped[path] = (np.frombuffer(m, dtype=np.uint8), (st.st_size, st.st_mtime_ns))
+        views = {
+            (seg.name, seg.start): mapped[p][0][a:b].view("<f4")
+            for seg, (p, a, b) in zip(segments, pieces, strict=True)
+        }
+
+        def values_of(seg: Segment) -> np.ndarray:
+            return views[seg.name, seg.start]
+
+        found = _count_nonfinite_parts([(seg.name, values_of(seg)) for seg in segments])
+        if found and nonfinite == "error":
+            name, n = found[0]
+            raise InputError(
+                f"{n} NaN/Inf value(s) (policy nonfinite=error)",
+                path=spec.label,
+                epoch=spec.epoch,
+                key=name,
+            )
+        digests = _digest_pieces(values_of, segments)
+        file_blocks = _file_blocks(reader, spec, segments, values_of, files)
+        grid.copy_chunk(r0, col0, pieces)
+        for path, (_arr, ident) in mapped.items():  # what was digested is what was copied
+            st = os.stat(path)
+            if (st.st_size, st.st_mtime_ns) != ident:
+                raise InputError(
+                    "changed while it was ingested (size or modification time)",
+                    path=path,
+                    epoch=spec.epoch,
+                )
+        views.clear()
+        mapped.clear()
+    return (found,), (digests,), (file_blocks,)
+
+
+def _close_map(m: mmap.mmap) -> None:
+    """Close a mapping unless an array still views it (then it closes when that one goes)."""
+    with contextlib.suppress(BufferError):
+        m.close()
 
 
 def count_chunk(
@@ -270,12 +409,13 @@ def count_chunk(
     the input's bytes back exactly, so the input is not read again (only its header)."""
     block = read_block(open_array(url, min_cols=col0 + cols), r0, r1, col0, col0 + cols)
     columns = [np.ascontiguousarray(block[:, j], dtype=np.float32) for j in range(cols)]
+    getters = [lambda seg, c=c: _values(c, seg) for c in columns]
     return (
         tuple(_count_nonfinite(c, segments) for c in columns),
-        tuple(_digest_pieces(c, segments) for c in columns),
+        tuple(_digest_pieces(g, segments) for g in getters),
         tuple(
-            _file_blocks(cached_reader(spec), spec, segments, c, blocks[j] if blocks else ())
-            for j, (spec, c) in enumerate(zip(specs, columns, strict=False))
+            _file_blocks(cached_reader(spec), spec, segments, g, blocks[j] if blocks else ())
+            for j, (spec, g) in enumerate(zip(specs, getters, strict=False))
         ),
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.buffers import write_all
 from pipeline.checkpoints.discover import spec_of_files
 from pipeline.checkpoints.readers import (
     RAW_NUMPY,
@@ -330,7 +331,7 @@ class SafetensorsFile:
         if start < 0 or at - self._begin[name] + data.nbytes > self._expected[name]:
             raise StoreError(f"write past the end of tensor {name!r} in {self.path}")
         self._f.seek(self._data_start + at)
-        self._f.write(data.view(np.uint8).data)
+        write_all(self._f.write, data.view(np.uint8))  # in pieces: see pipeline.buffers
         self._written[name] += data.nbytes
 
     def close(self) -> None:

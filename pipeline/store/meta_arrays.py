@@ -42,8 +42,8 @@ BUFFERS = "buffers"
 TENSOR_COLUMNS = ("tensor_offset", "tensor_size", "tensor_shape", "tensor_dtype", "tensor_kind")
 #: rows of a per-epoch array per chunk
 EPOCH_CHUNK = 256
-#: rows of ``tensor_id`` written per zarr call (64 MB of int32)
-_ID_BATCH_ROWS = 1 << 24
+#: rows of ``tensor_id`` written per zarr call (16 MB of int32)
+_ID_BATCH_ROWS = 1 << 22
 
 
 def open_root(url: str, mode: Literal["r", "r+", "a"]) -> Any:
@@ -155,13 +155,15 @@ def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
     batch = max(rows, _ID_BATCH_ROWS // rows * rows)
     spans = sorted((t.offset, t.offset + t.size, k) for k, t in enumerate(ts) if t.stored and t.size)
     first = 0
+    buf = np.empty(min(batch, meta.n_rows), dtype=np.int32)  # one buffer for every batch
     for r0 in range(0, meta.n_rows, batch):
         r1 = min(r0 + batch, meta.n_rows)
         while first < len(spans) and spans[first][1] <= r0:
             first += 1
         if first == len(spans) or spans[first][0] >= r1:
             continue  # only rows of no stored tensor: the fill value
-        part = np.full(r1 - r0, -1, dtype=np.int32)
+        part = buf[: r1 - r0]
+        part.fill(-1)
         for lo, hi, k in spans[first:]:
             if lo >= r1:
                 break

@@ -38,8 +38,10 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,7 @@ import zarr
 import zarr.codecs
 from zarr.core.buffer.cpu import Buffer
 
+from pipeline.buffers import scratch
 from pipeline.errors import StoreError
 from pipeline.store import keys, remote
 from pipeline.store.dtypes import narrow, numpy_dtype, register_bfloat16
@@ -555,15 +558,13 @@ class ChunkGrid:
             out[:] = np.asarray(arr.get_orthogonal_selection((slice(r0, r1), cols))).T
             return self._zarr_bytes(r0, r1, cols)
         if out.dtype != self.np_dtype:  # read the stored values, then convert
-            from pipeline.buffers import scratch as _scratch
-
-            native = _scratch("read-native", out.size, self.np_dtype).reshape(out.shape)
+            native = scratch("read-native", out.size, self.np_dtype).reshape(out.shape)
             nbytes = self.read_rows(r0, r1, cols, native)
             out[...] = native
             return nbytes
         cr, tc, isz = self.chunk_rows, self.time_chunk, self.itemsize
         nbytes = 0
-        scratch: np.ndarray | None = None
+        chunk_part: np.ndarray | None = None
         for c0 in range(r0 - r0 % cr, r1, cr):
             lo, hi = max(r0, c0), min(r1, c0 + cr)
             i = c0 // cr
@@ -577,9 +578,9 @@ class ChunkGrid:
                     _pread_exact(path, dest, (lo - c0) * isz)
                     nbytes += dest.nbytes
                     continue
-                if scratch is None or scratch.shape[0] < hi - lo:
-                    scratch = np.empty((hi - lo, tc), dtype=self.np_dtype)
-                part = scratch[: hi - lo]
+                if chunk_part is None or chunk_part.shape[0] < hi - lo:
+                    chunk_part = np.empty((hi - lo, tc), dtype=self.np_dtype)
+                part = chunk_part[: hi - lo]
                 _pread_exact(path, part, (lo - c0) * tc * isz)
                 nbytes += part.nbytes
                 for k in ks:
@@ -696,10 +697,35 @@ class ChunkGrid:
             return
         full = block
         if block.shape != (self.chunk_rows, self.time_chunk) or block.dtype != self.np_dtype:
-            full = np.full((self.chunk_rows, self.time_chunk), np.nan, dtype=self.np_dtype)
+            # the thread's reused buffer (a fresh chunk-sized array costs page faults each time)
+            full = scratch("chunk-full", self.chunk_rows * self.time_chunk, self.np_dtype)
+            full = full.reshape(self.chunk_rows, self.time_chunk)
+            full[...] = np.nan
             narrow(block, self.dtype, full[: block.shape[0], : block.shape[1]])
         data = np.ascontiguousarray(full).reshape(-1).view(np.uint8)
         keys.put(_store_of(self.url), self.key(r0, col0), Buffer.from_array_like(data))
+
+    def can_copy(self) -> bool:
+        """Whether :meth:`copy_chunk` can write this store's chunks: a local, uncompressed
+        float32 store of one epoch per chunk."""
+        return self.local_root is not None and self.dtype == "float32" and self.time_chunk == 1
+
+    def copy_chunk(self, r0: int, col0: int, pieces: Sequence[tuple[str, int, int]]) -> None:
+        """Write the chunk of rows from ``r0`` at epoch ``col0`` as the bytes of ``pieces``
+        (``(file, begin, end)``: little-endian float32 values, in row order), copied by the
+        kernel (:func:`pipeline.store.keys.copy_file`), then the NaN fill of the rows past them
+        (an edge chunk): the bytes :meth:`write` would write of the same values. Only where
+        :meth:`can_copy`."""
+        if not self.can_copy():
+            raise StoreError("copy_chunk needs a local, uncompressed float32 store, one epoch per chunk")
+        nbytes = sum(b - a for _p, a, b in pieces)
+        full = self.chunk_rows * 4
+        if nbytes % 4 or nbytes > full or r0 % self.chunk_rows:
+            raise StoreError(f"copy_chunk: {nbytes} bytes do not fill a chunk of {full} from row {r0}")
+        tail = np.full((full - nbytes) // 4, np.nan, dtype="<f4")
+        root = self.local_root
+        assert root is not None
+        keys.copy_file(Path(root, str(r0 // self.chunk_rows), str(col0)), pieces, tail)
 
 
 def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:

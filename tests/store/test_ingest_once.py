@@ -11,6 +11,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,7 +67,8 @@ def _write(root: Path, n: int, fmt: str = "safetensors", **kw: tuple[str, ...]) 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
     """Bytes read from each local file by the readers (the in-process runtimes run the tasks
-    here); a sequential digest pass counts too."""
+    here), and those of the chunks copied from the files; a sequential digest pass counts
+    too."""
     seen: Counter[str] = Counter()
     real_into, real_read = cfiles.LocalSource.readinto, cfiles.LocalSource.read
 
@@ -88,6 +90,15 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
         return real_digest(path, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(gingest, "digest_file", digest)
+    real_copy = gingest._copy_column
+
+    def copy_column(*args: Any) -> Any:
+        # chunks copied from the files: their bytes are read (checked, digested) in place
+        for path, a, b in args[4]:
+            seen[Path(path).name] += b - a
+        return real_copy(*args)
+
+    monkeypatch.setattr(gingest, "_copy_column", copy_column)
     return seen
 
 
