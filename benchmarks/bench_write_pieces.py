@@ -2,7 +2,8 @@
 
 Every variant writes ``--gb`` GB as fresh files of ``--chunk-mb`` MB (as ingest writes the
 trajectory's chunks), from one reused, touched buffer, into a folder emptied and ``sync``-ed
-before each run; the variants are interleaved ``--repeat`` times and the medians reported,
+before each run; the variants run ``--repeat`` times, in a new random order each time (on a
+VM the cost of fresh pages depends on what ran before), and the medians are reported,
 with the kernel's own copy (``os.copy_file_range`` from a cached file of the same size) as the
 baseline. :func:`pipeline.store.keys.write_file` writes in pieces of
 :data:`pipeline.store.keys.WRITE_PIECE` bytes because of what this measures.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import statistics
 import time
@@ -30,7 +32,7 @@ def _fresh(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     os.sync()
-    time.sleep(1.0)
+    time.sleep(2.0)
 
 
 def _write_files(folder: Path, n_files: int, data: memoryview, piece: int) -> None:
@@ -83,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"writes of {kb} KiB"] = lambda kb=kb: _write_files(out, n_files, data, kb << 10)
     times: dict[str, list[float]] = {k: [] for k in variants}
     try:
+        rng = random.Random(0)
         for _ in range(a.repeat):
-            for name, fn in variants.items():
+            order = list(variants.items())
+            rng.shuffle(order)  # no variant always runs after the same one
+            for name, fn in order:
                 _fresh(out)
                 t0 = time.perf_counter()
                 fn()

@@ -5,7 +5,7 @@ these machines); tasks that run many times in one worker thread reuse one buffer
 
 Large buffers are written to files in pieces of :data:`WRITE_PIECE` bytes
 (:func:`write_all`): on the Linux 6.18 VMs we measured, one ``write`` of a 12 MB chunk into a
-fresh file ran at 0.27 GB/s and the same bytes in 512 KiB pieces at 3.1-3.4 GB/s
+fresh file ran at 0.24-0.44 GB/s and the same bytes in 64 KiB pieces at 1.2-3.0 GB/s
 (``benchmarks/bench_write_pieces.py``); elsewhere the pieces cost a few system calls per MB.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 __all__ = ["WRITE_PIECE", "scratch", "write_all"]
 
 #: bytes per ``write`` call of :func:`write_all`
-WRITE_PIECE = 256 << 10
+WRITE_PIECE = 64 << 10
 
 _local = threading.local()
 

@@ -13,7 +13,8 @@ This module owns the one way a workflow turns its frozen configuration dataclass
 - :func:`add_recording_arguments` adds, around those, the ``--out`` and ``--overwrite``
   options shared by the workflows that record a checkpoint trajectory, and
   :func:`run_recording_cli` is the whole command of such a workflow: parse, train with a
-  progress line per epoch, print a summary.
+  progress line per epoch, print a summary; :func:`recording_main` makes of it the
+  workflow's ``main(argv=None)``.
 
 Nothing here knows about a particular workflow; the workflows keep their defaults in their
 dataclasses only.
@@ -29,13 +30,14 @@ import typing
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 __all__ = [
     "Option",
     "add_config_arguments",
     "add_recording_arguments",
     "config_from_args",
+    "recording_main",
     "run_recording_cli",
 ]
 
@@ -281,3 +283,75 @@ def run_recording_cli(
         )
     print(summary, flush=True)
     return 0
+
+
+class _Main(Protocol):
+    """A command-line entry point ``main(argv=None) -> exit status``."""
+
+    def __call__(self, argv: Sequence[str] | None = ...) -> int: ...
+
+
+_MAIN_DOC = """Command-line entry point: ``{prog} --out DIR [options]``.
+
+Parameters
+----------
+argv : sequence of str, optional
+    Arguments (default: ``sys.argv[1:]``).
+
+Returns
+-------
+int
+    Exit status, 0 on success.
+"""
+
+
+def recording_main(
+    *,
+    prog: str,
+    description: str,
+    config_cls: type[C],
+    train_and_record: Callable[..., dict[str, Any]],
+    module: str,
+    options: Mapping[str, Option] | None = None,
+    epoch_seconds: bool = False,
+    sizes_unit: str | None = None,
+) -> _Main:
+    """A recording workflow's command-line entry point ``main(argv=None)``.
+
+    Parameters
+    ----------
+    prog : str
+        The program's name in the usage (``"python -m workflows.digits"``).
+    description : str
+        The program's description in ``--help``.
+    config_cls, train_and_record
+        As for :func:`run_recording_cli`.
+    module : str
+        The ``__name__`` of the module that defines ``main``.
+    options, epoch_seconds, sizes_unit
+        As for :func:`run_recording_cli`.
+
+    Returns
+    -------
+    callable
+        ``main(argv=None) -> int``: a new ``argparse.ArgumentParser(prog=prog,
+        description=description)`` handed to :func:`run_recording_cli` with ``argv``, with
+        a full docstring.
+    """
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        return run_recording_cli(
+            parser,
+            config_cls,
+            train_and_record,
+            argv,
+            options=options,
+            epoch_seconds=epoch_seconds,
+            sizes_unit=sizes_unit,
+        )
+
+    main.__module__ = module
+    main.__qualname__ = main.__name__
+    main.__doc__ = _MAIN_DOC.format(prog=prog)
+    return main

@@ -20,7 +20,7 @@ from typing import Any
 
 from zarr.core.sync import sync
 
-from pipeline.buffers import write_all
+from pipeline.buffers import WRITE_PIECE, write_all
 
 __all__ = [
     "copy_file",
@@ -156,7 +156,7 @@ def _copy_range(src: int, dst: int, begin: int, n: int, at: int, name: str) -> N
                 view = memoryview(data)
                 w = 0
                 while w < got:
-                    w += os.pwrite(dst, view[w : w + (256 << 10)], at + done + w)
+                    w += os.pwrite(dst, view[w : w + WRITE_PIECE], at + done + w)
         if got == 0:
             raise OSError(errno.EIO, f"{name} ended at byte {begin + done}, before {begin + n}")
         done += got

@@ -1,17 +1,13 @@
 """Command line of the digits workflow: ``python -m workflows.digits --out DIR [options]``.
 
-Owns the options (one per :class:`~workflows.digits.config.TrainConfig` field, built by
-:mod:`workflows.cli_args`), the program's name and description, and which extras its
-progress lines show; parsing, training and printing are
-:func:`workflows.cli_args.run_recording_cli`.
+One option per :class:`~workflows.digits.config.TrainConfig` field; :data:`CLI_OPTIONS`
+gives the augmentation, BatchNorm and ``--no-initial`` their help, and
+:func:`workflows.cli_args.recording_main` makes :func:`main` (plain progress lines).
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
-from workflows.cli_args import Option, run_recording_cli
+from workflows.cli_args import Option, recording_main
 from workflows.digits.config import TrainConfig
 from workflows.digits.train import train_and_record
 
@@ -27,22 +23,11 @@ CLI_OPTIONS: dict[str, Option] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python -m workflows.digits --out DIR [options]``.
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status, 0 on success.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.digits",
-        description="Train a small model on the scikit-learn digits and save one "
-        "checkpoint per epoch.",
-    )
-    return run_recording_cli(parser, TrainConfig, train_and_record, argv, options=CLI_OPTIONS)
+main = recording_main(
+    prog="python -m workflows.digits",
+    description="Train a small model on the scikit-learn digits and save one checkpoint per epoch.",
+    config_cls=TrainConfig,
+    train_and_record=train_and_record,
+    module=__name__,
+    options=CLI_OPTIONS,
+)

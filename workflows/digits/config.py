@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from workflows.recording import CHECKPOINT_SUFFIX
+from workflows.recording import check_fields
 
 __all__ = ["AUGMENT_SEED_OFFSET", "N_CLASSES", "TrainConfig"]
 
@@ -69,19 +69,7 @@ class TrainConfig:
         """Validate the field values."""
         if self.model not in ("cnn", "mlp"):
             raise ValueError(f"model must be 'cnn' or 'mlp', got {self.model!r}")
-        if self.fmt not in CHECKPOINT_SUFFIX:
-            raise ValueError(f"fmt must be 'pt' or 'safetensors', got {self.fmt!r}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_fields(self, fmt="'pt' or 'safetensors'", epochs=">= 0", lr="> 0")
+        check_fields(self, momentum="in [0, 1)", batch_size=">= 1", hidden=">= 1", seed=">= 0")
         if self.batchnorm and self.model != "cnn":
             raise ValueError("batchnorm=True is only supported for model='cnn'")

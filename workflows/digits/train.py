@@ -1,97 +1,44 @@
 """The recorded digits training: one checkpoint per epoch and a ``run.json``.
 
 Owns what is particular to the digits run (data, model, SGD with momentum, the optional
-random-shift augmentation); the seeded, deterministic checkpoint-per-epoch loop itself is
+random-shift augmentation); :func:`workflows.recording.recorded_training` makes
+:func:`train_and_record` of them around the seeded, deterministic checkpoint-per-epoch loop,
 :func:`workflows.recording.record_run`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from workflows.digits.config import AUGMENT_SEED_OFFSET, TrainConfig
 from workflows.digits.data import load_digits_split, random_shift
 from workflows.digits.evaluation import evaluate
 from workflows.digits.model import build_model
-from workflows.recording import BatchLoss, prepare_out_dir, record_run
+from workflows.recording import BatchLoss, TensorSplit, classifier_batch_loss, recorded_training
 
 __all__ = ["train_and_record"]
 
 
-def train_and_record(
-    out_dir: str | Path,
-    config: TrainConfig,
-    *,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Train a model on the digits data and save a checkpoint after every epoch.
+def _setup(
+    config: TrainConfig, train: TensorSplit
+) -> tuple[nn.Module, torch.optim.Optimizer, BatchLoss]:
+    """The model, SGD with momentum, and the loss of (optionally shifted) mini-batches."""
+    model = build_model(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    shift = random_shift if config.augment else None
+    batch_loss = classifier_batch_loss(model, train, shift, config.seed + AUGMENT_SEED_OFFSET)
+    return model, optimizer, batch_loss
 
-    Parameters
-    ----------
-    out_dir : str or Path
-        Output directory (created if needed). Receives ``epoch_{e:04d}.pt`` or
-        ``epoch_{e:04d}.safetensors`` per recorded epoch and ``run.json``.
-    config : TrainConfig
-        Run configuration.
-    on_epoch : callable, optional
-        Called with each epoch's record (see Returns) right after it is written.
-    overwrite : bool, default False
-        Delete checkpoint files left in ``out_dir`` by an earlier run. Without it,
-        such files raise :class:`FileExistsError` (a shorter run would otherwise
-        leave a mixed trajectory behind).
 
-    Returns
-    -------
-    dict
-        The content of ``run.json``: ``config`` (the :class:`TrainConfig` as a dict),
-        ``model_class``, ``n_params``, ``n_train``, ``n_test``, ``torch_version``,
-        ``num_threads``, ``checkpoints`` (file names in epoch order) and ``epochs``, a
-        list of records ``{"epoch", "checkpoint", "train_loss", "test_loss",
-        "test_accuracy"}``. ``train_loss`` is the sample-weighted mean mini-batch loss
-        seen during that epoch (train mode, augmented if enabled); for epoch 0 it is
-        the loss of the initial weights on the whole un-augmented training set.
-
-    Notes
-    -----
-    Determinism: the weights are initialised under ``torch.manual_seed(config.seed)``
-    inside :func:`torch.random.fork_rng` (the caller's global RNG state is left
-    untouched), shuffling and augmentation use private :class:`torch.Generator`
-    objects, and training runs with ``torch.use_deterministic_algorithms(True)``
-    (the previous setting is restored on exit). The number of intra-op threads is not
-    changed; byte-identity is guaranteed for the same torch build and thread count.
-    """
-    out = prepare_out_dir(out_dir, overwrite)
-
-    X_train, y_train, X_test, y_test = load_digits_split(config.seed)
-
-    def setup() -> tuple[nn.Module, torch.optim.Optimizer, BatchLoss]:
-        model = build_model(config)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-        augment_gen = torch.Generator().manual_seed(config.seed + AUGMENT_SEED_OFFSET)
-
-        def batch_loss(idx: Tensor) -> Tensor:
-            xb, yb = X_train[idx], y_train[idx]
-            if config.augment:
-                xb = random_shift(xb, augment_gen)
-            return F.cross_entropy(model(xb), yb)
-
-        return model, optimizer, batch_loss
-
-    return record_run(
-        out,
-        "digits",
-        config,
-        setup,
-        n_train=int(X_train.shape[0]),
-        n_test=int(X_test.shape[0]),
-        initial_train_loss=lambda model: evaluate(model, X_train, y_train)[0],
-        test_metrics=lambda model: evaluate(model, X_test, y_test),
-        on_epoch=on_epoch,
-    )
+train_and_record = recorded_training(
+    "digits",
+    lambda config: TensorSplit.pair(*load_digits_split(config.seed)),
+    _setup,
+    lambda model, split: evaluate(model, split.X, split.y),
+    module=__name__,
+    summary="Train a model on the digits data and save a checkpoint after every epoch.",
+    notes="The augmentation (``config.augment``) draws from a private generator seeded with "
+    "``config.seed + AUGMENT_SEED_OFFSET``, so switching it on or off does not change the "
+    "shuffling.",
+)

@@ -1,17 +1,14 @@
 """Command line of the MiniLM workflow: ``python -m workflows.minilm --out DIR [options]``.
 
-Owns the options (one per :class:`~workflows.minilm.config.TrainConfig` field, built by
-:mod:`workflows.cli_args`), the program's name and description, and which extras its
-progress lines show; parsing, training and printing are
-:func:`workflows.cli_args.run_recording_cli`.
+The options are the :class:`~workflows.minilm.config.TrainConfig` fields (the two learning
+rates, the data caps, ``--max-per-class 0`` for no cap, ...), helped by :data:`CLI_OPTIONS`;
+:func:`main` (:func:`workflows.cli_args.recording_main`) times each epoch and reports the
+sizes of the splits in texts.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
-from workflows.cli_args import Option, run_recording_cli
+from workflows.cli_args import Option, recording_main
 from workflows.minilm.config import TrainConfig
 from workflows.minilm.train import train_and_record
 
@@ -30,30 +27,14 @@ CLI_OPTIONS: dict[str, Option] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python -m workflows.minilm --out DIR [options]``.
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status, 0 on success.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.minilm",
-        description="Fine-tune the pretrained MiniLM-L6 on standard-library docstring "
-        "topics and save one checkpoint per epoch.",
-    )
-    return run_recording_cli(
-        parser,
-        TrainConfig,
-        train_and_record,
-        argv,
-        options=CLI_OPTIONS,
-        epoch_seconds=True,
-        sizes_unit="texts",
-    )
+main = recording_main(
+    prog="python -m workflows.minilm",
+    description="Fine-tune the pretrained MiniLM-L6 on standard-library docstring "
+    "topics and save one checkpoint per epoch.",
+    config_cls=TrainConfig,
+    train_and_record=train_and_record,
+    module=__name__,
+    options=CLI_OPTIONS,
+    epoch_seconds=True,
+    sizes_unit="texts",
+)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from workflows.minilm.data import N_CLASSES
-from workflows.recording import CHECKPOINT_SUFFIX
+from workflows.recording import check_fields
 
 __all__ = ["TrainConfig"]
 
@@ -68,20 +68,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Validate the field values."""
-        if self.fmt not in CHECKPOINT_SUFFIX:
-            raise ValueError(f"fmt must be 'pt' or 'safetensors', got {self.fmt!r}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.head_lr > 0:
-            raise ValueError(f"head_lr must be > 0, got {self.head_lr}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_fields(self, fmt="'pt' or 'safetensors'", epochs=">= 0", lr="> 0", head_lr="> 0")
+        check_fields(self, weight_decay=">= 0", batch_size=">= 1", seed=">= 0")
         if not 3 <= self.max_length <= 512:
             raise ValueError(f"max_length must be in [3, 512], got {self.max_length}")
         if self.max_per_class is not None and self.max_per_class < 2:

@@ -1,23 +1,20 @@
 """Scoring MiniLM classifiers: test loss and accuracy.
 
 Owns :func:`evaluate` (fixed batching, so that scores are reproducible) and
-:func:`evaluator`, which rebuilds a recorded run's test set to score any ``state_dict``.
+:func:`evaluator`, which rebuilds a recorded run's test set to score any ``state_dict`` (made
+by :func:`workflows.recording.recorded_evaluator`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from workflows.minilm.config import TrainConfig
 from workflows.minilm.data import EncodedSplit, prepare_data
 from workflows.minilm.model import build_model
-from workflows.recording import deterministic_torch, eval_mode
+from workflows.recording import deterministic_torch, eval_mode, recorded_evaluator
 
 __all__ = ["EVAL_BATCH_SIZE", "evaluate", "evaluator"]
 
@@ -62,35 +59,26 @@ def evaluate(model: nn.Module, data: EncodedSplit) -> tuple[float, float]:
     return float(loss_sum / max(n, 1)), float(correct / max(n, 1))
 
 
-def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float, float]]:
-    """Return a function scoring full ``state_dict`` s on the test set of a recorded run.
-
-    Parameters
-    ----------
-    run_dir : str or Path
-        Directory holding the ``run.json`` written by :func:`train_and_record`.
-
-    Returns
-    -------
-    callable
-        ``score(state_dict) -> (test_loss, test_accuracy)``: loads ``state_dict`` with
-        ``strict=True`` into a model built from the recorded configuration and
-        evaluates it with :func:`evaluate` on the test set rebuilt exactly as in
-        training (same split, tokenisation and batching, deterministic algorithms on).
-        For a recorded checkpoint this reproduces the recorded metrics exactly on the
-        same machine and thread count.
-    """
-    info = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
-    config = TrainConfig(**info["config"])
-    _, test = prepare_data(config)
+def _fresh_model(config: TrainConfig) -> nn.Module:
+    """The classifier of ``config`` in eval mode, without pretrained weights (every scored
+    ``state_dict`` replaces them all); its head is drawn from ``config.seed`` in a forked
+    RNG, so the caller's global RNG state is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = build_model(config, pretrained=False)
-    model.eval()
+    return model.eval()
 
-    def score(state_dict: dict[str, Tensor]) -> tuple[float, float]:
-        model.load_state_dict(state_dict, strict=True)
-        with deterministic_torch():
-            return evaluate(model, test)
 
-    return score
+def _evaluate_deterministic(model: nn.Module, data: EncodedSplit) -> tuple[float, float]:
+    """:func:`evaluate` with deterministic algorithms on, as in training."""
+    with deterministic_torch():
+        return evaluate(model, data)
+
+
+evaluator = recorded_evaluator(
+    TrainConfig,
+    _fresh_model,
+    lambda config: prepare_data(config)[1],
+    _evaluate_deterministic,
+    module=__name__,
+)

@@ -1,17 +1,13 @@
 """Command line of the mnist1d workflow: ``python -m workflows.mnist1d --out DIR [options]``.
 
-Owns the options (one per :class:`~workflows.mnist1d.config.TrainConfig` field, built by
-:mod:`workflows.cli_args`), the program's name and description, and which extras its
-progress lines show; parsing, training and printing are
-:func:`workflows.cli_args.run_recording_cli`.
+Every field of :class:`~workflows.mnist1d.config.TrainConfig` is an option, and
+:data:`CLI_OPTIONS` says what the architecture, optimiser, data and augmentation ones do;
+:func:`main`, made by :func:`workflows.cli_args.recording_main`, times every epoch.
 """
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Sequence
-
-from workflows.cli_args import Option, run_recording_cli
+from workflows.cli_args import Option, recording_main
 from workflows.mnist1d.config import TrainConfig
 from workflows.mnist1d.train import train_and_record
 
@@ -38,24 +34,13 @@ CLI_OPTIONS: dict[str, Option] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point: ``python -m workflows.mnist1d --out DIR [options]``.
-
-    Parameters
-    ----------
-    argv : sequence of str, optional
-        Arguments (default: ``sys.argv[1:]``).
-
-    Returns
-    -------
-    int
-        Exit status, 0 on success.
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m workflows.mnist1d",
-        description="Train a small model on MNIST-1D (generated offline) and save one "
-        "checkpoint per epoch.",
-    )
-    return run_recording_cli(
-        parser, TrainConfig, train_and_record, argv, options=CLI_OPTIONS, epoch_seconds=True
-    )
+main = recording_main(
+    prog="python -m workflows.mnist1d",
+    description="Train a small model on MNIST-1D (generated offline) and save one "
+    "checkpoint per epoch.",
+    config_cls=TrainConfig,
+    train_and_record=train_and_record,
+    module=__name__,
+    options=CLI_OPTIONS,
+    epoch_seconds=True,
+)

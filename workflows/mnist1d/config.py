@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from workflows.recording import CHECKPOINT_SUFFIX
+from workflows.recording import check_fields
 
 __all__ = ["AUGMENT_SEED_OFFSET", "MODELS", "N_CLASSES", "OPTIMIZERS", "SEQ_LEN", "TrainConfig"]
 
@@ -114,22 +114,9 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.fmt not in CHECKPOINT_SUFFIX:
-            raise ValueError(f"fmt must be 'pt' or 'safetensors', got {self.fmt!r}")
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.data_seed < 0:
-            raise ValueError(f"data_seed must be >= 0, got {self.data_seed}")
+        check_fields(self, fmt="'pt' or 'safetensors'", epochs=">= 0", lr="> 0")
+        check_fields(self, momentum="in [0, 1)", weight_decay=">= 0", batch_size=">= 1")
+        check_fields(self, seed=">= 0", data_seed=">= 0")
         if self.n_train < 1 or self.n_test < 1:
             raise ValueError(f"n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
         if (self.n_train + self.n_test) % N_CLASSES:
@@ -139,10 +126,5 @@ class TrainConfig:
             )
         if not 1 <= self.max_shift <= SEQ_LEN:
             raise ValueError(f"max_shift must be in 1..{SEQ_LEN}, got {self.max_shift}")
-        for name in ("offset_std", "slope_std", "noise_std"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        check_fields(self, offset_std=">= 0", slope_std=">= 0", noise_std=">= 0")
+        check_fields(self, channels=">= 1", hidden=">= 1")

@@ -1,22 +1,20 @@
 """Scoring MNIST-1D classifiers: test loss and accuracy.
 
-Owns :func:`evaluate` (the whole set in one batch, in eval mode) and :func:`evaluator`,
-which rebuilds a recorded run's test set to score any ``state_dict`` for
-``cmd-pipeline evaluate``.
+:func:`evaluate` scores the whole set of sequences in one batch, in eval mode;
+:func:`evaluator` (for ``cmd-pipeline evaluate``, made by
+:func:`workflows.recording.recorded_evaluator`) regenerates a recorded run's test set from
+its ``n_train``, ``n_test`` and ``data_seed`` and builds its model, to score any
+``state_dict``.
 """
 
 from __future__ import annotations
-
-import json
-from collections.abc import Callable
-from pathlib import Path
 
 from torch import Tensor, nn
 
 from workflows.mnist1d.config import TrainConfig
 from workflows.mnist1d.data import load_mnist1d_split
 from workflows.mnist1d.model import build_model
-from workflows.recording import evaluate_classifier
+from workflows.recording import TensorSplit, evaluate_classifier, recorded_evaluator
 
 __all__ = ["evaluate", "evaluator"]
 
@@ -27,28 +25,12 @@ def evaluate(model: nn.Module, X: Tensor, y: Tensor) -> tuple[float, float]:
     return evaluate_classifier(model, X, y)
 
 
-def evaluator(run_dir: str | Path) -> Callable[[dict[str, Tensor]], tuple[float, float]]:
-    """The test-set evaluation of a recorded run, for ``cmd-pipeline evaluate``.
-
-    Parameters
-    ----------
-    run_dir : str or Path
-        A folder written by :func:`~workflows.mnist1d.train.train_and_record` (its
-        ``run.json`` gives the config).
-
-    Returns
-    -------
-    callable
-        Maps a full state_dict (loaded with ``strict=True``) to ``(test loss, test
-        accuracy)``, exactly as recorded in ``run.json`` for the run's own checkpoints.
-    """
-    run = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8"))
-    config = TrainConfig(**run["config"])
-    model = build_model(config)
-    _, _, x_test, y_test = load_mnist1d_split(config.n_train, config.n_test, config.data_seed)
-
-    def score(state: dict[str, Tensor]) -> tuple[float, float]:
-        model.load_state_dict(state, strict=True)
-        return evaluate(model, x_test, y_test)
-
-    return score
+evaluator = recorded_evaluator(
+    TrainConfig,
+    build_model,
+    lambda config: TensorSplit.pair(
+        *load_mnist1d_split(config.n_train, config.n_test, config.data_seed)
+    )[1],
+    lambda model, test: evaluate(model, test.X, test.y),
+    module=__name__,
+)
