@@ -149,6 +149,21 @@ def _count_nonfinite_parts(parts: Sequence[tuple[str, np.ndarray]]) -> tuple[tup
     return tuple(out)
 
 
+def _apply_policy(
+    found: tuple[tuple[str, int], ...], nonfinite: str, spec: CheckpointSpec
+) -> tuple[tuple[str, int], ...]:
+    """``found`` (the NaN/Inf counts of one epoch's column), or the policy's refusal."""
+    if found and nonfinite == "error":
+        name, n = found[0]
+        raise InputError(
+            f"{n} NaN/Inf value(s) (policy nonfinite=error)",
+            path=spec.label,
+            epoch=spec.epoch,
+            key=name,
+        )
+    return found
+
+
 def _values(col: np.ndarray, seg: Segment) -> np.ndarray:
     """The values of the piece ``seg`` in the column ``col``."""
     return col[seg.out : seg.out + seg.stop - seg.start]
@@ -264,15 +279,7 @@ def write_chunk(
                     ) from e
         finally:
             prefetch(reader, [])  # the fetched bytes are not kept
-        found = _count_nonfinite(col, segments)
-        if found and nonfinite == "error":
-            name, n = found[0]
-            raise InputError(
-                f"{n} NaN/Inf value(s) (policy nonfinite=error)",
-                path=spec.label,
-                epoch=spec.epoch,
-                key=name,
-            )
+        found = _apply_policy(_count_nonfinite(col, segments), nonfinite, spec)
         counts.append(found)
 
         def values_of(seg: Segment, col: np.ndarray = col) -> np.ndarray:
@@ -363,15 +370,8 @@ def _copy_column(
         def values_of(seg: Segment) -> np.ndarray:
             return views[seg.name, seg.start]
 
-        found = _count_nonfinite_parts([(seg.name, values_of(seg)) for seg in segments])
-        if found and nonfinite == "error":
-            name, n = found[0]
-            raise InputError(
-                f"{n} NaN/Inf value(s) (policy nonfinite=error)",
-                path=spec.label,
-                epoch=spec.epoch,
-                key=name,
-            )
+        parts = [(seg.name, values_of(seg)) for seg in segments]
+        found = _apply_policy(_count_nonfinite_parts(parts), nonfinite, spec)
         digests = _digest_pieces(values_of, segments)
         file_blocks = _file_blocks(reader, spec, segments, values_of, files)
         grid.copy_chunk(r0, col0, pieces)
