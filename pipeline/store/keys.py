@@ -20,7 +20,7 @@ from typing import Any
 
 from zarr.core.sync import sync
 
-from pipeline.buffers import WRITE_PIECE, write_all
+from pipeline.buffers import write_all
 
 __all__ = [
     "copy_file",
@@ -119,14 +119,17 @@ def copy_file(path: Path, pieces: Sequence[tuple[str, int, int]], tail: Any = b"
     """
 
     def fill(fd: int) -> None:
-        at = 0
-        for src_path, begin, end in pieces:
-            src = os.open(src_path, os.O_RDONLY)
-            try:
-                _copy_range(src, fd, begin, end - begin, at, src_path)
-            finally:
+        sources: dict[str, int] = {}  # each file opened once
+        try:
+            at = 0
+            for src_path, begin, end in pieces:
+                if src_path not in sources:
+                    sources[src_path] = os.open(src_path, os.O_RDONLY)
+                _copy_range(sources[src_path], fd, begin, end - begin, at, src_path)
+                at += end - begin
+        finally:
+            for src in sources.values():
                 os.close(src)
-            at += end - begin
         os.lseek(fd, at, os.SEEK_SET)
         write_all(lambda piece: os.write(fd, piece), tail)
 
@@ -152,11 +155,8 @@ def _copy_range(src: int, dst: int, begin: int, n: int, at: int, name: str) -> N
         else:
             data = os.pread(src, min(n - done, 8 << 20), begin + done)
             got = len(data)
-            if got:
-                view = memoryview(data)
-                w = 0
-                while w < got:
-                    w += os.pwrite(dst, view[w : w + WRITE_PIECE], at + done + w)
+            os.lseek(dst, at + done, os.SEEK_SET)
+            write_all(lambda piece: os.write(dst, piece), data)
         if got == 0:
             raise OSError(errno.EIO, f"{name} ended at byte {begin + done}, before {begin + n}")
         done += got
