@@ -60,10 +60,10 @@ def read_block64(
     reused scratch), rows with a NaN/Inf zeroed; which rows those are (a boolean mask), the
     bytes read."""
     rows, t = r1 - r0, len(cols)
-    x = scratch("baseline-block", t * rows).reshape(t, rows)
-    nbytes = grid.read_rows(r0, r1, cols, x)
+    x, nbytes = grid.rows_block(r0, r1, cols, "baseline-block")  # mapped where it can be
     x64 = scratch("baseline-block64", t * rows, np.float64).reshape(t, rows)
-    np.copyto(x64, x)
+    np.copyto(x64, x)  # exact from every stored dtype
+    del x
     bad = zero_nonfinite(x64)
     return x64, bad, nbytes
 

@@ -92,14 +92,15 @@ def fit_task(
     rows = plan.r1 - plan.r0
     fit = _fit_frozen(grid, plan, cols) if plan.frozen and not plan.ref_pos else None
     if fit is None:
-        # a 16-bit trajectory is read as stored (half the bytes) and upcast inside the kernel
-        x = _time_major(len(cols), rows, grid.np_dtype)
-        grid.read_rows(plan.r0, plan.r1, cols, x)
+        # a 16-bit trajectory is read as stored (half the bytes) and upcast inside the kernel;
+        # local raw stores give the chunk files' pages themselves, mapped (no copy)
+        x, _ = grid.rows_block(plan.r0, plan.r1, cols, "fit-block")
         ref_rows = (
             np.asarray(plan.ref_pos, dtype=np.int64),
             np.asarray(plan.ref_ids, dtype=np.int64),
         )
         fit = _fit_on_gpu(_as_float32(x), refs, ref_rows) if gpu else _fit_on_cpu(x, refs, ref_rows)
+        del x  # a mapped block is unmapped here
     flags = fit.flags
     if plan.sample_pos:
         flags[np.asarray(plan.sample_pos)] |= FLAG_SAMPLED
@@ -430,10 +431,9 @@ def scan_task(
     """The varying rows of one block, per layer piece: exact counts and up to ``k`` of them in
     an order drawn from a generator seeded by ``(seed, block index)`` (the same whatever
     worker runs it); and the bytes read."""
-    rows = plan.r1 - plan.r0
-    x = _time_major(len(cols), rows)
-    nbytes = grid.read_rows(plan.r0, plan.r1, cols, x)
+    x, nbytes = grid.rows_block(plan.r0, plan.r1, cols, "fit-block", np.float32)
     ok = varying_rows(x)
+    del x  # a mapped block is unmapped here
     rng = np.random.default_rng([seed, 2, plan.index])
     pools = []
     for lid, lo, hi in plan.layers:

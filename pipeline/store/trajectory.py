@@ -51,7 +51,7 @@ from zarr.core.buffer.cpu import Buffer
 
 from pipeline.buffers import scratch
 from pipeline.errors import StoreError
-from pipeline.store import keys, remote
+from pipeline.store import keys, mapped, remote
 from pipeline.store.dtypes import narrow, numpy_dtype, register_bfloat16
 from pipeline.store.meta_arrays import consolidate, open_root, read_tables, resize, write_tables
 from pipeline.store.schema import (
@@ -577,6 +577,8 @@ class ChunkGrid:
                     dest = out[ks[0], lo - r0 : hi - r0]
                     _pread_exact(path, dest, (lo - c0) * isz)
                     nbytes += dest.nbytes
+                    for k in ks[1:]:  # a column asked for twice is read once
+                        out[k, lo - r0 : hi - r0] = dest
                     continue
                 if chunk_part is None or chunk_part.shape[0] < hi - lo:
                     chunk_part = np.empty((hi - lo, tc), dtype=self.np_dtype)
@@ -586,6 +588,45 @@ class ChunkGrid:
                 for k in ks:
                     out[k, lo - r0 : hi - r0] = part[:, int(cols[k]) % tc]
         return nbytes
+
+    def map_rows(self, r0: int, r1: int, cols: np.ndarray) -> np.ndarray | None:
+        """Rows ``[r0, r1)`` at columns ``cols`` as a time-major ``(len(cols), r1 - r0)`` array
+        of the stored dtype whose rows are the chunk files' own pages, mapped
+        (:func:`pipeline.store.mapped.map_ranges`), not copied; None where that cannot be done
+        (remote or compressed stores, several epochs per chunk, a block across chunks or not
+        on page boundaries, no ``mmap``): then :meth:`read_rows`.
+
+        The bytes are those :meth:`read_rows` would read (a file shorter than its range, or a
+        missing one, raises StoreError). Writing into the array never reaches the store.
+        """
+        root = self.local_root
+        if root is None or self.time_chunk != 1 or r1 <= r0 or not mapped.available():
+            return None
+        cr, isz = self.chunk_rows, self.itemsize
+        i = r0 // cr
+        offset, nbytes = (r0 - i * cr) * isz, (r1 - r0) * isz
+        if (r1 - 1) // cr != i or offset % mapped.PAGE or nbytes % mapped.PAGE:
+            return None
+        parts = [[(os.path.join(root, str(i), str(int(c))), offset, nbytes)] for c in cols]
+        try:
+            return mapped.map_ranges(parts, r1 - r0, self.np_dtype)
+        except OSError:  # a file system without mmap, no address space: read instead
+            return None
+
+    def rows_block(
+        self, r0: int, r1: int, cols: np.ndarray, key: str, dtype: Any = None
+    ) -> tuple[np.ndarray, int]:
+        """Rows ``[r0, r1)`` at columns ``cols``, time-major ``(len(cols), r1 - r0)``, and the
+        bytes it holds from storage: the mapped chunk pages (:meth:`map_rows`) when the store
+        holds ``dtype`` (default: the stored dtype), else read (:meth:`read_rows`) into the
+        calling thread's reused buffer ``key``, valid until that key's next use."""
+        dt = self.np_dtype if dtype is None else np.dtype(dtype)
+        if dt == self.np_dtype:
+            x = self.map_rows(r0, r1, cols)
+            if x is not None:  # the bytes of each column once, as read_rows counts them
+                return x, len(set(cols.tolist())) * (r1 - r0) * self.itemsize
+        x = scratch(key, len(cols) * (r1 - r0), dt).reshape(len(cols), r1 - r0)
+        return x, self.read_rows(r0, r1, cols, x)
 
     def read_scattered(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, int]:
         """Profiles of a few rows: (len(rows), len(cols)) float32, and the bytes read.
