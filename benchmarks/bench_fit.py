@@ -4,10 +4,13 @@ In one run, on one synthetic trajectory store (planted modes plus noise, written
 store API; default N = 2e7, T = 50: 4 GB of float32 on disk):
 
 1. ``read``: one plain read of every row block through the same I/O path and runtime as the
-   fit (the embedded LocalCluster, 2 single-threaded worker processes);
+   fit (the embedded LocalCluster, 2 single-threaded worker processes), into each worker
+   thread's reused buffer;
 2. ``fit-numba`` / ``fit-numpy``: ``pipeline.fit`` (sampling, clustering, the pass over all
    rows, summaries) with each CPU kernel (``--kernels``; the fused numba kernel is the
-   default one), each a new study, deleted after it is timed;
+   default one), each a new study, deleted after it is timed; with ``--compare-read`` also
+   ``fit-*-read``: the same fit with each block read into a buffer instead of mapped from the
+   chunk files (``CMD_PIPELINE_NO_MMAP=1`` on the workers);
 3. ``in-memory``: the straightforward version of the paper's algorithm as the research code
    writes it: the whole N x T float32 matrix in RAM and float32 one-pass raw-moment statistics
    (run in a separate process so that its peak RSS is its own; skipped when the matrix would
@@ -22,6 +25,10 @@ of 3, the process's ``ru_maxrss``. Usage::
     .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --modes 10 --repeat 3
     .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --kernels numba \
         --block-rows 32768,131072 --repeat 2 --no-baseline      # rows per task
+    .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --kernels numba \
+        --compare-read --repeat 3 --no-baseline                  # mapped against read blocks
+    .venv/bin/python benchmarks/bench_fit.py --n 1e7 --epochs 100 --kernels numba \
+        --compare-read --drop-caches --repeat 2 --no-baseline    # the same from disk (root)
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from dask import delayed
 
 import pipeline
 from pipeline.bench.common import PeakRSS, in_memory_baseline, synthetic_store
+from pipeline.buffers import scratch
 from pipeline.config import FIT_BLOCK_BYTES, FIT_KERNEL_ENV
 from pipeline.plan import blocks, fit_block_rows
 from pipeline.runtime import RuntimeOptions, runner
@@ -49,8 +57,24 @@ from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 
 def _read_task(grid: ChunkGrid, r0: int, r1: int, cols: np.ndarray) -> int:
-    out = np.empty((len(cols), r1 - r0), dtype=grid.np_dtype)  # the stored bytes, as stored
+    """The plain read: the stored bytes, as stored, into the worker thread's reused buffer
+    (a fresh array per task would also time the first touch of its pages)."""
+    out = scratch("bench-read", len(cols) * (r1 - r0), grid.np_dtype).reshape(len(cols), r1 - r0)
     return grid.read_rows(r0, r1, cols, out)
+
+
+def _drop_caches() -> None:
+    """Write back, then drop the clean page cache (``echo 1 > /proc/sys/vm/drop_caches``)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,12 +95,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="rows per fit task, comma list (each a divisor or multiple of the store's chunk "
                          "rows); every kernel runs once per value [the fit's default]")
     ap.add_argument("--no-baseline", action="store_true", help="skip the in-memory algorithm")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="empty the page cache before every timed run (root; Linux): the store is read from disk")
+    ap.add_argument("--compare-read", action="store_true",
+                    help="also fit with the blocks read into a buffer instead of mapped (CMD_PIPELINE_NO_MMAP=1)")
     ap.add_argument("--baseline", metavar="URL", help=argparse.SUPPRESS)  # internal: run the baseline
     a = ap.parse_args(argv)
     if a.baseline:
         print(json.dumps(in_memory_baseline(a.baseline, a.modes, a.samples, 0)))
         return 0
     n = int(a.n)
+    if a.drop_caches and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        ap.error("--drop-caches needs write access to /proc/sys/vm/drop_caches (root, Linux)")
     url = os.path.abspath(a.store)
     shutil.rmtree(url, ignore_errors=True)
     t = time.perf_counter()
@@ -94,10 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
         sizes = [int(float(v)) for v in a.block_rows.split(",") if v.strip()] or [None]
 
-        def run_name(k: str, br: int | None) -> str:
-            return f"fit-{k}" if len(sizes) == 1 and br is None else f"fit-{k}-{br or s_rows}rows"
+        paths = ["map", "read"] if a.compare_read else ["map"]
 
-        runs: dict[str, list[dict]] = {"read": [], **{run_name(k, br): [] for k in kernels for br in sizes}}
+        def run_name(k: str, br: int | None, path: str = "map") -> str:
+            name = f"fit-{k}" if len(sizes) == 1 and br is None else f"fit-{k}-{br or s_rows}rows"
+            return name if path == "map" else f"{name}-read"
+
+        runs: dict[str, list[dict]] = {
+            "read": [], **{run_name(k, br, p): [] for k in kernels for br in sizes for p in paths}
+        }
         with runner(RuntimeOptions(workers=a.workers, progress=False)) as run:
             assert run.client is not None
             tasks = [delayed(_read_task, pure=False)(grid, r0, r1, cols) for r0, r1 in blocks(n, s_rows)]
@@ -110,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows["kernel_load_seconds"] = time.perf_counter() - t
                 print(f"  numba kernel compiled or loaded: {rows['kernel_load_seconds']:.2f} s", flush=True)
             for i in range(a.repeat):
+                if a.drop_caches:
+                    _drop_caches()
                 with PeakRSS(0.2) as rss:  # sparse sampling: the sampler competes with 2 workers for 2 cores
                     t = time.perf_counter()
                     nbytes = sum(run.compute(tasks, "read"))
@@ -118,9 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                 for k in kernels:
                     os.environ[FIT_KERNEL_ENV] = k  # the client compiles it, the workers run it
                     run.client.run(os.environ.__setitem__, FIT_KERNEL_ENV, k)
-                    for br in sizes:
-                        key = run_name(k, br)
-                        name = f"bench-{k}-{br}-{i}"
+                    for br, path in [(br, p) for br in sizes for p in paths]:
+                        key = run_name(k, br, path)
+                        name = f"bench-{k}-{br}-{path}-{i}"
+                        no_mmap = "1" if path == "read" else None
+                        _set_env("CMD_PIPELINE_NO_MMAP", no_mmap)
+                        run.client.run(_set_env, "CMD_PIPELINE_NO_MMAP", no_mmap)
+                        if a.drop_caches:
+                            _drop_caches()
                         with PeakRSS(0.2) as rss:  # sparse sampling: the sampler competes with 2 workers for 2 cores
                             t = time.perf_counter()
                             res = pipeline.fit(url, name, modes=a.modes, samples=a.samples, block_rows=br, run=run)
@@ -132,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                         AnalysisGroup(url, name).delete()
                         print(f"  {key} {i}: {runs[key][-1]['seconds']:.2f} s", flush=True)
         os.environ.pop(FIT_KERNEL_ENV, None)
+        os.environ.pop("CMD_PIPELINE_NO_MMAP", None)
         for key, rs in runs.items():
             med = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]
             rows[key] = {**med, "all_seconds": [r["seconds"] for r in rs], "peak_rss_GB": max(r["peak_rss_GB"] for r in rs)}

@@ -58,3 +58,42 @@ def test_all_nan_chunk_is_written(tmp_path: Path, codec: str) -> None:
     grid = ChunkGrid(st.url, 6, 3, 1, codec)
     grid.write(0, 1, np.full((3, 1), np.nan, dtype=np.float32))
     assert st.existing_chunks() == {(0, 1)}
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="no posix_fadvise")
+def test_scattered_read_prefetches_when_the_first_column_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the first column's values took disk time, every other value's page is asked for
+    at once (posix_fadvise WILLNEED, one per value of the other columns); the values read are
+    the same either way, and a fast first column asks for nothing."""
+    import os
+
+    from pipeline.store import trajectory
+
+    shape, chunks = (50, 4), (20, 1)
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    url = tmp_path / "s.zarr"
+    g = zarr.open_group(url, mode="a", use_consolidated=False)
+    g.create_array("trajectory", shape=shape, chunks=chunks, dtype="float32",
+                   fill_value=np.float32("nan"), compressors=None)  # fmt: skip
+    grid = ChunkGrid(str(url), shape[0], chunks[0], chunks[1], "none")
+    for r0 in range(0, shape[0], chunks[0]):
+        for c0 in range(shape[1]):
+            grid.write(r0, c0, np.ascontiguousarray(x[r0 : r0 + chunks[0], c0 : c0 + 1]))
+    rows, cols = np.array([41, 3, 22, 7]), np.array([3, 0, 1])
+    asked: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, n: int, advice: int) -> None:
+        asked.append((offset, n))
+        real(fd, offset, n, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    fast, _ = grid.read_scattered(rows, cols)
+    assert asked == []
+    monkeypatch.setattr(trajectory, "_DISK_READ_S", -1.0)  # every first column counts as slow
+    slow, nbytes = grid.read_scattered(rows, cols)
+    assert sorted(asked) == sorted(((r % 20) * 4, 4) for r in rows for _c in cols[1:])
+    assert fast.tobytes() == slow.tobytes() == x[np.ix_(rows, cols)].tobytes()
+    assert nbytes == rows.size * cols.size * 4
