@@ -394,6 +394,7 @@ def fit(
                 diagnostics=bool(diagnostics),
             )
             ag.set_attrs(
+                consolidated=False,  # the study enters the consolidated metadata complete
                 config=config,
                 trajectory_fingerprint=plan.fingerprint,
                 package_version=__version__,

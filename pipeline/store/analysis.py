@@ -226,15 +226,18 @@ class AnalysisGroup:
         """Which per-row arrays this study holds (:class:`StudyLayout`)."""
         return StudyLayout.of(self.attrs())
 
-    def set_attrs(self, **fields: Any) -> None:
+    def set_attrs(self, *, consolidated: bool = True, **fields: Any) -> None:
         """Update the analysis attribute; a study keeps the version it was created with (an
-        evaluation of a version-1 study does not relabel its arrays)."""
+        evaluation of a version-1 study does not relabel its arrays). ``consolidated=False``
+        leaves the store's consolidated metadata as it is (a fit's intermediate states: the
+        study appears there when it completes, a walk of every study's arrays saved)."""
         g = self.group()
         cur = dict(g.attrs.get(ANALYSIS_ATTR) or {})
         cur.update(fields, schema=ANALYSIS_SCHEMA)
         cur.setdefault("version", ANALYSIS_VERSION)
         g.attrs[ANALYSIS_ATTR] = cur
-        consolidate(self.url)
+        if consolidated:
+            consolidate(self.url)
 
     def delete(self) -> None:
         """Remove this analysis only (its siblings and the trajectory stay)."""
@@ -275,22 +278,21 @@ class AnalysisGroup:
         window = small.get("epochs", small.get("refs", np.zeros((0, 1))).T)
         n_window = int(np.asarray(window).shape[0])
         kinds = StudyLayout(ANALYSIS_VERSION, diagnostics).per_row(n_modes, n_window)
-        for name, dt in kinds.items():
-            _create_result_array(g, name, shape=(n_rows,), chunks=chunk, dtype=dt, fill_value=0)
-        _create_result_array(
-            g,
+        specs: list[tuple[str, dict[str, Any], np.ndarray | None]] = [
+            (name, {"shape": (n_rows,), "chunks": chunk, "dtype": dt, "fill_value": 0}, None)
+            for name, dt in kinds.items()
+        ]
+        specs.append((
             "block_stats",
-            shape=(n_blocks, stats_width),
-            chunks=(1, stats_width),
-            dtype="float64",
-            fill_value=np.nan,
-        )
+            {"shape": (n_blocks, stats_width), "chunks": (1, stats_width), "dtype": "float64",
+             "fill_value": np.nan},
+            None,
+        ))  # fmt: skip
         for name, arr in small.items():
-            a = _create_result_array(
-                g, name, shape=arr.shape, chunks=arr.shape or (1,), dtype=arr.dtype, fill_value=0
-            )
-            a[...] = arr
-        # consolidated by the set_attrs that follows (the fit records its configuration next)
+            kw = {"shape": arr.shape, "chunks": arr.shape or (1,), "dtype": arr.dtype, "fill_value": 0}
+            specs.append((name, kw, arr))
+        _create_result_arrays(g, specs)
+        # consolidated when the fit completes (its last set_attrs)
 
     def require_array(
         self,
@@ -452,6 +454,34 @@ def _create_result_array(
         config={"write_empty_chunks": True},
         dimension_names=result_dims(name, len(shape)),
     )
+
+
+def _create_result_arrays(
+    g: Any, specs: Sequence[tuple[str, dict[str, Any], np.ndarray | None]]
+) -> None:
+    """Several result arrays of group ``g`` made as :func:`_create_result_array` makes one,
+    ``(name, shape/chunks/dtype/fill_value, values or None)`` each, the values written: all in
+    one round trip through zarr's event loop (a study's 10-20 arrays, one after the other,
+    took 0.1 s)."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def make(name: str, kw: dict[str, Any], values: np.ndarray | None) -> None:
+        arr = await g._async_group.create_array(
+            name,
+            compressors=None,
+            config={"write_empty_chunks": True},
+            dimension_names=result_dims(name, len(kw["shape"])),
+            **kw,
+        )
+        if values is not None:
+            await arr.setitem(Ellipsis, values)
+
+    async def make_all() -> None:
+        await asyncio.gather(*(make(*spec) for spec in specs))
+
+    sync(make_all())
 
 
 def open_result(url: str, name: str, array: str) -> Any:

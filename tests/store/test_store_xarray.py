@@ -58,6 +58,13 @@ def test_every_array_has_dimension_names_and_xarray_reads_all_groups(tmp_path: P
     store = tmp_path / "s.zarr"
     pipeline.ingest(paths, store, runtime=SYNC, chunk_rows=32)
     pipeline.fit(store, "s", modes=2, samples=40, runtime=SYNC)
+    # the fit consolidates once, at its end: the study is there, complete, every array of it
+    import json
+
+    cons = json.loads((store / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert cons["analyses/s"]["attributes"]["cmd_pipeline_analysis"]["status"] == "complete"
+    on_disk = {str(p.parent.relative_to(store)) for p in (store / "analyses" / "s").rglob("zarr.json")}
+    assert on_disk - {"analyses/s"} and on_disk <= set(cons)
     pipeline.reconstruct(store, "s", runtime=SYNC)
     missing = []
 
