@@ -31,9 +31,19 @@ import numpy as np
 from _common import PeakRSS
 
 
-def make_run(root: Path, n: int, epochs: int, seed: int = 0) -> int:
-    """A model-like run: 8 layers of (weight, bias) adding up to n float32 parameters."""
+def make_run(root: Path, n: int, epochs: int, seed: int = 0, dtype: str = "float32") -> int:
+    """A model-like run: 8 layers of (weight, bias) adding up to n parameters of ``dtype``
+    (float32; bfloat16 or float16: rounded from the float32 values, saved through torch)."""
     from safetensors.numpy import save_file
+
+    if dtype != "float32":
+        import torch
+        from safetensors.torch import save_file as save_torch
+
+        tdt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+        def save_file(tensors: dict, path: str) -> None:  # the 16-bit writer
+            save_torch({k: torch.from_numpy(v).to(tdt) for k, v in tensors.items()}, path)
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Ingest reads each input byte once: wall time and bytes read against ``cp -r``.
 
-Writes a run of float32 safetensors checkpoints (``--epochs`` x ``--n`` parameters: 40 x 5e7
-is 8 GB), then, in the same run and from the same cache state (every input file read into the
+Writes a run of float32 (or ``--dtype`` bfloat16/float16) safetensors checkpoints
+(``--epochs`` x ``--n`` parameters: 40 x 5e7 float32 is 8 GB), then, in the same run and from the same cache state (every input file read into the
 page cache just before; outputs deleted and ``sync``-ed between runs):
 
 0. before every run: the outputs deleted and written back, every input read (into the page
@@ -137,7 +137,9 @@ def _default_pretouch(nbytes: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=float, default=5e7, help="parameters per checkpoint (float32)")
+    ap.add_argument("--n", type=float, default=5e7, help="parameters per checkpoint")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="the checkpoints' dtype (16-bit runs make 16-bit stores)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians reported)")
     ap.add_argument("--workdir", default="bench-output/ingest-once-work")
@@ -159,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         variants += [("old", "cluster", str(Path(a.old).resolve())), ("old", "sync", str(Path(a.old).resolve()))]
     runs: dict[str, list[dict[str, float]]] = {"cp": []}
     try:
-        print(f"generating {a.epochs} x {a.n:.3g} float32 parameters ...", flush=True)
-        nbytes = make_run(ck, int(a.n), a.epochs)
+        print(f"generating {a.epochs} x {a.n:.3g} {a.dtype} parameters ...", flush=True)
+        nbytes = make_run(ck, int(a.n), a.epochs, dtype=a.dtype)
         pre = a.pretouch if a.pretouch is not None else _default_pretouch(nbytes)
         for _ in range(a.repeat):
             _fresh(ck, copy, store, pretouch=pre)
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"input_bytes": nbytes, "medians": rows, "runs": runs}, indent=2))
-    print(f"input: {a.epochs} x {a.n:.3g} float32 = {nbytes / 1e9:.2f} GB, in the page cache before every run; "
+    print(f"input: {a.epochs} x {a.n:.3g} {a.dtype} = {nbytes / 1e9:.2f} GB, in the page cache before every run; "
           f"{pre:.1f} GB touched and freed before every run; medians of {a.repeat}")
     print("| run | s | / cp -r | s with sync | / cp -r | bytes read (rchar) per input byte |")
     print("|---|---|---|---|---|---|")

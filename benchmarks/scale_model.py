@@ -4,8 +4,10 @@ In one run, on this machine:
 
 1. **Measure** (in-process, single-threaded, on a calibration store of ``--cal-blocks`` row
    blocks of the fit's default block size; synthetic planted modes, T = ``--epochs``):
-   - ``c_read``: seconds per byte of ``ChunkGrid.read_rows`` into the reused time-major buffer;
-   - ``c_kernel``: seconds per value of ``fit_block_fused`` on that block (float32 as read;
+   - ``c_read``: seconds per byte of getting the block as ``fit_task`` does
+     (``ChunkGrid.rows_block``: mapped from the chunk files where the store allows, else read
+     into the reused time-major buffer);
+   - ``c_kernel``: seconds per value of ``fit_block_fused`` on that block (float32 as stored;
      also on the block as bfloat16 bits, ``dtype_code="bfloat16"``);
    - ``c_write`` + ``c_write0``: the rest of ``fit_task`` (sums, 6 result chunks and the
      ``block_stats`` row): ``fit_task`` itself on a block of a real study minus the read and
@@ -146,13 +148,12 @@ def _noop(i: int) -> int:
 
 
 def _read_kernel_task(grid: Any, r0: int, r1: int, cols: np.ndarray, refs: Any) -> float:
-    from pipeline.graph.fit import _time_major
     from pipeline.kernels import cmd_numba
 
     t0 = time.perf_counter()
-    x = _time_major(len(cols), r1 - r0)
-    grid.read_rows(r0, r1, cols, x)
+    x, _ = grid.rows_block(r0, r1, cols, "fit-block")  # as the fit: mapped where it can be
     cmd_numba.fit_block_fused(x, refs)
+    del x
     return time.perf_counter() - t0
 
 
@@ -188,7 +189,7 @@ def measure(url: str, n_cal: int, t: int, modes: int, samples: int, run: Any, no
     from dask import delayed
 
     import pipeline
-    from pipeline.graph.fit import _time_major, fit_task
+    from pipeline.graph.fit import fit_task
     from pipeline.kernels import cmd_numba
     from pipeline.kernels.cluster import cluster_modes
     from pipeline.kernels.cmd import References, pearson
@@ -231,9 +232,10 @@ def measure(url: str, n_cal: int, t: int, modes: int, samples: int, run: Any, no
         sl = StatsLayout(n_modes, t, max(len(p.layers) for p in plans))
         layouts[r] = (sl, ag)
         for p in plans[:24]:
-            x = _time_major(t, p.r1 - p.r0)
             t0 = time.perf_counter()
-            grid.read_rows(p.r0, p.r1, cols, x)
+            # as fit_task gets its block: mapped from the chunk files where it can be (then
+            # the kernel's time includes the page faults), else read into the reused buffer
+            x, _ = grid.rows_block(p.r0, p.r1, cols, "fit-block")
             t1 = time.perf_counter()
             cmd_numba.fit_block_fused(x, refs)
             t2 = time.perf_counter()

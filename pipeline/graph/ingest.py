@@ -183,10 +183,12 @@ def _file_blocks(
     segments: Sequence[Segment],
     values_of: Callable[[Segment], np.ndarray],
     files: Sequence[FileBlocks],
+    raw_bytes: Callable[[Segment], np.ndarray] | None = None,
 ) -> tuple[tuple[int, tuple[BlockRun, ...]], ...]:
     """Digest the blocks ``files`` of the checkpoint's files from the raw bytes of the tensor
     pieces (``values_of(seg)``: their float32 values, which give the raw bytes back exactly,
-    see :func:`~pipeline.plan.ingest.plan_digests`)."""
+    see :func:`~pipeline.plan.ingest.plan_digests`; or ``raw_bytes(seg)``, the file's bytes
+    themselves, where the caller has them)."""
     if not files:
         return ()
     hashers = {fb.file: BlockHasher(fb.layout.size, fb.layout.ranges, fb.ranges) for fb in files}
@@ -197,7 +199,7 @@ def _file_blocks(
         spans = spans_of(reader, seg.name)
         if spans is None or dtype not in EXACT_RAW:
             continue
-        raw = raw_of(values_of(seg), dtype)
+        raw = raw_of(values_of(seg), dtype) if raw_bytes is None else raw_bytes(seg)
         assert raw is not None
         data = memoryview(np.ascontiguousarray(raw).view(np.uint8))  # type: ignore[arg-type]
         isz = RAW_NUMPY[dtype].itemsize
@@ -300,22 +302,23 @@ def _copyable(
 ) -> list[tuple[str, int, int]] | None:
     """The ``(file, begin, end)`` byte ranges of local files whose bytes, in order, are the
     column of ``rows`` rows that ``segments`` make, when the chunk can be copied from them as
-    they are (:meth:`ChunkGrid.can_copy`; float32 tensors whose bytes the reader locates, one
-    range per piece); None otherwise (the column is then read and written)."""
+    they are (:meth:`ChunkGrid.can_copy`; tensors of the stored dtype whose bytes the reader
+    locates, one range per piece); None otherwise (the column is then read and written)."""
     if not grid.can_copy():
         return None
     dtypes = {t.name: t.dtype for t in reader.tensors()}
+    isz = grid.itemsize
     out: list[tuple[str, int, int]] = []
     pos = 0
     for seg in segments:
-        if seg.out != pos or dtypes.get(seg.name) != "float32":
+        if seg.out != pos or dtypes.get(seg.name) != grid.dtype:
             return None
         spans = spans_of(reader, seg.name)
         if spans is None:
             return None
         parts = list(
             piece_spans(
-                [(k, a, b) for k, (_p, a, b) in enumerate(spans)], seg.start * 4, seg.stop * 4
+                [(k, a, b) for k, (_p, a, b) in enumerate(spans)], seg.start * isz, seg.stop * isz
             )
         )
         if len(parts) != 1:
@@ -362,18 +365,32 @@ def _copy_column(
             m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             stack.callback(_close_map, m)
             mapped[path] = (np.frombuffer(m, dtype=np.uint8), (st.st_size, st.st_mtime_ns))
-        views = {
-            (seg.name, seg.start): mapped[p][0][a:b].view("<f4")
+        if grid.dtype == "float32":  # the values where they lie
+            views = {
+                (seg.name, seg.start): mapped[p][0][a:b].view("<f4")
+                for seg, (p, a, b) in zip(segments, pieces, strict=True)
+            }
+        else:  # 16-bit: checked and digested as float32, as the read path does (exact)
+            col = _column_buffer(sum(seg.stop - seg.start for seg in segments))
+            views = {}
+            for seg, (p, a, b) in zip(segments, pieces, strict=True):
+                views[seg.name, seg.start] = v = _values(col, seg)
+                _upcast16(mapped[p][0][a:b], grid.dtype, v)
+        raws = {
+            (seg.name, seg.start): mapped[p][0][a:b]
             for seg, (p, a, b) in zip(segments, pieces, strict=True)
         }
 
         def values_of(seg: Segment) -> np.ndarray:
             return views[seg.name, seg.start]
 
+        def raw_bytes(seg: Segment) -> np.ndarray:
+            return raws[seg.name, seg.start]
+
         parts = [(seg.name, values_of(seg)) for seg in segments]
         found = _apply_policy(_count_nonfinite_parts(parts), nonfinite, spec)
         digests = _digest_pieces(values_of, segments)
-        file_blocks = _file_blocks(reader, spec, segments, values_of, files)
+        file_blocks = _file_blocks(reader, spec, segments, values_of, files, raw_bytes)
         grid.copy_chunk(r0, col0, pieces)
         for path, (_arr, ident) in mapped.items():  # what was digested is what was copied
             st = os.stat(path)
@@ -384,8 +401,19 @@ def _copy_column(
                     epoch=spec.epoch,
                 )
         views.clear()
+        raws.clear()
         mapped.clear()
     return (found,), (digests,), (file_blocks,)
+
+
+def _upcast16(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """The little-endian float16 or bfloat16 values of the bytes ``raw`` into float32 ``out``
+    (exact: every 16-bit float is a float32)."""
+    bits = raw.view("<u2")
+    if dtype == "bfloat16":  # a bfloat16 is the top half of the float32 of the same value
+        np.left_shift(bits, 16, out=out.view(np.uint32), dtype=np.uint32)
+    else:
+        out[...] = bits.view("<f2")
 
 
 def _close_map(m: mmap.mmap) -> None:

@@ -763,22 +763,23 @@ class ChunkGrid:
 
     def can_copy(self) -> bool:
         """Whether :meth:`copy_chunk` can write this store's chunks: a local, uncompressed
-        float32 store of one epoch per chunk."""
-        return self.local_root is not None and self.dtype == "float32" and self.time_chunk == 1
+        store of one epoch per chunk (any stored dtype: float32, float16, bfloat16)."""
+        return self.local_root is not None and self.time_chunk == 1
 
     def copy_chunk(self, r0: int, col0: int, pieces: Sequence[tuple[str, int, int]]) -> None:
         """Write the chunk of rows from ``r0`` at epoch ``col0`` as the bytes of ``pieces``
-        (``(file, begin, end)``: little-endian float32 values, in row order), copied by the
-        kernel (:func:`pipeline.store.keys.copy_file`), then the NaN fill of the rows past them
-        (an edge chunk): the bytes :meth:`write` would write of the same values. Only where
-        :meth:`can_copy`."""
+        (``(file, begin, end)``: little-endian values of the stored dtype, in row order),
+        copied by the kernel (:func:`pipeline.store.keys.copy_file`), then the NaN fill of the
+        rows past them (an edge chunk): the bytes :meth:`write` would write of the same
+        values. Only where :meth:`can_copy`."""
         if not self.can_copy():
-            raise StoreError("copy_chunk needs a local, uncompressed float32 store, one epoch per chunk")
+            raise StoreError("copy_chunk needs a local, uncompressed store, one epoch per chunk")
+        isz = self.itemsize
         nbytes = sum(b - a for _p, a, b in pieces)
-        full = self.chunk_rows * 4
-        if nbytes % 4 or nbytes > full or r0 % self.chunk_rows:
+        full = self.chunk_rows * isz
+        if nbytes % isz or nbytes > full or r0 % self.chunk_rows:
             raise StoreError(f"copy_chunk: {nbytes} bytes do not fill a chunk of {full} from row {r0}")
-        tail = np.full((full - nbytes) // 4, np.nan, dtype="<f4")
+        tail = np.full((full - nbytes) // isz, np.nan, dtype=self.np_dtype).view(np.uint8)
         root = self.local_root
         assert root is not None
         keys.copy_file(Path(root, str(r0 // self.chunk_rows), str(col0)), pieces, tail)

@@ -37,11 +37,17 @@ def _without_copy(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ChunkGrid, "can_copy", lambda self: False)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "pt", "sharded"])
+@pytest.mark.parametrize(
+    ("fmt", "dtype"),
+    [("safetensors", "float32"), ("pt", "float32"), ("sharded", "float32"),
+     ("safetensors", "bfloat16"), ("pt", "float16")],
+)  # fmt: skip
 def test_copied_store_is_the_written_store_bit_for_bit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copies: list[int], fmt: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, copies: list[int], fmt: str, dtype: str
 ) -> None:
-    sds = net_state_dicts(3)
+    """16-bit runs make 16-bit stores (the bytes copied as they are; checked and digested as
+    their float32 values, as the read path does)."""
+    sds = net_state_dicts(3, dtype=dtype)
     sds[1]["fc.weight"][0, 0] = float("nan")  # counted alike
     paths = write_run(tmp_path / "run", sds, fmt)
     copied, written = tmp_path / "copied.zarr", tmp_path / "written.zarr"
@@ -58,6 +64,7 @@ def test_copied_store_is_the_written_store_bit_for_bit(
     assert len(chunks) == n_chunks and {k: a[k] for k in chunks} == {k: b[k] for k in chunks}
     meta_a = pipeline.open_store(str(copied)).meta
     meta_b = pipeline.open_store(str(written)).meta
+    assert meta_a.store_dtype == meta_b.store_dtype == dtype
     assert meta_a.epochs == meta_b.epochs  # files' digests, piece digests, NaN counts
     assert meta_a.epochs[1].nonfinite == 1
     traj = read_trajectory(copied)
@@ -93,7 +100,8 @@ def test_input_changed_during_the_copy_is_refused(
 
 def test_other_stores_and_dtypes_are_read_and_written(tmp_path: Path, copies: list[int]) -> None:
     paths = write_run(tmp_path / "run", net_state_dicts(2, dtype="bfloat16"), "safetensors")
-    pipeline.ingest(paths, tmp_path / "bf16.zarr", runtime=SYNC)  # stored as bfloat16
+    # bf16 tensors into a float32 store: converted, so read and written
+    pipeline.ingest(paths, tmp_path / "f32.zarr", runtime=SYNC, store_dtype="float32")
     pipeline.ingest(paths, tmp_path / "tc2.zarr", runtime=SYNC, time_chunk=2)
     paths32 = write_run(tmp_path / "run32", net_state_dicts(2), "safetensors")
     pipeline.ingest(paths32, tmp_path / "lz4.zarr", runtime=SYNC, codec="lz4")
