@@ -50,10 +50,11 @@ def _lib() -> Any:
 
 
 def available() -> bool:
-    """Whether ranges can be mapped here (Linux, 64-bit, libc's ``mmap`` reachable)."""
-    if not sys.platform.startswith("linux") or sys.maxsize < 2**32 or os.environ.get(
-        "CMD_PIPELINE_NO_MMAP"
-    ):
+    """Whether ranges can be mapped here (Linux, 64-bit, libc's ``mmap`` reachable), and not
+    turned off by ``CMD_PIPELINE_NO_MMAP`` (any value but empty or ``0``)."""
+    if os.environ.get("CMD_PIPELINE_NO_MMAP", "") not in ("", "0"):
+        return False
+    if not sys.platform.startswith("linux") or sys.maxsize < 2**32:
         return False
     try:
         _lib()

@@ -115,6 +115,8 @@ def test_map_rows_declines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     grid, x = _grid(tmp_path, 2 * per, 4, per)
     lz4 = ChunkGrid(grid.url, grid.n_rows, grid.chunk_rows, 1, "lz4")
     assert lz4.map_rows(0, per, np.arange(4)) is None
+    monkeypatch.setenv("CMD_PIPELINE_NO_MMAP", "0")  # "0" leaves mapping on
+    assert grid.map_rows(0, per, np.arange(4)) is not None
     monkeypatch.setenv("CMD_PIPELINE_NO_MMAP", "1")
     assert grid.map_rows(0, per, np.arange(4)) is None
     blk, _ = grid.rows_block(0, per, np.arange(4), "test")
