@@ -241,8 +241,11 @@ def _handle_errors(f: F) -> F:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.runtime import interruptible
+
         try:
-            return f(*args, **kwargs)
+            with interruptible():  # a Ctrl-C is never lost (see pipeline.runtime.interruptible)
+                return f(*args, **kwargs)
         except PipelineError as e:
             click.echo(f"error: {_one_line(as_flags(str(e), _current_flags()))}", err=True)
             sys.exit(e.exit_code)

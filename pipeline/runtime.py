@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -150,10 +152,14 @@ class Runner:
             leave=True,
         )
         try:
+            check_interrupted()
             if self.client is not None:
                 self._sync_storage_options()
-                return self._compute_distributed(tasks, bar, desc, labels, reduce)
-            return self._compute_local(tasks, bar, reduce)
+                out = self._compute_distributed(tasks, bar, desc, labels, reduce)
+            else:
+                out = self._compute_local(tasks, bar, reduce)
+            check_interrupted()  # a Ctrl-C during the last task: the caller commits nothing
+            return out
         finally:
             bar.close()
 
@@ -240,6 +246,7 @@ class Runner:
 
         class _Bar(Callback):
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, id: Any) -> None:
+                check_interrupted()  # (in the scheduler's thread: stops the computation)
                 if key in keys:
                     bar.update(1)
 
@@ -267,6 +274,41 @@ class Runner:
             return list(out) if reduce is None else out[0]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: set by :func:`interruptible`'s SIGINT handler. Python ignores an exception raised inside
+#: a ``__del__`` (a reader closing its file, say), so a Ctrl-C that lands there would be lost
+#: and the work would run on and commit; the flag stops it at the next task's end instead.
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Inside, SIGINT raises KeyboardInterrupt as usual and is also remembered, so that
+    :func:`check_interrupted` (called by :meth:`Runner.compute` before and after a computation
+    and after every local task) raises it again if it was swallowed. A no-op outside the main
+    thread (signals are delivered there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTED.set()
+        raise KeyboardInterrupt
+
+    _INTERRUPTED.clear()
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        _INTERRUPTED.clear()
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a SIGINT arrived inside :func:`interruptible`."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 STORAGE_PLUGIN = "cmd-pipeline-storage-options"
