@@ -441,19 +441,23 @@ def _create_result_array(
     dtype: Any,
     fill_value: Any,
 ) -> Any:
-    """The one way a study's arrays are made: uncompressed (``compressors=None``: the bytes
-    :func:`write_result_chunk` writes are the stored chunk) and writing even chunks that hold
-    only the fill value (a written chunk marks finished work on resume)."""
+    """One study array (see :func:`_result_settings`)."""
     return g.create_array(
-        name,
-        shape=shape,
-        chunks=chunks,
-        dtype=dtype,
-        fill_value=fill_value,
-        compressors=None,
-        config={"write_empty_chunks": True},
-        dimension_names=result_dims(name, len(shape)),
-    )
+        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill_value,
+        **_result_settings(name, len(shape)),
+    )  # fmt: skip
+
+
+def _result_settings(name: str, ndim: int) -> dict[str, Any]:
+    """The one way a study's arrays are made: uncompressed (``compressors=None``: the bytes
+    :func:`write_result_chunk` writes are the stored chunk), writing even chunks that hold
+    only the fill value (a written chunk marks finished work on resume), with dimension
+    names."""
+    return {
+        "compressors": None,
+        "config": {"write_empty_chunks": True},
+        "dimension_names": result_dims(name, ndim),
+    }
 
 
 def _create_result_arrays(
@@ -469,11 +473,7 @@ def _create_result_arrays(
 
     async def make(name: str, kw: dict[str, Any], values: np.ndarray | None) -> None:
         arr = await g._async_group.create_array(
-            name,
-            compressors=None,
-            config={"write_empty_chunks": True},
-            dimension_names=result_dims(name, len(kw["shape"])),
-            **kw,
+            name, **kw, **_result_settings(name, len(kw["shape"]))
         )
         if values is not None:
             await arr.setitem(Ellipsis, values)

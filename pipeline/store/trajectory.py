@@ -673,10 +673,13 @@ class ChunkGrid:
                 if k == 1 and time.perf_counter() - t_first > _DISK_READ_S * len(row_list):
                     # the first column came from the disk, one value at a time: ask the
                     # kernel for every other value's page at once (many requests in flight)
-                    for c2 in col_list[1:]:
+                    in_order = sorted(chunk_of)
+                    for c2 in col_list[1:] if hasattr(os, "posix_fadvise") else []:
                         j2, jj2 = divmod(c2, tc)
-                        for i, ii in sorted(chunk_of):
-                            _will_need(fd_of(i, j2), (ii * tc + jj2) * isz, isz)
+                        for i, ii in in_order:
+                            os.posix_fadvise(
+                                fd_of(i, j2), (ii * tc + jj2) * isz, isz, os.POSIX_FADV_WILLNEED
+                            )
                 j, jj = divmod(c, tc)
                 values = []
                 for i, ii in chunk_of:
@@ -795,12 +798,6 @@ def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:
 #: mean seconds per scattered value read above which the values are not in the page cache
 #: (a read from the page cache takes 1-2 us, one from a disk about 100 us)
 _DISK_READ_S = 20e-6
-
-
-def _will_need(fd: int, offset: int, nbytes: int) -> None:
-    """Ask the kernel to read a file range into the page cache, without waiting for it."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
 
 
 def _pread_exact(path: str, dest: np.ndarray, offset: int) -> None:
