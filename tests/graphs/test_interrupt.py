@@ -23,7 +23,7 @@ class _InterruptedInFinalizer:
 
 def _task(i: int, ran: list[int]) -> int:
     ran.append(i)
-    if i == 1:
+    if len(ran) == 1:  # the first task to run, whichever dask's order picks (keys are random)
         obj = _InterruptedInFinalizer()
         del obj
     return i
@@ -42,7 +42,8 @@ def test_swallowed_ctrl_c_stops_the_computation(
         run.compute(tasks, "interrupt me")
     if mode == "sync" or dropped:  # (a thread's __del__ gets no signal: then it just stops)
         assert dropped and isinstance(dropped[0].exc_value, KeyboardInterrupt)
-    assert 1 in ran and len(ran) < 40  # stopped at the task's end, not run to completion
+    # stopped at the end of the task that was interrupted, not run to completion
+    assert len(ran) == 1 if mode == "sync" else len(ran) < 40
     check_interrupted()  # the flag is cleared on leaving interruptible()
 
 
