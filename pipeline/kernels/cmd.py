@@ -238,7 +238,6 @@ def _step(x32: Any, k: int) -> Any:
 
 
 _SUB_ROWS = 16384  # rows per inner step: the float64 work arrays stay cache-sized
-_DENSE_MODES = 64  # up to this many modes, per-mode sums are one matmul
 def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     """Fit every row of ``x`` (S, Tw) to its best-correlated reference.
 
@@ -268,14 +267,14 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     centred references ``rc``; ``corr = cov / sqrt(ssx |rc|^2)``; ``a = cov / |rc|^2``,
     ``b = mean - a mean(r)``; the residual is ``ssx - a cov = ssx (1 - corr^2)`` (no
     reconstruction needed). Per epoch, the residual summed over rows is
-    ``sum_i xc_it^2 - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` with ``A_mt = sum_(i in m) a_i xc_it``
-    and ``C_m = sum_(i in m) a_i^2``. Constant rows (min == max) get a = 0, b = their value;
+    ``sum_i (xc_it - a_i rc_(m_i)t)^2``, summed directly (its expansion per mode, ``sum_i
+    xc_it^2 - 2 sum_m rc_mt A_mt + ...``, loses every digit when the rows follow their modes
+    closely: the residual falls below the rounding of ``sum xc^2``). Constant rows (min == max) get a = 0, b = their value;
     rows with NaN/Inf get a = 0, b = NaN and are left out of the error sums.
     """
     xp = namespace(x)
     n_rows, n_t = x.shape
     xt = x.T  # (Tw, S); contiguous when x is a view of a time-major buffer
-    n_modes = refs.centred.shape[0]
     mode = xp.empty(n_rows, dtype=xp.int64)
     a = xp.empty(n_rows, dtype=xp.float64)
     b = xp.empty(n_rows, dtype=xp.float64)
@@ -348,27 +347,17 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
                 flags[sl][p] |= FLAG_REFERENCE
         # per-epoch sums, from the centred block (bad rows are zero there)
         sq_t = xp.einsum("ts,ts->t", xc, xc)
-        if n_modes <= _DENSE_MODES or xp.__name__ != "numpy":  # one matmul against the one-hot of a
-            onehot = xp.zeros((s1 - s0, n_modes), dtype=xp.float64)
-            onehot[cols, m] = a_s
-            amat = xc @ onehot
-            cm = (onehot * onehot).sum(axis=0)
-        else:  # many modes: sort rows by mode, then one segmented sum
-            order = xp.argsort(m, kind="stable")
-            ms = m[order]
-            starts = xp.flatnonzero(xp.r_[True, ms[1:] != ms[:-1]])
-            present = ms[starts]
-            weighted = xc[:, order] * a_s[order][None, :]
-            amat = xp.zeros((n_t, n_modes), dtype=xp.float64)
-            amat[:, present] = xp.add.reduceat(weighted, starts, axis=1)
-            cm = xp.zeros(n_modes, dtype=xp.float64)
-            cm[present] = xp.add.reduceat(a_s[order] ** 2, starts)
-        residual_t += xp.maximum(sq_t - 2 * (rc.T * amat).sum(axis=1) + (rc.T**2) @ cm, 0.0)
         good_mean = xp.where(bad & ~constant, 0.0, mean)
         if bool(constant.any()):
             good_mean = xp.where(constant, hi.astype(xp.float64), good_mean)
         energy_t += sq_t + 2 * (xc @ good_mean) + (good_mean**2).sum()
         spread_t += sq_t
+        # the residual per epoch, summed directly: xc becomes xc - a rc_m (bad rows: a = 0)
+        fitted = scratch("cmd-fit-fitted", n_t * (s1 - s0), np.float64, xp).reshape(n_t, s1 - s0)
+        xp.take(rc.T, m, axis=1, out=fitted)
+        fitted *= a_s[None, :]
+        xc -= fitted
+        residual_t += xp.einsum("ts,ts->t", xc, xc)
         mode[sl] = m
         a[sl] = a_s
         b[sl] = b_s

@@ -18,12 +18,14 @@ innermost (unit stride, vectorised by LLVM, no selects):
    (a binary search in the sorted reference, as :func:`pipeline.kernels.cmd.anchor_rows`),
    corr, residual, flags and the reference-row overrides, exactly the formulas of
    ``fit_block``;
-3. per epoch: ``A_mt = sum_(i in m) a_i xc_it`` (one dot product per mode, four epochs per
-   step) and ``C_m = sum_(i in m) a_i^2``; at the end, as in ``fit_block``,
-   ``residual_t = max(spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m, 0)``.
+3. per epoch: ``residual_t = sum_i (xc_it - a_i rc_(m_i)t)^2`` summed directly, the row's
+   centred reference value gathered from the epoch's M values. (``fit_block`` expands it per
+   mode, ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` clamped at 0, which costs one
+   pass per mode here and loses digits when the residual is small next to the spread: the
+   two agree to that rounding.)
 
-All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the four
-small sum-over-rows helpers (``_rsum``, ``_rsum_sq``, ``_rdot``, ``_rdot4``), so that LLVM
+All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the two
+small sum-over-rows helpers (``_centre``, ``_residual_sum``), so that LLVM
 keeps vector partial sums; their order is fixed by the compiled code, so a run is bit-for-bit
 deterministic. The floats agree with ``fit_block`` to rounding (sums taken in another order).
 float16 and bfloat16 blocks (bfloat16 as its ``uint16`` bit pattern with
@@ -137,11 +139,34 @@ if _HAVE_NUMBA:
         return _bits_to_f32(bits)  # type: ignore[call-arg]
 
     @_jit
+    def _ordered_bits(x):
+        """:func:`_ordered32` of a float32, branch-free (a select), for vectorised loops."""
+        i = np.int64(_f32_to_bits(x))  # type: ignore[call-arg]
+        return -(i & 0x7FFFFFFF) if i < 0 else i
+
+    @_jit
+    def _line_ulps(moved, ca, cl, want):
+        """The worst distance in float32 steps, over the epochs, between the line stored as
+        ``(ca, cl)`` (as read back) and ``want``, and the number of epochs beyond 1 step (one
+        branch-free pass over the epochs)."""
+        worst = np.int64(0)
+        over = np.int64(0)
+        a64 = np.float64(ca)
+        l64 = np.float64(cl)
+        for t in range(moved.shape[0]):
+            far = abs(_ordered_bits(np.float32(l64 + a64 * moved[t])) - want[t])
+            worst = max(worst, far)
+            over += np.int64(far > 1)
+        return worst, over
+
+    @_jit
     def _store_rows(mode, a, level, anchor, rraw, rsorted, a32, l32):
         """:func:`pipeline.kernels.cmd.stored_coefficients` row by row (the same candidates
         in the same order, the same float64 and float32 operations, the same score)."""
         n_t = rraw.shape[1]
         big = np.iinfo(np.int64).max
+        moved = np.empty(n_t)
+        want = np.empty(n_t, dtype=np.int64)
         for i in range(a.shape[0]):
             a32[i] = np.float32(a[i])
             l32[i] = np.float32(level[i])
@@ -151,6 +176,13 @@ if _HAVE_NUMBA:
             hi = level[i] + a[i] * (rsorted[k, n_t - 1] - r0)
             if not ((lo < 0 and hi > 0) or (lo > 0 and hi < 0)):
                 continue
+            # the row's epochs relative to its anchor and the float64 line rounded to float32,
+            # once for all candidates
+            li = level[i]
+            ai = a[i]
+            for t in range(n_t):  # (no view of the row: a view costs two atomic refcounts)
+                moved[t] = rraw[k, t] - r0
+                want[t] = _ordered_bits(np.float32(li + ai * moved[t]))
             a0 = a32[i]
             l0 = l32[i]
             best = big
@@ -159,15 +191,7 @@ if _HAVE_NUMBA:
                 dl = (0, -1, 1)[c % 3]
                 ca = _step32(a0, da)
                 cl = _step32(l0, dl)
-                worst = 0
-                over = 0
-                for t in range(n_t):
-                    moved = rraw[k, t] - r0
-                    want = _ordered32(np.float32(level[i] + a[i] * moved))
-                    got = _ordered32(np.float32(np.float64(cl) + np.float64(ca) * moved))
-                    far = abs(got - want)
-                    worst = max(worst, far)
-                    over += far > 1
+                worst, over = _line_ulps(moved, ca, cl, want)
                 score = worst * (n_t + 1) + over
                 if score < best:
                     best = score
@@ -209,50 +233,35 @@ if _HAVE_NUMBA:
     _jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 
     @_jit_sum
-    def _rsum(buf):
-        """Sum of a 1-D float64 buffer (vectorised; reassociated)."""
+    def _centre(xr, mv, xk):
+        """``xk = xr - mv`` (float64) over ``xk``'s length; returns ``(sum xk^2, sum xr^2)``
+        (vectorised; reassociated sums)."""
         s = 0.0
-        for j in range(buf.shape[0]):
-            s += buf[j]
-        return s
+        e = 0.0
+        for j in range(xk.shape[0]):
+            v = np.float64(xr[j])
+            d = v - mv[j]
+            xk[j] = d
+            s += d * d
+            e += v * v
+        return s, e
 
     @_jit_sum
-    def _rsum_sq(buf):
-        """Sum of squares of a 1-D float64 buffer (vectorised; reassociated)."""
+    def _residual_sum(xr, mv, av, mode, rc):
+        """sum_j ((xr_j - mv_j) - av_j rc[mode_j])^2 over the ``av.shape[0]`` rows
+        (vectorised; reassociated)."""
         s = 0.0
-        for j in range(buf.shape[0]):
-            s += buf[j] * buf[j]
+        for j in range(av.shape[0]):
+            e = (np.float64(xr[j]) - mv[j]) - av[j] * rc[mode[j]]
+            s += e * e
         return s
-
-    @_jit_sum
-    def _rdot(u, v):
-        """Dot product of two 1-D float64 buffers (vectorised; reassociated)."""
-        s = 0.0
-        for j in range(u.shape[0]):
-            s += u[j] * v[j]
-        return s
-
-    @_jit_sum
-    def _rdot4(u, v0, v1, v2, v3):
-        """Four dot products of ``u`` with ``v0..v3`` (vectorised; reassociated)."""
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        for j in range(u.shape[0]):
-            w = u[j]
-            s0 += w * v0[j]
-            s1 += w * v1[j]
-            s2 += w * v2[j]
-            s3 += w * v3[j]
-        return s0, s1, s2, s3
 
     @_jit
     def _sub_block(
         x, c0, o0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
-        energy_t, spread_t,
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
+        residual_t, energy_t, spread_t,
+        tot, dif, mm, kind, proj, xrow, bestv, ib, clean,
     ):  # fmt: skip
         """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
 
@@ -270,7 +279,6 @@ if _HAVE_NUMBA:
         dv = dif[:n]
         mv = mm[:n]
         kv = kind[:n]
-        ev = erow[:n]
         bv = bestv[:n]
         # ---- pass 1: sum (in epoch order, as numpy), and sum |x - x(0)| (zero iff constant)
         x0 = x[0, c0:c1]
@@ -319,14 +327,9 @@ if _HAVE_NUMBA:
         while t0 < n_t:
             nb = min(_TB, n_t - t0)
             for k in range(nb):
-                xr = x[t0 + k, c0:c1]
-                xk = xrow[k, :n]
-                for j in range(n):
-                    v = np.float64(xr[j])
-                    xk[j] = v - mv[j]
-                    ev[j] = v * v
-                spread_t[t0 + k] += _rsum_sq(xk)
-                energy_t[t0 + k] += _rsum(ev)
+                s2, e2 = _centre(x[t0 + k, c0:c1], mv, xrow[k, :n])
+                spread_t[t0 + k] += s2
+                energy_t[t0 + k] += e2
             if nb == _TB:
                 x0_ = xrow[0, :n]
                 x1_ = xrow[1, :n]
@@ -450,61 +453,21 @@ if _HAVE_NUMBA:
                 corr[p] = 1.0
                 residual[p] = 0.0
                 flags[p] |= FLAG_REFERENCE
-        # ---- pass 3: per-epoch residual, expanded per mode as in fit_block:
-        # sum_i (xc_it - a_i rc_(m_i)t)^2 = sum_i xc_it^2 - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m
-        # with A_mt = sum_(i in m) a_i xc_it and C_m = sum_(i in m) a_i^2, accumulated over the
-        # call (the caller combines them): one dot product per mode and epoch, no gather
-        for m in range(n_m):
-            wr = wmat[m, :n]
-            for j in range(n):
-                wr[j] = 0.0
+        # ---- pass 3: per epoch, the residual of the sub-block's rows summed directly,
+        # sum_j (xc_tj - a_j rc_(m_j)t)^2 (constant and NaN/Inf rows: a = 0, xc = 0; reference
+        # rows: a = 1 on their own mode), the mode's centred reference gathered per row from
+        # the epoch's row of ``rct`` (M values, in L1)
         for j in range(n):
-            k = md[j]
-            wmat[k, j] = av[j]
-            csum[k] += av[j] * av[j]
-        t0 = 0
-        while t0 < n_t:
-            nb = min(_TB, n_t - t0)
-            for k in range(nb):
-                xr = x[t0 + k, c0:c1]
-                xk = xrow[k, :n]
-                for j in range(n):
-                    xk[j] = np.float64(xr[j]) - mv[j]
-            if nb == _TB:  # four epochs at a time: each weight loaded once for all four
-                for m in range(n_m):
-                    d0, d1, d2, d3 = _rdot4(
-                        wmat[m, :n], xrow[0, :n], xrow[1, :n], xrow[2, :n], xrow[3, :n]
-                    )
-                    amat[m, t0] += d0
-                    amat[m, t0 + 1] += d1
-                    amat[m, t0 + 2] += d2
-                    amat[m, t0 + 3] += d3
-            else:
-                for k in range(nb):
-                    for m in range(n_m):
-                        amat[m, t0 + k] += _rdot(wmat[m, :n], xrow[k, :n])
-            t0 += nb
-
-    @_jit
-    def _finish_residual_t(amat, csum, rct, spread_t, residual_t):
-        """residual_t from the call's sums (as fit_block: clamped at 0 against rounding)."""
-        n_t, n_m = rct.shape
+            ib[j] = np.uint64(md[j])
         for t in range(n_t):
-            cross = 0.0
-            quad = 0.0
-            for m in range(n_m):
-                r = rct[t, m]
-                cross += r * amat[m, t]
-                quad += r * r * csum[m]
-            residual_t[t] += max(spread_t[t] - 2 * cross + quad, 0.0)
+            residual_t[t] += _residual_sum(x[t, c0:c1], mv, av, ib, rct[t])
 
     @_jit
-    def _workspace(n_m, n_t, w):
+    def _workspace(n_m, w):
         """The per-call work buffers of :func:`_sub_block` for sub-blocks of ``w`` rows."""
         return (
             np.empty(w), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint8),
-            np.empty((n_m, w)), np.zeros((n_m, n_t)), np.zeros(n_m), np.empty((n_m, w)),
-            np.empty((_TB, w)), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint64),
+            np.empty((n_m, w)), np.empty((_TB, w)), np.empty(w), np.empty(w, dtype=np.uint64),
         )  # fmt: skip
 
     @_jit
@@ -517,17 +480,16 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
+        tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
         clean = np.empty((n_t, w), dtype=xt.dtype)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _sub_block(
                 xt, s0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
-                energy_t, spread_t,
-                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, clean,
+                residual_t, energy_t, spread_t,
+                tot, dif, mm, kind, proj, xrow, bestv, ib, clean,
             )  # fmt: skip
-        _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
     @_jit
     def _fit_upcast(
@@ -539,7 +501,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib = _workspace(n_m, n_t, w)
+        tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
         tile = np.empty((n_t, w), dtype=np.float32)
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
@@ -547,10 +509,9 @@ if _HAVE_NUMBA:
             _sub_block(
                 tile, 0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
-                energy_t, spread_t,
-                tot, dif, mm, kind, wmat, amat, csum, proj, xrow, erow, bestv, ib, tile,
+                residual_t, energy_t, spread_t,
+                tot, dif, mm, kind, proj, xrow, bestv, ib, tile,
             )  # fmt: skip
-        _finish_residual_t(amat, csum, rct, spread_t, residual_t)
 
 
 if _HAVE_NUMBA:
