@@ -18,11 +18,10 @@ innermost (unit stride, vectorised by LLVM, no selects):
    (a binary search in the sorted reference, as :func:`pipeline.kernels.cmd.anchor_rows`),
    corr, residual, flags and the reference-row overrides, exactly the formulas of
    ``fit_block``;
-3. per epoch: ``residual_t = sum_i (xc_it - a_i rc_(m_i)t)^2`` summed directly, the row's
-   centred reference value gathered from the epoch's M values. (``fit_block`` expands it per
-   mode, ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` clamped at 0, which costs one
-   pass per mode here and loses digits when the residual is small next to the spread: the
-   two agree to that rounding.)
+3. per epoch: ``residual_t = sum_i (xc_it - a_i rc_(m_i)t)^2`` summed directly, as in
+   ``fit_block``, the row's centred reference value gathered from the epoch's M values (the
+   per-mode expansion ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` would cost one
+   dot product per mode and lose every digit when the rows follow their modes closely).
 
 All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the two
 small sum-over-rows helpers (``_centre``, ``_residual_sum``), so that LLVM
