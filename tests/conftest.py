@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from helpers import Run, net_state_dicts, write_run
+from hypothesis import HealthCheck, settings
+
+# Property tests draw the same examples on every run (CI must not depend on the draw or on
+# the machine's speed: no deadline, no "too slow" check). HYPOTHESIS_PROFILE=explore draws
+# new examples each run, for hunting bugs by hand.
+settings.register_profile(
+    "suite",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture

@@ -153,7 +153,7 @@ def cmd_block_errors(
             recon += bk[None, :]
             recon -= xs
             flat = recon.reshape(-1)
-            out[k] += float(xp.dot(flat, flat))
+            out[k] += float(xp.einsum("i,i->", flat, flat))  # not BLAS: thread-independent bits
     return out
 
 
@@ -199,7 +199,7 @@ def dmd_block_errors(
             else:
                 xp.negative(xs, out=recon)
             flat = recon.reshape(-1)
-            out[i] += float(xp.dot(flat, flat))
+            out[i] += float(xp.einsum("i,i->", flat, flat))  # not BLAS: thread-independent bits
     return out
 
 

@@ -234,7 +234,9 @@ def test_ingest_reads_back_bit_exact(
 
 
 @settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(case=cases(), chunk_rows=st.integers(1, 6))
 def test_nonfinite_error_policy(
