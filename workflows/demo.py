@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep_modes=[int(m) for m in a.sweep_modes.split(",") if m],
             sweep_seeds=[int(s) for s in a.sweep_seeds.split(",") if s],
             run=rt,
+            figures=False,  # step 6's report draws them
         )
 
     _step(6, n, "writing the figures and the HTML report")

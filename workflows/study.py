@@ -213,7 +213,7 @@ def run_seed(
     fit_args = dict(cfg["fit"])
     fit_args.setdefault("seed", 0)
     fitted = pipeline.fit(store, "study", force=True, run=rt, **fit_args)
-    ev_args = dict(cfg["evaluate"])
+    ev_args = {"figures": False, **cfg["evaluate"]}  # the report below draws them
     ev = pipeline.evaluate(store, "study", workflow=cfg["workflow"], run=rt, **ev_args).evaluation
     rep = pipeline.report(store, "study")
     return {

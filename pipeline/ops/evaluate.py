@@ -318,6 +318,7 @@ def evaluate(
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
     evaluator: EvalFn | None = None,
+    figures: bool = True,
 ) -> EvaluationResult:
     """Evaluate the GD and CMD weights of study ``name`` on the workflow's test set.
 
@@ -345,6 +346,10 @@ def evaluate(
         Keep the sweep studies (``<name>~m<M>-k<K>-s<seed>``) instead of deleting them.
     evaluator
         Use this function instead of resolving a workflow (API only).
+    figures
+        Also draw the evaluation figures into ``report/figures/`` (about 0.5 s per figure;
+        ``report`` draws them anew from the evaluation either way). False: only
+        ``evaluation.json`` and the study's attributes (API only).
     storage_options
         fsspec options (credentials, ``endpoint_url``...) for a store on object storage;
         see :func:`pipeline.fit`.
@@ -508,10 +513,11 @@ def evaluate(
     }
     ag.set_attrs(evaluation=evaluation)
     files = {"evaluation.json": ag.write_file("evaluation.json", _json_bytes(evaluation))}
-    from pipeline.report.figures import evaluation_figures
+    if figures:
+        from pipeline.report.figures import evaluation_figures
 
-    for fname, png in evaluation_figures(evaluation).items():
-        files[fname] = ag.write_file(f"figures/{fname}", png)
+        for fname, png in evaluation_figures(evaluation).items():
+            files[fname] = ag.write_file(f"figures/{fname}", png)
     return EvaluationResult(st.url, name, evaluation, files)
 
 

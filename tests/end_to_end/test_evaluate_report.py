@@ -141,7 +141,12 @@ def test_keep_sweep_and_sweep_epochs(digits_store) -> None:
 def test_report_figures_and_html(digits_store, tmp_path: Path) -> None:
     store, _, _ = digits_store
     pipeline.fit(str(store), "rep", modes=4, samples=300, runtime=THREADS)
-    pipeline.evaluate(str(store), "rep", sweep_modes=[1, 4], sweep_seeds=[0, 1], runtime=THREADS)
+    ev = pipeline.evaluate(
+        str(store), "rep", sweep_modes=[1, 4], sweep_seeds=[0, 1], runtime=THREADS, figures=False
+    )
+    figures = Path(store) / "analyses" / "rep" / "report" / "figures"
+    assert set(ev.files) == {"evaluation.json"} and not list(figures.glob("*.png"))
+    # the report draws the evaluation's figures from the study's evaluation all the same
     res = pipeline.report(str(store), "rep", out=tmp_path / "out")
     want = {
         "correlation.png",

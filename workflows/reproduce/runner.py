@@ -134,6 +134,7 @@ def _part_base(store: Path, s: Settings, rt: Any) -> dict[str, Any]:
         sweep_epochs="all",
         run=rt,
         runtime=_quiet(rt),
+        figures=False,  # only the numbers: the reproduction draws its own
     ).evaluation
     by_seed = {
         str(r["seed"]): [float(x["cmd_accuracy"]) for x in r["results"]]
@@ -164,6 +165,7 @@ def _part_modes(store: Path, s: Settings, rt: Any) -> dict[str, Any]:
         sweep_samples=[s.samples],
         run=rt,
         runtime=_quiet(rt),
+        figures=False,  # only the numbers: the reproduction draws its own
     ).evaluation
     found: dict[str, list[int]] = {}
     for r in ev["sweep"]["runs"]:
@@ -182,6 +184,7 @@ def _part_samples(store: Path, s: Settings, rt: Any) -> dict[str, Any]:
         sweep_samples=list(s.sweep_samples),
         run=rt,
         runtime=_quiet(rt),
+        figures=False,  # only the numbers: the reproduction draws its own
     ).evaluation
     return {"by_samples": _sweep_by_seed(ev, "samples")}
 
@@ -211,6 +214,7 @@ def _part_history(store: Path, s: Settings, rt: Any) -> dict[str, Any]:
             sweep_samples=[s.samples],
             run=rt,
             runtime=_quiet(rt),
+            figures=False,  # only the numbers: the reproduction draws its own
         ).evaluation
         out[str(frac)] = {
             "start": start,
