@@ -269,8 +269,9 @@ def fit_block(x: Any, refs: References, ref_rows: Any = None) -> BlockFit:
     reconstruction needed). Per epoch, the residual summed over rows is
     ``sum_i (xc_it - a_i rc_(m_i)t)^2``, summed directly (its expansion per mode, ``sum_i
     xc_it^2 - 2 sum_m rc_mt A_mt + ...``, loses every digit when the rows follow their modes
-    closely: the residual falls below the rounding of ``sum xc^2``). Constant rows (min == max) get a = 0, b = their value;
-    rows with NaN/Inf get a = 0, b = NaN and are left out of the error sums.
+    closely: the residual falls below the rounding of ``sum xc^2``). Constant rows (min ==
+    max) get a = 0, b = their value; rows with NaN/Inf get a = 0, b = NaN and are left out of
+    the error sums.
     """
     xp = namespace(x)
     n_rows, n_t = x.shape
