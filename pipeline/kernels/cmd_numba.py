@@ -138,12 +138,6 @@ if _HAVE_NUMBA:
         return _bits_to_f32(bits)  # type: ignore[call-arg]
 
     @_jit
-    def _ordered_bits(x):
-        """:func:`_ordered32` of a float32, branch-free (a select), for vectorised loops."""
-        i = np.int64(_f32_to_bits(x))  # type: ignore[call-arg]
-        return -(i & 0x7FFFFFFF) if i < 0 else i
-
-    @_jit
     def _line_ulps(moved, ca, cl, want):
         """The worst distance in float32 steps, over the epochs, between the line stored as
         ``(ca, cl)`` (as read back) and ``want``, and the number of epochs beyond 1 step (one
@@ -153,7 +147,7 @@ if _HAVE_NUMBA:
         a64 = np.float64(ca)
         l64 = np.float64(cl)
         for t in range(moved.shape[0]):
-            far = abs(_ordered_bits(np.float32(l64 + a64 * moved[t])) - want[t])
+            far = abs(_ordered32(np.float32(l64 + a64 * moved[t])) - want[t])
             worst = max(worst, far)
             over += np.int64(far > 1)
         return worst, over
@@ -181,7 +175,7 @@ if _HAVE_NUMBA:
             ai = a[i]
             for t in range(n_t):  # (no view of the row: a view costs two atomic refcounts)
                 moved[t] = rraw[k, t] - r0
-                want[t] = _ordered_bits(np.float32(li + ai * moved[t]))
+                want[t] = _ordered32(np.float32(li + ai * moved[t]))
             a0 = a32[i]
             l0 = l32[i]
             best = big
