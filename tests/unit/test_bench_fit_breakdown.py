@@ -35,4 +35,5 @@ def test_breakdown_times_every_step_and_restores(tmp_path: Path, capsys: pytest.
         task, block, kernel, stored, sums, writes, other = (float(c) for c in cells[1:8])
         assert int(cells[8]) >= 1  # tasks
         assert min(task, block, kernel, stored, sums, writes) > 0
-        assert block + kernel + stored + sums + writes + other == pytest.approx(task, abs=0.15)
+        # seven cells printed to 0.1 ms: each off by up to 0.05 from the value summed
+        assert block + kernel + stored + sums + writes + other == pytest.approx(task, abs=0.36)
