@@ -92,9 +92,12 @@ def run(
         fn()
     wall: dict[str, list[float]] = {k: [] for k in fns}
     cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):  # interleaved: each round sees the same load on every kernel
-        for k, fn in fns.items():
-            w, c = _time(fn)
+    keys = list(fns)
+    for i in range(repeat):  # interleaved: each round sees the same load on every kernel
+        # and rotated: each runs after every other one as often (a kernel that runs right
+        # after the numpy one gets its output pages fresh from the OS, page faults included)
+        for k in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            w, c = _time(fns[k])
             wall[k].append(w)
             cpu[k].append(c)
     res: dict[str, float] = {"epochs": n_t, "rows": n_s, "modes": n_m, "gb": gb}

@@ -79,6 +79,10 @@ __all__ = [
 SUB_ROWS = 512
 _TB = 4  # epochs per projection step (register blocking of the M accumulators)
 
+#: float32 rows of fewer epochs than this have exact float64 sums when constant (24-bit
+#: significands times counts below 2^29 fit in 53 bits)
+_EXACT_SUM_EPOCHS = 1 << 29
+
 _CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3}
 
 
@@ -254,9 +258,15 @@ if _HAVE_NUMBA:
         x, c0, o0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         residual_t, energy_t, spread_t,
-        tot, dif, mm, kind, proj, xrow, bestv, ib, clean,
+        tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
     ):  # fmt: skip
         """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
+
+        ``exact``: the values are float32 (or narrower) and Tw < 2^29, so that a row's float64
+        sum is exact when the row is constant: its mean is then its value, its centred values
+        are 0 and its ``sum xc^2`` is 0, and (the converse) a row whose ``sum xc^2`` is 0 is
+        constant. Constant rows are then told from their ``sum xc^2`` after pass 2, instead of
+        a second accumulator ``sum |x - x(0)|`` in pass 1.
 
         Every hot loop indexes 1-D contiguous views with the loop variable only and has no
         branch or select (numba's negative-index handling, and the masked loads/stores LLVM
@@ -278,14 +288,21 @@ if _HAVE_NUMBA:
         for j in range(n):
             tv[j] = np.float64(x0[j])
             dv[j] = 0.0
-        for t in range(1, n_t):
-            xr = x[t, c0:c1]
-            for j in range(n):
-                v = np.float64(xr[j])
-                tv[j] += v
-                dv[j] += abs(v - np.float64(x0[j]))
+        if exact:
+            for t in range(1, n_t):
+                xr = x[t, c0:c1]
+                for j in range(n):
+                    tv[j] += np.float64(xr[j])
+        else:
+            for t in range(1, n_t):
+                xr = x[t, c0:c1]
+                for j in range(n):
+                    v = np.float64(xr[j])
+                    tv[j] += v
+                    dv[j] += abs(v - np.float64(x0[j]))
         # per row: the value subtracted to centre. Varying finite rows: their mean; constant
-        # rows: their value (centred values exactly 0, x^2 its square); NaN/Inf rows: 0 (their
+        # rows: their value (centred values exactly 0, x^2 its square; with ``exact``, their
+        # mean is their value, and they are found after pass 2); NaN/Inf rows: 0 (their
         # values are zeroed in ``clean``)
         inv = np.float64(n_t)
         dirty = False
@@ -294,7 +311,7 @@ if _HAVE_NUMBA:
                 kv[j] = 2
                 mv[j] = 0.0
                 dirty = True
-            elif dv[j] == 0.0:
+            elif not exact and dv[j] == 0.0:
                 kv[j] = 1
                 mv[j] = np.float64(x0[j])
             else:
@@ -351,6 +368,10 @@ if _HAVE_NUMBA:
                         for j in range(n):
                             pr[j] += u * xk[j]
             t0 += nb
+        if exact:  # constant rows: their mean is their value, their sum xc^2 is 0 (exact)
+            for j in range(n):
+                if kv[j] == 0 and sp[j] == 0.0:
+                    kv[j] = 1
         # ---- per row: argmax |proj| (ties: lowest id), a, b, corr, residual, flags
         pr = proj[0, :n]
         for j in range(n):
@@ -475,13 +496,14 @@ if _HAVE_NUMBA:
         w = max(1, min(sub, n_s))
         tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
         clean = np.empty((n_t, w), dtype=xt.dtype)
+        exact = xt.itemsize <= 4 and n_t < _EXACT_SUM_EPOCHS
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _sub_block(
                 xt, s0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
-                tot, dif, mm, kind, proj, xrow, bestv, ib, clean,
+                tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
             )  # fmt: skip
 
     @_jit
@@ -496,6 +518,7 @@ if _HAVE_NUMBA:
         w = max(1, min(sub, n_s))
         tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
         tile = np.empty((n_t, w), dtype=np.float32)
+        exact = n_t < _EXACT_SUM_EPOCHS
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _upcast_tile(xt, s0, n, code, tile)
@@ -503,7 +526,7 @@ if _HAVE_NUMBA:
                 tile, 0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
-                tot, dif, mm, kind, proj, xrow, bestv, ib, tile,
+                tot, dif, mm, kind, proj, xrow, bestv, ib, tile, exact,
             )  # fmt: skip
 
 

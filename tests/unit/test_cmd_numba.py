@@ -379,3 +379,49 @@ def test_group_sums_by_hand_and_compiled_twin_bit_equal() -> None:
         np.testing.assert_allclose(got[g], want, rtol=1e-12)
     with pytest.raises(IndexError, match="group ids"):
         cmd_numba.group_sums_fused(groups, 3, flags, corr, residual, energy, spread)
+
+
+# --------------------------------------------------------------------------- constant rows
+#: float32 values whose constant rows must be told from rows one ulp away: an inexact decimal,
+#: the largest float32, the smallest normal, a subnormal, a negative, zero and -0.0, an integer
+#: beyond float32's consecutive integers
+_AWKWARD = np.array(
+    [0.3, np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1e-45, -7.1, 0.0, -0.0, 16777218.0],
+    dtype=np.float32,
+)
+
+
+@pytest.mark.parametrize("n_t", [2, 3, 100, 101])
+def test_constant_rows_are_exactly_the_rows_of_one_value(n_t: int) -> None:
+    """float32 input: constant rows are found from their ``sum xc^2`` (their float64 sum is
+    exact); every row with one value changed by one ulp, at the first, a middle or the last
+    epoch, is varying. Flags against the definition (every value equal to the first) and the
+    numpy kernel; float64 input takes the other path, to the same flags."""
+    rows = []
+    for v in _AWKWARD:
+        rows.append(np.full(n_t, v, dtype=np.float32))
+        for t in (0, n_t // 2, n_t - 1):
+            for direction in (np.inf, -np.inf):
+                with np.errstate(over="ignore"):
+                    w = np.nextafter(v, np.float32(direction))
+                if np.isfinite(w):  # (the largest float32 has no finite neighbour above)
+                    r = np.full(n_t, v, dtype=np.float32)
+                    r[t] = w
+                    rows.append(r)
+    rows.append(np.where(np.arange(n_t) % 2 == 0, np.float32(0.0), np.float32(-0.0)))  # 0, -0
+    noise = np.random.default_rng(n_t).standard_normal((40, n_t))
+    x = np.concatenate([np.stack(rows), noise]).astype(np.float32)
+    want_const = np.all(x == x[:, :1], axis=1)
+    assert want_const.sum() == len(_AWKWARD) + 1 and not want_const.all()  # the test bites
+    refs = np.random.default_rng(1).standard_normal((3, n_t))
+    r = References.from_profiles(refs)
+    want = fit_block(x.astype(np.float32), r)
+    for dtype in (np.float32, np.float64):
+        got = fit_block_fused(np.ascontiguousarray(x.T.astype(dtype)), r)
+        np.testing.assert_array_equal((got.flags & F_CONSTANT) != 0, want_const, err_msg=str(dtype))
+        np.testing.assert_array_equal(got.flags, want.flags)
+        # a constant row's level and b are its value, its energy n_t * value^2
+        c = np.flatnonzero(want_const)
+        np.testing.assert_array_equal(got.b[c], x[c, 0].astype(np.float64))
+        np.testing.assert_array_equal(got.level[c], x[c, 0].astype(np.float64))
+        np.testing.assert_array_equal(got.energy[c], n_t * x[c, 0].astype(np.float64) ** 2)
