@@ -389,7 +389,8 @@ def discover(
     Parameters
     ----------
     inputs
-        Files, directories (of checkpoints, or one sharded checkpoint) and globs.
+        Files, directories (of checkpoints, or one sharded checkpoint) and globs; a single
+        path or URL (a ``str`` or path object) is one input.
     epochs
         Epoch numbers in the order of the expanded inputs; parsed from names when omitted.
 
@@ -399,6 +400,8 @@ def discover(
     Explicit ``epochs`` may renumber the checkpoints but not reorder them: when the names
     order the files otherwise, the error gives their order and how to pass it.
     """
+    if isinstance(inputs, (str, bytes, os.PathLike)):  # one input, not its characters
+        inputs = [os.fsdecode(inputs)]
     found: list[_Found] = []
     for item in inputs:
         text = os.fspath(item)

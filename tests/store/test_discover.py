@@ -59,6 +59,22 @@ def test_epochs_sort_numerically(tmp_path: Path) -> None:
     assert all(s.format == "torch" and Path(s.files[0]).is_absolute() for s in specs)
 
 
+def test_one_path_is_one_input(tmp_path: Path) -> None:
+    """A folder given as a str or a Path (not in a list) is one input, not its characters."""
+    _touch(tmp_path, "epoch_2.pt", "epoch_1.pt")
+    want = discover([tmp_path])
+    assert [s.epoch for s in want] == [1, 2]
+    assert discover(str(tmp_path)) == want
+    assert discover(tmp_path) == want
+
+
+def test_ingest_accepts_one_folder_as_a_string(tmp_path: Path) -> None:
+    for e, sd in enumerate(net_state_dicts(2)):
+        save_checkpoint(tmp_path / "ck", e, sd, "safetensors")
+    result = pipeline.ingest(str(tmp_path / "ck"), tmp_path / "s.zarr", runtime=SYNC)
+    assert result.added == [0, 1]
+
+
 def test_zero_padded_and_mixed_suffixes(tmp_path: Path) -> None:
     _touch(tmp_path, "run3_ep0010.safetensors", "run3_ep0002.pth", "run3_ep0001.pt")
     specs = discover([tmp_path])
