@@ -8,8 +8,10 @@ The rows are processed in sub-blocks of :data:`SUB_ROWS` columns of ``xt``: the 
 Tw x rows input values stay in L1/L2 across three passes, and every hot loop has the row index
 innermost (unit stride, vectorised by LLVM, no selects):
 
-1. per row: float64 sum (in epoch order, as numpy's ``sum(axis=0)``: the same mean bits) and
-   ``sum |x - x(0)|`` (zero iff the row is constant); ``finite = isfinite(sum)``;
+1. per row: float64 sum (in epoch order, as numpy's ``sum(axis=0)``: the same mean bits) and,
+   for float64 input only, ``sum |x - x(0)|`` (zero iff the row is constant; narrower input
+   has exact sums for constant rows, which are found after pass 2 from ``sum xc^2 == 0``);
+   ``finite = isfinite(sum)``;
 2. per epoch: ``xc = x - mean`` (constant rows: ``x - x(0) = 0``; NaN/Inf rows are zeroed in a
    copy of the sub-block, made only when there are any), per row ``|xc|^2`` and the M
    projections ``unit_m . xc`` on the unit centred references (four epochs per step), per
