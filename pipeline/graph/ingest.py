@@ -39,6 +39,7 @@ from pipeline.errors import InputError
 from pipeline.kernels.digests import BlockHasher, BlockRun, piece_digest
 from pipeline.plan import EpochInspection, Segment
 from pipeline.plan.ingest import DigestPlan, FileBlocks, piece_spans
+from pipeline.store.dtypes import narrow
 from pipeline.store.schema import EpochEntry, InlineTensor, SourceFile
 from pipeline.store.trajectory import ChunkGrid, open_array, read_block
 
@@ -149,6 +150,26 @@ def _count_nonfinite_parts(parts: Sequence[tuple[str, np.ndarray]]) -> tuple[tup
     return tuple(out)
 
 
+#: per 16-bit dtype, the exponent bits: a value is NaN/Inf iff ``bits & 0x7FFF >= mask``
+_NONFINITE16 = {"bfloat16": 0x7F80, "float16": 0x7C00}
+
+
+def _count_nonfinite16(
+    parts: Sequence[tuple[str, np.ndarray]], dtype: str
+) -> tuple[tuple[str, int], ...]:
+    """:func:`_count_nonfinite_parts` of ``(tensor, bytes)`` parts of little-endian bfloat16
+    or float16 values, from their bits (no upcast)."""
+    mask = _NONFINITE16[dtype]
+    out = []
+    for name, raw in parts:
+        bits = raw.view("<u2")
+        mag = np.bitwise_and(bits, 0x7FFF, out=scratch("ingest-bits", bits.size, np.uint16))
+        if not mag.size or int(mag.max()) < mask:
+            continue
+        out.append((name, int(np.count_nonzero(mag >= mask))))
+    return tuple(out)
+
+
 def _apply_policy(
     found: tuple[tuple[str, int], ...], nonfinite: str, spec: CheckpointSpec
 ) -> tuple[tuple[str, int], ...]:
@@ -231,10 +252,13 @@ def write_chunk(
     col0: int,
     nonfinite: str,
     blocks: Sequence[Sequence[FileBlocks]] = (),
+    stored: bool = False,
 ) -> tuple[Counts, Digests, Blocks]:
     """Assemble and write the chunk of rows ``[r0, r1)`` x columns ``[col0, col0+len(specs))``;
-    returns each epoch's NaN/Inf counts, the digests of its tensor pieces and those of the
-    file blocks ``blocks`` (per epoch) that its reads cover."""
+    returns each epoch's NaN/Inf counts, the digests of its tensor pieces (of their stored
+    16-bit bytes with ``stored``, else of their float32 values; see
+    :func:`pipeline.kernels.digests.scheme`) and those of the file blocks ``blocks`` (per
+    epoch) that its reads cover."""
     rows, cols = r1 - r0, len(specs)
     block = _block_buffer(rows, cols)
     counts = []
@@ -254,6 +278,7 @@ def write_chunk(
                 col0,
                 nonfinite,
                 blocks[0] if blocks else (),
+                stored,
             )
         col = block[:, 0] if cols == 1 else _column_buffer(rows)
         # a remote checkpoint: every piece's bytes in flight at once, not one round trip each
@@ -287,7 +312,12 @@ def write_chunk(
         def values_of(seg: Segment, col: np.ndarray = col) -> np.ndarray:
             return _values(col, seg)
 
-        digests.append(_digest_pieces(values_of, segments))
+        digests.append(
+            _digest_pieces(
+                (lambda seg: narrow(values_of(seg), grid.dtype)) if stored else values_of,
+                segments,
+            )
+        )
         file_blocks.append(
             _file_blocks(reader, spec, segments, values_of, blocks[j] if blocks else ())
         )
@@ -342,11 +372,14 @@ def _copy_column(
     col0: int,
     nonfinite: str,
     files: Sequence[FileBlocks],
+    stored: bool = False,
 ) -> tuple[Counts, Digests, Blocks]:
     """:func:`write_chunk` of one epoch whose column is ``pieces`` of its files: the values are
     checked and digested in place (the files mapped into memory, not copied) and the chunk is
     copied from the files by the kernel (:meth:`ChunkGrid.copy_chunk`). Each byte passes once
-    through this process's memory instead of three times (read, check and digest, write)."""
+    through this process's memory instead of three times (read, check and digest, write).
+    16-bit values are checked from their bits and, with ``stored``, digested as they lie;
+    without, upcast to float32 first (the digests of 16-bit stores written before)."""
     with contextlib.ExitStack() as stack:
         mapped: dict[str, tuple[np.ndarray, tuple[int, int]]] = {}
         ends: dict[str, int] = {}
@@ -365,21 +398,20 @@ def _copy_column(
             m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             stack.callback(_close_map, m)
             mapped[path] = (np.frombuffer(m, dtype=np.uint8), (st.st_size, st.st_mtime_ns))
-        if grid.dtype == "float32":  # the values where they lie
-            views = {
-                (seg.name, seg.start): mapped[p][0][a:b].view("<f4")
-                for seg, (p, a, b) in zip(segments, pieces, strict=True)
-            }
-        else:  # 16-bit: checked and digested as float32, as the read path does (exact)
-            col = _column_buffer(sum(seg.stop - seg.start for seg in segments))
-            views = {}
-            for seg, (p, a, b) in zip(segments, pieces, strict=True):
-                views[seg.name, seg.start] = v = _values(col, seg)
-                _upcast16(mapped[p][0][a:b], grid.dtype, v)
         raws = {
             (seg.name, seg.start): mapped[p][0][a:b]
             for seg, (p, a, b) in zip(segments, pieces, strict=True)
         }
+        if grid.dtype == "float32":  # the values where they lie
+            views = {k: raw.view("<f4") for k, raw in raws.items()}
+        elif stored:  # 16-bit, checked from the bits, digested as stored: no upcast
+            views = raws
+        else:  # 16-bit, digested as float32 values (exact), as the store's older epochs
+            col = _column_buffer(sum(seg.stop - seg.start for seg in segments))
+            views = {}
+            for seg in segments:
+                views[seg.name, seg.start] = v = _values(col, seg)
+                _upcast16(raws[seg.name, seg.start], grid.dtype, v)
 
         def values_of(seg: Segment) -> np.ndarray:
             return views[seg.name, seg.start]
@@ -388,7 +420,11 @@ def _copy_column(
             return raws[seg.name, seg.start]
 
         parts = [(seg.name, values_of(seg)) for seg in segments]
-        found = _apply_policy(_count_nonfinite_parts(parts), nonfinite, spec)
+        if views is raws and grid.dtype != "float32":
+            counted = _count_nonfinite16(parts, grid.dtype)
+        else:
+            counted = _count_nonfinite_parts(parts)
+        found = _apply_policy(counted, nonfinite, spec)
         digests = _digest_pieces(values_of, segments)
         file_blocks = _file_blocks(reader, spec, segments, values_of, files, raw_bytes)
         grid.copy_chunk(r0, col0, pieces)
@@ -431,16 +467,23 @@ def count_chunk(
     cols: int,
     specs: Sequence[CheckpointSpec] = (),
     blocks: Sequence[Sequence[FileBlocks]] = (),
+    stored: bool = False,
 ) -> tuple[Counts, Digests, Blocks]:
     """NaN/Inf counts and piece digests of a chunk written by an earlier (interrupted) run,
     and the digests of the file blocks ``blocks`` its pieces cover: the stored values give
-    the input's bytes back exactly, so the input is not read again (only its header)."""
-    block = read_block(open_array(url, min_cols=col0 + cols), r0, r1, col0, col0 + cols)
+    the input's bytes back exactly, so the input is not read again (only its header). The
+    pieces are digested as :func:`write_chunk` digests them (``stored``: their stored bytes)."""
+    native = np.asarray(open_array(url, min_cols=col0 + cols)[r0:r1, col0 : col0 + cols])
+    block = read_block(native, 0, r1 - r0, 0, cols)  # float32 (16-bit values upcast, exact)
     columns = [np.ascontiguousarray(block[:, j], dtype=np.float32) for j in range(cols)]
     getters = [lambda seg, c=c: _values(c, seg) for c in columns]
+    as_stored = getters
+    if stored and native.dtype.itemsize == 2:
+        natives = [np.ascontiguousarray(native[:, j]) for j in range(cols)]
+        as_stored = [lambda seg, c=c: _values(c, seg) for c in natives]
     return (
         tuple(_count_nonfinite(c, segments) for c in columns),
-        tuple(_digest_pieces(g, segments) for g in getters),
+        tuple(_digest_pieces(g, segments) for g in as_stored),
         tuple(
             _file_blocks(cached_reader(spec), spec, segments, g, blocks[j] if blocks else ())
             for j, (spec, g) in enumerate(zip(specs, getters, strict=False))
@@ -499,12 +542,14 @@ def build_chunk_tasks(
     nonfinite: str,
     digests: DigestPlan | None = None,
     epochs: Sequence[CheckpointSpec] = (),
+    stored: bool = False,
 ) -> tuple[list[object], list[tuple[int, int, bool]]]:
     """One task per chunk; chunks that already exist are only re-counted, never rewritten.
     With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
     epochs' specs in order), each task also digests the file blocks its pieces cover, and one
     :func:`digest_rest` task per file reads the blocks no chunk task reads whole; those
-    follow the chunk tasks.
+    follow the chunk tasks. ``stored``: the tensor pieces are digested as stored (16-bit
+    bytes; see :func:`pipeline.kernels.digests.scheme`).
 
     Returns the tasks and, for each chunk task, ``(row block, time block, was_written)``.
     """
@@ -528,6 +573,7 @@ def build_chunk_tasks(
                     len(specs),
                     specs,
                     mine,
+                    stored,
                     dask_key_name=f"count-{i}-{j}",
                 )
                 where.append((i, j, False))
@@ -541,6 +587,7 @@ def build_chunk_tasks(
                     col0,
                     nonfinite,
                     mine,
+                    stored,
                     dask_key_name=f"write-{i}-{j}",
                 )
                 where.append((i, j, True))

@@ -1,10 +1,13 @@
 """Digests of stored tensor values: which tensors never change (a frozen backbone, frozen
 embeddings) is known exactly, from ingest, without reading the trajectory again.
 
-An ingest task digests each piece of a tensor it writes (the float32 values of one row range
-at one epoch: the stored values, upcast exactly from 16-bit stores), with XXH3-128; the client
-combines a tensor's pieces, in row order, into the tensor's digest for that epoch
-(:func:`combine`). Two epochs of a tensor have equal digests if and only if its stored values
+An ingest task digests each piece of a tensor it writes (the stored values of one row range
+at one epoch, their bytes as stored: float32, or the 16-bit values of a bfloat16/float16
+store), with XXH3-128; the client combines a tensor's pieces, in row order, into the tensor's
+digest for that epoch (:func:`combine`). The digest's prefix names what the pieces digest
+(:func:`scheme`): :data:`PREFIX`, float32 values (float32 stores; 16-bit stores written before
+their stored bytes were digested, whose pieces were upcast to float32 first, and which keep
+that definition when epochs are appended), or :data:`PREFIX_STORED`, the stored 16-bit bytes. Two epochs of a tensor have equal digests if and only if its stored values
 are equal, bit for bit, up to a 2^-128 chance per comparison: XXH3 is not cryptographic, and
 needs not be here (no adversary picks the weights).
 
@@ -33,6 +36,7 @@ __all__ = [
     "BLOCK_BYTES",
     "CONTENT_PREFIX",
     "PREFIX",
+    "PREFIX_STORED",
     "BlockHasher",
     "FileDigest",
     "block_leaf",
@@ -43,15 +47,37 @@ __all__ = [
     "frozen",
     "n_blocks",
     "piece_digest",
+    "scheme",
     "subtract_ranges",
 ]
 
-#: names the digest's algorithm, so that another one can follow without a schema change
+#: names the digest's algorithm, so that another one can follow without a schema change:
+#: XXH3-128 of the pieces' float32 values (float32 stores, and older 16-bit stores)
 PREFIX = "xxh3-128:"
+#: XXH3-128 of the pieces' stored 16-bit bytes (bfloat16 and float16 stores)
+PREFIX_STORED = "xxh3-128-stored16:"
+
+
+def scheme(store_dtype: str, stored: Sequence[Sequence[str]]) -> str:
+    """The prefix of the digests of epochs added to a store of ``store_dtype`` whose epochs
+    have the digests ``stored``: a 16-bit store digests its stored bytes (:data:`PREFIX_STORED`)
+    unless its epochs were digested as float32 values (:data:`PREFIX`: it keeps that, so that
+    its epochs stay comparable); a float32 store's bytes are its float32 values.
+
+    >>> scheme("float32", []), scheme("bfloat16", []), scheme("bfloat16", [["xxh3-128:00"]])
+    ('xxh3-128:', 'xxh3-128-stored16:', 'xxh3-128:')
+    """
+    if store_dtype == "float32":
+        return PREFIX
+    for digests in stored:  # the store's epochs share one definition: the first one known
+        for d in digests:
+            if d:
+                return PREFIX if d.startswith(PREFIX) else PREFIX_STORED
+    return PREFIX_STORED
 
 
 def piece_digest(values: np.ndarray) -> bytes:
-    """16-byte digest of a contiguous float32 piece (its bytes as stored in memory).
+    """16-byte digest of a contiguous piece of values (their bytes as stored in memory).
 
     >>> a = np.arange(4, dtype=np.float32)
     >>> piece_digest(a) == piece_digest(a.copy()), piece_digest(a) == piece_digest(a[::-1].copy())
@@ -60,9 +86,10 @@ def piece_digest(values: np.ndarray) -> bytes:
     return xxhash.xxh3_128_digest(np.ascontiguousarray(values).reshape(-1).view(np.uint8).data)
 
 
-def combine(pieces: Iterable[tuple[int, int, bytes]]) -> str:
+def combine(pieces: Iterable[tuple[int, int, bytes]], prefix: str = PREFIX) -> str:
     """The tensor digest from its pieces ``(start, stop, piece digest)`` (element offsets into
-    the flattened tensor), in any order; they must tile the tensor.
+    the flattened tensor), in any order; they must tile the tensor. ``prefix`` names what the
+    pieces digest (:func:`scheme`).
 
     >>> d = piece_digest(np.ones(2, np.float32))
     >>> combine([(2, 4, d), (0, 2, d)]) == combine([(0, 2, d), (2, 4, d)])
@@ -75,7 +102,7 @@ def combine(pieces: Iterable[tuple[int, int, bytes]]) -> str:
             raise ValueError(f"the pieces leave a gap or overlap at element {end}")
         h.update(start.to_bytes(8, "little") + stop.to_bytes(8, "little") + digest)
         end = stop
-    return PREFIX + h.hexdigest()
+    return prefix + h.hexdigest()
 
 
 def frozen(digests: Sequence[Sequence[str]], n_tensors: int) -> np.ndarray | None:

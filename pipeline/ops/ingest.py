@@ -16,7 +16,7 @@ from pipeline.checkpoints.files import identity
 from pipeline.checkpoints.readers import CheckpointSpec
 from pipeline.errors import InputError
 from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
-from pipeline.kernels.digests import BlockRun, FileDigest, combine
+from pipeline.kernels.digests import PREFIX_STORED, BlockRun, FileDigest, combine, scheme
 from pipeline.plan import EpochInspection, RowLayout, blocks, parse_epoch_spec, plan_ingest
 from pipeline.plan.ingest import DigestPlan, effective_strip_prefix, plan_digests
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
@@ -201,6 +201,9 @@ def _ingest(
     time_blocks = plan.time_blocks()
     col_blocks = [(c0 + a, specs_new[a:b]) for a, b in time_blocks]
     digests = plan_digests(new, plan.index, row_blocks, time_blocks)
+    # what the tensor pieces' digests digest: the stored bytes, or float32 values where the
+    # store's epochs were digested so (16-bit stores written before); see digests.scheme
+    digest_prefix = scheme(grid.dtype, [e.digests for e in plan.committed])
     tasks, where = build_chunk_tasks(
         grid,
         row_blocks,
@@ -211,6 +214,7 @@ def _ingest(
         plan.settings.nonfinite,
         digests,
         specs_new,
+        stored=digest_prefix == PREFIX_STORED,
     )
     # the same order as the tasks: epochs outer, rows inner; then the files' other blocks
     labels = [
@@ -255,7 +259,7 @@ def _ingest(
             sum(per_epoch[e.epoch].values()),
             tuple(sorted(per_epoch[e.epoch].items())),
             e.inline,
-            tuple(combine(pieces[e.epoch][name]) for name in stored_names),
+            tuple(combine(pieces[e.epoch][name], digest_prefix) for name in stored_names),
         )
         for p, e in enumerate(plan.new)
     )
