@@ -215,12 +215,14 @@ class Runner:
                     exc = fut.exception()
                     label = labels[i] if labels is not None else None
                     raise task_error(exc, desc, fut.key, label) from exc
-                if last is None:
-                    results[index[fut.key]] = fut.result()
-                else:
+                if last is not None:
                     live.pop(fut.key, None)
                 bar.update(1)
                 del fut
+            if last is None:
+                # all results in one batched transfer (a result() per future is one round
+                # trip each, one after the other: 2-3 ms per task on a 2-core machine)
+                results = list(self.client.gather(futures))
             del futures
             if last is not None:
                 if last.status == "error" or not last.done():
