@@ -65,6 +65,21 @@ def _block(n_t: int, n_s: int, n_m: int, seed: int = 0) -> tuple[np.ndarray, Ref
     return np.ascontiguousarray(x, dtype=np.float32), References.from_profiles(refs)
 
 
+def _heap_only() -> bool:
+    """Serve every allocation from the heap (glibc ``mallopt(M_MMAP_THRESHOLD, 1 GiB)``;
+    Linux only): otherwise whether a kernel's 1 MB result arrays come from fresh ``mmap``
+    pages, faulted in on every call, depends on what ran before (glibc's threshold moves with
+    the sizes freed), and two copies of the same kernel measured 29 and 35 ms in one run."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
 def _time(fn) -> tuple[float, float]:
     """(wall seconds, this thread's CPU seconds) of one call."""
     w0, c0 = time.perf_counter(), time.thread_time()
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--old", metavar="CHECKOUT", help="also time an earlier checkout's kernel")
     a = ap.parse_args(argv)
     old = _old_kernels(a.old) if a.old else None
+    if not _heap_only():
+        print("(could not set malloc's mmap threshold: results may depend on allocation state)")
     with threadpool_limits(1):
         warm_up()
         if old is not None:

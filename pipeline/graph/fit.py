@@ -112,7 +112,7 @@ def fit_task(
     ids = np.full(layout.max_layers, -1.0)
     ids[: len(plan.layers)] = [lid for lid, _lo, _hi in plan.layers]
     stats[layout.layer_ids] = ids
-    layer_of = np.empty(rows, dtype=np.int64)
+    layer_of = scratch("fit-layer-of", rows, np.int64)
     for k, (_lid, lo, hi) in enumerate(plan.layers):
         layer_of[lo:hi] = k
     per_layer = _sums(layer_of, len(plan.layers), fit)
@@ -136,7 +136,9 @@ def _stored(fit: BlockFit, refs: References) -> tuple[np.ndarray, np.ndarray]:
     from pipeline.kernels import cmd_numba
 
     if cmd_numba.available():
-        return cmd_numba.stored_coefficients_fused(fit.mode, fit.a, fit.level, fit.anchor, refs)
+        return cmd_numba.stored_coefficients_fused(
+            fit.mode, fit.a, fit.level, fit.anchor, refs, alloc=_reused
+        )
     return stored_coefficients(fit.mode, fit.a, fit.level, fit.anchor, refs)
 
 
@@ -179,8 +181,14 @@ def _fit_on_cpu(
     from pipeline.kernels import cmd_numba
 
     if cmd_numba.use_fused():
-        return cmd_numba.fit_block_fused(x, refs, ref_rows)
+        return cmd_numba.fit_block_fused(x, refs, ref_rows, alloc=_reused)
     return fit_block(_as_float32(x).T, refs, ref_rows)
+
+
+def _reused(field: str, n: int, dtype: Any) -> np.ndarray:
+    """The kernel's per-row result array ``field``, in this thread's reused buffer (a task's
+    results are written before the thread runs its next task)."""
+    return scratch(f"fit-out-{field}", n, dtype)
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
