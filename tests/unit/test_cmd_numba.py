@@ -425,3 +425,29 @@ def test_constant_rows_are_exactly_the_rows_of_one_value(n_t: int) -> None:
         np.testing.assert_array_equal(got.b[c], x[c, 0].astype(np.float64))
         np.testing.assert_array_equal(got.level[c], x[c, 0].astype(np.float64))
         np.testing.assert_array_equal(got.energy[c], n_t * x[c, 0].astype(np.float64) ** 2)
+
+
+def test_alloc_gives_the_result_arrays_and_every_value_is_written() -> None:
+    """With ``alloc`` the per-row results are the arrays it gives (reused buffers hold
+    anything: here garbage), and equal, bit for bit, those of fresh arrays."""
+    xt, refs, ref_rows = planted_block(30, SUB_ROWS + 77, 3, np.float32, seed=5)
+    r = References.from_profiles(refs)
+    given: dict[str, np.ndarray] = {}
+
+    def alloc(field: str, n: int, dtype) -> np.ndarray:
+        buf = np.empty(n + 5, dtype=dtype)
+        buf.view(np.uint8)[:] = 0xA7  # garbage, NaN-like in the floats
+        given[field] = buf[:n]
+        return given[field]
+
+    got = fit_block_fused(xt, r, ref_rows, alloc=alloc)
+    _assert_bits_equal(got, fit_block_fused(xt, r, ref_rows))
+    assert set(given) == {"mode", "a", "b", "anchor", "level", "corr", "residual", "energy",
+                          "spread", "flags"}
+    for f, buf in given.items():
+        assert np.shares_memory(getattr(got, f), buf), f
+    a32, l32 = cmd_numba.stored_coefficients_fused(got.mode, got.a, got.level, got.anchor, r, alloc=alloc)
+    w32, wl32 = cmd_numba.stored_coefficients_fused(got.mode, got.a, got.level, got.anchor, r)
+    assert np.shares_memory(a32, given["a32"]) and np.shares_memory(l32, given["level32"])
+    np.testing.assert_array_equal(a32.view(np.uint32), w32.view(np.uint32))
+    np.testing.assert_array_equal(l32.view(np.uint32), wl32.view(np.uint32))
