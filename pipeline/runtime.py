@@ -207,7 +207,7 @@ class Runner:
         # with ``reduce``, a finished task's future is dropped at once: its result stays on the
         # workers only until the reduction has read it
         live = {f.key: f for f in futures}
-        results: list[Any] = [None] * len(futures)
+        results: list[Any] = []
         try:
             for fut in as_completed(futures):
                 if fut.status == "error":

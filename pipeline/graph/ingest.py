@@ -420,7 +420,7 @@ def _copy_column(
             return raws[seg.name, seg.start]
 
         parts = [(seg.name, values_of(seg)) for seg in segments]
-        if views is raws and grid.dtype != "float32":
+        if stored and grid.dtype != "float32":
             counted = _count_nonfinite16(parts, grid.dtype)
         else:
             counted = _count_nonfinite_parts(parts)

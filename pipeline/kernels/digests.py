@@ -7,9 +7,10 @@ store), with XXH3-128; the client combines a tensor's pieces, in row order, into
 digest for that epoch (:func:`combine`). The digest's prefix names what the pieces digest
 (:func:`scheme`): :data:`PREFIX`, float32 values (float32 stores; 16-bit stores written before
 their stored bytes were digested, whose pieces were upcast to float32 first, and which keep
-that definition when epochs are appended), or :data:`PREFIX_STORED`, the stored 16-bit bytes. Two epochs of a tensor have equal digests if and only if its stored values
-are equal, bit for bit, up to a 2^-128 chance per comparison: XXH3 is not cryptographic, and
-needs not be here (no adversary picks the weights).
+that definition when epochs are appended), or :data:`PREFIX_STORED`, the stored 16-bit
+bytes. Two epochs of a tensor have equal digests if and only if its stored values are equal,
+bit for bit, up to a 2^-128 chance per comparison: XXH3 is not cryptographic, and needs not
+be here (no adversary picks the weights).
 
 The same module digests checkpoint *files* (:data:`CONTENT_PREFIX`): a file is cut into 64 KiB
 blocks at fixed offsets; the file's digest is the XXH3-128 of its size and its blocks' XXH3-128
