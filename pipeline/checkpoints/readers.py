@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import struct
+import threading
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -392,6 +393,7 @@ class SafetensorsReader:
         self._entries: dict[str, _StEntry] = {}
         self._order: list[str] = []
         self._sources: dict[str, ByteSource] = {}
+        self._lock = threading.Lock()  # the threads of a process share a cached reader
         if spec.format == "safetensors":
             path = spec.files[0]
             entries, _ = _parse_safetensors_header(path, spec.epoch, self._remote(path))
@@ -421,10 +423,11 @@ class SafetensorsReader:
         return [self._entries[n].info for n in self._order]
 
     def _source(self, path: str) -> ByteSource:
-        src = self._sources.get(path)
-        if src is None:
-            src = self._sources[path] = open_source(path, self.spec.epoch)
-        return src
+        with self._lock:  # one source per file, even when two threads ask at once
+            src = self._sources.get(path)
+            if src is None:
+                src = self._sources[path] = open_source(path, self.spec.epoch)
+            return src
 
     def prefetch(self, pieces: Sequence[tuple[str, int, int]]) -> None:
         """Fetch the bytes of ``(name, start, stop)`` element ranges of remote files at once,
@@ -618,26 +621,31 @@ class TorchReader:
         """Where the tensor's bytes lie in the file, from the torch-free description of the
         archive (:mod:`.torchzip`); None when it cannot tell, or tells something else than
         torch loaded."""
-        if self._spans is None:
-            self._spans = {}
+        spans = self._spans
+        if spans is None:
+            # built whole, then published: threads of one process share a cached reader, and
+            # one that saw a half-built table would take a tensor for one without spans
+            spans = {}
             from pipeline.checkpoints.torchzip import TorchZipReader
 
             try:
                 described = TorchZipReader(self.spec, self._path)
             except InputError:
-                return None
-            try:
-                for k, t in self._sd.items():
-                    got = described.spans(k)
-                    info = described.tensor_info(k)
-                    same = info is not None and (
-                        info.shape == tuple(int(d) for d in t.shape)
-                        and info.dtype == str(t.dtype).removeprefix("torch.")
-                    )
-                    self._spans[k] = got if same else None
-            finally:
-                described.close()
-        return self._spans.get(name)
+                described = None
+            if described is not None:
+                try:
+                    for k, t in self._sd.items():
+                        got = described.spans(k)
+                        info = described.tensor_info(k)
+                        same = info is not None and (
+                            info.shape == tuple(int(d) for d in t.shape)
+                            and info.dtype == str(t.dtype).removeprefix("torch.")
+                        )
+                        spans[k] = got if same else None
+                finally:
+                    described.close()
+            self._spans = spans
+        return spans.get(name)
 
     def close(self) -> None:
         self._sd = {}

@@ -545,6 +545,13 @@ def build_chunk_tasks(
     stored: bool = False,
 ) -> tuple[list[object], list[tuple[int, int, bool]]]:
     """One task per chunk; chunks that already exist are only re-counted, never rewritten.
+    A chunk task's key names its time block first (``write-{j}-{i}``, ``count-{j}-{i}``
+    for the chunk at row block ``i`` and time block ``j``): dask orders tasks that depend on
+    nothing by their keys, so one epoch's chunk tasks then run one after another and a worker
+    opens each checkpoint once (its reader cache holds a few), reading each file in turn; keys
+    that began with the row block made every task of an epoch-major run reopen its
+    checkpoint (parse the header again; two requests for a remote file) once a run had more
+    epochs than the cache holds.
     With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
     epochs' specs in order), each task also digests the file blocks its pieces cover, and one
     :func:`digest_rest` task per file reads the blocks no chunk task reads whole; those
@@ -556,7 +563,8 @@ def build_chunk_tasks(
     tasks: list[object] = []
     where: list[tuple[int, int, bool]] = []
     n = 0
-    # epochs in the outer loop: a worker keeps one checkpoint open across consecutive tasks
+    # epochs in the outer loop (and first in the keys, which set dask's order): a worker
+    # keeps one checkpoint open across consecutive tasks
     for col0, specs in col_blocks:
         j = col0 // time_chunk
         for r0, r1, segs in row_blocks:
@@ -574,7 +582,7 @@ def build_chunk_tasks(
                     specs,
                     mine,
                     stored,
-                    dask_key_name=f"count-{i}-{j}",
+                    dask_key_name=f"count-{j}-{i}",
                 )
                 where.append((i, j, False))
             else:
@@ -588,7 +596,7 @@ def build_chunk_tasks(
                     nonfinite,
                     mine,
                     stored,
-                    dask_key_name=f"write-{i}-{j}",
+                    dask_key_name=f"write-{j}-{i}",
                 )
                 where.append((i, j, True))
             tasks.append(t)

@@ -230,7 +230,7 @@ def test_cluster_results_are_byte_identical_to_sync(
     done = recorded_tasks(control).get("memory", set())
     writes = {k for k in done if k.startswith("write-")}
     fits = {k for k in done if k.startswith("fit-")}
-    want_writes = {f"write-{i}-{j}" for i in range(N // CHUNK_ROWS) for j in range(T)}
+    want_writes = {f"write-{j}-{i}" for i in range(N // CHUNK_ROWS) for j in range(T)}
     assert writes == want_writes, sorted(writes ^ want_writes)[:10]
     assert fits == {f"fit-{NAME}-{b}" for b in range(N_BLOCKS)}, sorted(fits)[:10]
     # and the blocks' statistics were folded there too (40 blocks: one leaf of the tree)
@@ -309,7 +309,7 @@ def test_task_that_kills_its_worker_fails_cleanly_and_resumes(
     store = tmp_path / "s.zarr"
     if stage == "ingest":
         i, j = 7, 5
-        key, r0, r1 = f"write-{i}-{j}", i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS
+        key, r0, r1 = f"write-{j}-{i}", i * CHUNK_ROWS, (i + 1) * CHUNK_ROWS
         args, want = ingest_args(data.ckpts, store, on(c)), data.ingested
         lost = {f"trajectory/c/{i}/{j}"}
     else:
@@ -364,7 +364,7 @@ def test_task_that_kills_its_worker_fails_cleanly_and_resumes(
     expect: set[str] = set()
     for k in done:
         if stage == "ingest" and k.startswith("write-"):
-            _, ci, cj = k.split("-")
+            _, cj, ci = k.split("-")  # write-{time block}-{row block}
             expect.add(f"trajectory/c/{ci}/{cj}")
         elif stage == "fit" and k.startswith(f"fit-{NAME}-"):
             expect.add(f"analyses/{NAME}/block_stats/c/{k.rsplit('-', 1)[1]}/0")

@@ -127,6 +127,38 @@ def test_each_input_byte_is_read_once(tmp_path: Path, reads: Counter[str]) -> No
     assert again.added == [] and sum(reads.values()) < size / 100
 
 
+@pytest.mark.parametrize("runtime", [SYNC, THREADS], ids=["sync", "threads"])
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_each_checkpoint_is_opened_once_not_once_per_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: pipeline.RuntimeOptions, fmt: str
+) -> None:
+    # more epochs than a process's reader cache holds, 8 row blocks per epoch: the chunk
+    # tasks of an epoch must run one after another, each checkpoint's header parsed once by
+    # its inspect task and at most twice more by its chunk tasks (two threads may both miss
+    # the cache at an epoch's first chunks); in row-block order it was parsed 8 + 1 times
+    from pipeline.checkpoints import readers
+
+    n = readers._cached_reader.cache_info().maxsize + 4
+    paths = _write(tmp_path / "run", n, fmt)
+    opened: Counter[int | None] = Counter()
+    real = readers.open_checkpoint
+
+    def counting(spec: Any) -> Any:
+        opened[spec.epoch] += 1
+        return real(spec)
+
+    monkeypatch.setattr(readers, "open_checkpoint", counting)
+    readers._cached_reader.cache_clear()
+    store = tmp_path / "s.zarr"
+    try:
+        pipeline.ingest(paths, store, runtime=runtime, chunk_rows=ROWS)
+    finally:
+        readers._cached_reader.cache_clear()  # no reader opened through the patch outlives it
+    assert -(-TrajectoryStore.open(store).require_meta().n_rows // ROWS) == 8
+    assert sorted(opened) == list(range(n))
+    assert max(opened.values()) <= 3, opened
+
+
 def test_the_digest_does_not_depend_on_chunks_runtime_or_format_reader(tmp_path: Path) -> None:
     for fmt in ("safetensors", "pt"):
         paths = _write(tmp_path / fmt, 4, fmt)
