@@ -31,12 +31,29 @@ import numpy as np
 from _common import PeakRSS
 
 
-def make_run(root: Path, n: int, epochs: int, seed: int = 0, dtype: str = "float32") -> int:
-    """A model-like run: 8 layers of (weight, bias) adding up to n parameters of ``dtype``
-    (float32; bfloat16 or float16: rounded from the float32 values, saved through torch)."""
+def make_run(
+    root: Path,
+    n: int,
+    epochs: int,
+    seed: int = 0,
+    dtype: str = "float32",
+    layers: int = 8,
+    fmt: str = "safetensors",
+) -> int:
+    """A model-like run: ``layers`` layers of (weight, bias) adding up to n parameters of
+    ``dtype`` (float32; bfloat16 or float16: rounded from the float32 values, saved through
+    torch), one safetensors file per epoch (``fmt="pt"``: one ``torch.save`` zip file)."""
     from safetensors.numpy import save_file
 
-    if dtype != "float32":
+    if fmt == "pt":
+        import torch
+
+        tdt = getattr(torch, dtype)
+
+        def save_file(tensors: dict, path: str) -> None:  # the PyTorch writer
+            torch.save({k: torch.from_numpy(v).to(tdt) for k, v in tensors.items()}, path)
+
+    elif dtype != "float32":
         import torch
         from safetensors.torch import save_file as save_torch
 
@@ -47,7 +64,6 @@ def make_run(root: Path, n: int, epochs: int, seed: int = 0, dtype: str = "float
 
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    layers = 8
     per = n // layers
     shapes = {}
     used = 0
@@ -63,7 +79,7 @@ def make_run(root: Path, n: int, epochs: int, seed: int = 0, dtype: str = "float
     for e in range(epochs):
         for k in base:
             base[k] += drift[k]
-        p = root / f"epoch_{e:04d}.safetensors"
+        p = root / f"epoch_{e:04d}.{'pt' if fmt == 'pt' else 'safetensors'}"
         save_file(base, str(p))
         total += p.stat().st_size
     return total

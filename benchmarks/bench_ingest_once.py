@@ -1,7 +1,8 @@
 """Ingest reads each input byte once: wall time and bytes read against ``cp -r``.
 
 Writes a run of float32 (or ``--dtype`` bfloat16/float16) safetensors checkpoints
-(``--epochs`` x ``--n`` parameters: 40 x 5e7 float32 is 8 GB), then, in the same run and from the same cache state (every input file read into the
+(``--epochs`` x ``--n`` parameters: 40 x 5e7 float32 is 8 GB; ``--layers`` x (weight, bias);
+``--format pt``: ``torch.save`` files), then, in the same run and from the same cache state (every input file read into the
 page cache just before; outputs deleted and ``sync``-ed between runs):
 
 0. before every run: the outputs deleted and written back, every input read (into the page
@@ -141,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="the checkpoints' dtype (16-bit runs make 16-bit stores)")
     ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--layers", type=int, default=8,
+                    help="(weight, bias) pairs per checkpoint: 2 x LAYERS tensors")
+    ap.add_argument("--format", default="safetensors", choices=["safetensors", "pt"],
+                    help="one safetensors or one torch.save file per epoch")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions (medians reported)")
     ap.add_argument("--workdir", default="bench-output/ingest-once-work")
     ap.add_argument("--old", default=None, help="a checkout of the code to compare with (PYTHONPATH)")
@@ -161,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         variants += [("old", "cluster", str(Path(a.old).resolve())), ("old", "sync", str(Path(a.old).resolve()))]
     runs: dict[str, list[dict[str, float]]] = {"cp": []}
     try:
-        print(f"generating {a.epochs} x {a.n:.3g} {a.dtype} parameters ...", flush=True)
-        nbytes = make_run(ck, int(a.n), a.epochs, dtype=a.dtype)
+        print(f"generating {a.epochs} x {a.n:.3g} {a.dtype} parameters ({a.format}, "
+              f"{2 * a.layers} tensors) ...", flush=True)
+        nbytes = make_run(ck, int(a.n), a.epochs, dtype=a.dtype, layers=a.layers, fmt=a.format)
         pre = a.pretouch if a.pretouch is not None else _default_pretouch(nbytes)
         for _ in range(a.repeat):
             _fresh(ck, copy, store, pretouch=pre)
