@@ -220,7 +220,7 @@ def raw_of(values: np.ndarray, dtype: str) -> np.ndarray | None:
     return None
 
 
-def spans_of(reader: CheckpointReader, name: str) -> tuple[tuple[str, int, int], ...] | None:
+def spans_of(reader: object, name: str) -> tuple[tuple[str, int, int], ...] | None:
     """The ``(file, begin, end)`` byte ranges holding tensor ``name``'s raw elements in order,
     when the reader knows them (None otherwise: the bytes are then digested apart)."""
     fn = getattr(reader, "spans", None)

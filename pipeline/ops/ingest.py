@@ -215,6 +215,7 @@ def _ingest(
         digests,
         specs_new,
         stored=digest_prefix == PREFIX_STORED,
+        inspections=new,
     )
     # the same order as the tasks: epochs outer, rows inner; then the files' other blocks
     labels = [

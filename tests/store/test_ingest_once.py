@@ -159,6 +159,40 @@ def test_each_checkpoint_is_opened_once_not_once_per_chunk(
     assert max(opened.values()) <= 3, opened
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_a_copied_chunk_opens_no_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    # the chunk tasks take the pieces' byte ranges from the inspection: only the inspection
+    # opens each checkpoint (a torch.load of a large model costs tens of milliseconds)
+    paths = _write(tmp_path / "run", 3, fmt, dtypes=("float32",))
+    asked: Counter[int | None] = Counter()
+    real = gingest.cached_reader
+
+    def counting(spec: Any) -> Any:
+        asked[spec.epoch] += 1
+        return real(spec)
+
+    monkeypatch.setattr(gingest, "cached_reader", counting)
+    store = tmp_path / "s.zarr"
+    copied = []
+    real_copy = gingest._copy_column
+    monkeypatch.setattr(gingest, "_copy_column", lambda *a: copied.append(1) or real_copy(*a))
+    pipeline.ingest(paths, store, runtime=SYNC, chunk_rows=ROWS)
+    assert len(copied) == 3 * 4  # every chunk copied (4 row blocks of "w")
+    assert asked == {0: 1, 1: 1, 2: 1}
+    # and the same store as a run that reads and writes every chunk
+    again = tmp_path / "t.zarr"
+    monkeypatch.setattr(gingest, "_copy_column", real_copy)
+    monkeypatch.setattr(gingest, "_copyable", lambda *a: None)
+    pipeline.ingest(paths, again, runtime=SYNC, chunk_rows=ROWS)
+    a, b = snapshot(store), snapshot(again)
+    assert {k: v for k, v in a.items() if "/c/" in k} == {k: v for k, v in b.items() if "/c/" in k}
+    assert _digests(store) == _digests(again)
+    meta_a, meta_b = (TrajectoryStore.open(p).require_meta() for p in (store, again))
+    assert meta_a.epochs == meta_b.epochs
+
+
 def test_the_digest_does_not_depend_on_chunks_runtime_or_format_reader(tmp_path: Path) -> None:
     for fmt in ("safetensors", "pt"):
         paths = _write(tmp_path / fmt, 4, fmt)
