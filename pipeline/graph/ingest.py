@@ -165,9 +165,13 @@ def _count_nonfinite16(
     out = []
     for name, raw in parts:
         bits = raw.view("<u2")
-        mag = np.bitwise_and(bits, 0x7FFF, out=scratch("ingest-bits", bits.size, np.uint16))
-        if not mag.size or int(mag.max()) < mask:
+        # two plain reductions, nothing written: a positive NaN/Inf is an int16 >= mask, a
+        # negative one a uint16 >= 0x8000 | mask (every other value is below both)
+        if not bits.size or (
+            int(bits.view("<i2").max()) < mask and int(bits.max()) < (0x8000 | mask)
+        ):
             continue
+        mag = np.bitwise_and(bits, 0x7FFF, out=scratch("ingest-bits", bits.size, np.uint16))
         out.append((name, int(np.count_nonzero(mag >= mask))))
     return tuple(out)
 

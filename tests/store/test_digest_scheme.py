@@ -128,3 +128,22 @@ def test_16_bit_nan_and_inf_are_counted_from_their_bits(tmp_path: Path, dtype: s
     assert meta.epochs[0].nonfinite == 0
     with pytest.raises(pipeline.InputError, match="5 NaN/Inf"):
         pipeline.ingest(paths, tmp_path / "strict.zarr", runtime=SYNC, nonfinite="error")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_16_bit_pattern_alone_is_judged_as_its_value(dtype: str) -> None:
+    """The bit check against the values' own isfinite, each of the 65,536 patterns as a
+    tensor of its own (a positive NaN alone, a negative Inf alone, ...), and all at once."""
+    from pipeline.graph.ingest import _count_nonfinite16
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    if dtype == "bfloat16":
+        values = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    else:
+        values = bits.view(np.float16)
+    bad = ~np.isfinite(values)
+    parts = [(str(i), bits[i : i + 1].view(np.uint8)) for i in range(bits.size)]
+    got = dict(_count_nonfinite16(parts, dtype))
+    assert got == {str(i): 1 for i in np.flatnonzero(bad)}
+    assert _count_nonfinite16([("all", bits.view(np.uint8))], dtype) == (("all", int(bad.sum())),)
+    assert _count_nonfinite16([("none", bits[~bad].view(np.uint8))], dtype) == ()
