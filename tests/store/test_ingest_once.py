@@ -127,6 +127,19 @@ def test_each_input_byte_is_read_once(tmp_path: Path, reads: Counter[str]) -> No
     assert again.added == [] and sum(reads.values()) < size / 100
 
 
+def _calls_per_epoch(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Counter[int | None]:
+    """Calls of ``owner.name(spec)``, counted by the spec's epoch (the call still runs)."""
+    calls: Counter[int | None] = Counter()
+    real = getattr(owner, name)
+
+    def counting(spec: Any) -> Any:
+        calls[spec.epoch] += 1
+        return real(spec)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 @pytest.mark.parametrize("runtime", [SYNC, THREADS], ids=["sync", "threads"])
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_each_checkpoint_is_opened_once_not_once_per_chunk(
@@ -138,16 +151,9 @@ def test_each_checkpoint_is_opened_once_not_once_per_chunk(
     # the cache at an epoch's first chunks); in row-block order it was parsed 8 + 1 times
     from pipeline.checkpoints import readers
 
-    n = readers._cached_reader.cache_info().maxsize + 4
+    n = (readers._cached_reader.cache_info().maxsize or 0) + 4
     paths = _write(tmp_path / "run", n, fmt)
-    opened: Counter[int | None] = Counter()
-    real = readers.open_checkpoint
-
-    def counting(spec: Any) -> Any:
-        opened[spec.epoch] += 1
-        return real(spec)
-
-    monkeypatch.setattr(readers, "open_checkpoint", counting)
+    opened = _calls_per_epoch(monkeypatch, readers, "open_checkpoint")
     readers._cached_reader.cache_clear()
     store = tmp_path / "s.zarr"
     try:
@@ -155,7 +161,7 @@ def test_each_checkpoint_is_opened_once_not_once_per_chunk(
     finally:
         readers._cached_reader.cache_clear()  # no reader opened through the patch outlives it
     assert -(-TrajectoryStore.open(store).require_meta().n_rows // ROWS) == 8
-    assert sorted(opened) == list(range(n))
+    assert set(opened) == set(range(n))
     assert max(opened.values()) <= 3, opened
 
 
@@ -166,18 +172,16 @@ def test_a_copied_chunk_opens_no_reader(
     # the chunk tasks take the pieces' byte ranges from the inspection: only the inspection
     # opens each checkpoint (a torch.load of a large model costs tens of milliseconds)
     paths = _write(tmp_path / "run", 3, fmt, dtypes=("float32",))
-    asked: Counter[int | None] = Counter()
-    real = gingest.cached_reader
-
-    def counting(spec: Any) -> Any:
-        asked[spec.epoch] += 1
-        return real(spec)
-
-    monkeypatch.setattr(gingest, "cached_reader", counting)
+    asked = _calls_per_epoch(monkeypatch, gingest, "cached_reader")
     store = tmp_path / "s.zarr"
     copied = []
     real_copy = gingest._copy_column
-    monkeypatch.setattr(gingest, "_copy_column", lambda *a: copied.append(1) or real_copy(*a))
+
+    def copy_column(*args: Any) -> Any:
+        copied.append(1)
+        return real_copy(*args)
+
+    monkeypatch.setattr(gingest, "_copy_column", copy_column)
     pipeline.ingest(paths, store, runtime=SYNC, chunk_rows=ROWS)
     assert len(copied) == 3 * 4  # every chunk copied (4 row blocks of "w")
     assert asked == {0: 1, 1: 1, 2: 1}
