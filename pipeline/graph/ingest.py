@@ -634,11 +634,11 @@ def build_chunk_tasks(
     """One task per chunk; chunks that already exist are only re-counted, never rewritten.
     A chunk task's key names its time block first (``write-{j}-{i}``, ``count-{j}-{i}``
     for the chunk at row block ``i`` and time block ``j``): dask orders tasks that depend on
-    nothing by their keys, so one epoch's chunk tasks then run one after another and a worker
-    opens each checkpoint once (its reader cache holds a few), reading each file in turn; keys
-    that began with the row block made every task of an epoch-major run reopen its
-    checkpoint (parse the header again; two requests for a remote file) once a run had more
-    epochs than the cache holds.
+    nothing by their keys, so one epoch's chunk tasks then run one after another, each file
+    is read in turn, and a task that must read values (not copy them) finds its checkpoint
+    still open in its process (the reader cache holds a few); keys that began with the row
+    block made such tasks reopen their checkpoint (parse the header again; two requests for a
+    remote file) once a run had more epochs than the cache holds.
     With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
     epochs' specs in order), each task also digests the file blocks its pieces cover, and one
     :func:`digest_rest` task per file reads the blocks no chunk task reads whole; those
