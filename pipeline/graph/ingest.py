@@ -273,15 +273,10 @@ def write_chunk(
     digests = []
     file_blocks = []
     for j, spec in enumerate(specs):
-        layout: CheckpointReader | KnownLayout | None = known[j] if known else None
-        if cols == 1:
-            if layout is None:
-                layout = cached_reader(spec)
-            pieces = _copyable(grid, layout, segments, rows)
-        else:
-            pieces = None
+        # where the pieces lie: from the inspection when given, else from the opened reader
+        layout = known[j] if known else cached_reader(spec)
+        pieces = _copyable(grid, layout, segments, rows) if cols == 1 else None
         if pieces is not None:
-            assert layout is not None
             return _copy_column(
                 grid,
                 spec,
@@ -580,14 +575,11 @@ class KnownLayout:
         """The layout of the tensors of ``segments`` in the inspected epoch."""
         names = {seg.name for seg in segments}
         files = inspection.spec.files
+        spans = inspection.spans
         return cls(
             inspection.spec,
             [t for t in inspection.tensors if t.name in names],
-            {
-                name: tuple((files[f], a, b) for f, a, b in got)
-                for name, got in inspection.spans.items()
-                if name in names
-            },
+            {n: tuple((files[f], a, b) for f, a, b in spans[n]) for n in names if n in spans},
         )
 
     def tensors(self) -> list[TensorInfo]:
