@@ -21,12 +21,12 @@ innermost (unit stride, vectorised by LLVM, no selects):
    corr, residual, flags and the reference-row overrides, exactly the formulas of
    ``fit_block``;
 3. per epoch: ``residual_t = sum_i (xc_it - a_i rc_(m_i)t)^2`` summed directly, as in
-   ``fit_block``, the row's centred reference value gathered from the epoch's M values (the
-   per-mode expansion ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` would cost one
+   ``fit_block``, four epochs per pass over the rows, the row's centred reference values
+   gathered from the (M, Tw) centred references (the per-mode expansion ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` would cost one
    dot product per mode and lose every digit when the rows follow their modes closely).
 
-All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the two
-small sum-over-rows helpers (``_centre``, ``_residual_sum``), so that LLVM
+All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the small
+sum-over-rows helpers (``_centre``, ``_residual_sum``, ``_residual_sum4``), so that LLVM
 keeps vector partial sums; their order is fixed by the compiled code, so a run is bit-for-bit
 deterministic. The floats agree with ``fit_block`` to rounding (sums taken in another order).
 float16 and bfloat16 blocks (bfloat16 as its ``uint16`` bit pattern with
@@ -246,18 +246,43 @@ if _HAVE_NUMBA:
         return s, e
 
     @_jit_sum
-    def _residual_sum(xr, mv, av, mode, rc):
-        """sum_j ((xr_j - mv_j) - av_j rc[mode_j])^2 over the ``av.shape[0]`` rows
-        (vectorised; reassociated)."""
+    def _residual_sum(xr, mv, av, at, rcf, t):
+        """sum_j ((xr_j - mv_j) - av_j rcf[at_j + t])^2 over the ``av.shape[0]`` rows
+        (``at_j + t``: the row's centred reference value of epoch t in ``rcf``; vectorised;
+        reassociated)."""
         s = 0.0
         for j in range(av.shape[0]):
-            e = (np.float64(xr[j]) - mv[j]) - av[j] * rc[mode[j]]
+            e = (np.float64(xr[j]) - mv[j]) - av[j] * rcf[at[j] + t]
             s += e * e
         return s
 
+    @_jit_sum
+    def _residual_sum4(x0, x1, x2, x3, mv, av, at, rcf, t):
+        """:func:`_residual_sum` of the four epochs t .. t + 3 in one pass over the rows: the
+        row's mean, a and reference position loaded once for the four (vectorised;
+        reassociated)."""
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        one = np.uint64(1)
+        for j in range(av.shape[0]):
+            q = at[j] + t
+            m = mv[j]
+            aj = av[j]
+            e0 = (np.float64(x0[j]) - m) - aj * rcf[q]
+            e1 = (np.float64(x1[j]) - m) - aj * rcf[q + one]
+            e2 = (np.float64(x2[j]) - m) - aj * rcf[q + one + one]
+            e3 = (np.float64(x3[j]) - m) - aj * rcf[q + one + one + one]
+            s0 += e0 * e0
+            s1 += e1 * e1
+            s2 += e2 * e2
+            s3 += e3 * e3
+        return s0, s1, s2, s3
+
     @_jit
     def _sub_block(
-        x, c0, o0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        x, c0, o0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         residual_t, energy_t, spread_t,
         tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
@@ -290,11 +315,24 @@ if _HAVE_NUMBA:
         for j in range(n):
             tv[j] = np.float64(x0[j])
             dv[j] = 0.0
-        if exact:
-            for t in range(1, n_t):
+        if exact:  # four epochs per pass over the rows, added in epoch order (the same bits)
+            t = 1
+            while t + 4 <= n_t:
+                xa = x[t, c0:c1]
+                xb = x[t + 1, c0:c1]
+                xc = x[t + 2, c0:c1]
+                xd = x[t + 3, c0:c1]
+                for j in range(n):
+                    v = tv[j] + np.float64(xa[j])
+                    v += np.float64(xb[j])
+                    v += np.float64(xc[j])
+                    tv[j] = v + np.float64(xd[j])
+                t += 4
+            while t < n_t:
                 xr = x[t, c0:c1]
                 for j in range(n):
                     tv[j] += np.float64(xr[j])
+                t += 1
         else:
             for t in range(1, n_t):
                 xr = x[t, c0:c1]
@@ -471,12 +509,25 @@ if _HAVE_NUMBA:
                 flags[p] |= FLAG_REFERENCE
         # ---- pass 3: per epoch, the residual of the sub-block's rows summed directly,
         # sum_j (xc_tj - a_j rc_(m_j)t)^2 (constant and NaN/Inf rows: a = 0, xc = 0; reference
-        # rows: a = 1 on their own mode), the mode's centred reference gathered per row from
-        # the epoch's row of ``rct`` (M values, in L1)
+        # rows: a = 1 on their own mode), four epochs per pass over the rows (the row's mean,
+        # a and place in ``rcf`` loaded once for the four), the mode's centred reference
+        # gathered per row from the flat (M, Tw) ``rcf`` (in L1)
         for j in range(n):
-            ib[j] = np.uint64(md[j])
-        for t in range(n_t):
-            residual_t[t] += _residual_sum(x[t, c0:c1], mv, av, ib, rct[t])
+            ib[j] = np.uint64(md[j]) * np.uint64(n_t)  # the row's reference in rcf
+        t = 0
+        while t + 4 <= n_t:
+            r0, r1, r2, r3 = _residual_sum4(
+                x[t, c0:c1], x[t + 1, c0:c1], x[t + 2, c0:c1], x[t + 3, c0:c1],
+                mv, av, ib, rcf, np.uint64(t),
+            )  # fmt: skip
+            residual_t[t] += r0
+            residual_t[t + 1] += r1
+            residual_t[t + 2] += r2
+            residual_t[t + 3] += r3
+            t += 4
+        while t < n_t:
+            residual_t[t] += _residual_sum(x[t, c0:c1], mv, av, ib, rcf, np.uint64(t))
+            t += 1
 
     @_jit
     def _workspace(n_m, w):
@@ -488,7 +539,7 @@ if _HAVE_NUMBA:
 
     @_jit
     def _fit_direct(
-        xt, sub, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        xt, sub, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         residual_t, energy_t, spread_t,
     ):  # fmt: skip
@@ -502,7 +553,7 @@ if _HAVE_NUMBA:
         for s0 in range(0, n_s, w):
             n = min(w, n_s - s0)
             _sub_block(
-                xt, s0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
+                xt, s0, s0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
                 tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
@@ -510,7 +561,7 @@ if _HAVE_NUMBA:
 
     @_jit
     def _fit_upcast(
-        xt, code, sub, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
+        xt, code, sub, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         residual_t, energy_t, spread_t,
     ):  # fmt: skip
@@ -525,7 +576,7 @@ if _HAVE_NUMBA:
             n = min(w, n_s - s0)
             _upcast_tile(xt, s0, n, code, tile)
             _sub_block(
-                tile, 0, s0, n, unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw,
+                tile, 0, s0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
                 tot, dif, mm, kind, proj, xrow, bestv, ib, tile, exact,
@@ -647,7 +698,7 @@ def fit_block_fused(
         raise ValueError(f"references of shape {unit.shape} do not fit a window of {n_t} epochs")
     rnorm = np.ascontiguousarray(refs.norm, dtype=np.float64)
     rmean = np.ascontiguousarray(refs.mean, dtype=np.float64)
-    rct = np.ascontiguousarray(np.asarray(refs.centred, dtype=np.float64).T)
+    rcf = np.ascontiguousarray(refs.centred, dtype=np.float64).ravel()  # (M, Tw), mode-major
     rsorted = np.ascontiguousarray(refs.sorted, dtype=np.float64)
     rorder = np.ascontiguousarray(refs.order, dtype=np.int64)
     ranchor = np.ascontiguousarray(refs.anchor, dtype=np.int64)
@@ -686,7 +737,7 @@ def fit_block_fused(
         out.mode, out.a, out.b, out.anchor, out.level, out.corr, out.residual, out.energy,
         out.spread, out.flags, out.residual_t, out.energy_t, out.spread_t,
     )  # fmt: skip
-    ins = (unit, rnorm, rmean, rct, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids)
+    ins = (unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids)
     if code >= 2:
         _fit_upcast(x, code, SUB_ROWS, *ins, *outs)
     else:
