@@ -21,6 +21,7 @@ from dask import delayed
 
 from pipeline.buffers import scratch
 from pipeline.compat import to_numpy
+from pipeline.graph.packed import Packed, call_packed
 from pipeline.kernels.cmd import (
     FLAG_CONSTANT,
     FLAG_SAMPLED,
@@ -296,9 +297,7 @@ def _fit_on_gpu(
             t_stage = 0.0
             xd = cupy.asarray(x)
         dev_refs = _device_refs(cupy, refs)
-        got = fit_block(
-            xd.T, dev_refs, (cupy.asarray(ref_rows[0]), cupy.asarray(ref_rows[1]))
-        )
+        got = fit_block(xd.T, dev_refs, (cupy.asarray(ref_rows[0]), cupy.asarray(ref_rows[1])))
         if events:
             events[2].record(stream)
         parts = [getattr(got, f.name) for f in fields(BlockFit)]
@@ -347,23 +346,37 @@ def build_fit_tasks(
     gpu: bool = False,
     diagnostics: bool = False,
 ) -> list[object]:
-    """One delayed :func:`fit_task` per block plan (the caller leaves out finished blocks)."""
+    """One delayed :func:`fit_task` per block plan (the caller leaves out finished blocks).
+
+    The columns and references are one graph key each, shared by every task; the rest of a
+    task's arguments go in a :class:`~pipeline.graph.packed.Packed` (dask would otherwise
+    walk each block plan's layers in the client)."""
     refs_d = delayed(refs, traverse=False)
     cols_d = delayed(cols, traverse=False)
     return [
-        delayed(fit_task, pure=False)(
-            grid,
-            name,
-            p,
+        delayed(call_packed, pure=False)(
+            _fit_packed,
+            Packed((grid, name, p, layout, gpu, diagnostics)),
             cols_d,
             refs_d,
-            layout,
-            gpu,
-            diagnostics,
             dask_key_name=f"fit-{name}-{p.index}",
         )
         for p in plans
     ]
+
+
+def _fit_packed(
+    grid: ChunkGrid,
+    name: str,
+    plan: BlockPlan,
+    layout: StatsLayout,
+    gpu: bool,
+    diagnostics: bool,
+    cols: np.ndarray,
+    refs: References,
+) -> np.ndarray:
+    """:func:`fit_task` with the shared arguments last (:func:`build_fit_tasks`)."""
+    return fit_task(grid, name, plan, cols, refs, layout, gpu, diagnostics)
 
 
 def totals_leaf(
@@ -458,6 +471,15 @@ def build_scan_tasks(
     sampling by rejection falls short (most parameters frozen)."""
     cols_d = delayed(cols, traverse=False)
     return [
-        delayed(scan_task, pure=False)(grid, p, cols_d, k, seed, dask_key_name=f"scan-{p.index}")
+        delayed(call_packed, pure=False)(
+            _scan_packed, Packed((grid, p, k, seed)), cols_d, dask_key_name=f"scan-{p.index}"
+        )
         for p in plans
     ]
+
+
+def _scan_packed(
+    grid: ChunkGrid, plan: BlockPlan, k: int, seed: int, cols: np.ndarray
+) -> tuple[list[Pool], int]:
+    """:func:`scan_task` with the shared columns last (:func:`build_scan_tasks`)."""
+    return scan_task(grid, plan, cols, k, seed)

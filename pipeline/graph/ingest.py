@@ -38,6 +38,7 @@ from pipeline.checkpoints.readers import (
 )
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
+from pipeline.graph.packed import Packed, call_packed
 from pipeline.kernels.digests import BlockHasher, BlockRun, piece_digest
 from pipeline.plan import EpochInspection, Segment
 from pipeline.plan.ingest import DigestPlan, FileBlocks, piece_spans
@@ -589,27 +590,6 @@ class KnownLayout:
         return self._spans.get(name)
 
 
-class _Args:
-    """A task's arguments, passed through by dask as they are. Dask walks every list, tuple
-    and dataclass in a task's arguments when it builds the graph, looking for collections;
-    a chunk task's segments and digest plans hold a few objects per tensor, so for a model of
-    hundreds of tensors that walk cost about 15 ms per task, in the client, before any task
-    ran. These hold no dask collections."""
-
-    __slots__ = ("args",)
-
-    def __init__(self, args: tuple[Any, ...]) -> None:
-        self.args = args
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Args, (self.args,))
-
-
-def _call(fn: Callable[..., Any], packed: _Args) -> Any:
-    """``fn(*packed.args)``: the task of :func:`build_chunk_tasks`."""
-    return fn(*packed.args)
-
-
 def build_chunk_tasks(
     grid: ChunkGrid,
     row_blocks: Sequence[tuple[int, int, Sequence[Segment]]],
@@ -662,14 +642,14 @@ def build_chunk_tasks(
                 args: tuple[Any, ...] = (
                     grid.url, segs, r0, r1, col0, len(specs), specs, mine, stored, known,
                 )  # fmt: skip
-                t = delayed(_call, pure=False)(
-                    count_chunk, _Args(args), dask_key_name=f"count-{j}-{i}"
+                t = delayed(call_packed, pure=False)(
+                    count_chunk, Packed(args), dask_key_name=f"count-{j}-{i}"
                 )
                 where.append((i, j, False))
             else:
                 args = (grid, segs, specs, r0, r1, col0, nonfinite, mine, stored, known)
-                t = delayed(_call, pure=False)(
-                    write_chunk, _Args(args), dask_key_name=f"write-{j}-{i}"
+                t = delayed(call_packed, pure=False)(
+                    write_chunk, Packed(args), dask_key_name=f"write-{j}-{i}"
                 )
                 where.append((i, j, True))
             tasks.append(t)
