@@ -7,6 +7,7 @@ Client side only; tasks never touch these arrays.
 
 from __future__ import annotations
 
+import bisect
 import json
 import warnings
 from collections.abc import Sequence
@@ -142,33 +143,115 @@ def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
         "tensor_kind": (_strings([t.kind for t in ts]), str),
     }
     for name, (values, dtype) in tab.items():
-        a = _create(root, name, (n,), (max(n, 1),), dtype, (TENSOR,), fill_value="" if dtype is str else 0)
+        a = _create(
+            root, name, (n,), (max(n, 1),), dtype, (TENSOR,), fill_value="" if dtype is str else 0
+        )
         if n:
             a[:] = values
     rows = max(1, min(chunk_rows, meta.n_rows or 1))
     ids = _create(
-        root, TENSOR_ID, (meta.n_rows,), (rows,), "int32", ("param",), fill_value=-1, compressed=True
+        root,
+        TENSOR_ID,
+        (meta.n_rows,),
+        (rows,),
+        "int32",
+        ("param",),
+        fill_value=-1,
+        compressed=True,
     )
     ids.attrs["description"] = "the index into `tensor` of each trajectory row"
-    # whole chunks, a few at a time (one zarr call per batch, not one per tensor: a model
-    # has thousands of tensors, and each call waits on zarr's event loop)
-    batch = max(rows, _ID_BATCH_ROWS // rows * rows)
-    spans = sorted((t.offset, t.offset + t.size, k) for k, t in enumerate(ts) if t.stored and t.size)
-    first = 0
-    buf = np.empty(min(batch, meta.n_rows), dtype=np.int32)  # one buffer for every batch
-    for r0 in range(0, meta.n_rows, batch):
-        r1 = min(r0 + batch, meta.n_rows)
-        while first < len(spans) and spans[first][1] <= r0:
-            first += 1
-        if first == len(spans) or spans[first][0] >= r1:
-            continue  # only rows of no stored tensor: the fill value
+    # a full chunk inside one tensor holds one value: its stored bytes are those of the first
+    # such chunk of that tensor, copied (a few hundred bytes) instead of filled and compressed
+    # again (16 MB each); the other chunks are written whole, a few at a time (one zarr call
+    # per run of consecutive chunks up to a batch, not one per tensor: a model has thousands
+    # of tensors, and each call waits on zarr's event loop)
+    spans = sorted(
+        (t.offset, t.offset + t.size, k) for k, t in enumerate(ts) if t.stored and t.size
+    )
+    starts = [lo for lo, _hi, _k in spans]
+    first_of: dict[int, int] = {}  # tensor -> its first chunk of only its rows
+    written: list[int] = []
+    copies: list[tuple[int, int]] = []  # (chunk holding the bytes, chunk to store them as)
+    for c, k in enumerate(_chunk_values(spans, meta.n_rows, rows)):
+        if k == _NO_ROWS:
+            continue  # only rows of no stored tensor: the fill value, not stored
+        if k >= 0 and k in first_of:
+            copies.append((first_of[k], c))
+            continue
+        if k >= 0:
+            first_of[k] = c
+        written.append(c)
+    per_call = max(1, _ID_BATCH_ROWS // rows)
+    buf = np.empty(min(per_call * rows, meta.n_rows), dtype=np.int32)  # one for every call
+    for lo_c, hi_c in _runs(written, per_call):
+        r0, r1 = lo_c * rows, min(hi_c * rows, meta.n_rows)
         part = buf[: r1 - r0]
         part.fill(-1)
-        for lo, hi, k in spans[first:]:
+        for lo, hi, k in spans[max(0, bisect.bisect_right(starts, r0) - 1) :]:
             if lo >= r1:
                 break
-            part[max(lo, r0) - r0 : min(hi, r1) - r0] = k
+            if hi > r0:
+                part[max(lo, r0) - r0 : min(hi, r1) - r0] = k
         ids[r0:r1] = part
+    _copy_chunks(ids, copies)
+
+
+#: :func:`_chunk_values`: a chunk holding no row of a stored tensor
+_NO_ROWS = -2
+#: :func:`_chunk_values`: a chunk holding several values (tensors, or a tensor and the fill)
+_MIXED = -1
+
+
+def _chunk_values(spans: Sequence[tuple[int, int, int]], n_rows: int, rows: int) -> list[int]:
+    """Per chunk of ``rows`` rows (the last one may be shorter): the tensor whose rows fill it
+    whole (a full-size chunk), :data:`_NO_ROWS` or :data:`_MIXED`. ``spans``: sorted,
+    disjoint ``(first row, end row, tensor)``.
+
+    >>> _chunk_values([(0, 10, 0), (10, 12, 1), (16, 30, 2)], 32, 4)
+    [0, 0, -1, -2, 2, 2, 2, -1]
+    """
+    out: list[int] = []
+    i = 0
+    for c0 in range(0, n_rows, rows):
+        c1 = min(c0 + rows, n_rows)
+        while i < len(spans) and spans[i][1] <= c0:
+            i += 1
+        if i == len(spans) or spans[i][0] >= c1:
+            out.append(_NO_ROWS)
+        elif c1 - c0 == rows and spans[i][0] <= c0 and spans[i][1] >= c1:
+            out.append(spans[i][2])
+        else:
+            out.append(_MIXED)
+    return out
+
+
+def _runs(chunks: Sequence[int], most: int) -> list[tuple[int, int]]:
+    """Sorted chunk indices as ``[lo, hi)`` runs of consecutive ones, at most ``most`` each.
+
+    >>> _runs([0, 1, 2, 5, 7, 8], 2)
+    [(0, 2), (2, 3), (5, 6), (7, 9)]
+    """
+    out: list[tuple[int, int]] = []
+    for c in chunks:
+        if out and out[-1][1] == c and c - out[-1][0] < most:
+            out[-1] = (out[-1][0], c + 1)
+        else:
+            out.append((c, c + 1))
+    return out
+
+
+def _copy_chunks(array: Any, pairs: Sequence[tuple[int, int]]) -> None:
+    """Store the stored bytes of chunk ``src`` of the 1-D ``array`` as chunk ``dst`` too, for
+    each ``(src, dst)`` (chunks of equal values: equal encoded bytes;
+    :func:`pipeline.store.keys.copy_values`: hard links on a local store)."""
+    from pipeline.store import keys
+
+    sp = array.store_path
+
+    def key(c: int) -> str:
+        return f"{sp.path}/{array.metadata.encode_chunk_key((c,))}"
+
+    keys.copy_values(sp.store, [(key(s), key(d)) for s, d in pairs])
 
 
 def _inline_names(meta: StoreMeta) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -244,7 +327,9 @@ def _write_epochs(root: Any, meta: StoreMeta, keep: int, *, fresh: bool) -> None
     for name, _dtype, shape in inline:
         values = np.stack(
             [
-                np.frombuffer(x.to_bytes(), dtype=RAW_NUMPY[x.dtype].newbyteorder("<")).reshape(shape)
+                np.frombuffer(x.to_bytes(), dtype=RAW_NUMPY[x.dtype].newbyteorder("<")).reshape(
+                    shape
+                )
                 for e in new
                 for x in e.inline
                 if x.name == name
@@ -313,7 +398,9 @@ def _read_tables(root: Any, attrs: dict[str, Any]) -> dict[str, Any]:
                 "nonfinite": int(sum(nbt.values())),
                 "nonfinite_by_tensor": dict(sorted(nbt.items())),
                 "inline": [
-                    InlineTensor.from_array(name, dtype, values[i].astype(RAW_NUMPY[dtype])).to_dict()
+                    InlineTensor.from_array(
+                        name, dtype, values[i].astype(RAW_NUMPY[dtype])
+                    ).to_dict()
                     for name, dtype, values in inline
                 ],
                 "digests": d if d and all(d) else [],

@@ -159,6 +159,37 @@ def test_tensor_id_written_in_batches_matches_every_row(
     np.testing.assert_array_equal(root["tensor_id"][:], want)
 
 
+def test_tensor_id_chunks_inside_one_tensor_are_copied_and_match_every_row(
+    run5: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full chunk of one tensor's rows takes the stored bytes of that tensor's first such
+    chunk; every row still holds its tensor's index (a copy from the wrong chunk, or of a
+    chunk not yet written, would not)."""
+    from pipeline.store import meta_arrays
+
+    copied: list[tuple[int, int]] = []
+    original = meta_arrays._copy_chunks
+
+    def recording(array: object, pairs: list[tuple[int, int]]) -> None:
+        copied.extend(pairs)
+        original(array, pairs)
+
+    monkeypatch.setattr(meta_arrays, "_copy_chunks", recording)
+    monkeypatch.setattr(meta_arrays, "_ID_BATCH_ROWS", 8)  # one chunk per zarr call
+    store = tmp_path / "s.zarr"
+    pipeline.ingest([run5.root], store, runtime=SYNC, chunk_rows=4)
+    meta = pipeline.open_store(str(store)).meta
+    want = np.full(meta.n_rows, -1, dtype=np.int32)
+    for k, t in enumerate(meta.tensors):
+        if t.stored:
+            want[t.offset : t.offset + t.size] = k
+    assert len(copied) >= 2 and len({want[src * 4] for src, _dst in copied}) >= 2
+    for src, dst in copied:  # chunks of one tensor, the source chunk before its copies
+        assert src < dst and (want[src * 4 : src * 4 + 4] == want[dst * 4]).all()
+    root = zarr.open_group(str(store), mode="r", use_consolidated=False)
+    np.testing.assert_array_equal(root["tensor_id"][:], want)
+
+
 def test_on_disk_layout(run5: Run, tmp_path: Path) -> None:
     store = tmp_path / "s.zarr"
     pipeline.ingest([run5.root], store, runtime=SYNC, chunk_rows=50, time_chunk=2)

@@ -73,3 +73,54 @@ def test_failed_write_leaves_no_partial_and_keeps_the_old_value(
         keys.write_file(path, b"a new, longer value")
     assert path.read_bytes() == b"old value"
     assert sorted(p.name for p in path.parent.iterdir()) == ["0"]
+
+
+def _local_store(root: Path) -> object:
+    from zarr.storage import LocalStore
+
+    return LocalStore(str(root))
+
+
+def test_copied_values_are_links_that_later_writes_do_not_share(tmp_path: Path) -> None:
+    store = _local_store(tmp_path)
+    keys.write_file(tmp_path / "a" / "c" / "0", b"zero")
+    keys.write_file(tmp_path / "a" / "c" / "3", b"old three")
+    keys.copy_values(store, [("a/c/0", "a/c/1"), ("a/c/0", "a/c/3"), ("a/c/0", "a/d/9")])
+    src = tmp_path / "a" / "c" / "0"
+    for dst in ("a/c/1", "a/c/3", "a/d/9"):  # a new folder too; an existing value replaced
+        path = tmp_path.joinpath(*dst.split("/"))
+        assert path.read_bytes() == b"zero" and path.stat().st_ino == src.stat().st_ino
+    keys.write_file(src, b"new zero")  # a write replaces its own name only
+    assert (tmp_path / "a" / "c" / "1").read_bytes() == b"zero"
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_copied_values_without_hard_links_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    keys.write_file(tmp_path / "c" / "0", b"zero")
+    keys.copy_values(_local_store(tmp_path), [("c/0", "c/1")])
+    one = tmp_path / "c" / "1"
+    assert one.read_bytes() == b"zero" and one.stat().st_ino != (tmp_path / "c" / "0").stat().st_ino
+    with pytest.raises(FileNotFoundError):
+        keys.copy_values(_local_store(tmp_path), [("c/7", "c/8")])
+    assert not (tmp_path / "c" / "8").exists() and not list(tmp_path.rglob("*.partial"))
+
+
+def test_copied_values_on_a_remote_store() -> None:
+    import zarr
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = zarr.storage.FsspecStore.from_url("memory://copy-values-test")
+    proto = default_buffer_prototype()
+    sync(store.set("x/0", proto.buffer.from_bytes(b"zero")))
+    keys.copy_values(store, [("x/0", "x/1"), ("x/0", "y/2")])
+    for k in ("x/1", "y/2"):
+        assert keys.get(store, k).to_bytes() == b"zero"
+    with pytest.raises(FileNotFoundError):
+        keys.copy_values(store, [("x/5", "x/6")])

@@ -1,0 +1,26 @@
+"""``benchmarks/bench_tensor_id.py`` end to end on a tiny model shape: the child writes the
+tensor table, its rows are checked against the tensor offsets, and the times are printed."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tensor_id.py"
+
+
+def test_bench_tensor_id_runs_and_checks_the_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_tensor_id", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = ["--d", "8", "--layers", "2", "--ffn", "24", "--vocab", "50", "--chunk-rows", "64"]
+    assert mod.main([*args, "--repeat", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # 2 x (4 x 64 + 3 x 192 + 2 x 8) + 8 + 2 x 400 rows, 21 tensors
+    assert "2,504 rows, 21 tensors, chunks of 64 rows" in out and "| this |" in out
+    assert list(tmp_path.iterdir()) == []  # the child's store is removed
