@@ -22,8 +22,9 @@ innermost (unit stride, vectorised by LLVM, no selects):
    ``fit_block``;
 3. per epoch: ``residual_t = sum_i (xc_it - a_i rc_(m_i)t)^2`` summed directly, as in
    ``fit_block``, four epochs per pass over the rows, the row's centred reference values
-   gathered from the (M, Tw) centred references (the per-mode expansion ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` would cost one
-   dot product per mode and lose every digit when the rows follow their modes closely).
+   gathered from the (M, Tw) centred references (the per-mode expansion
+   ``spread_t - 2 sum_m rc_mt A_mt + sum_m rc_mt^2 C_m`` would cost one dot product per mode
+   and lose every digit when the rows follow their modes closely).
 
 All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the small
 sum-over-rows helpers (``_centre``, ``_residual_sum``, ``_residual_sum4``), so that LLVM

@@ -108,9 +108,11 @@ def copy_values(store: Any, pairs: Sequence[tuple[str, str]]) -> None:
     On a local store ``dst`` becomes a hard link to ``src``'s file, made atomically (a link
     named as :func:`write_file`'s partial files, renamed into place): about 0.02 ms against
     0.8 ms for writing a small file on the ext4 volume we measured on. A later write of
-    either key replaces its own name only (every writer here renames a new file into
-    place). Where links cannot be made (another file system, no support) the bytes are
-    written. Other stores: all reads, then all writes, in flight at once."""
+    either key replaces its own name only: every writer of a store's files renames a new file
+    into place (:func:`write_file`, :func:`copy_file`, and zarr 3.1's ``LocalStore``, which
+    never writes into an existing chunk file). Where links cannot be made (another file
+    system, no support) the bytes are written. Other stores: all reads, then all writes, in
+    flight at once."""
     if not pairs:
         return
     root = _local_root(store)
