@@ -28,6 +28,7 @@ from pipeline.config import (
     DEFAULT_SAMPLES,
     DEFAULT_STORE_DTYPE,
     DEFAULT_TIME_CHUNK,
+    INGEST_TASK_BYTES,
     NONFINITE_POLICIES,
     SCALE_EPOCHS,
     STABILITY_MAX_EXACT,
@@ -413,6 +414,13 @@ def main(verbose: int) -> None:
     "--force",
     is_flag=True,
     help="Rebuild the trajectory when inputs or settings differ from the store's.",
+)
+@click.option(
+    "--chunks-per-task",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Chunks one task writes (consecutive rows of one epoch) [default: "
+    f"{INGEST_TASK_BYTES // 2**20} MiB per task]. Any value gives the same store.",
 )
 @_runtime_options(gpu=False)
 @_handle_errors

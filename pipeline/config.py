@@ -28,6 +28,7 @@ __all__ = [
     "FIT_BLOCK_BYTES",
     "FIT_KERNEL",
     "FIT_KERNEL_ENV",
+    "INGEST_TASK_BYTES",
     "INLINE_TENSOR_MAX_ELEMENTS",
     "KNOWN_BUFFER_SUFFIXES",
     "MIN_EPOCHS",
@@ -92,6 +93,12 @@ KNOWN_BUFFER_SUFFIXES = (
     "attn.bias",
     "attn.masked_bias",
 )
+
+#: Bytes of trajectory chunks one ingest task writes (consecutive chunks of one epoch; at
+#: least one chunk): with 8 MiB chunks, 4 per task. Each task costs the scheduler and the
+#: worker about 2 ms whatever it does; a 70B-parameter run of 100 epochs is 1.75 million
+#: 8 MiB chunks.
+INGEST_TASK_BYTES = 32 * 1024 * 1024
 
 #: Block size of sequential reads (hashing).
 READ_BLOCK_BYTES = 8 * 1024 * 1024

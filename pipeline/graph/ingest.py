@@ -38,7 +38,7 @@ from pipeline.checkpoints.readers import (
 )
 from pipeline.config import INLINE_TENSOR_MAX_ELEMENTS
 from pipeline.errors import InputError
-from pipeline.graph.packed import Packed, call_packed
+from pipeline.graph.packed import Packed
 from pipeline.kernels.digests import BlockHasher, BlockRun, piece_digest
 from pipeline.plan import EpochInspection, Segment
 from pipeline.plan.ingest import DigestPlan, FileBlocks, piece_spans
@@ -590,6 +590,25 @@ class KnownLayout:
         return self._spans.get(name)
 
 
+def run_chunks(calls: Packed) -> tuple[Any, ...]:
+    """(Task) the chunk jobs ``calls.args``, ``((function, arguments), ...)``, one after
+    another (:func:`write_chunk`, :func:`count_chunk`): their results, in order."""
+    return tuple(fn(*args) for fn, args in calls.args)
+
+
+def chunk_groups(n: int, most: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into as few runs of consecutive indices as hold at most ``most`` each,
+    of sizes that differ by one at most.
+
+    >>> chunk_groups(10, 4), chunk_groups(3, 8), chunk_groups(4, 1)
+    ([(0, 4), (4, 7), (7, 10)], [(0, 3)], [(0, 1), (1, 2), (2, 3), (3, 4)])
+    """
+    if n <= 0:
+        return []
+    k = -(-n // max(1, most))
+    return [(g * n // k, (g + 1) * n // k) for g in range(k)]
+
+
 def build_chunk_tasks(
     grid: ChunkGrid,
     row_blocks: Sequence[tuple[int, int, Sequence[Segment]]],
@@ -602,33 +621,43 @@ def build_chunk_tasks(
     epochs: Sequence[CheckpointSpec] = (),
     stored: bool = False,
     inspections: Sequence[EpochInspection] = (),
-) -> tuple[list[object], list[tuple[int, int, bool]]]:
-    """One task per chunk; chunks that already exist are only re-counted, never rewritten.
-    A chunk task's key names its time block first (``write-{j}-{i}``, ``count-{j}-{i}``
-    for the chunk at row block ``i`` and time block ``j``): dask orders tasks that depend on
-    nothing by their keys, so one epoch's chunk tasks then run one after another, each file
-    is read in turn, and a task that must read values (not copy them) finds its checkpoint
-    still open in its process (the reader cache holds a few); keys that began with the row
-    block made such tasks reopen their checkpoint (parse the header again; two requests for a
-    remote file) once a run had more epochs than the cache holds.
-    With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
-    epochs' specs in order), each task also digests the file blocks its pieces cover, and one
-    :func:`digest_rest` task per file reads the blocks no chunk task reads whole; those
-    follow the chunk tasks. ``stored``: the tensor pieces are digested as stored (16-bit
-    bytes; see :func:`pipeline.kernels.digests.scheme`). ``inspections``: the new epochs'
-    inspections (with their layouts), which give each task the :class:`KnownLayout` of its
-    pieces.
+    chunks_per_task: int = 1,
+) -> tuple[list[object], list[list[tuple[int, int, bool]]]]:
+    """Tasks that write the chunks, ``chunks_per_task`` consecutive row blocks of one time
+    block each (:func:`chunk_groups`: as few tasks as that allows, of even sizes); chunks
+    that already exist are only re-counted, never rewritten. Each task (:func:`run_chunks`)
+    returns its chunks' results in order. Fewer, larger tasks spread the scheduler's cost per
+    task over more bytes; one chunk per task gives each chunk its own task.
 
-    Returns the tasks and, for each chunk task, ``(row block, time block, was_written)``.
+    A task's key names its time block first (``write-{j}-{i}`` for the chunk at row block
+    ``i`` and time block ``j``, ``write-{j}-{i}-{last i}`` for several; ``count-...`` when
+    every chunk of the task exists): dask orders tasks that depend on nothing by their keys,
+    so one epoch's tasks then run one after another, each file is read in turn, and a task
+    that must read values (not copy them) finds its checkpoint still open in its process
+    (the reader cache holds a few); keys that began with the row block made such tasks
+    reopen their checkpoint (parse the header again; two requests for a remote file) once a
+    run had more epochs than the cache holds.
+    With ``digests`` (see :func:`~pipeline.plan.ingest.plan_digests`; ``epochs``: the new
+    epochs' specs in order), each chunk job also digests the file blocks its pieces cover,
+    and one :func:`digest_rest` task per file reads the blocks no chunk job reads whole;
+    those follow the chunk tasks. ``stored``: the tensor pieces are digested as stored
+    (16-bit bytes; see :func:`pipeline.kernels.digests.scheme`). ``inspections``: the new
+    epochs' inspections (with their layouts), which give each job the :class:`KnownLayout`
+    of its pieces.
+
+    Returns the tasks and, for each chunk task, its chunks' ``(row block, time block,
+    was_written)`` in order.
     """
     tasks: list[object] = []
-    where: list[tuple[int, int, bool]] = []
+    where: list[list[tuple[int, int, bool]]] = []
     n = 0
     inspected = {i.spec: i for i in inspections if i.layouts is not None}
     # epochs in the outer loop (and first in the keys, which set dask's order): a worker
     # keeps one checkpoint open across consecutive tasks
     for col0, specs in col_blocks:
         j = col0 // time_chunk
+        jobs: list[tuple[Any, tuple[Any, ...]]] = []
+        chunks: list[tuple[int, int, bool]] = []
         for r0, r1, segs in row_blocks:
             i = r0 // chunk_rows
             mine = digests.tasks[n] if digests is not None else ()
@@ -642,17 +671,22 @@ def build_chunk_tasks(
                 args: tuple[Any, ...] = (
                     grid.url, segs, r0, r1, col0, len(specs), specs, mine, stored, known,
                 )  # fmt: skip
-                t = delayed(call_packed, pure=False)(
-                    count_chunk, Packed(args), dask_key_name=f"count-{j}-{i}"
-                )
-                where.append((i, j, False))
+                jobs.append((count_chunk, args))
+                chunks.append((i, j, False))
             else:
                 args = (grid, segs, specs, r0, r1, col0, nonfinite, mine, stored, known)
-                t = delayed(call_packed, pure=False)(
-                    write_chunk, Packed(args), dask_key_name=f"write-{j}-{i}"
+                jobs.append((write_chunk, args))
+                chunks.append((i, j, True))
+        for a, b in chunk_groups(len(jobs), chunks_per_task):
+            mine_chunks = chunks[a:b]
+            kind = "write" if any(w for _i, _j, w in mine_chunks) else "count"
+            rows = f"{mine_chunks[0][0]}" + (f"-{mine_chunks[-1][0]}" if b - a > 1 else "")
+            tasks.append(
+                delayed(run_chunks, pure=False)(
+                    Packed(tuple(jobs[a:b])), dask_key_name=f"{kind}-{j}-{rows}"
                 )
-                where.append((i, j, True))
-            tasks.append(t)
+            )
+            where.append(mine_chunks)
     for p, fb in digests.rest if digests is not None else ():
         tasks.append(
             delayed(digest_rest, pure=False)(

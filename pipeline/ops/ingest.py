@@ -14,6 +14,7 @@ from pipeline.checkpoints.content import check_members
 from pipeline.checkpoints.discover import discover
 from pipeline.checkpoints.files import identity
 from pipeline.checkpoints.readers import CheckpointSpec
+from pipeline.config import INGEST_TASK_BYTES
 from pipeline.errors import InputError
 from pipeline.graph.ingest import build_chunk_tasks, build_inspect_tasks
 from pipeline.kernels.digests import PREFIX_STORED, BlockRun, FileDigest, combine, scheme
@@ -22,7 +23,7 @@ from pipeline.plan.ingest import DigestPlan, effective_strip_prefix, plan_digest
 from pipeline.runtime import Runner, RuntimeOptions, refuse_gpu, using
 from pipeline.store.remote import StorageOptions, with_storage_options
 from pipeline.store.schema import EpochEntry, SourceFile
-from pipeline.store.trajectory import TrajectoryStore
+from pipeline.store.trajectory import ChunkGrid, TrajectoryStore
 
 __all__ = ["IngestResult", "ingest"]
 
@@ -82,6 +83,7 @@ def ingest(
     store_dtype: str | None = None,
     strip_prefix: str | None = None,
     force: bool = False,
+    chunks_per_task: int | None = None,
     storage_options: StorageOptions | None = None,
     runtime: RuntimeOptions | None = None,
     run: Runner | None = None,
@@ -114,6 +116,10 @@ def ingest(
     strip_prefix
         Remove this prefix from the tensor names that start with it (``"model."`` of a
         Lightning module, ``"module."`` of DDP); ``""``: none. Recorded in the store.
+    chunks_per_task
+        Trajectory chunks one task writes (consecutive row blocks of one epoch); default: as
+        many as make :data:`~pipeline.config.INGEST_TASK_BYTES` (4 chunks of 8 MiB). Not a
+        setting of the store: any value gives the same store.
     storage_options
         fsspec options (credentials, ``endpoint_url``, ``client_kwargs``...) for the remote
         URLs among ``inputs`` and ``store``; they reach the Dask workers too, and are never
@@ -131,6 +137,8 @@ def ingest(
             epochs = parse_epoch_spec(epochs)
         except ValueError as e:
             raise InputError(str(e)) from None
+    if chunks_per_task is not None and chunks_per_task < 1:
+        raise InputError(f"chunks_per_task must be at least 1, got {chunks_per_task}")
     specs = discover(inputs, epochs)
     refuse_gpu("ingest", run, runtime)  # before the store is created
     st = TrajectoryStore.open_or_create(store)
@@ -147,7 +155,7 @@ def ingest(
         "strip_prefix": strip_prefix,
     }
     with using(run, runtime) as r:
-        return _ingest(specs, st, requested, force, r, t_start)
+        return _ingest(specs, st, requested, force, r, t_start, chunks_per_task)
 
 
 def _ingest(
@@ -157,6 +165,7 @@ def _ingest(
     force: bool,
     run: Runner,
     t_start: float,
+    chunks_per_task: int | None = None,
 ) -> IngestResult:
     # 1. Inspect every checkpoint: headers, and what identifies its files. Files the store
     #    records with the same size and mtime are not read; other files of stored epochs are
@@ -216,21 +225,18 @@ def _ingest(
         specs_new,
         stored=digest_prefix == PREFIX_STORED,
         inspections=new,
+        chunks_per_task=_chunks_per_task(chunks_per_task, grid),
     )
     # the same order as the tasks: epochs outer, rows inner; then the files' other blocks
-    labels = [
-        f"trajectory chunk ({r0 // grid.chunk_rows}, {col0 // grid.time_chunk}): rows {r0}-{r1}, "
-        + (
-            f"epoch {specs[0].epoch}"
-            if len(specs) == 1
-            else f"epochs {specs[0].epoch}-{specs[-1].epoch}"
-        )
-        for col0, specs in col_blocks
-        for r0, r1, _segs in row_blocks
-    ] + [f"digest of {fb.layout.path}, epoch {specs_new[p].epoch}" for p, fb in digests.rest]
+    labels = [_chunks_label(group, grid, plan.new, c0) for group in where] + [
+        f"digest of {fb.layout.path}, epoch {specs_new[p].epoch}" for p, fb in digests.rest
+    ]
     try:
-        results = run.compute(tasks, "write chunks", labels)
-        files = _verified_files(new, where, results, digests, c0, grid.time_chunk)
+        got = run.compute(tasks, "write chunks", labels)
+        # one result per chunk (each chunk task returns its chunks' results), then the rest
+        results = [r for res in got[: len(where)] for r in res] + list(got[len(where) :])
+        where_chunks = [w for group in where for w in group]
+        files = _verified_files(new, where_chunks, results, digests, c0, grid.time_chunk)
     except InputError:
         st.rollback(meta, base)
         raise
@@ -244,7 +250,7 @@ def _ingest(
         lambda: defaultdict(list)
     )
     for (_i, j, _w), (block_counts, block_digests, _blocks) in zip(
-        where, results[: len(where)], strict=True
+        where_chunks, results[: len(where_chunks)], strict=True
     ):
         for k, (found, digests_k) in enumerate(zip(block_counts, block_digests, strict=True)):
             ep = plan.new[j * plan.settings.time_chunk + k - c0].epoch
@@ -265,8 +271,8 @@ def _ingest(
         for p, e in enumerate(plan.new)
     )
     st.commit(base, done)
-    result.chunks_written = sum(1 for w in where if w[2])
-    result.chunks_kept = len(where) - result.chunks_written
+    result.chunks_written = sum(1 for w in where_chunks if w[2])
+    result.chunks_kept = len(where_chunks) - result.chunks_written
     result.nonfinite = {e.epoch: e.nonfinite for e in done if e.nonfinite}
     result.bytes_in = sum(f.size for e in plan.new for f in e.files)
     result.seconds = time.perf_counter() - t_start
@@ -289,6 +295,28 @@ def _with_layouts(
         redone = {i.epoch: i for i in again}
         out = [redone.get(i.epoch, i) for i in out]
     return out
+
+
+def _chunks_per_task(asked: int | None, grid: ChunkGrid) -> int:
+    """Chunks per ingest task: ``asked``, else as many as make :data:`INGEST_TASK_BYTES`."""
+    if asked is not None:
+        return asked
+    chunk = grid.chunk_rows * grid.time_chunk * grid.itemsize
+    return max(1, INGEST_TASK_BYTES // max(1, chunk))
+
+
+def _chunks_label(
+    group: Sequence[tuple[int, int, bool]], grid: ChunkGrid, new: Sequence[EpochEntry], c0: int
+) -> str:
+    """What a chunk task writes, for its error messages: its chunks, rows and epochs."""
+    (i0, j, _w), (i1, _j, _w1) = group[0], group[-1]
+    r0 = i0 * grid.chunk_rows
+    r1 = min((i1 + 1) * grid.chunk_rows, grid.n_rows)
+    col0 = j * grid.time_chunk
+    eps = [e.epoch for e in new[max(0, col0 - c0) : col0 + grid.time_chunk - c0]]
+    when = f"epoch {eps[0]}" if len(eps) == 1 else f"epochs {eps[0]}-{eps[-1]}"
+    chunks = f"chunk ({i0}, {j})" if i1 == i0 else f"chunks ({i0}..{i1}, {j})"
+    return f"trajectory {chunks}: rows {r0}-{r1}, {when}"
 
 
 def _verified_files(

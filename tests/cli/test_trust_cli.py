@@ -76,8 +76,13 @@ def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*a: Any, **k: Any) -> Any:
         raise AssertionError("a runtime was started")
 
+    # the bench suite binds ``runner`` when it is imported: imported here first and patched
+    # too, so that its first import never binds the refusal for the tests that follow
+    import pipeline.bench.suite
+
     monkeypatch.setattr(pipeline.runtime, "runner", refuse)
     monkeypatch.setattr(pipeline.runtime, "_local_cluster", refuse)
+    monkeypatch.setattr(pipeline.bench.suite, "runner", refuse)
 
 
 def _cpu_command_args(command: str, tmp_path: Path, run_root: Path) -> list[str | Path]:

@@ -199,8 +199,8 @@ def _case_call(rec: Recorded, case: str) -> Call:
         first = rec.calls[case.removesuffix("[existing]")][0]
         b = first.bound()
         _tasks, where = first.result
-        # a resumed ingest: every chunk is there, so every task re-counts (reads) one
-        b.arguments["existing"] = {(i, j) for i, j, _written in where}
+        # a resumed ingest: every chunk is there, so every task re-counts (reads) its chunks
+        b.arguments["existing"] = {(i, j) for group in where for i, j, _written in group}
         return Call(first.fn, b.args, b.kwargs)
     assert case in rec.calls, f"{case} was never called by {BUILDERS[case]}"
     return rec.calls[case][0]

@@ -66,9 +66,10 @@ class Data:
 
 
 def ingest_args(ckpts: Path, store: Path, runtime: list[str]) -> list[str]:
+    # one task per chunk: the fault injection below targets one chunk's task by its key
     return [
         "ingest", str(ckpts), "--store", str(store), "--chunk-rows", str(CHUNK_ROWS),
-        "--no-progress", *runtime,
+        "--chunks-per-task", "1", "--no-progress", *runtime,
     ]  # fmt: skip
 
 

@@ -157,12 +157,46 @@ def test_each_checkpoint_is_opened_once_not_once_per_chunk(
     readers._cached_reader.cache_clear()
     store = tmp_path / "s.zarr"
     try:
-        pipeline.ingest(paths, store, runtime=runtime, chunk_rows=ROWS)
+        # one chunk per task: the order of the chunk tasks is what is checked
+        pipeline.ingest(paths, store, runtime=runtime, chunk_rows=ROWS, chunks_per_task=1)
     finally:
         readers._cached_reader.cache_clear()  # no reader opened through the patch outlives it
     assert -(-TrajectoryStore.open(store).require_meta().n_rows // ROWS) == 8
     assert set(opened) == set(range(n))
     assert max(opened.values()) <= 3, opened
+
+
+@pytest.mark.parametrize("runtime", [SYNC, THREADS], ids=["sync", "threads"])
+def test_tasks_of_several_chunks_write_the_same_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: pipeline.RuntimeOptions
+) -> None:
+    # 8 row blocks per epoch (the last one short), 3 epochs: tasks of 1, 3 (3 + 3 + 2) and
+    # all 8 chunks of an epoch write the same bytes; an append resumes into the same store
+    paths = _write(tmp_path / "run", 3, "safetensors")
+    sizes: list[int] = []
+    real = gingest.run_chunks
+
+    def recording(calls: Any) -> Any:
+        sizes.append(len(calls.args))
+        return real(calls)
+
+    monkeypatch.setattr(gingest, "run_chunks", recording)
+    stores = {}
+    for per in (1, 3, 8):
+        sizes.clear()
+        store = tmp_path / f"s{per}.zarr"
+        pipeline.ingest(paths[:2], store, runtime=runtime, chunk_rows=ROWS, chunks_per_task=per)
+        first = sorted(sizes)
+        sizes.clear()
+        res = pipeline.ingest(paths, store, runtime=runtime, chunk_rows=ROWS, chunks_per_task=per)
+        assert res.added == [2] and res.chunks_written == 8
+        want = {1: [1] * 8, 3: [2, 3, 3], 8: [8]}[per]
+        assert first == sorted(want * 2) and sorted(sizes) == want
+        stores[per] = snapshot(store)
+    assert -(-TrajectoryStore.open(tmp_path / "s1.zarr").require_meta().n_rows // ROWS) == 8
+    assert stores[1] == stores[3] == stores[8]
+    with pytest.raises(pipeline.InputError, match="chunks_per_task must be at least 1"):
+        pipeline.ingest(paths, tmp_path / "s0.zarr", runtime=runtime, chunks_per_task=0)
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
