@@ -601,7 +601,7 @@ def chunk_groups(n: int, most: int) -> list[tuple[int, int]]:
     of sizes that differ by one at most.
 
     >>> chunk_groups(10, 4), chunk_groups(3, 8), chunk_groups(4, 1)
-    ([(0, 4), (4, 7), (7, 10)], [(0, 3)], [(0, 1), (1, 2), (2, 3), (3, 4)])
+    ([(0, 3), (3, 6), (6, 10)], [(0, 3)], [(0, 1), (1, 2), (2, 3), (3, 4)])
     """
     if n <= 0:
         return []
