@@ -228,7 +228,8 @@ def _ingest(
         chunks_per_task=_chunks_per_task(chunks_per_task, grid),
     )
     # the same order as the tasks: epochs outer, rows inner; then the files' other blocks
-    labels = [_chunks_label(group, grid, plan.new, c0) for group in where] + [
+    specs_of = {col0 // grid.time_chunk: specs for col0, specs in col_blocks}
+    labels = [_chunks_label(group, grid, specs_of[group[0][1]]) for group in where] + [
         f"digest of {fb.layout.path}, epoch {specs_new[p].epoch}" for p, fb in digests.rest
     ]
     try:
@@ -306,15 +307,16 @@ def _chunks_per_task(asked: int | None, grid: ChunkGrid) -> int:
 
 
 def _chunks_label(
-    group: Sequence[tuple[int, int, bool]], grid: ChunkGrid, new: Sequence[EpochEntry], c0: int
+    group: Sequence[tuple[int, int, bool]], grid: ChunkGrid, specs: Sequence[CheckpointSpec]
 ) -> str:
-    """What a chunk task writes, for its error messages: its chunks, rows and epochs."""
+    """What a chunk task writes, for its error messages: its chunks, rows and epochs
+    (``specs``: its time block's checkpoints)."""
     (i0, j, _w), (i1, _j, _w1) = group[0], group[-1]
     r0 = i0 * grid.chunk_rows
     r1 = min((i1 + 1) * grid.chunk_rows, grid.n_rows)
-    col0 = j * grid.time_chunk
-    eps = [e.epoch for e in new[max(0, col0 - c0) : col0 + grid.time_chunk - c0]]
-    when = f"epoch {eps[0]}" if len(eps) == 1 else f"epochs {eps[0]}-{eps[-1]}"
+    when = (
+        f"epoch {specs[0].epoch}" if len(specs) == 1 else f"epochs {specs[0].epoch}-{specs[-1].epoch}"
+    )
     chunks = f"chunk ({i0}, {j})" if i1 == i0 else f"chunks ({i0}..{i1}, {j})"
     return f"trajectory {chunks}: rows {r0}-{r1}, {when}"
 

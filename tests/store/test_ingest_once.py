@@ -465,3 +465,17 @@ def test_crc32_of_parts_combines_as_zlib_would() -> None:
     for p in parts:
         crc = crc32_combine(crc, zlib.crc32(p), len(p))
     assert crc == zlib.crc32(data)
+
+
+def test_chunk_task_labels_name_their_chunks_rows_and_epochs() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.ops.ingest import _chunks_label
+    from pipeline.store.trajectory import ChunkGrid
+
+    grid = ChunkGrid("unused", 100, 30, 1, "none")
+    one = [SimpleNamespace(epoch=7)]
+    assert _chunks_label([(1, 4, True)], grid, one) == "trajectory chunk (1, 4): rows 30-60, epoch 7"
+    several = [(1, 4, True), (2, 4, False), (3, 4, True)]  # the last chunk is short
+    two = [SimpleNamespace(epoch=8), SimpleNamespace(epoch=9)]
+    assert _chunks_label(several, grid, two) == "trajectory chunks (1..3, 4): rows 30-100, epochs 8-9"
