@@ -161,8 +161,8 @@ def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
     )
     ids.attrs["description"] = "the index into `tensor` of each trajectory row"
     # a full chunk inside one tensor holds one value: its stored bytes are those of the first
-    # such chunk of that tensor, copied (a few hundred bytes) instead of filled and compressed
-    # again (16 MB each); the other chunks are written whole, a few at a time (one zarr call
+    # such chunk of that tensor, shared (a hard link on a local store) instead of filled and
+    # compressed again (16 MB each); the other chunks are written whole, a few at a time (one zarr call
     # per run of consecutive chunks up to a batch, not one per tensor: a model has thousands
     # of tensors, and each call waits on zarr's event loop)
     spans = sorted(
@@ -187,7 +187,8 @@ def _write_tensor_table(root: Any, meta: StoreMeta, chunk_rows: int) -> None:
         r0, r1 = lo_c * rows, min(hi_c * rows, meta.n_rows)
         part = buf[: r1 - r0]
         part.fill(-1)
-        for lo, hi, k in spans[max(0, bisect.bisect_right(starts, r0) - 1) :]:
+        for s in range(max(0, bisect.bisect_right(starts, r0) - 1), len(spans)):
+            lo, hi, k = spans[s]
             if lo >= r1:
                 break
             if hi > r0:
