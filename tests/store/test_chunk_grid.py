@@ -60,14 +60,15 @@ def test_all_nan_chunk_is_written(tmp_path: Path, codec: str) -> None:
     assert st.existing_chunks() == {(0, 1)}
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="no posix_fadvise")
-def test_scattered_read_prefetches_when_the_first_column_is_slow(
+def test_scattered_read_uses_many_threads_when_the_first_column_is_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """When the first column's values took disk time, every other value's page is asked for
-    at once (posix_fadvise WILLNEED, one per value of the other columns); the values read are
-    the same either way, and a fast first column asks for nothing."""
+    """When the first column's values took disk time, every other value's page is asked for at
+    once (posix_fadvise WILLNEED, where there is one) and the other columns are read by a pool
+    of threads, each value once; a fast first column asks for nothing and reads everything on
+    the calling thread. The values are the same either way."""
     import os
+    import threading
 
     from pipeline.store import trajectory
 
@@ -81,20 +82,44 @@ def test_scattered_read_prefetches_when_the_first_column_is_slow(
     for r0 in range(0, shape[0], chunks[0]):
         for c0 in range(shape[1]):
             grid.write(r0, c0, np.ascontiguousarray(x[r0 : r0 + chunks[0], c0 : c0 + 1]))
-    rows, cols = np.array([41, 3, 22, 7]), np.array([3, 0, 1])
+    rows, cols = np.array([41, 3, 22, 7, 19]), np.array([3, 0, 1])
+    reads: list[tuple[str, int, bool]] = []  # (file, offset, on the calling thread)
+    real = os.pread
+    me = threading.get_ident()
+
+    def spy(fd: int, n: int, offset: int) -> bytes:
+        path = os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else str(fd)
+        reads.append((path, offset, threading.get_ident() == me))
+        return real(fd, n, offset)
+
+    def values(col: int) -> list[tuple[str, int]]:
+        root = tmp_path / "s.zarr" / "trajectory" / "c"
+        return sorted((str(root / str(r // 20) / str(col)), (r % 20) * 4) for r in rows)
+
     asked: list[tuple[int, int]] = []
-    real = os.posix_fadvise
+    if hasattr(os, "posix_fadvise"):
+        real_advise = os.posix_fadvise
 
-    def spy(fd: int, offset: int, n: int, advice: int) -> None:
-        asked.append((offset, n))
-        real(fd, offset, n, advice)
+        def advise(fd: int, offset: int, n: int, advice: int) -> None:
+            asked.append((offset, n))
+            real_advise(fd, offset, n, advice)
 
-    monkeypatch.setattr(os, "posix_fadvise", spy)
+        monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(os, "pread", spy)
     monkeypatch.setattr(trajectory, "_DISK_READ_S", 1e9)  # no first column counts as slow
     fast, _ = grid.read_scattered(rows, cols)
+    assert len(reads) == rows.size * cols.size and all(mine for _p, _o, mine in reads)
     assert asked == []
+    reads.clear()
     monkeypatch.setattr(trajectory, "_DISK_READ_S", -1.0)  # every first column counts as slow
     slow, nbytes = grid.read_scattered(rows, cols)
-    assert sorted(asked) == sorted(((r % 20) * 4, 4) for r in rows for _c in cols[1:])
+    first = [(p, o) for p, o, mine in reads if mine]
+    others = [(p, o) for p, o, mine in reads if not mine]
+    assert sorted(first) == values(3)  # the first column, on the calling thread
+    if os.path.exists("/proc/self/fd"):  # every other value once, on the pool's threads
+        assert sorted(others) == sorted(values(0) + values(1))
+    assert len(others) == rows.size * (cols.size - 1)
+    if hasattr(os, "posix_fadvise"):
+        assert sorted(asked) == sorted(((r % 20) * 4, 4) for r in rows for _c in cols[1:])
     assert fast.tobytes() == slow.tobytes() == x[np.ix_(rows, cols)].tobytes()
     assert nbytes == rows.size * cols.size * 4

@@ -1,0 +1,37 @@
+"""``benchmarks/bench_sampling_cold.py`` end to end on a tiny store: the child processes read
+the sampled rows (checked against the whole trajectory read with numpy), and the table is
+printed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import read_trajectory
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sampling_cold.py"
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise")
+def test_bench_sampling_cold_reads_the_sampled_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = importlib.util.spec_from_file_location("bench_sampling_cold", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    store, out = tmp_path / "s.zarr", tmp_path / "out.json"
+    args = ["--n", "20000", "--epochs", "5", "--samples", "20", "--repeat", "2"]
+    assert mod.main([*args, "--store", str(store), "--keep", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "20 rows x 5 epochs = 100 values" in printed and "| this code |" in printed
+    runs = json.loads(out.read_text())["runs"]["this code"]
+    w = read_trajectory(store).astype(np.float64)
+    for r, run in enumerate(runs):  # round r draws its rows with seed 1000 + r
+        rows = np.sort(np.random.default_rng(1000 + r).choice(w.shape[0], 20, replace=False))
+        assert run["checksum"] == pytest.approx(float(np.nansum(w[rows])), rel=1e-12)
+        assert run["cold"] > 0 and run["warm"] > 0
