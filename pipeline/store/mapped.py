@@ -31,6 +31,12 @@ __all__ = ["PAGE", "available", "map_ranges"]
 PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # the same value on every Linux architecture
 _PROT_NONE = 0
+#: ask for a mapped range's pages when it is mapped (``posix_fadvise(WILLNEED)``) if its first
+#: page is not in the page cache: from a disk the reads are then in flight at once, instead of
+#: one read-around (128 KiB) per page fault as the kernel walks the block (a cold 52 MB block:
+#: 0.84-1.03 s -> 0.08-0.10 s where we measured). Asked for always, it would cost about 1 ms
+#: per 52 MB block from the page cache (the kernel looks every page up).
+_ADVISE = hasattr(os, "posix_fadvise")
 
 _libc: Any = None
 
@@ -45,6 +51,8 @@ def _lib() -> Any:
         ]  # fmt: skip
         lib.munmap.restype = ctypes.c_int
         lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        lib.mincore.restype = ctypes.c_int
+        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
         _libc = lib
     return _libc
 
@@ -61,6 +69,15 @@ def available() -> bool:
     except (OSError, AttributeError):  # pragma: no cover - no libc symbols (static builds)
         return False
     return True
+
+
+def _resident(lib: Any, addr: int) -> bool:
+    """Whether the page mapped at ``addr`` is in the page cache (``mincore``; False where it
+    cannot say: then the range is asked for, which is harmless)."""
+    vec = ctypes.c_ubyte(0)
+    if lib.mincore(addr, PAGE, ctypes.byref(vec)) != 0:
+        return False
+    return bool(vec.value & 1)
 
 
 def _unmap(addr: int, size: int) -> None:
@@ -108,6 +125,9 @@ def map_ranges(
                     )
                     if got != dest:
                         raise OSError(ctypes.get_errno(), f"cannot map {path}")
+                    if _ADVISE and not _resident(lib, dest):
+                        # the range's pages all asked for now, in flight at once
+                        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
                 finally:
                     os.close(fd)
                 dest += nbytes

@@ -65,6 +65,55 @@ def test_map_ranges_pieces_end_to_end(tmp_path: Path) -> None:
     assert _maps(str(f)) == 0  # ... and the last one gone unmaps it
 
 
+@pytest.mark.skipif(not mapped._ADVISE, reason="no posix_fadvise")
+def test_map_ranges_asks_for_the_pages_of_ranges_not_in_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A range whose first page is not in the page cache has all its pages asked for when it
+    is mapped (posix_fadvise WILLNEED over the range); one in the cache is not; the values
+    are the file's either way."""
+    import os
+
+    f = tmp_path / "f.bin"
+    data = np.arange(6 * PAGE // 4, dtype=np.float32)
+    data.tofile(f)
+    per = PAGE // 4
+    m = mapped.map_ranges([[(str(f), 0, PAGE)]], per, np.float32)
+    assert mapped._resident(mapped._lib(), m.ctypes.data)  # a page just written is in the cache
+    del m
+    cold = {2 * PAGE}  # the first page of the second range counts as not in the cache
+    first: dict[int, int] = {}  # mapped address -> the file offset mapped there
+    real = mapped._lib()
+
+    class Lib:  # libc, recording where each range is mapped
+        def __getattr__(self, name: str):
+            return getattr(real, name)
+
+        def mmap(self, addr, size, prot, flags, fd, offset):  # type: ignore[no-untyped-def]
+            got = real.mmap(addr, size, prot, flags, fd, offset)
+            first[got] = offset
+            return got
+
+    asked: list[tuple[int, int]] = []
+    real_advise = os.posix_fadvise
+
+    def advise(fd: int, offset: int, n: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_WILLNEED
+        asked.append((offset, n))
+        real_advise(fd, offset, n, advice)
+
+    monkeypatch.setattr(mapped, "_lib", lambda: Lib())
+    monkeypatch.setattr(mapped, "_resident", lambda lib, addr: first[addr] not in cold)
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    a = mapped.map_ranges([[(str(f), 0, 2 * PAGE)], [(str(f), 2 * PAGE, 2 * PAGE)]], 2 * per, np.float32)
+    assert asked == [(2 * PAGE, 2 * PAGE)]
+    np.testing.assert_array_equal(a.ravel(), data[: 4 * per])
+    monkeypatch.setattr(mapped, "_ADVISE", False)  # turned off: nothing asked for
+    asked.clear()
+    b = mapped.map_ranges([[(str(f), 2 * PAGE, 2 * PAGE)]], 2 * per, np.float32)
+    assert asked == [] and np.array_equal(b[0], data[2 * per : 4 * per])
+
+
 def test_map_ranges_refuses_short_missing_and_unaligned(tmp_path: Path) -> None:
     f = tmp_path / "short.bin"
     f.write_bytes(b"\0" * (PAGE + 8))

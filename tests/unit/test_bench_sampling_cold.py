@@ -25,11 +25,19 @@ def test_bench_sampling_cold_reads_the_sampled_rows(
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     store, out = tmp_path / "s.zarr", tmp_path / "out.json"
-    args = ["--n", "20000", "--epochs", "5", "--samples", "20", "--repeat", "2"]
-    assert mod.main([*args, "--store", str(store), "--keep", "--out", str(out)]) == 0
+    # two blocks of 131,072 rows: the --blocks child maps them; --fit fits the store
+    args = ["--n", "262144", "--epochs", "3", "--samples", "20", "--repeat", "1", "--blocks", "2"]
+    assert mod.main([*args, "--fit", "--store", str(store), "--keep", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "20 rows x 5 epochs = 100 values" in printed and "| this code |" in printed
-    runs = json.loads(out.read_text())["runs"]["this code"]
+    assert "20 rows x 3 epochs = 60 values" in printed and "| this code |" in printed
+    assert "MB read from the disk per block" in printed and "fit / read" in printed
+    got = json.loads(out.read_text())["runs"]
+    runs = got["this code"]
+    assert len(got["read"]) == 1 and all(r["read"] > 0 for r in got["read"])
+    assert all(r["block"] > 0 and r["block_read"] >= 0 and r["fit"] > 0 for r in runs)
+    assert not (store / "analyses").exists() or not [  # every fit's study was deleted
+        p for p in (store / "analyses").iterdir() if p.is_dir()
+    ]
     w = read_trajectory(store).astype(np.float64)
     for r, run in enumerate(runs):  # round r draws its rows with seed 1000 + r
         rows = np.sort(np.random.default_rng(1000 + r).choice(w.shape[0], 20, replace=False))
