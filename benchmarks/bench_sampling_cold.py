@@ -193,6 +193,14 @@ def run_child(store: Path, k: int, seed: int, code: Path) -> dict[str, float]:
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
+def _table(title: str, head: list[str], rows: list[list[str]]) -> None:
+    """Print a markdown table (after ``title``, when given)."""
+    if title:
+        print(title)
+    for cells in [head, ["---"] * len(head), *rows]:
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=float, default=1e7, help="rows of the synthetic store")
@@ -267,26 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     Path(a.out).write_text(json.dumps({"medians": med, "runs": runs}, indent=2))
     values = a.samples * a.epochs
     print(f"\n{a.samples} rows x {a.epochs} epochs = {values:,} values, N = {a.n:.3g}; medians of {a.repeat}")
-    print("| code | cold s | warm s | cold / warm |")
-    print("|---|---|---|---|")
-    for k, v in med.items():
-        if "cold" in v:
-            print(f"| {k} | {v['cold']:.2f} | {v['warm']:.3f} | {v['cold'] / v['warm']:.0f} |")
+    _table("", ["code", "cold s", "warm s", "cold / warm"],
+           [[k, f"{v['cold']:.2f}", f"{v['warm']:.3f}", f"{v['cold'] / v['warm']:.0f}"]
+            for k, v in med.items() if "cold" in v])  # fmt: skip
     if a.blocks:
-        print(f"\na fit block (131,072 rows x {a.epochs} epochs) mapped from the evicted store and summed")
-        print("| code | s per block (median of " + str(a.blocks) + ") | MB read from the disk per block |")
-        print("|---|---|---|")
-        for k, v in med.items():
-            if "block" in v:
-                print(f"| {k} | {v['block']:.3f} | {v['block_read'] / 1e6:.0f} |")
+        _table(
+            f"\na fit block (131,072 rows x {a.epochs} epochs) mapped from the evicted store and summed",
+            ["code", f"s per block (median of {a.blocks})", "MB read from the disk per block"],
+            [[k, f"{v['block']:.3f}", f"{v['block_read'] / 1e6:.0f}"] for k, v in med.items() if "block" in v],
+        )
     if a.fit:
         read = med["read"]["read"]
-        print(f"\nfit from the evicted store (plain read of the whole store by 2 threads: {read:.2f} s)")
-        print("| code | fit s | fit / read |")
-        print("|---|---|---|")
-        for k, v in med.items():
-            if "fit" in v:
-                print(f"| {k} | {v['fit']:.2f} | {v['fit'] / read:.2f} |")
+        _table(
+            f"\nfit from the evicted store (plain read of the whole store by 2 threads: {read:.2f} s)",
+            ["code", "fit s", "fit / read"],
+            [[k, f"{v['fit']:.2f}", f"{v['fit'] / read:.2f}"] for k, v in med.items() if "fit" in v],
+        )
     return 0
 
 

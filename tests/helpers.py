@@ -6,7 +6,9 @@ Everything is generated at test time under ``tmp_path``; nothing is committed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import types
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -774,3 +776,12 @@ def modal_state_dicts(
 def write_safetensors_run(root: Path, sds: Sequence[Mapping[str, torch.Tensor]]) -> list[Path]:
     """``sds`` as ``root/epoch_<e>.safetensors`` for e = 0, 1, ..."""
     return write_run(root, sds, "safetensors")
+
+
+def load_script(path: Path) -> types.ModuleType:
+    """A script that is not part of the package (``benchmarks/*.py``), loaded as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

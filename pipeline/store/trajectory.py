@@ -818,9 +818,9 @@ def read_block(array: Any, r0: int, r1: int, t0: int, t1: int) -> np.ndarray:
 _DISK_READ_S = 20e-6
 #: threads reading scattered values that are not in the page cache, after asking for their
 #: pages (:meth:`ChunkGrid.read_scattered`). 100,000 values on the local disk we measured on:
-#: 8-11 s on one thread; 1.3-1.6 s with every page asked for first and one thread, and 1.4-1.5
-#: s so with 8-16 threads; but while the disk was busy, 8.8 s with the pages asked for and one
-#: thread against 1.6-2.1 s on 16-64 threads
+#: 8-11 s on one thread; 1.3-1.6 s with every page asked for first and one thread, 1.4-1.5 s
+#: with that and 8-16 threads; but while the disk was slow to serve the readahead, 8.8 s with
+#: the pages asked for and one thread against 1.6-2.1 s on 16-64 threads
 _DISK_READERS = 8
 
 

@@ -6,7 +6,6 @@ script on the device.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_script
 
 from pipeline.compat import to_numpy
 from pipeline.graph import fit as graph_fit
@@ -27,11 +27,7 @@ TINY = ["--n", "3e4", "--epochs", "12", "--modes", "3", "--samples", "60", "--pr
 
 
 def _bench() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "benchmarks" / "bench_gpu.py")
 
 
 def _block(rows: int, t: int = 13, m: int = 4, seed: int = 0):

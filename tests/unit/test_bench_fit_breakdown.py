@@ -4,10 +4,10 @@ put back afterwards."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 pytest.importorskip("numba")
 
@@ -18,10 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_fit_breakdo
 
 
 def test_breakdown_times_every_step_and_restores(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("bench_fit_breakdown", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT)
     before = (fit_graph.fit_task, cmd_numba.fit_block_fused, fit_graph.write_result_chunk)
     store = tmp_path / "s.zarr"
     args = ["--n", "3e5", "--epochs", "6", "--modes", "3", "--repeat", "1", "--store", str(store)]

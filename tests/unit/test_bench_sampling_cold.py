@@ -4,14 +4,13 @@ printed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import read_trajectory
+from helpers import load_script, read_trajectory
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sampling_cold.py"
 
@@ -20,10 +19,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sampling_co
 def test_bench_sampling_cold_reads_the_sampled_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_sampling_cold", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT)
     store, out = tmp_path / "s.zarr", tmp_path / "out.json"
     # two blocks of 131,072 rows: the --blocks child maps them; --fit fits the store
     args = ["--n", "262144", "--epochs", "3", "--samples", "20", "--repeat", "1", "--blocks", "2"]

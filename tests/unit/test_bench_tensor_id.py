@@ -3,10 +3,10 @@ tensor table, its rows are checked against the tensor offsets, and the times are
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tensor_id.py"
 
@@ -14,10 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_tensor_id.p
 def test_bench_tensor_id_runs_and_checks_the_rows(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    spec = importlib.util.spec_from_file_location("bench_tensor_id", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT)
     args = ["--d", "8", "--layers", "2", "--ffn", "24", "--vocab", "50", "--chunk-rows", "64"]
     assert mod.main([*args, "--repeat", "1", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
