@@ -149,8 +149,7 @@ def fit_child(store: Path, k: int, name: str, code: Path) -> float:
         [sys.executable, "-c", FIT_CHILD, str(store), str(k), name], env=env, cwd=str(code),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(0.5)
-    evict(store)  # (the child waits for this line before it starts the clock)
+    evict(store)  # (the child starts the clock once it reads the line below)
     out, err = proc.communicate("go\n")
     if proc.returncode:
         raise RuntimeError(f"the fit failed: {err[-2000:]}")

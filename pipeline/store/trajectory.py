@@ -668,7 +668,6 @@ class ChunkGrid:
             return fd
 
         col_list = cols.tolist()
-        in_order = sorted(chunk_of)
 
         def read_part(k: int, a: int = 0, b: int | None = None) -> None:
             """Rows ``[a, b)`` of the sample at column ``k``."""
@@ -692,18 +691,19 @@ class ChunkGrid:
                 # read them on a few threads, in parts of a column (when the disk is busy the
                 # readahead alone left most reads waiting one after the other). Every file is
                 # opened here first (``fd_of`` is not shared between threads).
+                advise = hasattr(os, "posix_fadvise")
+                in_order = sorted(chunk_of)
                 for k in rest:
                     j2, jj2 = divmod(col_list[k], tc)
                     for i, ii in in_order:
                         fd = fd_of(i, j2)
-                        if hasattr(os, "posix_fadvise"):
+                        if advise:
                             os.posix_fadvise(fd, (ii * tc + jj2) * isz, isz, os.POSIX_FADV_WILLNEED)
                 per_col = -(-4 * _DISK_READERS // len(rest))
                 step = max(1, -(-len(row_list) // per_col))
                 parts = [(k, a, a + step) for k in rest for a in range(0, len(row_list), step)]
                 with ThreadPoolExecutor(min(_DISK_READERS, len(parts))) as pool:
-                    for done in pool.map(lambda p: read_part(*p), parts):
-                        assert done is None
+                    list(pool.map(lambda p: read_part(*p), parts))  # (raises a part's error)
             else:
                 for k in rest:
                     read_part(k)
