@@ -5,18 +5,21 @@ fields, flags, tie rule and conventions for constant, non-finite and reference r
 *time-major* block ``xt`` (Tw, S) the fit task holds, without a float64 copy of the block.
 
 The rows are processed in sub-blocks of :data:`SUB_ROWS` columns of ``xt``: the sub-block's
-Tw x rows input values stay in L1/L2 across three passes, and every hot loop has the row index
-innermost (unit stride, vectorised by LLVM, no selects):
+Tw x rows input values stay in L1/L2 across three passes, and every hot loop either has the
+row index innermost (unit stride, vectorised by LLVM, no selects) or is written as LLVM vector
+code (:func:`_pack8`, :func:`_project8`):
 
 1. per row: float64 sum (in epoch order, as numpy's ``sum(axis=0)``: the same mean bits) and,
    for float64 input only, ``sum |x - x(0)|`` (zero iff the row is constant; narrower input
    has exact sums for constant rows, which are found after pass 2 from ``sum xc^2 == 0``);
    ``finite = isfinite(sum)``;
-2. per epoch: ``xc = x - mean`` (constant rows: ``x - x(0) = 0``; NaN/Inf rows are zeroed in a
-   copy of the sub-block, made only when there are any), per row ``|xc|^2`` and the M
-   projections ``unit_m . xc`` on the unit centred references (four epochs per step), per
-   epoch ``sum xc^2`` (spread_t) and ``sum x^2`` over finite rows (energy_t);
-   then per row: argmax of ``|proj|`` (ties to the lowest id), a, b, the anchor and level
+2. the rows packed in groups of 8 with their epochs contiguous (NaN/Inf rows zeroed first, in
+   a copy of the sub-block made only when there are any; the last group padded with zero
+   rows), then per group, with ``xc = x - mean`` (constant rows: ``x - x(0) = 0``) formed in
+   registers: per row ``|xc|^2`` and the M projections ``unit_m . xc`` on the unit centred
+   references (register blocks of 8 rows x 5 modes, fused multiply-adds in epoch order), per
+   epoch ``sum xc^2`` (spread_t) and ``sum x^2`` over finite rows (energy_t), in 4 lanes
+   added up at the end of the block; then per row: argmax of ``|proj|`` (ties to the lowest id), a, b, the anchor and level
    (a binary search in the sorted reference, as :func:`pipeline.kernels.cmd.anchor_rows`),
    corr, residual, flags and the reference-row overrides, exactly the formulas of
    ``fit_block``;
@@ -27,9 +30,12 @@ innermost (unit stride, vectorised by LLVM, no selects):
    and lose every digit when the rows follow their modes closely).
 
 All accumulation is float64, and no fastmath flag is used except ``reassoc`` on the small
-sum-over-rows helpers (``_centre``, ``_residual_sum``, ``_residual_sum4``), so that LLVM
-keeps vector partial sums; their order is fixed by the compiled code, so a run is bit-for-bit
-deterministic. The floats agree with ``fit_block`` to rounding (sums taken in another order).
+sum-over-rows helpers of pass 3 (``_residual_sum``, ``_residual_sum4``), so that LLVM keeps
+vector partial sums; their order is fixed by the compiled code, so a run is bit-for-bit
+deterministic. The sums of pass 2 use ``llvm.fma`` (one rounding per multiply-add, the same
+bits on every CPU: a library call where the CPU has no FMA unit), in a fixed order, and every
+row goes through the same vector code wherever it lies in a block (the padded last group
+included), so a row's results do not depend on its position. The floats agree with ``fit_block`` to rounding (sums taken in another order).
 float16 and bfloat16 blocks (bfloat16 as its ``uint16`` bit pattern with
 ``dtype_code="bfloat16"``) are upcast exactly to float32 one sub-block at a time.
 
@@ -59,6 +65,7 @@ from pipeline.kernels.cmd import (
 try:  # numba is optional: the numpy kernel is the fallback
     import numba
     from llvmlite import ir as _ir
+    from numba.core import cgutils as _cg
     from numba.core import types as _types
     from numba.extending import intrinsic as _intrinsic
 
@@ -80,7 +87,9 @@ __all__ = [
 #: rows (columns of the time-major block) per sub-block: at Tw = 100, 512 float32 rows are
 #: 200 KB of input (L2) and the M = 10 projection accumulators 40 KB
 SUB_ROWS = 512
-_TB = 4  # epochs per projection step (register blocking of the M accumulators)
+_V = 4  # float64 lanes of a vector (AVX2)
+_R = 2  # vectors of rows per register block: 8 rows (a group of the packed tile)
+_G = 5  # modes per register block: 2 x 5 accumulators, two centred vectors, a broadcast
 
 #: float32 rows of fewer epochs than this have exact float64 sums when constant (24-bit
 #: significands times counts below 2^29 fit in 53 bits)
@@ -128,6 +137,163 @@ if _HAVE_NUMBA:
         return sig, codegen
 
     _jit = numba.njit(cache=True, nogil=True)
+
+    def _i64(value):
+        return _ir.Constant(_ir.IntType(64), value)
+
+    def _arrays(context, builder, sig, args, which):
+        return [context.make_array(sig.args[i])(context, builder, args[i]) for i in which]
+
+    def _at(builder, base, offset, ty):
+        """``ty*`` at ``offset`` bytes from the ``i8*`` ``base``."""
+        return builder.bitcast(builder.gep(base, [offset]), ty.as_pointer())
+
+    def _bytes(builder, data):
+        return builder.bitcast(data, _ir.IntType(8).as_pointer())
+
+    def _emit_pack(context, builder, sig, args):
+        xa, pa = _arrays(context, builder, sig, args, (0, 3))
+        c0, n8 = args[1], args[2]
+        isz = _i64(sig.args[0].dtype.bitwidth // 8)
+        v8 = _ir.VectorType(context.get_value_type(sig.args[0].dtype), 8)
+        n_t = _cg.unpack_tuple(builder, xa.shape, 2)[0]
+        xstr = _cg.unpack_tuple(builder, xa.strides, 2)[0]
+        xb = _bytes(builder, xa.data)
+        pb = _bytes(builder, pa.data)
+        step = builder.mul(_i64(8), isz)  # bytes of one epoch of a group
+        gbytes = builder.mul(n_t, step)  # bytes of a group
+        with _cg.for_range(builder, n_t) as lt:
+            t = lt.index
+            src0 = builder.add(builder.mul(t, xstr), builder.mul(c0, isz))
+            dst0 = builder.mul(t, step)
+            with _cg.for_range(builder, builder.udiv(n8, _i64(8))) as lg:
+                g = lg.index
+                value = builder.load(
+                    _at(builder, xb, builder.add(src0, builder.mul(g, step)), v8), align=1
+                )
+                dst = builder.add(dst0, builder.mul(g, gbytes))
+                builder.store(value, _at(builder, pb, dst, v8), align=1)
+        return context.get_dummy_value()
+
+    @_intrinsic
+    def _pack8(typingctx, x, c0, n8, pack):
+        """Columns ``[c0, c0 + n8)`` of ``x`` (Tw, *) into ``pack`` (n8 // 8, Tw, 8): each group
+        of 8 rows with its epochs contiguous (``n8``: a multiple of 8; vector loads and
+        stores). The projections then walk a group's epochs in one stream of cache lines
+        (the block's own epoch rows lie in as many mappings: one page each per epoch)."""
+        return _types.void(x, c0, n8, pack), _emit_pack
+
+    def _emit_projections(context, builder, sig, args):
+        pk, mva, ua, pa, sa, la = _arrays(context, builder, sig, args, range(6))
+        n8 = args[6]
+        ety = sig.args[0].dtype
+        wide = ety.bitwidth == 64
+        isz = _i64(ety.bitwidth // 8)
+        f64 = _ir.DoubleType()
+        vin = _ir.VectorType(context.get_value_type(ety), _V)
+        v4 = _ir.VectorType(f64, _V)
+        fma = _cg.get_or_insert_function(
+            builder.module, _ir.FunctionType(v4, [v4, v4, v4]), "llvm.fma.v4f64"
+        )
+        n_t = _cg.unpack_tuple(builder, pk.shape, 3)[1]
+        n_m = _cg.unpack_tuple(builder, ua.shape, 2)[0]
+        ustr = _cg.unpack_tuple(builder, ua.strides, 2)[0]
+        pstr = _cg.unpack_tuple(builder, pa.strides, 2)[0]
+        kb, mb, ub, pb, sb, lb = (_bytes(builder, a.data) for a in (pk, mva, ua, pa, sa, la))
+        step = builder.mul(_i64(8), isz)
+        gbytes = builder.mul(n_t, step)
+        zero = _ir.Constant(v4, [0.0] * _V)
+        undef = _ir.Constant(v4, _ir.Undefined)
+        lane0 = _ir.Constant(_ir.IntType(32), 0)
+        splat = _ir.Constant(_ir.VectorType(_ir.IntType(32), _V), [0] * _V)
+        # the accumulators (promoted to registers by LLVM: 2 x 5 of 16 ymm registers)
+        accs = [[_cg.alloca_once(builder, v4) for _ in range(_R)] for _ in range(_G)]
+
+        def block(g, m0, k):
+            """Modes [m0, m0 + k) of group g (k = 0: the group's sums of squares)."""
+            for m in range(max(k, 1)):
+                for r in range(_R):
+                    builder.store(zero, accs[m][r])
+            j0 = builder.mul(g, _i64(8))
+            row = [builder.mul(builder.add(j0, _i64(_V * r)), _i64(8)) for r in range(_R)]
+            mvv = [builder.load(_at(builder, mb, row[r], v4), align=8) for r in range(_R)]
+            urow = [builder.mul(builder.add(m0, _i64(m)), ustr) for m in range(k)]
+            base = builder.mul(g, gbytes)
+            with _cg.for_range(builder, n_t) as lt:
+                t = lt.index
+                off = builder.add(base, builder.mul(t, step))
+                raw = []
+                xc = []
+                for r in range(_R):
+                    src = builder.add(off, builder.mul(_i64(_V * r), isz))
+                    value = builder.load(_at(builder, kb, src, vin), align=1)
+                    if not wide:
+                        value = builder.fpext(value, v4)
+                    raw.append(value)
+                    xc.append(builder.fsub(value, mvv[r]))
+                if k == 0:  # per row sum xc^2; per epoch (4 lanes) sum xc^2 and sum x^2
+                    for r in range(_R):
+                        acc = builder.load(accs[0][r])
+                        builder.store(builder.call(fma, [xc[r], xc[r], acc]), accs[0][r])
+                    lo = builder.mul(t, _i64(64))  # lanes[t]: (2, 4) float64
+                    sp_at = _at(builder, lb, lo, v4)
+                    en_at = _at(builder, lb, builder.add(lo, _i64(32)), v4)
+                    s = builder.load(sp_at, align=8)
+                    e = builder.load(en_at, align=8)
+                    for r in range(_R):
+                        s = builder.call(fma, [xc[r], xc[r], s])
+                        e = builder.call(fma, [raw[r], raw[r], e])
+                    builder.store(s, sp_at, align=8)
+                    builder.store(e, en_at, align=8)
+                else:
+                    toff = builder.mul(t, _i64(8))
+                    for m in range(k):
+                        u = builder.load(_at(builder, ub, builder.add(urow[m], toff), f64), align=8)
+                        uv = builder.shuffle_vector(
+                            builder.insert_element(undef, u, lane0), undef, splat
+                        )
+                        for r in range(_R):
+                            acc = builder.load(accs[m][r])
+                            builder.store(builder.call(fma, [uv, xc[r], acc]), accs[m][r])
+            if k == 0:
+                for r in range(_R):
+                    builder.store(builder.load(accs[0][r]), _at(builder, sb, row[r], v4), align=8)
+            for m in range(k):
+                prow = builder.mul(builder.add(m0, _i64(m)), pstr)
+                for r in range(_R):
+                    dst = _at(builder, pb, builder.add(prow, row[r]), v4)
+                    builder.store(builder.load(accs[m][r]), dst, align=8)
+
+        g5 = _i64(_G)
+        n_full = builder.mul(builder.udiv(n_m, g5), g5)
+        rest = builder.sub(n_m, n_full)
+        with _cg.for_range(builder, builder.udiv(n8, _i64(8))) as lg:
+            g = lg.index
+            block(g, _i64(0), 0)
+            with _cg.for_range_slice(builder, _i64(0), n_full, g5, inc=True) as (m0, _):
+                block(g, m0, _G)
+            for k in range(1, _G):
+                with builder.if_then(builder.icmp_signed("==", rest, _i64(k))):
+                    block(g, n_full, k)
+        return context.get_dummy_value()
+
+    @_intrinsic
+    def _project8(typingctx, pack, mv, unit, proj, sp, lanes, n8):
+        """From the packed rows ``pack`` (n8 // 8, Tw, 8) and their centres ``mv``, for every
+        row j < n8 (``xc = x - mv[j]``, float64):
+
+        - ``proj[m, j] = sum_t unit[m, t] xc_t`` for every mode m;
+        - ``sp[j] = sum_t xc_t^2``;
+        - ``lanes[t, 0, l] += sum xc_t^2`` and ``lanes[t, 1, l] += sum x_t^2`` over the rows
+          of lane l (j % 4 == l), to be added up per epoch by the caller.
+
+        Every sum runs in epoch order (over t) or group order (over rows) with fused
+        multiply-adds (``llvm.fma``: one rounding, the same bits on every CPU), in register
+        blocks of 8 rows x 5 modes (2 x 5 vector accumulators: two multiply-adds per load
+        of a broadcast reference value, where a mode at a time needs a load and a store of
+        the row's accumulator for every multiply-add)."""
+        return _types.void(pack, mv, unit, proj, sp, lanes, n8), _emit_projections
+
 
     @_jit
     def _ordered32(x):
@@ -233,20 +399,6 @@ if _HAVE_NUMBA:
     _jit_sum = numba.njit(cache=True, nogil=True, fastmath={"reassoc"})
 
     @_jit_sum
-    def _centre(xr, mv, xk):
-        """``xk = xr - mv`` (float64) over ``xk``'s length; returns ``(sum xk^2, sum xr^2)``
-        (vectorised; reassociated sums)."""
-        s = 0.0
-        e = 0.0
-        for j in range(xk.shape[0]):
-            v = np.float64(xr[j])
-            d = v - mv[j]
-            xk[j] = d
-            s += d * d
-            e += v * v
-        return s, e
-
-    @_jit_sum
     def _residual_sum(xr, mv, av, at, rcf, t):
         """sum_j ((xr_j - mv_j) - av_j rcf[at_j + t])^2 over the ``av.shape[0]`` rows
         (``at_j + t``: the row's centred reference value of epoch t in ``rcf``; vectorised;
@@ -286,7 +438,7 @@ if _HAVE_NUMBA:
         x, c0, o0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw, ref_pos, ref_ids,
         mode, a, b, anchor, level, corr, residual, energy, spread, flags,
         residual_t, energy_t, spread_t,
-        tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
+        tot, dif, mm, kind, proj, ssq, bestv, ib, clean, pack, lanes, exact,
     ):  # fmt: skip
         """Fit columns [c0, c0 + n) of ``x`` (Tw, *), results at [o0, o0 + n).
 
@@ -367,48 +519,23 @@ if _HAVE_NUMBA:
             x = clean
             c0 = 0
             c1 = n
+        # ---- pass 2: per row sum xc^2 and the M projections, per epoch spread and energy,
+        # on the rows packed in groups of 8 (the last group padded with zero rows whose
+        # centres are 0: they add nothing to the epochs' sums)
+        n8 = (n + 7) // 8 * 8
+        full = n - n % 8
+        _pack8(x, c0, full, pack)  # type: ignore[call-arg]
+        if full < n:
+            g = full // 8
+            for t in range(n_t):
+                for r in range(8):
+                    j = full + r
+                    pack[g, t, r] = x[t, c0 + j] if j < n else 0
+            for j in range(n, n8):
+                mm[j] = 0.0
+        _project8(pack, mm, unit, proj, ssq, lanes, n8)
         for j in range(n):
-            sp[j] = 0.0
-        for m in range(n_m):
-            pr = proj[m, :n]
-            for j in range(n):
-                pr[j] = 0.0
-        # ---- pass 2: centred squares, projections, per-epoch spread and energy
-        t0 = 0
-        while t0 < n_t:
-            nb = min(_TB, n_t - t0)
-            for k in range(nb):
-                s2, e2 = _centre(x[t0 + k, c0:c1], mv, xrow[k, :n])
-                spread_t[t0 + k] += s2
-                energy_t[t0 + k] += e2
-            if nb == _TB:
-                x0_ = xrow[0, :n]
-                x1_ = xrow[1, :n]
-                x2_ = xrow[2, :n]
-                x3_ = xrow[3, :n]
-                for j in range(n):
-                    sp[j] += (x0_[j] * x0_[j] + x1_[j] * x1_[j]) + (
-                        x2_[j] * x2_[j] + x3_[j] * x3_[j]
-                    )
-                for m in range(n_m):
-                    u0 = unit[m, t0]
-                    u1 = unit[m, t0 + 1]
-                    u2 = unit[m, t0 + 2]
-                    u3 = unit[m, t0 + 3]
-                    pr = proj[m, :n]
-                    for j in range(n):
-                        pr[j] += (u0 * x0_[j] + u1 * x1_[j]) + (u2 * x2_[j] + u3 * x3_[j])
-            else:
-                for k in range(nb):
-                    xk = xrow[k, :n]
-                    for j in range(n):
-                        sp[j] += xk[j] * xk[j]
-                    for m in range(n_m):
-                        u = unit[m, t0 + k]
-                        pr = proj[m, :n]
-                        for j in range(n):
-                            pr[j] += u * xk[j]
-            t0 += nb
+            sp[j] = ssq[j]
         if exact:  # constant rows: their mean is their value, their sum xc^2 is 0 (exact)
             for j in range(n):
                 if kv[j] == 0 and sp[j] == 0.0:
@@ -531,12 +658,23 @@ if _HAVE_NUMBA:
             t += 1
 
     @_jit
-    def _workspace(n_m, w):
-        """The per-call work buffers of :func:`_sub_block` for sub-blocks of ``w`` rows."""
+    def _workspace(n_t, n_m, w, dtype):
+        """The per-call work buffers of :func:`_sub_block` for sub-blocks of ``w`` rows (those
+        the packed groups use rounded up to a multiple of 8 rows), and the per-epoch lanes
+        :func:`_project8` adds to (zeroed)."""
+        w8 = (w + 7) // 8 * 8
         return (
-            np.empty(w), np.empty(w), np.empty(w), np.empty(w, dtype=np.uint8),
-            np.empty((n_m, w)), np.empty((_TB, w)), np.empty(w), np.empty(w, dtype=np.uint64),
+            np.empty(w), np.empty(w), np.empty(w8), np.empty(w, dtype=np.uint8),
+            np.empty((n_m, w8)), np.empty(w8), np.empty(w), np.empty(w, dtype=np.uint64),
+            np.empty((w8 // 8, n_t, 8), dtype=dtype), np.zeros((n_t, 2, 4)),
         )  # fmt: skip
+
+    @_jit
+    def _fold_lanes(lanes, spread_t, energy_t):
+        """Add the per-epoch lanes of :func:`_project8` to ``spread_t`` and ``energy_t``."""
+        for t in range(lanes.shape[0]):
+            spread_t[t] += (lanes[t, 0, 0] + lanes[t, 0, 1]) + (lanes[t, 0, 2] + lanes[t, 0, 3])
+            energy_t[t] += (lanes[t, 1, 0] + lanes[t, 1, 1]) + (lanes[t, 1, 2] + lanes[t, 1, 3])
 
     @_jit
     def _fit_direct(
@@ -548,7 +686,7 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
+        tot, dif, mm, kind, proj, ssq, bestv, ib, pack, lanes = _workspace(n_t, n_m, w, xt.dtype)
         clean = np.empty((n_t, w), dtype=xt.dtype)
         exact = xt.itemsize <= 4 and n_t < _EXACT_SUM_EPOCHS
         for s0 in range(0, n_s, w):
@@ -557,8 +695,9 @@ if _HAVE_NUMBA:
                 xt, s0, s0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
-                tot, dif, mm, kind, proj, xrow, bestv, ib, clean, exact,
+                tot, dif, mm, kind, proj, ssq, bestv, ib, clean, pack, lanes, exact,
             )  # fmt: skip
+        _fold_lanes(lanes, spread_t, energy_t)
 
     @_jit
     def _fit_upcast(
@@ -570,7 +709,9 @@ if _HAVE_NUMBA:
         n_t, n_s = xt.shape
         n_m = unit.shape[0]
         w = max(1, min(sub, n_s))
-        tot, dif, mm, kind, proj, xrow, bestv, ib = _workspace(n_m, w)
+        tot, dif, mm, kind, proj, ssq, bestv, ib, pack, lanes = _workspace(
+            n_t, n_m, w, np.float32
+        )
         tile = np.empty((n_t, w), dtype=np.float32)
         exact = n_t < _EXACT_SUM_EPOCHS
         for s0 in range(0, n_s, w):
@@ -580,8 +721,9 @@ if _HAVE_NUMBA:
                 tile, 0, s0, n, unit, rnorm, rmean, rcf, rsorted, rorder, ranchor, rraw,
                 ref_pos, ref_ids, mode, a, b, anchor, level, corr, residual, energy, spread, flags,
                 residual_t, energy_t, spread_t,
-                tot, dif, mm, kind, proj, xrow, bestv, ib, tile, exact,
+                tot, dif, mm, kind, proj, ssq, bestv, ib, tile, pack, lanes, exact,
             )  # fmt: skip
+        _fold_lanes(lanes, spread_t, energy_t)
 
 
 if _HAVE_NUMBA:

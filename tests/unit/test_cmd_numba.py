@@ -342,6 +342,77 @@ def test_deterministic_and_layout_independent() -> None:
     assert np.isnan(xt).any()
 
 
+@pytest.fixture(scope="module")
+def packed_pass():
+    """A jitted call of the packing and the projections (the vector code of pass 2) alone."""
+    numba = pytest.importorskip("numba")
+
+    @numba.njit
+    def run(x, c0, n8, mv, unit, n_groups):
+        n_t = x.shape[0]
+        pack = np.zeros((n_groups, n_t, 8), dtype=x.dtype)
+        cmd_numba._pack8(x, c0, n8, pack)
+        proj = np.full((unit.shape[0], n_groups * 8), np.nan)
+        ssq = np.full(n_groups * 8, np.nan)
+        lanes = np.zeros((n_t, 2, 4))
+        cmd_numba._project8(pack, mv, unit, proj, ssq, lanes, n8)
+        return pack, proj, ssq, lanes
+
+    return run
+
+
+@pytest.mark.parametrize("n_m", list(range(1, 13)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_projections_equal_float64_dot_products(packed_pass, n_m: int, dtype) -> None:
+    """Every mode count (full register blocks of 5 and every remainder): the packed rows, the
+    projections, the rows' sums of squares and the per-epoch lanes against float64 numpy, and
+    columns outside [c0, c0 + n8) never read or written."""
+    rng = np.random.default_rng(n_m)
+    n_t, n_cols, c0, n8 = 37, 60, 7, 24
+    x = (rng.standard_normal((n_t, n_cols)) * 3.0 + 100.0).astype(dtype)
+    x[:, :c0] = np.nan  # outside the window: must not reach any sum
+    x[:, c0 + n8 :] = np.nan
+    mv = x[:, c0 : c0 + n8].astype(np.float64).mean(axis=0)
+    unit = rng.standard_normal((n_m, n_t))
+    pack, proj, ssq, lanes = packed_pass(x, c0, n8, mv, unit, n8 // 8)
+    xs = x[:, c0 : c0 + n8].astype(np.float64)
+    for j in range(n8):  # row j is group j // 8, slot j % 8
+        np.testing.assert_array_equal(pack[j // 8, :, j % 8], x[:, c0 + j])
+    xc = xs - mv
+    scale = np.abs(unit) @ np.abs(xc)  # the size of the terms of each dot product
+    np.testing.assert_array_less(np.abs(proj - unit @ xc), 1e-14 * scale + 1e-300)
+    np.testing.assert_allclose(ssq, (xc * xc).sum(axis=0), rtol=1e-14)
+    want_lanes = np.stack(
+        [(xc * xc).reshape(n_t, -1, 4).sum(axis=1), (xs * xs).reshape(n_t, -1, 4).sum(axis=1)],
+        axis=1,
+    )  # lane l holds the rows j with j % 4 == l
+    np.testing.assert_allclose(lanes, want_lanes, rtol=1e-14)
+
+
+def test_a_row_has_the_same_bits_wherever_it_lies_in_a_block() -> None:
+    """A row's values copied into another full group and into the padded last group of a
+    short sub-block: every result of the copies is that of the row, bit for bit (for 16 rows:
+    a sum taken another way, e.g. without fused multiply-adds, agrees in its last bit about
+    half the time)."""
+    rng = np.random.default_rng(21)
+    n_t, n_m = 50, 7
+    refs = np.cumsum(rng.standard_normal((n_m, n_t)), axis=1)
+    n_s = SUB_ROWS + 3  # the last sub-block: a padded group of 3 rows
+    base = (rng.standard_normal((n_t, n_s)) + 0.5 * refs[rng.integers(0, n_m, n_s)].T).astype(
+        np.float32
+    )
+    r = References.from_profiles(refs)
+    for src in range(16):
+        xt = base.copy()
+        at = [src, SUB_ROWS // 2 + 1, SUB_ROWS, SUB_ROWS + 2]
+        xt[:, at] = xt[:, [src]]
+        got = fit_block_fused(xt, r)
+        for f in FIELDS:
+            values = getattr(got, f)[at]
+            assert np.array_equal(values, np.full_like(values, values[0])), (src, f)
+            assert np.array_equal(values.view(np.uint8), np.tile(values[:1].view(np.uint8), 4))
+
+
 def test_available_and_warm_up() -> None:
     assert cmd_numba.available()
     cmd_numba.warm_up()
